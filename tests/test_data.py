@@ -1,0 +1,364 @@
+"""Tokenizer, corpora and split, deterministic batching, synthetic tasks, and the factory.
+
+Corpora are kept small (`max_bytes`) so the whole file runs in a few seconds on CPU.
+"""
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from retnet_jax import data
+
+SMALL = 300_000  # max_bytes for stdlib tests
+
+
+@pytest.fixture(scope="module")
+def stdlib_corpus():
+    return data.load_stdlib_corpus(max_bytes=SMALL)
+
+
+def write_tree(root, num_files=60):
+    """Files root/sub{i % 3}/doc{i}.txt with distinct contents; returns {key: text}."""
+    docs = {}
+    for i in range(num_files):
+        key = f"sub{i % 3}/doc{i}.txt"
+        docs[key] = f"document {i}: " + "é" * (i % 5) + "x" * i
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_text(docs[key], encoding="utf-8")
+    return docs
+
+
+def documents_of(tokens):
+    """Texts of the BOS ... EOS documents in a token stream."""
+    text_ids = np.asarray(tokens, np.int64)
+    ends = np.flatnonzero(text_ids == data.EOS)
+    starts = np.flatnonzero(text_ids == data.BOS)
+    return [data.decode(text_ids[s + 1:e]) for s, e in zip(starts, ends)]
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+@pytest.mark.parametrize("text", ["", "hello", "héllo wörld", "日本語 🙂 ∑x²", "a\x00b\n"])
+def test_encode_decode_round_trip(text):
+    ids = data.encode(text)
+    assert ids.dtype == np.int32
+    assert len(ids) == len(text.encode("utf-8"))
+    assert ((ids >= 0) & (ids < 256)).all()
+    assert data.decode(ids) == text
+
+
+def test_decode_drops_specials_and_replaces_invalid_utf8():
+    ids = np.concatenate([[data.BOS], data.encode("ab"), [data.EOS, data.PAD]])
+    assert data.decode(ids) == "ab"
+    assert data.decode(data.encode("é")[:1]) == "\ufffd"
+    assert data.VOCAB_SIZE == data.PAD + 1 == 259
+
+
+# ----------------------------------------------------------------------------- corpora
+
+
+def test_stdlib_split_is_deterministic_and_by_file():
+    _, paths = data.stdlib_files()
+    assert paths == sorted(paths) and len(paths) > 100
+    assert not any("site-packages" in p or "/test/" in f"/{p}" for p in paths)
+    in_val = [data.is_validation(p, 0.03) for p in paths]
+    assert 0.01 < np.mean(in_val) < 0.06
+    assert in_val == [data.is_validation(p, 0.03) for p in paths]
+    a = data.load_stdlib_corpus(max_bytes=100_000)
+    b = data.load_stdlib_corpus(max_bytes=100_000)
+    np.testing.assert_array_equal(a.train, b.train)
+    np.testing.assert_array_equal(a.validation, b.validation)
+    assert len(a.train) + len(a.validation) == 100_000
+    assert a.train.dtype == np.uint16 and a.train[0] == data.BOS
+
+
+def test_file_split_is_disjoint_complete_and_location_independent(tmp_path):
+    docs = write_tree(tmp_path / "here" / "corpus")
+    write_tree(tmp_path / "elsewhere")
+    corpus = data.load_text_files(str(tmp_path / "here" / "corpus" / "**" / "*.txt"),
+                                  val_fraction=0.3)
+    train, val = documents_of(corpus.train), documents_of(corpus.validation)
+    assert set(train).isdisjoint(val)
+    assert sorted(train + val) == sorted(docs.values())
+    assert sorted(val) == sorted(t for k, t in docs.items() if data.is_validation(k, 0.3))
+    moved = data.load_text_files(str(tmp_path / "elsewhere" / "**" / "*.txt"), val_fraction=0.3)
+    np.testing.assert_array_equal(moved.validation, corpus.validation)
+
+
+def test_max_bytes_caps_both_splits(tmp_path):
+    write_tree(tmp_path)
+    corpus = data.load_text_files(str(tmp_path / "**/*.txt"), max_bytes=1000, val_fraction=0.2)
+    assert (len(corpus.train), len(corpus.validation)) == (800, 200)
+
+
+def test_files_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="path="):
+        data.load_text_files(str(tmp_path / "nothing" / "**" / "*.txt"))
+    write_tree(tmp_path, num_files=2)
+    with pytest.raises(ValueError, match="val_fraction"):
+        data.load_text_files(str(tmp_path / "**/*.txt"), val_fraction=1e-9)
+    with pytest.raises(ValueError, match="val_fraction"):
+        data.load_text_files(str(tmp_path / "**/*.txt"), val_fraction=0.0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        data.load_text_files(str(tmp_path / "**/*.txt"), max_bytes=0)
+
+
+def test_hf_source_is_optional(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(ImportError, match="pip install datasets"):
+        data.load_hf_corpus("some/dataset")
+    rows = [{"text": f"row {i} " * 3} for i in range(200)]
+    fake = types.SimpleNamespace(load_dataset=lambda path, subset, split, streaming: iter(rows))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    out = data.make_datasets({"name": "hf", "path": "some/dataset", "seq_len": 8,
+                              "batch_size": 2, "val_fraction": 0.1})
+    assert out.metadata["train_tokens"] + out.metadata["validation_tokens"] == sum(
+        len(r["text"]) + 2 for r in rows)
+    with pytest.raises(ValueError, match="text_field"):
+        data.load_hf_corpus("some/dataset", text_field="content")
+
+
+def test_unigram_entropy(stdlib_corpus):
+    assert 4 < data.unigram_entropy_bits(stdlib_corpus.train) < 6
+    assert data.unigram_entropy_bits(np.arange(256)) == pytest.approx(8)
+    assert data.unigram_entropy_bits(np.zeros(10, np.int32)) == 0
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def lm_iterator(tokens, **kwargs):
+    kwargs = {"batch_size": 8, "seed": 3, **kwargs}
+    return data.BatchIterator(data.RandomWindows(tokens, 16), **kwargs)
+
+
+def test_lm_batches_are_shifted_windows():
+    tokens = np.arange(5000, dtype=np.uint16)  # every window is a run of consecutive ids
+    batch = next(lm_iterator(tokens))
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+        "inputs": ((8, 16), np.int32), "targets": ((8, 16), np.int32),
+        "loss_mask": ((8, 16), np.float32)}
+    np.testing.assert_array_equal(batch["targets"], batch["inputs"] + 1)
+    np.testing.assert_array_equal(np.diff(batch["inputs"], axis=1), 1)
+    assert batch["loss_mask"].all()
+
+
+def test_lm_batches_from_corpus(stdlib_corpus):
+    batch = next(lm_iterator(stdlib_corpus.train))
+    np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+    assert batch["inputs"].max() < data.VOCAB_SIZE
+
+
+@pytest.mark.parametrize("make", [
+    lambda: lm_iterator(np.arange(5000, dtype=np.uint16)),
+    lambda: data.BatchIterator(data.MQAR(64, 4, 32), batch_size=4, seed=1),
+])
+def test_resume_is_exact(make):
+    uninterrupted = make()
+    expected = [next(uninterrupted) for _ in range(7)]
+    first = make()
+    for _ in range(4):
+        next(first)
+    state = json.loads(json.dumps(first.get_state()))
+    assert state == {"seed": first.get_state()["seed"], "step": 4}
+    resumed = make()
+    resumed.set_state(state)
+    for want in expected[4:]:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_different_seeds_and_steps_differ():
+    tokens = np.arange(5000, dtype=np.uint16)
+    a, b = lm_iterator(tokens, seed=0), lm_iterator(tokens, seed=1)
+    first = next(a)
+    assert not np.array_equal(first["inputs"], next(b)["inputs"])
+    assert not np.array_equal(first["inputs"], next(a)["inputs"])
+
+
+@pytest.mark.parametrize("sampler", [data.RandomWindows(np.arange(5000, dtype=np.uint16), 16),
+                                     data.SelectiveCopy(32, 4, 10)])
+def test_hosts_get_disjoint_rows_of_the_global_batch(sampler):
+    whole = data.BatchIterator(sampler, batch_size=8, seed=5).batch_at(2)
+    hosts = [data.BatchIterator(sampler, batch_size=8, seed=5, process_index=i,
+                                process_count=4).batch_at(2) for i in range(4)]
+    for key in whole:
+        assert all(h[key].shape[0] == 2 for h in hosts)
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in hosts]), whole[key])
+
+
+def test_eval_windows_count_every_target_once():
+    tokens = np.arange(1, 102, dtype=np.uint16)  # 101 tokens: 100 targets, 7 windows of 16
+    evaluation = data.EvalWindows(tokens, seq_len=16, batch_size=4)
+    batches = list(evaluation)
+    assert len(evaluation) == len(batches) == 2
+    inputs = np.concatenate([b["inputs"] for b in batches])
+    targets = np.concatenate([b["targets"] for b in batches])
+    mask = np.concatenate([b["loss_mask"] for b in batches]).astype(bool)
+    np.testing.assert_array_equal(targets[mask], tokens[1:])
+    np.testing.assert_array_equal(inputs[mask], tokens[:-1])
+    assert (targets[~mask] == data.PAD).all() and mask.sum() == 100
+    assert [len(b["inputs"]) for b in evaluation] == [4, 4]  # iterable again, same result
+
+
+def test_eval_windows_cap_and_hosts():
+    tokens = np.arange(1, 1002, dtype=np.uint16)
+    assert len(data.EvalWindows(tokens, seq_len=10, batch_size=4, max_batches=3)) == 3
+    whole = list(data.EvalWindows(tokens, seq_len=10, batch_size=4))
+    hosts = [list(data.EvalWindows(tokens, seq_len=10, batch_size=4, process_index=i,
+                                   process_count=2)) for i in range(2)]
+    assert len(hosts[0]) == len(hosts[1]) == len(whole) == 25
+    for step, batch in enumerate(whole):
+        for key in batch:
+            np.testing.assert_array_equal(
+                np.concatenate([h[step][key] for h in hosts]), batch[key])
+
+
+def test_batching_errors_name_the_field():
+    tokens = np.arange(100, dtype=np.uint16)
+    with pytest.raises(ValueError, match="seq_len"):
+        data.RandomWindows(tokens, 0)
+    with pytest.raises(ValueError, match="seq_len"):
+        data.RandomWindows(tokens, 100)  # needs 101 tokens
+    with pytest.raises(ValueError, match="batch_size=6 is not divisible by process_count=4"):
+        lm_iterator(tokens, batch_size=6, process_count=4)
+    with pytest.raises(ValueError, match="process_index"):
+        lm_iterator(tokens, process_index=2, process_count=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        lm_iterator(tokens, batch_size=0)
+    with pytest.raises(ValueError, match="seed"):
+        lm_iterator(tokens, seed=-1)
+    with pytest.raises(ValueError, match="max_batches"):
+        data.EvalWindows(tokens, seq_len=8, batch_size=2, max_batches=0)
+    with pytest.raises(ValueError, match="validation"):
+        data.EvalWindows(tokens[:1], seq_len=8, batch_size=2)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def test_mqar_targets_are_the_bound_values():
+    task = data.MQAR(seq_len=64, num_kv_pairs=8, vocab_size=40)
+    batch = task.sample(np.random.default_rng(0), 16)
+    inputs, targets, mask = batch["inputs"], batch["targets"], batch["loss_mask"]
+    assert inputs.shape == targets.shape == mask.shape == (16, 64)
+    assert (mask.sum(axis=1) == 8).all()
+    np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
+    for row in range(16):
+        keys, values = inputs[row, 0:16:2], inputs[row, 1:16:2]
+        assert len(set(keys)) == 8 and len(set(values)) == 8
+        assert keys.min() >= 1 and keys.max() < 1 + 19 <= values.min() and values.max() < 40
+        bound = dict(zip(keys, values))
+        queries = np.flatnonzero(mask[row])
+        assert (queries >= 16).all()
+        assert sorted(inputs[row, queries]) == sorted(keys)  # each key queried once
+        assert [bound[k] for k in inputs[row, queries]] == list(targets[row, queries])
+        rest = np.setdiff1d(np.arange(16, 64), np.concatenate([queries, queries + 1]))
+        assert (inputs[row, rest] == 0).all()
+
+
+def test_mqar_fills_the_sequence_at_the_tightest_length():
+    batch = data.MQAR(seq_len=16, num_kv_pairs=4, vocab_size=9).sample(
+        np.random.default_rng(1), 32)
+    assert (batch["loss_mask"].sum(axis=1) == 4).all()
+
+
+def test_selective_copy_targets_are_the_data_in_order():
+    task = data.SelectiveCopy(seq_len=40, num_tokens=6, vocab_size=12)
+    batch = task.sample(np.random.default_rng(0), 16)
+    inputs, targets, mask = batch["inputs"], batch["targets"], batch["loss_mask"]
+    assert inputs.dtype == targets.dtype == np.int32 and mask.dtype == np.float32
+    np.testing.assert_array_equal(mask[:, :34], 0)
+    np.testing.assert_array_equal(mask[:, 34:], 1)
+    np.testing.assert_array_equal(inputs[:, 34:], data.SELECTIVE_COPY_SEPARATOR)
+    for row in range(16):
+        region = inputs[row, :34]
+        scattered = region[region != data.SELECTIVE_COPY_BLANK]
+        assert len(scattered) == 6 and scattered.min() >= 2 and scattered.max() < 12
+        np.testing.assert_array_equal(targets[row, 34:], scattered)
+
+
+def test_task_errors_name_the_fields():
+    with pytest.raises(ValueError, match=r"seq_len=15 must be >= 4 \* num_kv_pairs"):
+        data.MQAR(seq_len=15, num_kv_pairs=4, vocab_size=100)
+    with pytest.raises(ValueError, match="vocab_size"):
+        data.MQAR(seq_len=64, num_kv_pairs=8, vocab_size=16)
+    with pytest.raises(ValueError, match="num_kv_pairs"):
+        data.MQAR(seq_len=64, num_kv_pairs=0, vocab_size=16)
+    with pytest.raises(ValueError, match=r"seq_len=10 must be >= 2 \* num_tokens"):
+        data.SelectiveCopy(seq_len=10, num_tokens=6, vocab_size=12)
+    with pytest.raises(ValueError, match="vocab_size"):
+        data.SelectiveCopy(seq_len=10, num_tokens=2, vocab_size=2)
+
+
+def test_masked_accuracy_numpy_and_jax():
+    import jax
+    import jax.numpy as jnp
+
+    targets = np.array([[1, 2, 3, 4]])
+    predictions = np.array([[1, 0, 3, 0]])
+    mask = np.array([[1, 1, 0, 0]], np.float32)
+    assert data.masked_accuracy(predictions, targets, mask) == pytest.approx(0.5)
+    logits = np.eye(5, dtype=np.float32)[predictions]  # [1, 4, 5]
+    assert data.masked_accuracy(logits, targets, mask) == pytest.approx(0.5)
+    jitted = jax.jit(data.masked_accuracy)
+    assert float(jitted(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))) == 0.5
+    assert data.masked_accuracy(predictions, targets, np.zeros_like(mask)) == 0
+
+
+# ----------------------------------------------------------------------------- factory
+
+
+def test_make_datasets_stdlib_with_configdict():
+    ml_collections = pytest.importorskip("ml_collections")
+    config = ml_collections.ConfigDict({"name": "stdlib", "seq_len": 32, "batch_size": 4,
+                                        "seed": 0, "max_bytes": SMALL, "eval_batches": 3})
+    out = data.make_datasets(config)
+    assert out.vocab_size == data.VOCAB_SIZE
+    assert out.metadata["train_tokens"] + out.metadata["validation_tokens"] == SMALL
+    assert 4 < out.metadata["unigram_entropy_bits"] < 6
+    json.dumps(out.metadata)
+    assert next(out.train)["inputs"].shape == (4, 32)
+    evaluation = list(out.make_eval())
+    assert len(evaluation) == 3
+    np.testing.assert_array_equal(evaluation[0]["inputs"], next(out.make_eval())["inputs"])
+
+
+def test_make_datasets_default_name_plain_dict_and_hosts():
+    config = {"seq_len": 32, "batch_size": 4, "max_bytes": SMALL}
+    out = data.make_datasets(config, process_index=1, process_count=2)
+    assert out.metadata["name"] == "stdlib"
+    assert next(out.train)["inputs"].shape == (2, 32)
+
+
+@pytest.mark.parametrize("name, vocab_size", [("mqar", 64), ("selective_copy", 10)])
+def test_make_datasets_tasks(name, vocab_size):
+    config = {"name": name, "seq_len": 32, "batch_size": 4, "num_kv_pairs": 4,
+              "num_tokens": 4, "vocab_size": vocab_size, "eval_batches": 2}
+    out = data.make_datasets(config)
+    assert out.vocab_size == vocab_size and out.metadata["name"] == name
+    train, evaluation = next(out.train), list(out.make_eval())
+    assert len(evaluation) == 2 and train["loss_mask"].sum() > 0
+    assert not np.array_equal(train["inputs"], evaluation[0]["inputs"])
+    np.testing.assert_array_equal(evaluation[1]["inputs"], list(out.make_eval())[1]["inputs"])
+
+
+def test_make_datasets_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="name='wikitext'"):
+        data.make_datasets({"name": "wikitext", "seq_len": 8, "batch_size": 2})
+    with pytest.raises(ValueError, match="seq_len"):
+        data.make_datasets({"name": "mqar", "batch_size": 2})
+    with pytest.raises(ValueError, match="path"):
+        data.make_datasets({"name": "files", "seq_len": 8, "batch_size": 2})
+    with pytest.raises(ValueError, match="batch_size"):
+        data.make_datasets({"name": "selective_copy", "seq_len": 32, "batch_size": 3},
+                           process_count=2)
+    write_tree(tmp_path, num_files=30)
+    with pytest.raises(ValueError, match="seq_len"):  # corpus smaller than one window
+        data.make_datasets({"name": "files", "path": str(tmp_path / "**/*.txt"),
+                            "seq_len": 100_000, "batch_size": 2, "val_fraction": 0.2})
