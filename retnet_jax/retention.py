@@ -21,6 +21,8 @@ in [-30, 0].
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -225,12 +227,18 @@ def chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, *,
     With b_i the within-chunk cumulative log decay (b_{C-1} = g, the chunk's total):
       intra:  o_i += sum_{j <= i} exp(b_i - b_j) (q_i . k_j) v_j      (all chunks at once)
       inter:  o_i += exp(b_i) q_i S_prev
-      state:  S    = exp(g) S_prev + sum_j exp(g - b_j) k_j^T v_j     (scan over chunks)
-    Every exponent is <= 0. T need not be a multiple of chunk_size: the tail is padded with
-    zero keys/values and zero log decay, which leaves outputs and the final state unchanged.
+      state:  S    = exp(g) S_prev + sum_j exp(g - b_j) k_j^T v_j
+    The states entering the chunks are not found by a step-per-chunk scan but by one batched
+    matmul per block of up to `_MAX_CHUNKS_PER_BLOCK` chunks with a [chunks, chunks] matrix of
+    decays (lower-triangular, each entry a direct sum of chunk log decays), and a short scan
+    over blocks. Every exponent is <= 0. T need not be a multiple of chunk_size: the tail is
+    padded with zero keys/values and zero log decay, which leaves outputs and the final state
+    unchanged. Gradients come from a hand-written backward pass (`jax.custom_vjp`) that mirrors
+    the forward; forward-mode differentiation (jvp) is not supported.
 
     Args:
-      q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; any float dtype (matmuls accumulate in float32).
+      q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; any float dtype. Matmul operands (and the
+        per-chunk states fed to matmuls) are kept in the inputs' dtype, accumulation is float32.
       log_decay: float [H] (fixed) or [B, T, H] (gated), entries <= 0.
       chunk_size: tokens per chunk, > 0.
       initial_state: optional float32 [B, H, Dk, Dv]; zeros when None.
@@ -243,10 +251,260 @@ def chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, *,
     _check_log_decay(log_decay, batch, time, heads)
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    has_state = initial_state is not None
     if initial_state is None:
         initial_state = zero_state(batch, heads, key_dim, value_dim)
     _check_state(initial_state, q, v)
+    return _chunkwise(q, k, v, log_decay, initial_state.astype(jnp.float32),
+                      int(min(chunk_size, time)), has_state)
 
+
+# Chunks per block of the state matmul. Its cost per state element is ~2 * block FLOPs
+# against ~4 bytes moved, so up to a few hundred it stays memory-bound on a GPU; sequences of
+# more than block * chunk_size tokens add a (short) scan over blocks.
+_MAX_CHUNKS_PER_BLOCK = 256
+
+
+def _to_chunks(x: Array, chunk_size: int) -> Array:
+    """[B, T, H, D] -> [B, H, N, C, D], zero-padding T up to N * C."""
+    x = _pad_time(x, -x.shape[1] % chunk_size)
+    batch, padded, heads, dim = x.shape
+    x = x.reshape(batch, padded // chunk_size, chunk_size, heads, dim)
+    return jnp.transpose(x, (0, 3, 1, 2, 4))
+
+
+def _from_chunks(x: Array, time: int) -> Array:
+    """[B, H, N, C, D] -> [B, T, H, D] (drops the padding)."""
+    batch, heads, chunks, chunk_size, dim = x.shape
+    x = jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(batch, chunks * chunk_size, heads, dim)
+    return x[:, :time]
+
+
+def _chunk_cumulative_log_decay(log_decay: Array, time: int, heads: int,
+                                chunk_size: int) -> Array:
+    """[H] or [B, T, H] -> float32 [G, H, N, C]: within-chunk inclusive cumulative log decay.
+
+    G is 1 for fixed decay (no per-batch copies) and B for gated decay; the padded tail has
+    zero log decay.
+    """
+    a = log_decay.astype(jnp.float32)
+    if a.ndim == 1:
+        a = jnp.broadcast_to(a[None, :, None], (1, heads, time))
+    else:
+        a = jnp.transpose(a, (0, 2, 1))                                  # [B, H, T]
+    a = jnp.pad(a, ((0, 0), (0, 0), (0, -time % chunk_size)))
+    a = a.reshape(a.shape[0], heads, -1, chunk_size)
+    return jnp.cumsum(a, axis=-1)
+
+
+def _decay_mask(b: Array) -> Array:
+    """[..., C] cumulative log decays -> float32 [..., C, C]: exp(b_i - b_j) for j <= i, else 0."""
+    chunk_size = b.shape[-1]
+    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+    return jnp.exp(jnp.where(causal, b[..., :, None] - b[..., None, :], -jnp.inf))
+
+
+def _block_weights(g: Array) -> tuple[Array, Array, Array, Array]:
+    """Decay weights of a linear recurrence x_{n+1} = exp(g_n) x_n + u_n inside blocks.
+
+    Args:
+      g: float32 [..., M] log decays of the M chunks of each block.
+    Returns float32 (w [..., M, M], before [..., M], after [..., M], total [...]):
+      w[n, m]   = exp(sum_{m < p < n} g_p) for m < n, else 0;
+      before[n] = exp(sum_{p < n} g_p);  after[m] = exp(sum_{p > m} g_p);  total = exp(sum g).
+    Every exponent is a direct sum of the g's it spans (masked cumulative sums), never a
+    difference of two prefix sums.
+    """
+    m = g.shape[-1]
+    rows = jnp.arange(m)[:, None]
+    cols = jnp.arange(m)[None, :]
+    g_prev = jnp.pad(g, [(0, 0)] * (g.ndim - 1) + [(1, 0)])[..., :m]   # g_{n-1}, 0 for n = 0
+    steps = jnp.where(rows - 1 > cols, g_prev[..., :, None], 0.0)      # [..., M, M]
+    w = jnp.where(rows > cols, jnp.exp(jnp.cumsum(steps, axis=-2)), 0.0)
+    before = jnp.exp(jnp.cumsum(g_prev, axis=-1))
+    g_next = jnp.pad(g, [(0, 0)] * (g.ndim - 1) + [(0, 1)])[..., 1:]   # g_{m+1}, 0 for m = M-1
+    after = jnp.exp(jnp.flip(jnp.cumsum(jnp.flip(g_next, -1), axis=-1), -1))
+    return w, before, after, jnp.exp(jnp.sum(g, axis=-1))
+
+
+def _chunk_states(u: Array, g: Array, x0: Array | None, *,
+                  reverse: bool) -> tuple[Array, Array]:
+    """The chunk-level recurrence x_{n+1} = exp(g_n) x_n + u_n, all at once.
+
+    Forward (reverse=False): returns the values entering each chunk,
+      x_n = sum_{m < n} exp(sum_{m < p < n} g_p) u_m + exp(sum_{p < n} g_p) x0,
+    and the value after the last chunk. reverse=True runs the same recurrence from the end
+    (the transpose, used by the backward pass): x_m = sum_{n > m} exp(sum_{m < p < n} g_p) u_n
+    + exp(sum_{p > m} g_p) x0, and the value "before" the first chunk.
+
+    Args:
+      u: [B, H, N, F] in the compute dtype (matmul operand).
+      g: float32 [G, H, N] chunk log decays, G in {1, B}.
+      x0: float32 [B, H, F] entering value (at the start, or at the end when reverse), or None
+        for zeros.
+    Returns:
+      (x [B, H, N, F] in u's dtype, the value past the last processed chunk float32 [B, H, F]).
+    """
+    batch, heads, chunks, features = u.shape
+    dtype = u.dtype
+    block = min(chunks, _MAX_CHUNKS_PER_BLOCK)
+    blocks = -(-chunks // block)
+    padding = blocks * block - chunks
+    if padding:  # zero inputs with zero log decay: the identity step
+        u = jnp.pad(u, ((0, 0), (0, 0), (0, padding), (0, 0)))
+        g = jnp.pad(g, ((0, 0), (0, 0), (0, padding)))
+    u = u.reshape(batch, heads, blocks, block, features)
+    w, before, after, total = _block_weights(g.reshape(g.shape[0], heads, blocks, block))
+    if reverse:
+        w, w_x0, w_out = jnp.swapaxes(w, -1, -2), after, before
+    else:
+        w_x0, w_out = before, after
+
+    def full(t):  # [G, ...] -> [B, ...]
+        return jnp.broadcast_to(t, (batch,) + t.shape[1:])
+
+    # Each block's contribution past its last chunk, from a zero entering value.
+    ends = jnp.einsum("bhxm,bhxmf->bhxf", full(w_out).astype(dtype), u,
+                      preferred_element_type=jnp.float32)
+    if x0 is None and blocks == 1:
+        entering, last = None, ends[:, :, 0]
+    else:
+        if x0 is None:
+            x0 = jnp.zeros((batch, heads, features), jnp.float32)
+        decay = jnp.broadcast_to(total, (batch, heads, blocks))
+
+        def step(x, inputs):
+            end, d = inputs
+            return d[..., None] * x + end, x
+
+        last, entering = jax.lax.scan(
+            step, x0, (jnp.moveaxis(ends, 2, 0), jnp.moveaxis(decay, 2, 0)), reverse=reverse)
+        entering = jnp.moveaxis(entering, 0, 2)                         # [B, H, X, F]
+    if entering is None:
+        x = jnp.einsum("bhxnm,bhxmf->bhxnf", full(w).astype(dtype), u,
+                       preferred_element_type=dtype)
+    else:
+        x = jnp.einsum("bhxnm,bhxmf->bhxnf", full(w).astype(dtype), u,
+                       preferred_element_type=jnp.float32)
+        x = (x + full(w_x0)[..., None] * entering[:, :, :, None, :]).astype(dtype)
+    x = x.reshape(batch, heads, blocks * block, features)[:, :, :chunks]
+    return x, last
+
+
+def _chunkwise_forward(q, k, v, log_decay, initial_state, chunk_size, has_state):
+    """The chunkwise forward pass (no validation); returns (o, final_state, residuals)."""
+    batch, time, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    qc, kc, vc = (_to_chunks(x.astype(dtype), chunk_size) for x in (q, k, v))
+    # qc, kc [B, H, N, C, Dk]; vc [B, H, N, C, Dv]
+    b = _chunk_cumulative_log_decay(log_decay, time, heads, chunk_size)  # [G, H, N, C] <= 0
+    g = b[..., -1]                                                       # [G, H, N]
+    chunks = qc.shape[2]
+
+    scores = jnp.einsum("bhnid,bhnjd->bhnij", qc, kc, preferred_element_type=jnp.float32)
+    weights = (scores * _decay_mask(b)).astype(dtype)
+    o = jnp.einsum("bhnij,bhnje->bhnie", weights, vc, preferred_element_type=jnp.float32)
+
+    # Each chunk's own contribution to the state at its end: sum_j exp(g - b_j) k_j^T v_j.
+    k_to_end = (kc * jnp.exp(g[..., None] - b)[..., None]).astype(dtype)
+    chunk_kv = jnp.einsum("bhncd,bhnce->bhnde", k_to_end, vc, preferred_element_type=dtype)
+    states, final_state = _chunk_states(
+        chunk_kv.reshape(batch, heads, chunks, key_dim * value_dim), g,
+        initial_state.reshape(batch, heads, -1) if has_state else None, reverse=False)
+    states = states.reshape(batch, heads, chunks, key_dim, value_dim)  # entering each chunk
+
+    o_inter = jnp.einsum("bhnid,bhnde->bhnie", qc, states, preferred_element_type=jnp.float32)
+    o = o + jnp.exp(b)[..., None] * o_inter
+    final_state = final_state.reshape(batch, heads, key_dim, value_dim)
+    o = _from_chunks(o, time).astype(v.dtype)
+    return o, final_state, (qc, kc, vc, weights, k_to_end, states, b, final_state)
+
+
+def _chunkwise_backward(chunk_size, has_state, residuals, cotangents):
+    """The backward pass of `_chunkwise`: the forward's matmuls, transposed.
+
+    With dS_n = sum_i exp(b_i) q_i^T do_i (what chunk n's outputs ask of its entering state),
+    the state gradients dU_m = sum_{n > m} exp(sum_{m<p<n} g_p) dS_n + exp(sum_{p>m} g_p) dS_T
+    are the chunk recurrence run backwards. The log-decay gradient uses the identity
+    dL/dA_t = q_t . dq_t - k_t . dk_t (A the running sum of log decays; plus <S_T, dS_T> at
+    the last step), then dL/da_t = sum_{s >= t} dL/dA_s.
+    """
+    del has_state
+    (qc, kc, vc, weights, k_to_end, states, b, final_state, shapes) = residuals
+    q_aval, k_aval, v_aval, decay_aval, state_aval = shapes
+    do, d_final = cotangents
+    batch, heads, chunks, _, key_dim = qc.shape
+    value_dim = vc.shape[-1]
+    time = q_aval.shape[1]
+    dtype = qc.dtype
+    g = b[..., -1]
+    f32 = jnp.float32
+
+    doc = _to_chunks(do.astype(dtype), chunk_size)                        # [B, H, N, C, Dv]
+    do_decayed = (doc * jnp.exp(b)[..., None]).astype(dtype)
+    d_states = jnp.einsum("bhnid,bhnie->bhnde", qc, do_decayed, preferred_element_type=dtype)
+    d_kv, d_initial = _chunk_states(
+        d_states.reshape(batch, heads, chunks, key_dim * value_dim), g,
+        d_final.astype(f32).reshape(batch, heads, -1), reverse=True)
+    d_kv = d_kv.reshape(batch, heads, chunks, key_dim, value_dim)
+
+    d_weights = jnp.einsum("bhnie,bhnje->bhnij", doc, vc, preferred_element_type=f32)
+    d_scores = (d_weights * _decay_mask(b)).astype(dtype)
+    dq = (jnp.einsum("bhnij,bhnjd->bhnid", d_scores, kc, preferred_element_type=f32)
+          + jnp.einsum("bhnie,bhnde->bhnid", do_decayed, states, preferred_element_type=f32))
+    dk = (jnp.einsum("bhnij,bhnid->bhnjd", d_scores, qc, preferred_element_type=f32)
+          + jnp.exp(g[..., None] - b)[..., None]
+          * jnp.einsum("bhnje,bhnde->bhnjd", vc, d_kv, preferred_element_type=f32))
+    dv = (jnp.einsum("bhnij,bhnie->bhnje", weights, doc, preferred_element_type=f32)
+          + jnp.einsum("bhnjd,bhnde->bhnje", k_to_end, d_kv, preferred_element_type=f32))
+
+    # Log-decay gradient (dead code, removed by XLA, when nobody asks for it).
+    d_cum = (jnp.sum(qc.astype(f32) * dq, axis=-1)
+             - jnp.sum(kc.astype(f32) * dk, axis=-1))                       # [B, H, N, C]
+    d_cum = d_cum.reshape(batch, heads, -1)[:, :, :time]
+    d_cum = d_cum.at[:, :, -1].add(jnp.sum(final_state * d_final.astype(f32), axis=(-2, -1)))
+    d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(d_cum, -1), axis=-1), -1)  # [B, H, T]
+    if len(decay_aval.shape) == 1:
+        d_log_decay = jnp.sum(d_log_decay, axis=(0, 2))
+    else:
+        d_log_decay = jnp.transpose(d_log_decay, (0, 2, 1))
+
+    return (_from_chunks(dq, time).astype(q_aval.dtype),
+            _from_chunks(dk, time).astype(k_aval.dtype),
+            _from_chunks(dv, time).astype(v_aval.dtype),
+            d_log_decay.astype(decay_aval.dtype),
+            d_initial.reshape(state_aval.shape).astype(state_aval.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _chunkwise(q, k, v, log_decay, initial_state, chunk_size, has_state):
+    o, final_state, _ = _chunkwise_forward(q, k, v, log_decay, initial_state, chunk_size,
+                                           has_state)
+    return o, final_state
+
+
+def _chunkwise_fwd_rule(q, k, v, log_decay, initial_state, chunk_size, has_state):
+    o, final_state, residuals = _chunkwise_forward(q, k, v, log_decay, initial_state,
+                                                   chunk_size, has_state)
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype)
+                   for x in (q, k, v, log_decay, initial_state))
+    return (o, final_state), residuals + (shapes,)
+
+
+_chunkwise.defvjp(_chunkwise_fwd_rule, _chunkwise_backward)
+
+
+def _chunkwise_scan(q: Array, k: Array, v: Array, log_decay: Array, *, chunk_size: int = 64,
+                    initial_state: Array | None = None) -> tuple[Array, Array]:
+    """The plain chunkwise form (no validation, autodiff gradients): per-chunk masks
+    materialised in [B, N, C, H] layout and a `lax.scan` with one step per chunk. Kept as the
+    benchmark's prototype baseline and as an independent check of `chunkwise_retention`.
+    """
+    batch, time, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    if initial_state is None:
+        initial_state = zero_state(batch, heads, key_dim, value_dim)
     chunk_size = int(min(chunk_size, time))
     padding = -time % chunk_size
     a = _per_token_log_decay(log_decay, batch, time, heads)
@@ -264,7 +522,6 @@ def chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, *,
     weights = (scores * decay_mask).astype(vc.dtype)
     o_intra = jnp.einsum("bnhij,bnjhe->bnihe", weights, vc, preferred_element_type=jnp.float32)
 
-    # Each chunk's own contribution to the state at its end: sum_j exp(g - b_j) k_j^T v_j.
     k_to_end = (kc * jnp.exp(g[:, :, None] - b)[..., None]).astype(kc.dtype)
     chunk_kv = jnp.einsum("bnjhd,bnjhe->nbhde", k_to_end, vc, preferred_element_type=jnp.float32)
 
@@ -274,7 +531,6 @@ def chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, *,
 
     final_state, states_before = jax.lax.scan(
         carry_state, initial_state.astype(jnp.float32), (jnp.moveaxis(g, 1, 0), chunk_kv))
-    # states_before [N, B, H, Dk, Dv]: the state entering each chunk.
 
     q_decayed = (qc * jnp.exp(b)[..., None]).astype(qc.dtype)
     o_inter = jnp.einsum("bnihd,nbhde->bnihe", q_decayed, states_before.astype(qc.dtype),
