@@ -1,0 +1,412 @@
+"""Flax NNX building blocks: RMSNorm, gated FFN, retention (fixed and gated decay), attention.
+
+Every token mixer (`MultiScaleRetention`, `GatedRetention`, `Attention`) has one interface:
+
+    y, cache = mixer(x, mode=..., cache=None, position=None, valid=None)
+
+* x: [batch, time, d_model] in the compute dtype.
+* mode: 'parallel' | 'chunkwise' | 'recurrent'; selects the retention form (attention ignores it:
+  all three forms of attention are the same computation).
+* cache: None (start from nothing, return None) or the mixer's cache (`RetentionCache`,
+  `AttentionCache`), which is read and returned updated.
+* position: int32 [batch], absolute position of x[:, 0] per sequence; None means 0.
+* valid: bool [batch, time]; False marks right-padding that must not touch the cache.
+
+Parameters carry logical axis names (`LOGICAL_AXIS_NAMES`, or None for small axes) as
+`out_sharding` metadata (flax 0.12's name for the deprecated `sharding_names`) with
+`eager_sharding=False`, so no mesh is needed to build a model and
+`nnx.get_partition_spec(nnx.state(model))` gives PartitionSpecs of logical names, which a
+training loop maps onto its device mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from retnet_jax import positions, retention
+
+Array = jax.Array
+
+__all__ = [
+    "LOGICAL_AXIS_NAMES", "FORWARD_MODES", "ACTIVATIONS",
+    "RMSNorm", "rms_normalize", "GatedFFN",
+    "RetentionCache", "AttentionCache", "sqrt_row_scale", "run_retention",
+    "RetentionBase", "MultiScaleRetention", "GatedRetention", "Attention",
+]
+
+LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "mlp")
+FORWARD_MODES = ("parallel", "chunkwise", "recurrent")
+ACTIVATIONS = {"swish": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+               "relu": jax.nn.relu}  # torchscale's names; gelu is exact (erf) as torch's F.gelu
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def xavier_uniform(gain: float = 1.0) -> jax.nn.initializers.Initializer:
+    """torch.nn.init.xavier_uniform_(w, gain): U(+-gain * sqrt(6 / (fan_in + fan_out)))."""
+    return jax.nn.initializers.variance_scaling(gain**2, "fan_avg", "uniform")
+
+
+# torch.nn.Linear's default init (kaiming_uniform, a=sqrt(5)): U(+-1 / sqrt(fan_in)).
+torch_linear_default = jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def sharded(names: Sequence[str | None]) -> dict:
+    """Parameter metadata carrying logical axis names, applied lazily (no mesh needed)."""
+    return {"out_sharding": tuple(names), "eager_sharding": False}
+
+
+def linear(in_features: int, out_features: int, names: tuple[str | None, str | None], *,
+           init: jax.nn.initializers.Initializer, dtype, param_dtype, rngs: nnx.Rngs,
+           use_bias: bool = False) -> nnx.Linear:
+    """A Linear layer with kernel [in, out] named `names` (a bias, if any, is named names[1])."""
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=init,
+                      dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                      kernel_metadata=sharded(names), bias_metadata=sharded(names[1:]))
+
+
+# --------------------------------------------------------------------------- norms and FFN
+
+
+def rms_normalize(x: Array, eps: float) -> Array:
+    """x / sqrt(mean(x^2, last axis) + eps), computed in float32; returns float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nnx.Module):
+    """torchscale's RMSNorm: normalise in float32, cast back to x's dtype, times a learned scale."""
+
+    def __init__(self, features: int, *, eps: float, param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype), **sharded((None,)))
+
+    def __call__(self, x: Array) -> Array:
+        """x: [..., features] -> same shape and dtype."""
+        return rms_normalize(x, self.eps).astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+class GatedFFN(nnx.Module):
+    """torchscale's GLU: fc2(act(fc1(x)) * gate(x)), bias-free, act computed in float32."""
+
+    def __init__(self, d_model: int, hidden: int, *, activation: str, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        kw = dict(init=torch_linear_default, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.activation = activation
+        self.fc1 = linear(d_model, hidden, ("embed", "mlp"), **kw)
+        self.gate = linear(d_model, hidden, ("embed", "mlp"), **kw)
+        self.fc2 = linear(hidden, d_model, ("mlp", "embed"), **kw)
+
+    def __call__(self, x: Array) -> Array:
+        """x: [batch, time, d_model] -> [batch, time, d_model]."""
+        h = self.fc1(x)
+        h = ACTIVATIONS[self.activation](h.astype(jnp.float32)).astype(h.dtype)
+        return self.fc2(h * self.gate(x))
+
+
+# --------------------------------------------------------------------------- caches
+
+
+@flax.struct.dataclass
+class RetentionCache:
+    """Recurrent state of one retention layer: float32 [batch, heads, key_dim, value_dim].
+    Its size does not depend on how many tokens it has absorbed."""
+    state: Array
+
+
+@flax.struct.dataclass
+class AttentionCache:
+    """Preallocated keys and values of one attention layer, [batch, max_len, heads, head_dim].
+    Slot s holds absolute position s; which slots are filled is the model's per-sequence
+    position (tokens consumed so far)."""
+    key: Array
+    value: Array
+
+
+def _absolute_positions(position: Array | None, time: int) -> Array:
+    """int32 [batch or 1, time]: position[:, None] + t."""
+    start = jnp.zeros((1,), jnp.int32) if position is None else position.astype(jnp.int32)
+    return start[:, None] + jnp.arange(time, dtype=jnp.int32)
+
+
+def _split_heads(x: Array, heads: int) -> Array:
+    """[batch, time, heads * dim] -> [batch, time, heads, dim]."""
+    return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def sqrt_row_scale(log_gamma: Array, absolute_positions: Array) -> Array:
+    """torchscale's row normaliser of the decay matrix, 1/sqrt(sum_{m<=n} gamma^(n-m)).
+
+    The geometric sum is (1 - gamma^(n+1)) / (1 - gamma), or n + 1 for gamma = 1; it is
+    evaluated with expm1 in log space, so it is exact for gamma near 1 and finite at any n.
+
+    Args:
+      log_gamma: float32 [heads], log of the fixed per-head decay (<= 0).
+      absolute_positions: int [batch, time] (or broadcastable), the position n of each row.
+    Returns:
+      float32 [batch, time, heads].
+    """
+    count = (absolute_positions + 1).astype(jnp.float32)[..., None]          # n + 1
+    decays = log_gamma < 0
+    safe = jnp.where(decays, log_gamma, -1.0)
+    geometric = jnp.expm1(count * safe) / jnp.expm1(safe)
+    return jax.lax.rsqrt(jnp.where(decays, geometric, count))
+
+
+def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
+                  chunk_size: int, initial_state: Array | None) -> tuple[Array, Array | None]:
+    """Dispatches to one form of `retention.py`; the only place the forms differ.
+
+    Args:
+      mode: 'parallel' | 'chunkwise' | 'recurrent'.
+      q, k: [batch, time, heads, key_dim]; v: [batch, time, heads, value_dim].
+      log_decay: float [heads] or [batch, time, heads], <= 0.
+      chunk_size: chunk length of the chunkwise form.
+      initial_state: float32 [batch, heads, key_dim, value_dim] or None (zeros); the
+        parallel form has no state and accepts only None.
+    Returns:
+      (o [batch, time, heads, value_dim], final state or None for the parallel form).
+    """
+    if mode == "parallel":
+        if initial_state is not None:
+            raise ValueError("mode='parallel' cannot continue from a state; use 'chunkwise' "
+                             "or 'recurrent' with a cache")
+        return retention.parallel_retention(q, k, v, log_decay), None
+    if mode == "chunkwise":
+        return retention.chunkwise_retention(q, k, v, log_decay, chunk_size=chunk_size,
+                                             initial_state=initial_state)
+    if mode == "recurrent":
+        return retention.recurrent_retention(q, k, v, log_decay, initial_state=initial_state)
+    raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}")
+
+
+class RetentionBase(nnx.Module):
+    """The retention block shared by fixed and gated decay (subclasses supply the decay):
+
+        q = rotate(x Wq), k = rotate(x Wk) * key_dim^-0.5, v = x Wv        (per head)
+        o = retention(q, k, v, log_decay)                    (any of the three forms)
+        o = RMSNorm_head(o * row_scale)                      (no affine, float32, eps)
+        y = Wout(silu(x Wg) * o)
+
+    Ablations: use_swish_gate=False drops Wg (y = Wout(o)); use_head_norm=False drops the
+    per-head norm. Init as torchscale: xavier_uniform gain 2^-2.5 for q, k, v, g; out_proj
+    gain `out_gain`.
+    """
+
+    out_gain = 1.0
+
+    def __init__(self, d_model: int, *, num_heads: int, value_dim: int, use_swish_gate: bool,
+                 use_head_norm: bool, norm_eps: float, chunk_size: int, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.key_dim = d_model // num_heads
+        self.value_head_dim = value_dim // num_heads
+        self.use_swish_gate = use_swish_gate
+        self.use_head_norm = use_head_norm
+        self.norm_eps = norm_eps
+        self.chunk_size = chunk_size
+        self.dtype = dtype
+        kw = dict(init=xavier_uniform(2**-2.5), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(d_model, d_model, ("embed", "heads"), **kw)
+        self.k_proj = linear(d_model, d_model, ("embed", "heads"), **kw)
+        self.v_proj = linear(d_model, value_dim, ("embed", "heads"), **kw)
+        self.g_proj = linear(d_model, value_dim, ("embed", "heads"), **kw) if use_swish_gate else None
+        self.out_proj = linear(value_dim, d_model, ("heads", "embed"),
+                               init=xavier_uniform(self.out_gain), dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
+
+    def log_decay(self, x: Array) -> Array:
+        """Log decay for x [batch, time, d_model]: float32 [heads] or [batch, time, heads]."""
+        raise NotImplementedError
+
+    def row_scale(self, absolute_positions: Array) -> Array | None:
+        """float32 [batch, time, heads] multiplying each output row, or None (no scaling)."""
+        return None
+
+    def init_cache(self, batch_size: int, max_len: int) -> RetentionCache:
+        """Zero state, float32 [batch, heads, key_dim, value_head_dim]; max_len is unused."""
+        del max_len
+        return RetentionCache(retention.zero_state(batch_size, self.num_heads, self.key_dim,
+                                                   self.value_head_dim))
+
+    def __call__(self, x: Array, *, mode: str, cache: RetentionCache | None = None,
+                 position: Array | None = None, valid: Array | None = None
+                 ) -> tuple[Array, RetentionCache | None]:
+        """See the module docstring for the arguments; returns ([batch, time, d_model], cache)."""
+        batch, time, _ = x.shape
+        offset = 0 if position is None else position
+        q = positions.rotate(_split_heads(self.q_proj(x), self.num_heads), offset)
+        k = _split_heads(self.k_proj(x), self.num_heads) * jnp.asarray(self.key_dim**-0.5, x.dtype)
+        k = positions.rotate(k, offset)
+        v = _split_heads(self.v_proj(x), self.num_heads)
+        log_decay = self.log_decay(x)
+        if valid is not None:
+            # Padded steps leave the state untouched: nothing added (k = 0), no decay (0).
+            k = jnp.where(valid[..., None, None], k, jnp.zeros_like(k))
+            per_token = jnp.broadcast_to(log_decay, (batch, time, self.num_heads))
+            log_decay = jnp.where(valid[..., None], per_token, 0.0)
+
+        o, state = run_retention(mode, q, k, v, log_decay, chunk_size=self.chunk_size,
+                                 initial_state=None if cache is None else cache.state)
+
+        o = o.astype(jnp.float32)
+        scale = self.row_scale(_absolute_positions(position, time))
+        if scale is not None:
+            o = o * scale[..., None]
+        if self.use_head_norm:
+            o = rms_normalize(o, self.norm_eps)
+        o = o.reshape(batch, time, -1).astype(self.dtype)
+        if self.use_swish_gate:
+            o = jax.nn.silu(self.g_proj(x)) * o
+        return self.out_proj(o), None if cache is None else RetentionCache(state)
+
+
+class MultiScaleRetention(RetentionBase):
+    """RetNet's multi-scale retention (torchscale's MultiScaleRetention): a fixed decay
+    gamma_h per head (`positions.decay_gammas(decay_schedule, gamma=decay_gamma)`).
+
+    With sqrt_row_scaling, row n of every form is multiplied by torchscale's
+    1/sqrt(sum_{m<=n} gamma^(n-m)) (`sqrt_row_scale`, at absolute position n). torchscale's
+    parallel form additionally divides each row of (q k^T * D) by max(1, |row sum|)
+    (detached); that is not reproduced: like the sqrt scaling it is one scalar per (row, head)
+    in front of the scale-invariant per-head norm, so it cancels except through eps, and it
+    has no recurrent or chunkwise counterpart (torchscale's recurrent form omits it and its
+    chunkwise form uses other per-chunk scalars), so reproducing it would make the forms
+    disagree.
+    """
+
+    def __init__(self, d_model: int, *, num_heads: int, value_dim: int, use_swish_gate: bool,
+                 use_head_norm: bool, norm_eps: float, chunk_size: int, decay_schedule: str,
+                 decay_gamma: float, sqrt_row_scaling: bool, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        super().__init__(d_model, num_heads=num_heads, value_dim=value_dim,
+                         use_swish_gate=use_swish_gate, use_head_norm=use_head_norm,
+                         norm_eps=norm_eps, chunk_size=chunk_size, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+        self.decay_schedule = decay_schedule
+        self.decay_gamma = decay_gamma
+        self.sqrt_row_scaling = sqrt_row_scaling
+
+    def log_gammas(self) -> Array:
+        """float32 [heads]: log gamma_h."""
+        return positions.decay_log_gammas(self.num_heads, self.decay_schedule,
+                                          gamma=self.decay_gamma)
+
+    def log_decay(self, x: Array) -> Array:
+        """float32 [heads], the same for every token (x is unused)."""
+        del x
+        return self.log_gammas()
+
+    def row_scale(self, absolute_positions: Array) -> Array | None:
+        if not self.sqrt_row_scaling:
+            return None
+        return sqrt_row_scale(self.log_gammas(), absolute_positions)
+
+
+class GatedRetention(RetentionBase):
+    """Gated retention (gRet, YOCO's GateRetention): a data-dependent decay per token and head,
+
+        log_decay[b, t, h] = logsigmoid(x W_gt)[b, t, h] / gate_logit_normalizer  (16 in YOCO)
+
+    computed by the same retention forms, with no row scaling (YOCO has none). W_gt: d_model ->
+    heads, bias-free like YOCO's gt_proj, xavier gain 2^-2.5; out_proj xavier gain 2^-1 (YOCO).
+    """
+
+    out_gain = 0.5
+
+    def __init__(self, d_model: int, *, num_heads: int, value_dim: int, use_swish_gate: bool,
+                 use_head_norm: bool, norm_eps: float, chunk_size: int,
+                 gate_logit_normalizer: float, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(d_model, num_heads=num_heads, value_dim=value_dim,
+                         use_swish_gate=use_swish_gate, use_head_norm=use_head_norm,
+                         norm_eps=norm_eps, chunk_size=chunk_size, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+        self.gate_logit_normalizer = gate_logit_normalizer
+        self.gt_proj = linear(d_model, num_heads, ("embed", None), init=xavier_uniform(2**-2.5),
+                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def log_decay(self, x: Array) -> Array:
+        """float32 [batch, time, heads], <= 0."""
+        return jax.nn.log_sigmoid(self.gt_proj(x).astype(jnp.float32)) / self.gate_logit_normalizer
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def attention_implementation(requested: str | None, dtype) -> str:
+    """'xla' or 'cudnn': the requested one, or (None) cuDNN on GPU for 16-bit inputs, else XLA."""
+    if requested is not None:
+        return requested
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
+
+
+class Attention(nnx.Module):
+    """Causal multi-head softmax attention with the same rotation as retention (torchscale's
+    xPos angles applied at absolute positions, i.e. RoPE with interleaved pairs), so a
+    Transformer baseline differs from RetNet only in the mixer. Bias-free q, k, v, out;
+    init as torchscale's MultiheadAttention (xavier gain 2^-0.5 for q, k, v; out gain 1).
+
+    Without a cache: `jax.nn.dot_product_attention(is_causal=True)` with the configured
+    implementation. With a cache: keys/values of valid tokens are written at their absolute
+    slots, and queries attend to slots <= their own position through an explicit mask (XLA),
+    which also handles per-sequence offsets.
+    """
+
+    def __init__(self, d_model: int, *, num_heads: int, implementation: str | None, dtype,
+                 param_dtype, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.implementation = implementation
+        self.dtype = dtype
+        kw = dict(init=xavier_uniform(2**-0.5), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(d_model, d_model, ("embed", "heads"), **kw)
+        self.k_proj = linear(d_model, d_model, ("embed", "heads"), **kw)
+        self.v_proj = linear(d_model, d_model, ("embed", "heads"), **kw)
+        self.out_proj = linear(d_model, d_model, ("heads", "embed"), init=xavier_uniform(1.0),
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def init_cache(self, batch_size: int, max_len: int) -> AttentionCache:
+        """Empty keys and values, [batch, max_len, heads, head_dim] in the compute dtype."""
+        shape = (batch_size, max_len, self.num_heads, self.head_dim)
+        return AttentionCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+
+    def __call__(self, x: Array, *, mode: str, cache: AttentionCache | None = None,
+                 position: Array | None = None, valid: Array | None = None
+                 ) -> tuple[Array, AttentionCache | None]:
+        """See the module docstring for the arguments; returns ([batch, time, d_model], cache).
+        `mode` is accepted for the common interface and does not change the result."""
+        del mode
+        batch, time, _ = x.shape
+        offset = 0 if position is None else position
+        q = positions.rotate(_split_heads(self.q_proj(x), self.num_heads), offset)
+        k = positions.rotate(_split_heads(self.k_proj(x), self.num_heads), offset)
+        v = _split_heads(self.v_proj(x), self.num_heads)
+
+        if cache is None:
+            # Right-padding needs no mask here: valid queries only see earlier (valid) keys.
+            o = jax.nn.dot_product_attention(
+                q, k, v, is_causal=True,
+                implementation=attention_implementation(self.implementation, q.dtype))
+        else:
+            max_len = cache.key.shape[1]
+            slots = _absolute_positions(position, time)                       # [B, T]
+            if valid is not None:
+                slots = jnp.where(valid, slots, max_len)   # out of range: the write is dropped
+            rows = jnp.arange(batch)[:, None]
+            cache = AttentionCache(cache.key.at[rows, slots].set(k, mode="drop"),
+                                   cache.value.at[rows, slots].set(v, mode="drop"))
+            query_pos = _absolute_positions(position, time)                   # [B, T]
+            visible = jnp.arange(max_len)[None, None, :] <= query_pos[:, :, None]
+            o = jax.nn.dot_product_attention(q, cache.key, cache.value,
+                                             mask=visible[:, None], implementation="xla")
+        return self.out_proj(o.reshape(batch, time, -1)), cache
