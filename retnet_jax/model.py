@@ -1,0 +1,441 @@
+"""Model configuration and the decoder-only language model (torchscale's RetNetDecoder).
+
+    tokens [batch, time] -> embedding (* sqrt(d_model)) -> blocks -> RMSNorm -> logits
+
+Block i is pre-norm, `x + mixer(RMSNorm(x))` then `x + GatedFFN(RMSNorm(x))`, with the token
+mixer named by `config.mixers[i]`: 'retention' (RetNet), 'gated_retention' (gRet, YOCO) or
+'attention' (softmax attention), so pure RetNet, pure gRet, a Transformer baseline and hybrids
+are one class.
+
+Two ways to run it, which compute the same function:
+* `model(tokens, mode=...)`: the whole sequence from an empty state; mode 'parallel',
+  'chunkwise' or 'recurrent' picks the retention form (training uses 'chunkwise').
+* The state API for generation: `init_cache`, `prefill` (chunkwise, right-padded batches of
+  different lengths) and `decode_step` (recurrent, one token per sequence).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from retnet_jax import positions
+from retnet_jax.layers import (
+    ACTIVATIONS, FORWARD_MODES, LOGICAL_AXIS_NAMES, Attention, AttentionCache, GatedFFN,
+    GatedRetention, MultiScaleRetention, RetentionCache, RMSNorm, sharded)
+
+Array = jax.Array
+
+__all__ = [
+    "LOGICAL_AXIS_NAMES", "FORWARD_MODES", "MIXERS", "DTYPES", "ATTENTION_IMPLEMENTATIONS",
+    "ModelConfig", "Block", "Cache", "RetNetLM", "check_tokens",
+]
+
+MIXERS = ("retention", "gated_retention", "attention")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _fail(field: str, message: str):
+    raise ValueError(f"ModelConfig.{field}: {message}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines the network. Fields left None are derived (see the properties).
+
+    Sizes:
+      vocab_size: 259 is the byte tokenizer of `data.py` (256 bytes + BOS, EOS, PAD).
+      d_model: residual width; num_layers: number of blocks.
+      num_heads: retention heads; key head dim = d_model / num_heads (even, for the rotation).
+      value_dim: total retention value width (torchscale's decoder_value_embed_dim);
+        None -> 2 * d_model (the paper). torchscale's LM presets use 27/16 * d_model.
+      ffn_dim: hidden width of the gated FFN; None -> 2 * d_model.
+      num_attention_heads: heads of 'attention' layers; None -> max(1, d_model // 64).
+      layer_schedule: one mixer name per block from MIXERS; None -> all 'retention'.
+      max_seq_len: the longest sequence (absolute position + 1) the model accepts.
+    Block:
+      activation: FFN activation, 'swish' (torchscale LM presets), 'gelu' (RetNetConfig's
+        default) or 'relu'.
+      scale_embedding: multiply embeddings by sqrt(d_model) (torchscale LM presets).
+      tie_embeddings: output projection = embedding^T.
+      norm_eps: eps of every RMSNorm, block norms and per-head norms (torchscale 1e-6, YOCO 1e-5).
+    Retention (the paper's ablations are the switches):
+      decay_schedule: 'torchscale' | 'paper' | 'single' | 'none' (`positions.decay_gammas`);
+      decay_gamma: the gamma of 'single'.
+      sqrt_row_scaling: torchscale's 1/sqrt(sum_m gamma^(n-m)) row scaling (fixed decay only).
+      use_swish_gate: silu(x Wg) * o before out_proj; False removes Wg.
+      use_head_norm: per-head RMSNorm (torchscale's "group norm") of the retention output.
+      gate_logit_normalizer: gRet log decay = logsigmoid(x W_gt) / this (16 in YOCO).
+      chunk_size: chunk length of the chunkwise form.
+    Attention:
+      attention_impl: None (cuDNN on GPU for bf16, else XLA), 'xla' or 'cudnn'; used by the
+        full-sequence forward (cached prefill/decoding always use XLA with an explicit mask).
+    Numerics and memory:
+      dtype: compute dtype, 'float32' or 'bfloat16' (retention states, norms and logits stay
+        float32); param_dtype: parameter dtype; remat: rematerialise each block in the
+        full-sequence forward (training memory).
+    """
+
+    vocab_size: int = 259
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    value_dim: int | None = None
+    ffn_dim: int | None = None
+    num_attention_heads: int | None = None
+    layer_schedule: tuple[str, ...] | None = None
+    max_seq_len: int = 2048
+    activation: str = "swish"
+    scale_embedding: bool = True
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-6
+    decay_schedule: str = "torchscale"
+    decay_gamma: float = 1 - 2.0**-5
+    sqrt_row_scaling: bool = True
+    use_swish_gate: bool = True
+    use_head_norm: bool = True
+    gate_logit_normalizer: float = 16.0
+    chunk_size: int = 64
+    attention_impl: str | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelConfig:
+        """Builds and validates a config from a mapping or an ml_collections ConfigDict
+        (e.g. `config.model` of a `configs/` preset). Unknown keys raise ValueError."""
+        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        if isinstance(values.get("layer_schedule"), list):
+            values["layer_schedule"] = tuple(values["layer_schedule"])
+        return cls(**values)
+
+    def __post_init__(self):
+        for field in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len",
+                      "chunk_size"):
+            value = getattr(self, field)
+            if not _is_int(value) or value <= 0:
+                _fail(field, f"must be a positive integer, got {value!r}")
+        for field in ("value_dim", "ffn_dim", "num_attention_heads"):
+            value = getattr(self, field)
+            if value is not None and (not _is_int(value) or value <= 0):
+                _fail(field, f"must be a positive integer or None (derived), got {value!r}")
+
+        if self.d_model % self.num_heads:
+            _fail("num_heads", f"{self.num_heads} does not divide d_model={self.d_model}")
+        if (self.d_model // self.num_heads) % 2:
+            _fail("num_heads", f"key head dim d_model/num_heads = {self.d_model // self.num_heads} "
+                  "must be even for the xPos rotation")
+        if self.resolved_value_dim % self.num_heads:
+            _fail("value_dim", f"num_heads={self.num_heads} does not divide value_dim="
+                  f"{self.resolved_value_dim}")
+
+        schedule = self.layer_schedule
+        if schedule is not None:
+            if isinstance(schedule, str) or not isinstance(schedule, (tuple, list)):
+                _fail("layer_schedule", f"must be a tuple of mixer names from {MIXERS}, "
+                      f"got {schedule!r}")
+            unknown = [m for m in schedule if m not in MIXERS]
+            if unknown:
+                _fail("layer_schedule", f"unknown mixers {unknown}; choose from {MIXERS}")
+            if len(schedule) != self.num_layers:
+                _fail("layer_schedule", f"has {len(schedule)} entries but num_layers="
+                      f"{self.num_layers}")
+        if "attention" in self.mixers:
+            heads = self.resolved_attention_heads
+            if self.d_model % heads or (self.d_model // heads) % 2:
+                _fail("num_attention_heads", f"{heads} heads must divide d_model={self.d_model} "
+                      "into even head dims (for the rotation)")
+
+        if self.activation not in ACTIVATIONS:
+            _fail("activation", f"must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
+        if self.decay_schedule not in positions.DECAY_SCHEDULES:
+            _fail("decay_schedule", f"must be one of {positions.DECAY_SCHEDULES}, "
+                  f"got {self.decay_schedule!r}")
+        if not 0.0 < self.decay_gamma <= 1.0:
+            _fail("decay_gamma", f"must be in (0, 1], got {self.decay_gamma}")
+        if not self.norm_eps >= 0.0:
+            _fail("norm_eps", f"must be >= 0, got {self.norm_eps}")
+        if not self.gate_logit_normalizer > 0.0:
+            _fail("gate_logit_normalizer", f"must be > 0, got {self.gate_logit_normalizer}")
+        if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+            _fail("attention_impl", f"must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                  f"got {self.attention_impl!r}")
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in DTYPES:
+                _fail(field, f"must be one of {tuple(DTYPES)}, got {getattr(self, field)!r}")
+
+    # Derived values.
+
+    @property
+    def mixers(self) -> tuple[str, ...]:
+        """The mixer of every block (layer_schedule, or all 'retention')."""
+        return tuple(self.layer_schedule or ("retention",) * self.num_layers)
+
+    @property
+    def resolved_value_dim(self) -> int:
+        return self.value_dim or 2 * self.d_model
+
+    @property
+    def resolved_ffn_dim(self) -> int:
+        return self.ffn_dim or 2 * self.d_model
+
+    @property
+    def resolved_attention_heads(self) -> int:
+        return self.num_attention_heads or max(1, self.d_model // 64)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_tokens(tokens, vocab_size: int, *, rank: int) -> Array:
+    """Returns tokens as an int array after checking rank, dtype and (when concrete) range.
+
+    Under tracing (jit) the values cannot be checked: ids outside [0, vocab_size) then give
+    NaN embeddings (jnp.take's fill mode), hence NaN logits.
+    """
+    tokens = jnp.asarray(tokens)
+    layout = "[batch, time]" if rank == 2 else "[batch]"
+    if tokens.ndim != rank:
+        raise ValueError(f"tokens must have rank {rank} {layout}, got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+        values = np.asarray(tokens)          # numpy: jnp ops would be staged inside a trace
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"tokens must be ids in [0, vocab_size={vocab_size}), got values "
+                             f"in [{low}, {high}]")
+    return tokens
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in FORWARD_MODES:
+        raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}")
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _make_mixer(kind: str, config: ModelConfig, rngs: nnx.Rngs):
+    common = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+    if kind == "attention":
+        return Attention(config.d_model, num_heads=config.resolved_attention_heads,
+                         implementation=config.attention_impl, **common)
+    common.update(num_heads=config.num_heads, value_dim=config.resolved_value_dim,
+                  use_swish_gate=config.use_swish_gate, use_head_norm=config.use_head_norm,
+                  norm_eps=config.norm_eps, chunk_size=config.chunk_size)
+    if kind == "retention":
+        return MultiScaleRetention(config.d_model, decay_schedule=config.decay_schedule,
+                                   decay_gamma=config.decay_gamma,
+                                   sqrt_row_scaling=config.sqrt_row_scaling, **common)
+    return GatedRetention(config.d_model, gate_logit_normalizer=config.gate_logit_normalizer,
+                          **common)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + mixer(RMSNorm(x)), then x + GatedFFN(RMSNorm(x))."""
+
+    def __init__(self, config: ModelConfig, mixer: str, *, rngs: nnx.Rngs):
+        norm = dict(eps=config.norm_eps, param_dtype=config.weight_dtype)
+        self.mixer_norm = RMSNorm(config.d_model, **norm)
+        self.mixer = _make_mixer(mixer, config, rngs)
+        self.ffn_norm = RMSNorm(config.d_model, **norm)
+        self.ffn = GatedFFN(config.d_model, config.resolved_ffn_dim, activation=config.activation,
+                            dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+
+    def __call__(self, x: Array, *, mode: str, cache=None, position: Array | None = None,
+                 valid: Array | None = None):
+        """x: [batch, time, d_model]; the rest as the mixers (layers.py). Returns (x, cache)."""
+        y, cache = self.mixer(self.mixer_norm(x), mode=mode, cache=cache, position=position,
+                              valid=valid)
+        x = x + y
+        return x + self.ffn(self.ffn_norm(x)), cache
+
+
+def _block_output(block: Block, x: Array, mode: str) -> Array:
+    """Full-sequence application of one block (the unit that `remat` recomputes)."""
+    return block(x, mode=mode)[0]
+
+
+@flax.struct.dataclass
+class Cache:
+    """Generation state of a whole model (a pytree; pass it through jit).
+
+    position: int32 [batch], tokens consumed so far by each sequence = absolute position of
+      its next token.
+    layers: per block, `RetentionCache` (float32 [batch, heads, key_dim, value_dim], constant
+      size) or `AttentionCache` ([batch, max_len, heads, head_dim] keys and values).
+    """
+    position: Array
+    layers: tuple[RetentionCache | AttentionCache, ...]
+
+
+class RetNetLM(nnx.Module):
+    """Decoder-only language model; see the module docstring.
+
+    Usage:
+      model = RetNetLM(config, rngs=nnx.Rngs(0))
+      logits = model(tokens, mode='chunkwise')            # float32 [batch, time, vocab]
+
+    Init as torchscale's LM: embeddings and output projection N(0, d_model^-0.5); retention
+    and attention as their layers document; FFN as torch.nn.Linear's default.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig (see ModelConfig.from_config), "
+                            f"got {type(config).__name__}")
+        self.config = config
+        d, vocab = config.d_model, config.vocab_size
+        init = jax.nn.initializers.normal(stddev=d**-0.5)
+        self.embed = nnx.Embed(vocab, d, dtype=config.compute_dtype,
+                               param_dtype=config.weight_dtype, embedding_init=init,
+                               embedding_metadata=sharded(("vocab", "embed")), rngs=rngs)
+        self.blocks = nnx.List([Block(config, mixer, rngs=rngs) for mixer in config.mixers])
+        self.final_norm = RMSNorm(d, eps=config.norm_eps, param_dtype=config.weight_dtype)
+        self.output_proj = None if config.tie_embeddings else nnx.Param(
+            init(rngs.params(), (d, vocab), config.weight_dtype), **sharded(("embed", "vocab")))
+
+    # ---------------------------------------------------------------- full sequence
+
+    def __call__(self, tokens: Array, *, mode: str = "chunkwise") -> Array:
+        """Logits of every position, starting from an empty state.
+
+        Args:
+          tokens: int [batch, time] ids in [0, vocab_size) (checked eagerly when concrete).
+          mode: 'parallel' | 'chunkwise' | 'recurrent' (the retention form; same result).
+        Returns:
+          float32 [batch, time, vocab_size].
+        """
+        _check_mode(mode)
+        tokens = check_tokens(tokens, self.config.vocab_size, rank=2)
+        self._check_length(tokens.shape[1])
+        apply = nnx.remat(_block_output, static_argnums=(2,)) if self.config.remat else _block_output
+        x = self._embed(tokens)
+        for block in self.blocks:
+            x = apply(block, x, mode)
+        return self._logits(x)
+
+    # ---------------------------------------------------------------- state API
+
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> Cache:
+        """An empty generation state for `batch_size` sequences of up to `max_len` tokens
+        (default max_seq_len). Retention layers hold float32 [batch, heads, key_dim, value_dim]
+        whatever max_len is; attention layers preallocate [batch, max_len, heads, head_dim]."""
+        max_len = self.config.max_seq_len if max_len is None else max_len
+        if not _is_int(max_len) or not 0 < max_len <= self.config.max_seq_len:
+            raise ValueError(f"max_len must be in [1, max_seq_len={self.config.max_seq_len}], "
+                             f"got {max_len!r}")
+        return Cache(position=jnp.zeros((batch_size,), jnp.int32),
+                     layers=tuple(block.mixer.init_cache(batch_size, max_len)
+                                  for block in self.blocks))
+
+    def prefill(self, tokens: Array, lengths: Array, cache: Cache) -> tuple[Array, Cache]:
+        """Absorbs right-padded prompts into the cache (chunkwise form).
+
+        Sequence b consumes tokens[b, :lengths[b]] at absolute positions cache.position[b] + t;
+        padded positions (t >= lengths[b]) leave the cache untouched (their keys are masked and
+        their decay is 1; attention never writes or attends to them).
+
+        Args:
+          tokens: int [batch, time]; lengths: int [batch] in [0, time].
+          cache: from `init_cache` (or an earlier prefill/decode_step).
+        Returns:
+          (float32 [batch, time, vocab_size] logits of every position (rows past lengths[b]
+          are meaningless), the cache with position += lengths).
+        """
+        tokens = check_tokens(tokens, self.config.vocab_size, rank=2)
+        batch, time = tokens.shape
+        self._check_length(time)
+        lengths = jnp.asarray(lengths)
+        if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"lengths must be integers of shape ({batch},), got "
+                             f"{lengths.dtype}{lengths.shape}")
+        if not isinstance(lengths, jax.core.Tracer):
+            values = np.asarray(lengths)
+            if (values < 0).any() or (values > time).any():
+                raise ValueError(f"lengths must be in [0, {time}], got {values}")
+            if not isinstance(cache.position, jax.core.Tracer):
+                self._check_length(int((np.asarray(cache.position) + values).max()))
+        valid = jnp.arange(time)[None, :] < lengths[:, None]
+        logits, layers = self._run_with_cache(tokens, "chunkwise", cache, valid)
+        return logits, Cache(position=cache.position + lengths.astype(jnp.int32), layers=layers)
+
+    def decode_step(self, tokens: Array, cache: Cache) -> tuple[Array, Cache]:
+        """One token per sequence at its own absolute position (recurrent form).
+
+        Args:
+          tokens: int [batch], the next token of each sequence.
+          cache: the state after the previous tokens.
+        Returns:
+          (float32 [batch, vocab_size] next-token logits, the cache with position += 1).
+        """
+        tokens = check_tokens(tokens, self.config.vocab_size, rank=1)
+        logits, layers = self._run_with_cache(tokens[:, None], "recurrent", cache, None)
+        return logits[:, 0], Cache(position=cache.position + 1, layers=layers)
+
+    # ---------------------------------------------------------------- helpers
+
+    def count_params(self) -> int:
+        """Number of parameters (also works on an `nnx.eval_shape` model)."""
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
+    def _check_length(self, length: int) -> None:
+        if length > self.config.max_seq_len:
+            raise ValueError(f"sequence of {length} tokens exceeds max_seq_len="
+                             f"{self.config.max_seq_len}")
+
+    def _embed(self, tokens: Array) -> Array:
+        """int [batch, time] -> [batch, time, d_model] in the compute dtype."""
+        x = self.embed(tokens)
+        if self.config.scale_embedding:
+            x = x * jnp.asarray(math.sqrt(self.config.d_model), x.dtype)
+        return x
+
+    def _logits(self, x: Array) -> Array:
+        """[batch, time, d_model] -> float32 [batch, time, vocab] (float32 accumulation)."""
+        x = self.final_norm(x)
+        if self.output_proj is None:
+            kernel = self.embed.embedding[...].T
+        else:
+            kernel = self.output_proj[...]
+        return jnp.einsum("btd,dv->btv", x, kernel.astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def _run_with_cache(self, tokens: Array, mode: str, cache: Cache, valid: Array | None):
+        x = self._embed(tokens)
+        layers = []
+        for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
+            x, layer_cache = block(x, mode=mode, cache=layer_cache, position=cache.position,
+                                   valid=valid)
+            layers.append(layer_cache)
+        return self._logits(x), tuple(layers)
