@@ -69,7 +69,7 @@ def test_batched_prompts_equal_single_prompts():
 
 
 def test_top_k_one_and_tiny_top_p_sample_the_greedy_token():
-    model = make_model(small_config(SCHEDULES["hybrid"]), seed=12)
+    model = make_model(small_config(("retention",)), seed=12)      # sampling is mixer-agnostic
     prompts = [prompt(5, 4), prompt(6, 8)]
     greedy = generate(model, prompts, max_new_tokens=NEW)
     for settings in (dict(top_k=1), dict(top_p=1e-6)):
@@ -82,7 +82,7 @@ def test_top_k_one_and_tiny_top_p_sample_the_greedy_token():
 
 
 def test_stop_tokens_end_each_sequence():
-    model = make_model(small_config(SCHEDULES["hybrid"]), seed=13)
+    model = make_model(small_config(("retention",)), seed=13)
     prompts = [prompt(7, 5), prompt(8, 3)]
     greedy = generate(model, prompts, max_new_tokens=NEW)
     stop = int(greedy[0][3])

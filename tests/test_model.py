@@ -109,11 +109,9 @@ def test_bfloat16_compute_stays_close_and_returns_float32():
     model16 = RetNetLM(dataclasses.replace(config, dtype="bfloat16"), rngs=nnx.Rngs(0))
     nnx.update(model16, nnx.state(model32, nnx.Param))          # same float32 parameters
     tokens = random_tokens(4, 2, 19)
-    reference = forward(model32, tokens, "parallel")
-    for mode in model_lib.FORWARD_MODES:
-        logits = forward(model16, tokens, mode)
-        assert logits.dtype == jnp.float32
-        assert 1e-4 < rel_err(logits, reference) <= 1e-2, mode     # really bf16, and close
+    logits = forward(model16, tokens, "chunkwise")
+    assert logits.dtype == jnp.float32
+    assert 1e-4 < rel_err(logits, forward(model32, tokens)) <= 1e-2   # really bf16, and close
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model16, nnx.Param)))
     _, cache = prefill(model16, tokens, jnp.array([19, 7]), model16.init_cache(2, 32))
     assert cache.layers[0].state.dtype == jnp.float32
@@ -130,7 +128,7 @@ def test_causal():
 
 
 def test_remat_gives_the_same_logits_and_gradients():
-    config = small_config()
+    config = small_config(SCHEDULES["retention"])
     plain, remat = make_model(config, 6), make_model(dataclasses.replace(config, remat=True), 6)
     tokens = random_tokens(6, 2, 12)
 
