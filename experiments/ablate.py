@@ -1,0 +1,30 @@
+"""Runs a named ablation grid (configs x seeds); writes results.csv/.md and PNG plots.
+
+  python experiments/ablate.py --grid=decay_mqar --scale=tiny --out=results/tiny/decay_mqar
+  python experiments/ablate.py --grid=paper --scale=gpu --seeds=0,1,2 --out=results/paper
+
+Grids: decay_mqar, decay_lm, extrapolation, paper (see retnet_jax/ablation.py). Finished
+cells are skipped, so an interrupted grid resumes where it stopped.
+"""
+
+from absl import app, flags
+
+from retnet_jax import ablation
+
+_GRID = flags.DEFINE_enum("grid", "decay_mqar", sorted(ablation.GRIDS), "Which grid to run.")
+_SCALE = flags.DEFINE_enum("scale", "tiny", sorted(ablation.SCALES), "Model/data/step sizes.")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Comma-separated seeds; each cell runs once per seed.")
+_OUT = flags.DEFINE_string("out", None, "Output folder (default: results/<scale>/<grid>).")
+
+
+def main(argv):
+    del argv
+    out = _OUT.value or f"results/{_SCALE.value}/{_GRID.value}"
+    ablation.run_grid(_GRID.value, out, scale=_SCALE.value,
+                      seeds=[int(s) for s in _SEEDS.value])
+    print(open(f"{out}/results.md").read())
+    print(f"tables and plots in {out}/")
+
+
+if __name__ == "__main__":
+    app.run(main)

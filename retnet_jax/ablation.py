@@ -1,0 +1,423 @@
+"""Named grids of training runs for the decay ablations, with tables and plots.
+
+A grid is a list of `Cell`s (one model variant on one task setting), each trained for every
+seed by `train.train_and_evaluate` in its own workdir under the output folder. `run_grid`
+skips cells whose `result.json` exists (resumable), then writes `results.csv` (one row per
+cell and seed), `results.md` (mean +- std over seeds) and PNG plots.
+
+Grids (see `GRIDS`):
+  decay_mqar     fixed RetNet vs gated RetNet vs Transformer vs hybrid on multi-query
+                 associative recall at several sequence lengths and key-value counts (accuracy)
+  decay_lm       the same four on the embedded corpus (validation bits per byte, loss curves)
+  extrapolation  the same four trained at length L and evaluated at L, 2L, 4L, 8L
+  paper          the RetNet paper's ablations as config switches: without swish gate, without
+                 per-head norm, single-scale decay, no decay (gamma = 1), smaller head dim
+
+Scales (see `SCALES`): 'tiny' (seconds per cell on a CPU; CI and smoke runs), 'colab'
+(minutes per cell), 'gpu' (d_model 512, 6 layers, ~50M training tokens for language
+modelling; meant for one H100/H200).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from retnet_jax import data as data_lib
+from retnet_jax import positions, sharding
+from retnet_jax import train as train_lib
+from retnet_jax.model import ModelConfig
+
+__all__ = ["Cell", "SCALES", "GRIDS", "VARIANTS", "make_cells", "cell_config", "run_grid",
+           "summarise", "write_tables", "plot_results"]
+
+RESULT_FILE = "result.json"
+
+
+# ----------------------------------------------------------------------------- scales
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """Sizes of one grid scale.
+
+    model: ModelConfig fields shared by every variant (d_model, layers, heads, ...).
+    train: TrainConfig fields for language modelling; `mqar_train` for the recall task.
+    lm: data fields for language modelling (seq_len, batch_size, max_bytes, eval_batches).
+    mqar: (seq_len, num_kv_pairs) settings; `mqar_data`: batch_size, vocab_size, eval_batches.
+    extrapolation_factors: evaluation lengths as multiples of the training length.
+    """
+    model: dict[str, Any]
+    train: dict[str, Any]
+    mqar_train: dict[str, Any]
+    lm: dict[str, Any]
+    mqar: tuple[tuple[int, int], ...]
+    mqar_data: dict[str, Any]
+    extrapolation_factors: tuple[int, ...] = (1, 2, 4, 8)
+
+
+_QUIET = dict(progress_bar=False, tensorboard=False, sample_prompt="", log_every=10)
+
+SCALES: dict[str, Scale] = {
+    "tiny": Scale(
+        model=dict(d_model=32, num_layers=2, num_heads=2, value_dim=64, ffn_dim=64,
+                   num_attention_heads=2, chunk_size=16),
+        train=dict(num_steps=30, warmup_steps=5, learning_rate=3e-3, eval_every=30, **_QUIET),
+        mqar_train=dict(num_steps=30, warmup_steps=5, learning_rate=3e-3, eval_every=30,
+                        weight_decay=0.0, **_QUIET),
+        lm=dict(seq_len=32, batch_size=8, max_bytes=200_000, eval_batches=2),
+        mqar=((32, 4),),
+        mqar_data=dict(batch_size=16, vocab_size=64, eval_batches=2),
+        extrapolation_factors=(1, 2, 4)),
+    "colab": Scale(
+        model=dict(d_model=128, num_layers=2, num_heads=2, value_dim=256, ffn_dim=256,
+                   num_attention_heads=2, chunk_size=64),
+        train=dict(num_steps=400, warmup_steps=40, learning_rate=3e-3, eval_every=100,
+                   **_QUIET),
+        mqar_train=dict(num_steps=600, warmup_steps=60, learning_rate=3e-3, eval_every=200,
+                        weight_decay=0.0, **_QUIET),
+        lm=dict(seq_len=128, batch_size=16, max_bytes=4_000_000, eval_batches=16),
+        mqar=((64, 4), (128, 8), (256, 16)),
+        mqar_data=dict(batch_size=64, vocab_size=256, eval_batches=8)),
+    "gpu": Scale(
+        model=dict(d_model=512, num_layers=6, num_heads=4, value_dim=1024, ffn_dim=1024,
+                   num_attention_heads=8, chunk_size=64, dtype="bfloat16"),
+        # 3,000 steps x 16 x 1,024 tokens = 49M training tokens.
+        train=dict(num_steps=3000, warmup_steps=200, learning_rate=1.5e-3, eval_every=500,
+                   **_QUIET),
+        mqar_train=dict(num_steps=4000, warmup_steps=200, learning_rate=1e-3, eval_every=1000,
+                        weight_decay=0.0, **_QUIET),
+        lm=dict(seq_len=1024, batch_size=16, max_bytes=60_000_000, eval_batches=64),
+        mqar=((256, 16), (512, 32), (512, 64), (1024, 128)),
+        mqar_data=dict(batch_size=128, vocab_size=8192, eval_batches=16)),
+}
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def hybrid_schedule(num_layers: int) -> tuple[str, ...]:
+    """Gated retention with softmax attention in every 4th block (the last if fewer than 4)."""
+    return tuple("attention" if (i % 4 == 3 or (num_layers < 4 and i == num_layers - 1))
+                 else "gated_retention" for i in range(num_layers))
+
+
+def _all(mixer: str) -> Callable[[dict], dict]:
+    return lambda model: {"layer_schedule": (mixer,) * model["num_layers"]}
+
+
+def _single_scale(model: dict) -> dict:
+    """All heads share the middle gamma of the multi-scale schedule."""
+    gammas = positions.decay_gammas(model["num_heads"])
+    return {"decay_schedule": "single", "decay_gamma": float(gammas[len(gammas) // 2])}
+
+
+# name -> function of the scale's model fields giving the variant's ModelConfig overrides.
+VARIANTS: dict[str, Callable[[dict], dict]] = {
+    "retnet": _all("retention"),
+    "gated": _all("gated_retention"),
+    "transformer": _all("attention"),
+    "hybrid": lambda model: {"layer_schedule": hybrid_schedule(model["num_layers"])},
+    "-swish_gate": lambda model: {"use_swish_gate": False},
+    "-head_norm": lambda model: {"use_head_norm": False},
+    "single_scale": _single_scale,
+    "no_decay": lambda model: {"decay_schedule": "none"},
+    "head_dim/2": lambda model: {"num_heads": 2 * model["num_heads"]},
+}
+
+DECAY_VARIANTS = ("retnet", "gated", "transformer", "hybrid")
+PAPER_VARIANTS = ("retnet", "-swish_gate", "-head_norm", "single_scale", "no_decay",
+                  "head_dim/2")
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One model variant on one task setting.
+
+    name: unique within the grid, also the workdir name (e.g. 'gated@mqar-T128-kv8').
+    variant: a key of VARIANTS.  task: 'lm' or 'mqar'.  setting: label of the task setting.
+    data: data-section overrides for this cell.  evaluate_lengths: extra evaluation lengths
+    (extrapolation), empty for none.
+    """
+    name: str
+    variant: str
+    task: str
+    setting: str
+    data: dict[str, Any]
+    evaluate_lengths: tuple[int, ...] = ()
+
+
+def _decay_mqar(scale: Scale) -> list[Cell]:
+    return [Cell(f"{v}@mqar-T{t}-kv{kv}", v, "mqar", f"T={t}, kv={kv}",
+                 {"name": "mqar", "seq_len": t, "num_kv_pairs": kv, **scale.mqar_data})
+            for t, kv in scale.mqar for v in DECAY_VARIANTS]
+
+
+def _decay_lm(scale: Scale) -> list[Cell]:
+    return [Cell(f"{v}@lm", v, "lm", f"T={scale.lm['seq_len']}", {"name": "stdlib", **scale.lm})
+            for v in DECAY_VARIANTS]
+
+
+def _extrapolation(scale: Scale) -> list[Cell]:
+    length = scale.lm["seq_len"]
+    lengths = tuple(f * length for f in scale.extrapolation_factors)
+    return [Cell(f"{v}@lm-extrapolate", v, "lm", f"trained at T={length}",
+                 {"name": "stdlib", **scale.lm}, evaluate_lengths=lengths)
+            for v in DECAY_VARIANTS]
+
+
+def _paper(scale: Scale) -> list[Cell]:
+    return [Cell(f"{v}@lm".replace("/", "_"), v, "lm", f"T={scale.lm['seq_len']}",
+                 {"name": "stdlib", **scale.lm}) for v in PAPER_VARIANTS]
+
+
+GRIDS: dict[str, Callable[[Scale], list[Cell]]] = {
+    "decay_mqar": _decay_mqar,
+    "decay_lm": _decay_lm,
+    "extrapolation": _extrapolation,
+    "paper": _paper,
+}
+
+
+def make_cells(grid: str, scale: str) -> list[Cell]:
+    """The cells of a named grid at a named scale; ValueError naming an unknown one."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {sorted(GRIDS)}, got {grid!r}")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
+    return GRIDS[grid](SCALES[scale])
+
+
+def cell_config(cell: Cell, scale: str, seed: int) -> ml_collections.ConfigDict:
+    """The full run config (model, data, train, mesh, checkpoint sections) of one cell."""
+    sizes = SCALES[scale]
+    model = dict(sizes.model)
+    model.update(VARIANTS[cell.variant](model))
+    seq_len = max((cell.data["seq_len"], *cell.evaluate_lengths))
+    model["max_seq_len"] = seq_len
+    if cell.task == "mqar":
+        model["vocab_size"] = cell.data["vocab_size"]
+    model_config = ModelConfig(**model)                     # validates the variant early
+    config = ml_collections.ConfigDict(train_lib.default_sections())
+    config.model = ml_collections.ConfigDict(dataclasses.asdict(model_config))
+    config.data.update({**cell.data, "seed": seed})
+    config.train.update({**(sizes.mqar_train if cell.task == "mqar" else sizes.train),
+                         "seed": seed})
+    config.checkpoint.update(keep=1)
+    return config
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _evaluate_lengths(config: ml_collections.ConfigDict, workdir: str,
+                      lengths: Sequence[int]) -> dict[str, float]:
+    """Validation bits per byte of the trained cell at each length: {'bpb@T': value}."""
+    trainer = train_lib.make_trainer(config)
+    params, _ = train_lib.restore_params(trainer, workdir)
+    shards = math.prod(trainer.mesh.shape[a] for a in sharding.BATCH_AXES)
+    tokens_per_batch = config.data.batch_size * config.data.seq_len
+    out = {}
+    for length in lengths:  # about as many tokens per batch as in training
+        batch_size = max(shards, tokens_per_batch // length // shards * shards)
+        data = dict(train_lib.data_config(config), seq_len=length, batch_size=batch_size)
+        datasets = data_lib.make_datasets(data)
+        metrics = train_lib.evaluate(trainer, params, datasets.make_eval())
+        out[f"bpb@{length}"] = metrics["eval_bits_per_byte"]
+    return out
+
+
+def _run_cell(cell: Cell, scale: str, seed: int, workdir: str) -> dict[str, Any]:
+    """Trains one cell (resuming from its checkpoints) and returns its result row."""
+    config = cell_config(cell, scale, seed)
+    summary = train_lib.train_and_evaluate(config, workdir)
+    abstract_params = train_lib.make_trainer(config).abstract_state.params
+    row = {"cell": cell.name, "variant": cell.variant, "task": cell.task,
+           "setting": cell.setting, "seed": seed,
+           "num_params": sum(x.size for x in jax.tree.leaves(abstract_params)),
+           "steps": summary["step"], "train_tokens_per_s": summary["tokens_per_s"],
+           "eval_loss": summary["eval_loss"], "eval_accuracy": summary["eval_accuracy"],
+           "eval_bits_per_byte": summary["eval_bits_per_byte"]}
+    if cell.evaluate_lengths:
+        row.update(_evaluate_lengths(config, workdir, cell.evaluate_lengths))
+    return row
+
+
+def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[int] = (0,),
+             progress: bool = True) -> list[dict[str, Any]]:
+    """Runs (or resumes) every cell x seed of a grid, then writes tables and plots.
+
+    Layout: `<out_dir>/<cell>/seed<k>/` holds the run's workdir and its `result.json`;
+    `<out_dir>/results.csv`, `results.md` and `*.png` summarise the grid.
+
+    Returns:
+      One row per cell and seed (the rows of results.csv).
+    """
+    cells = make_cells(grid, scale)
+    rows = []
+    jobs = [(cell, seed) for cell in cells for seed in seeds]
+    for cell, seed in tqdm(jobs, desc=f"{grid} ({scale})", unit="run", disable=not progress):
+        workdir = os.path.join(out_dir, cell.name, f"seed{seed}")
+        result_path = os.path.join(workdir, RESULT_FILE)
+        if os.path.exists(result_path):
+            with open(result_path) as f:
+                rows.append(json.load(f))
+            continue
+        row = _run_cell(cell, scale, seed, workdir)
+        with open(result_path + ".tmp", "w") as f:
+            json.dump(row, f, indent=2)
+        os.replace(result_path + ".tmp", result_path)       # a cell counts only when complete
+        rows.append(row)
+    write_tables(rows, out_dir, grid=grid, scale=scale, seeds=seeds)
+    plot_results(rows, out_dir, grid=grid)
+    return rows
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _metric_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    names = ["eval_accuracy", "eval_bits_per_byte", "eval_loss"]
+    extra = sorted({k for row in rows for k in row if k.startswith("bpb@")},
+                   key=lambda k: int(k.split("@")[1]))
+    return names + extra
+
+
+def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds per cell: rows with '<metric>' and
+    '<metric>_std' columns, plus 'seeds' (the number of seeds)."""
+    by_cell: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_cell.setdefault(row["cell"], []).append(row)
+    out = []
+    for cell_rows in by_cell.values():
+        first = cell_rows[0]
+        summary = {k: first[k] for k in ("cell", "variant", "task", "setting", "num_params")}
+        summary["seeds"] = len(cell_rows)
+        for metric in _metric_columns(cell_rows):
+            values = np.array([r[metric] for r in cell_rows if metric in r], np.float64)
+            if values.size:
+                summary[metric] = float(values.mean())
+                summary[metric + "_std"] = float(values.std())
+        out.append(summary)
+    return out
+
+
+def write_tables(rows: Sequence[dict[str, Any]], out_dir: str, *, grid: str, scale: str,
+                 seeds: Sequence[int]) -> None:
+    """results.csv (every run) and results.md (mean +- std over seeds) in out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    metrics = _metric_columns(rows)
+    if grid == "decay_mqar":
+        metrics = ["eval_accuracy", "eval_loss"]
+    elif grid != "extrapolation":
+        metrics = ["eval_bits_per_byte", "eval_loss"]
+    lines = [f"# {grid} ({scale} scale, seeds {list(seeds)})", "",
+             "| variant | setting | params | " + " | ".join(metrics) + " |",
+             "|---|---|---:|" + "---:|" * len(metrics)]
+    for s in summarise(rows):
+        cells = [f"{s[m]:.4f} ± {s[m + '_std']:.4f}" if m in s else "" for m in metrics]
+        lines.append(f"| {s['variant']} | {s['setting']} | {s['num_params']:,} | "
+                     + " | ".join(cells) + " |")
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _eval_curve(workdir: str) -> tuple[list[int], list[float]]:
+    """(steps, eval losses) from a run's metrics.jsonl."""
+    steps, losses = [], []
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                if "eval_loss" in record:
+                    steps.append(record["step"])
+                    losses.append(record["eval_loss"])
+    return steps, losses
+
+
+def plot_results(rows: Sequence[dict[str, Any]], out_dir: str, *, grid: str) -> list[str]:
+    """Writes the grid's PNG plots into out_dir; returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarise(rows)
+    paths = []
+
+    def save(fig, name):
+        path = os.path.join(out_dir, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+
+    if grid == "extrapolation":
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for s in summary:
+            keys = sorted((k for k in s if k.startswith("bpb@") and not k.endswith("_std")),
+                          key=lambda k: int(k.split("@")[1]))
+            lengths = [int(k.split("@")[1]) for k in keys]
+            ax.errorbar(lengths, [s[k] for k in keys], yerr=[s[k + "_std"] for k in keys],
+                        marker="o", capsize=3, label=s["variant"])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("evaluation length (tokens)")
+        ax.set_ylabel("validation bits per byte")
+        ax.set_title(f"length extrapolation ({summary[0]['setting']})")
+        ax.legend()
+        save(fig, "extrapolation.png")
+        return paths
+
+    metric = "eval_accuracy" if grid == "decay_mqar" else "eval_bits_per_byte"
+    settings = list(dict.fromkeys(s["setting"] for s in summary))
+    variants = list(dict.fromkeys(s["variant"] for s in summary))
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(settings) * len(variants) / 2), 4))
+    for i, variant in enumerate(variants):
+        values = {s["setting"]: s for s in summary if s["variant"] == variant}
+        xs = [j + i * width for j, setting in enumerate(settings) if setting in values]
+        ax.bar(xs, [values[st][metric] for st in settings if st in values], width,
+               yerr=[values[st][metric + "_std"] for st in settings if st in values],
+               capsize=3, label=variant)
+    ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(settings))],
+                  settings)
+    ax.set_ylabel("query accuracy" if metric == "eval_accuracy" else "validation bits per byte")
+    ax.set_title(f"{grid}: {metric}")
+    ax.legend(fontsize="small")
+    save(fig, f"{grid}.png")
+
+    if grid != "decay_mqar":
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for row in rows:
+            steps, losses = _eval_curve(os.path.join(out_dir, row["cell"], f"seed{row['seed']}"))
+            if steps:
+                ax.plot(steps, np.array(losses) / math.log(2), marker=".",
+                        label=f"{row['variant']} (seed {row['seed']})")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation bits per byte")
+        ax.set_title(f"{grid}: evaluation curves")
+        ax.legend(fontsize="small")
+        save(fig, f"{grid}_curves.png")
+    return paths
