@@ -34,6 +34,7 @@ Array = jax.Array
 
 __all__ = [
     "LOGICAL_AXIS_NAMES", "FORWARD_MODES", "ACTIVATIONS",
+    "xavier_uniform", "sharded", "linear", "attention_implementation",
     "RMSNorm", "rms_normalize", "GatedFFN",
     "RetentionCache", "AttentionCache", "sqrt_row_scale", "run_retention",
     "RetentionBase", "MultiScaleRetention", "GatedRetention", "Attention",
@@ -63,12 +64,12 @@ def sharded(names: Sequence[str | None]) -> dict:
 
 
 def linear(in_features: int, out_features: int, names: tuple[str | None, str | None], *,
-           init: jax.nn.initializers.Initializer, dtype, param_dtype, rngs: nnx.Rngs,
-           use_bias: bool = False) -> nnx.Linear:
-    """A Linear layer with kernel [in, out] named `names` (a bias, if any, is named names[1])."""
-    return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=init,
-                      dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                      kernel_metadata=sharded(names), bias_metadata=sharded(names[1:]))
+           init: jax.nn.initializers.Initializer, dtype, param_dtype,
+           rngs: nnx.Rngs) -> nnx.Linear:
+    """A bias-free Linear layer (every projection here is) with kernel [in, out] named `names`;
+    computes in `dtype` from parameters stored in `param_dtype`."""
+    return nnx.Linear(in_features, out_features, use_bias=False, kernel_init=init, dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs, kernel_metadata=sharded(names))
 
 
 # --------------------------------------------------------------------------- norms and FFN
@@ -399,13 +400,12 @@ class Attention(nnx.Module):
                 implementation=attention_implementation(self.implementation, q.dtype))
         else:
             max_len = cache.key.shape[1]
-            slots = _absolute_positions(position, time)                       # [B, T]
-            if valid is not None:
-                slots = jnp.where(valid, slots, max_len)   # out of range: the write is dropped
+            query_pos = _absolute_positions(position, time)                   # [B, T]
+            # Padded tokens (and any position >= max_len) get an out-of-range slot: dropped.
+            slots = query_pos if valid is None else jnp.where(valid, query_pos, max_len)
             rows = jnp.arange(batch)[:, None]
             cache = AttentionCache(cache.key.at[rows, slots].set(k, mode="drop"),
                                    cache.value.at[rows, slots].set(v, mode="drop"))
-            query_pos = _absolute_positions(position, time)                   # [B, T]
             visible = jnp.arange(max_len)[None, None, :] <= query_pos[:, :, None]
             o = jax.nn.dot_product_attention(q, cache.key, cache.value,
                                              mask=visible[:, None], implementation="xla")

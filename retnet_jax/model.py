@@ -393,6 +393,9 @@ class RetNetLM(nnx.Module):
     def decode_step(self, tokens: Array, cache: Cache) -> tuple[Array, Cache]:
         """One token per sequence at its own absolute position (recurrent form).
 
+        Attention layers hold positions < the cache's max_len; keys written past it are
+        dropped (the caller, e.g. `generate`, sizes the cache). Retention has no such limit.
+
         Args:
           tokens: int [batch], the next token of each sequence.
           cache: the state after the previous tokens.
