@@ -14,6 +14,7 @@ from retnet_jax import ablation
 _GRID = flags.DEFINE_enum("grid", "decay_mqar", sorted(ablation.GRIDS), "Which grid to run.")
 _SCALE = flags.DEFINE_enum("scale", "tiny", sorted(ablation.SCALES), "Model/data/step sizes.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Comma-separated seeds; each cell runs once per seed.")
+_VARIANTS = flags.DEFINE_list("variants", None, "Only these model variants (default: all).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: results/<scale>/<grid>).")
 
 
@@ -21,7 +22,7 @@ def main(argv):
     del argv
     out = _OUT.value or f"results/{_SCALE.value}/{_GRID.value}"
     ablation.run_grid(_GRID.value, out, scale=_SCALE.value,
-                      seeds=[int(s) for s in _SEEDS.value])
+                      seeds=[int(s) for s in _SEEDS.value], variants=_VARIANTS.value)
     print(open(f"{out}/results.md").read())
     print(f"tables and plots in {out}/")
 

@@ -257,9 +257,11 @@ def _run_cell(cell: Cell, scale: str, seed: int, workdir: str) -> dict[str, Any]
 
 
 def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[int] = (0,),
-             progress: bool = True) -> list[dict[str, Any]]:
+             variants: Sequence[str] | None = None, progress: bool = True
+             ) -> list[dict[str, Any]]:
     """Runs (or resumes) every cell x seed of a grid, then writes tables and plots.
 
+    `variants` restricts the grid to those model variants (default: all of the grid's).
     Layout: `<out_dir>/<cell>/seed<k>/` holds the run's workdir and its `result.json`;
     `<out_dir>/results.csv`, `results.md` and `*.png` summarise the grid.
 
@@ -267,6 +269,12 @@ def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[in
       One row per cell and seed (the rows of results.csv).
     """
     cells = make_cells(grid, scale)
+    if variants is not None:
+        unknown = sorted(set(variants) - {c.variant for c in cells})
+        if unknown:
+            raise ValueError(f"variants {unknown} are not in grid {grid!r}; it has "
+                             f"{sorted({c.variant for c in cells})}")
+        cells = [c for c in cells if c.variant in variants]
     rows = []
     jobs = [(cell, seed) for cell in cells for seed in seeds]
     for cell, seed in tqdm(jobs, desc=f"{grid} ({scale})", unit="run", disable=not progress):
