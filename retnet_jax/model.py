@@ -36,7 +36,7 @@ Array = jax.Array
 
 __all__ = [
     "LOGICAL_AXIS_NAMES", "FORWARD_MODES", "MIXERS", "DTYPES", "ATTENTION_IMPLEMENTATIONS",
-    "ModelConfig", "Block", "Cache", "RetNetLM", "check_tokens",
+    "ModelConfig", "Block", "Cache", "RetNetLM", "check_tokens", "transformer_baseline",
 ]
 
 MIXERS = ("retention", "gated_retention", "attention")
@@ -211,6 +211,22 @@ class ModelConfig:
     @property
     def weight_dtype(self):
         return DTYPES[self.param_dtype]
+
+
+def transformer_baseline(config: ModelConfig, *, head_dim: int = 64, multiple: int = 8
+                         ) -> ModelConfig:
+    """The softmax-attention counterpart of `config` with (nearly) the same parameter count.
+
+    Same width, depth, FFN and embeddings; every block's mixer becomes attention with
+    `head_dim`-wide heads. An attention block has 4 d^2 parameters where retention has
+    2 d^2 + 3 d * value_dim, so the FFN widens by value_dim - 2 d / 3 (rounded to `multiple`).
+    """
+    d = config.d_model
+    ffn = config.resolved_ffn_dim + config.resolved_value_dim - 2 * d / 3
+    return dataclasses.replace(
+        config, layer_schedule=("attention",) * config.num_layers,
+        num_attention_heads=max(1, d // head_dim),
+        ffn_dim=int(round(ffn / multiple) * multiple))
 
 
 # --------------------------------------------------------------------------- validation

@@ -314,3 +314,14 @@ def test_count_params(overrides):
     abstract = nnx.eval_shape(lambda: RetNetLM(config, rngs=nnx.Rngs(0)))
     assert abstract.count_params() == expected_param_count(config)
     assert RetNetLM(config, rngs=nnx.Rngs(0)).count_params() == expected_param_count(config)
+
+
+def test_transformer_baseline_matches_parameter_count():
+    from retnet_jax.model import transformer_baseline
+    for d, heads, width in ((192, 3, 324), (2048, 8, 3456)):
+        config = ModelConfig(d_model=d, num_layers=2, num_heads=heads, value_dim=width,
+                             ffn_dim=width, vocab_size=259)
+        baseline = transformer_baseline(config)
+        assert set(baseline.mixers) == {"attention"}
+        count = lambda c: nnx.eval_shape(lambda: RetNetLM(c, rngs=nnx.Rngs(0))).count_params()
+        assert abs(count(baseline) - count(config)) <= 2 * 3 * d * 8   # FFN rounding only
