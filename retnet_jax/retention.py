@@ -380,13 +380,11 @@ def _chunk_states(u: Array, g: Array, x0: Array | None, *,
         last, entering = jax.lax.scan(
             step, x0, (jnp.moveaxis(ends, 2, 0), jnp.moveaxis(decay, 2, 0)), reverse=reverse)
         entering = jnp.moveaxis(entering, 0, 2)                         # [B, H, X, F]
-    if entering is None:
-        x = jnp.einsum("bhxnm,bhxmf->bhxnf", full(w).astype(dtype), u,
-                       preferred_element_type=dtype)
-    else:
-        x = jnp.einsum("bhxnm,bhxmf->bhxnf", full(w).astype(dtype), u,
-                       preferred_element_type=jnp.float32)
-        x = (x + full(w_x0)[..., None] * entering[:, :, :, None, :]).astype(dtype)
+    # Written in the compute dtype (f32 accumulation): these values only feed matmuls.
+    x = jnp.einsum("bhxnm,bhxmf->bhxnf", full(w).astype(dtype), u, preferred_element_type=dtype)
+    if entering is not None:
+        x = (x.astype(jnp.float32)
+             + full(w_x0)[..., None] * entering[:, :, :, None, :]).astype(dtype)
     x = x.reshape(batch, heads, blocks * block, features)[:, :, :chunks]
     return x, last
 
@@ -404,7 +402,9 @@ def _chunkwise_forward(q, k, v, log_decay, initial_state, chunk_size, has_state)
 
     scores = jnp.einsum("bhnid,bhnjd->bhnij", qc, kc, preferred_element_type=jnp.float32)
     weights = (scores * _decay_mask(b)).astype(dtype)
-    o = jnp.einsum("bhnij,bhnje->bhnie", weights, vc, preferred_element_type=jnp.float32)
+    # The two partial outputs are written in the compute dtype (f32 accumulation inside the
+    # matmul; bf16 halves their traffic) and summed in float32.
+    o = jnp.einsum("bhnij,bhnje->bhnie", weights, vc, preferred_element_type=dtype)
 
     # Each chunk's own contribution to the state at its end: sum_j exp(g - b_j) k_j^T v_j.
     k_to_end = (kc * jnp.exp(g[..., None] - b)[..., None]).astype(dtype)
@@ -414,11 +414,11 @@ def _chunkwise_forward(q, k, v, log_decay, initial_state, chunk_size, has_state)
         initial_state.reshape(batch, heads, -1) if has_state else None, reverse=False)
     states = states.reshape(batch, heads, chunks, key_dim, value_dim)  # entering each chunk
 
-    o_inter = jnp.einsum("bhnid,bhnde->bhnie", qc, states, preferred_element_type=jnp.float32)
-    o = o + jnp.exp(b)[..., None] * o_inter
+    o_inter = jnp.einsum("bhnid,bhnde->bhnie", qc, states, preferred_element_type=dtype)
+    o = o.astype(jnp.float32) + jnp.exp(b)[..., None] * o_inter.astype(jnp.float32)
     final_state = final_state.reshape(batch, heads, key_dim, value_dim)
     o = _from_chunks(o, time).astype(v.dtype)
-    return o, final_state, (qc, kc, vc, weights, k_to_end, states, b, final_state)
+    return o, final_state, (qc, kc, vc, weights, k_to_end, states, b)
 
 
 def _chunkwise_backward(chunk_size, has_state, residuals, cotangents):
@@ -427,11 +427,10 @@ def _chunkwise_backward(chunk_size, has_state, residuals, cotangents):
     With dS_n = sum_i exp(b_i) q_i^T do_i (what chunk n's outputs ask of its entering state),
     the state gradients dU_m = sum_{n > m} exp(sum_{m<p<n} g_p) dS_n + exp(sum_{p>m} g_p) dS_T
     are the chunk recurrence run backwards. The log-decay gradient uses the identity
-    dL/dA_t = q_t . dq_t - k_t . dk_t (A the running sum of log decays; plus <S_T, dS_T> at
-    the last step), then dL/da_t = sum_{s >= t} dL/dA_s.
+    dL/dA_t = q_t . dq_t - k_t . dk_t (A the running sum of log decays), applied per chunk.
     """
     del has_state
-    (qc, kc, vc, weights, k_to_end, states, b, final_state, shapes) = residuals
+    (qc, kc, vc, weights, k_to_end, states, b, shapes) = residuals
     q_aval, k_aval, v_aval, decay_aval, state_aval = shapes
     do, d_final = cotangents
     batch, heads, chunks, _, key_dim = qc.shape
@@ -449,22 +448,37 @@ def _chunkwise_backward(chunk_size, has_state, residuals, cotangents):
         d_final.astype(f32).reshape(batch, heads, -1), reverse=True)
     d_kv = d_kv.reshape(batch, heads, chunks, key_dim, value_dim)
 
+    # Partial gradients: float32 when the (gated) log-decay gradient needs them, else in the
+    # compute dtype (half the traffic); summed in float32 either way.
+    gated = len(decay_aval.shape) == 3
+    part = f32 if gated else dtype
     d_weights = jnp.einsum("bhnie,bhnje->bhnij", doc, vc, preferred_element_type=f32)
     d_scores = (d_weights * _decay_mask(b)).astype(dtype)
-    dq = (jnp.einsum("bhnij,bhnjd->bhnid", d_scores, kc, preferred_element_type=f32)
-          + jnp.einsum("bhnie,bhnde->bhnid", do_decayed, states, preferred_element_type=f32))
-    dk = (jnp.einsum("bhnij,bhnid->bhnjd", d_scores, qc, preferred_element_type=f32)
-          + jnp.exp(g[..., None] - b)[..., None]
-          * jnp.einsum("bhnje,bhnde->bhnjd", vc, d_kv, preferred_element_type=f32))
-    dv = (jnp.einsum("bhnij,bhnie->bhnje", weights, doc, preferred_element_type=f32)
-          + jnp.einsum("bhnjd,bhnde->bhnje", k_to_end, d_kv, preferred_element_type=f32))
+    dq = (jnp.einsum("bhnij,bhnjd->bhnid", d_scores, kc, preferred_element_type=part)
+          .astype(f32)
+          + jnp.einsum("bhnie,bhnde->bhnid", do_decayed, states, preferred_element_type=part))
+    dk_inter = (jnp.exp(g[..., None] - b)[..., None]
+                * jnp.einsum("bhnje,bhnde->bhnjd", vc, d_kv, preferred_element_type=part))
+    dk = (jnp.einsum("bhnij,bhnid->bhnjd", d_scores, qc, preferred_element_type=part)
+          .astype(f32) + dk_inter)
+    dv = (jnp.einsum("bhnij,bhnie->bhnje", weights, doc, preferred_element_type=part)
+          .astype(f32)
+          + jnp.einsum("bhnjd,bhnde->bhnje", k_to_end, d_kv, preferred_element_type=part))
 
-    # Log-decay gradient (dead code, removed by XLA, when nobody asks for it).
-    d_cum = (jnp.sum(qc.astype(f32) * dq, axis=-1)
-             - jnp.sum(kc.astype(f32) * dk, axis=-1))                       # [B, H, N, C]
-    d_cum = d_cum.reshape(batch, heads, -1)[:, :, :time]
-    d_cum = d_cum.at[:, :, -1].add(jnp.sum(final_state * d_final.astype(f32), axis=(-2, -1)))
-    d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(d_cum, -1), axis=-1), -1)  # [B, H, T]
+    # Log-decay gradient (dead code, removed by XLA, when nobody asks for it). With b the
+    # within-chunk cumulative log decay, dL/db_i = q_i.dq_i - k_i.dk_i, except that the last
+    # position also carries the chunk total g: + sum_j k_j.dk_inter_j (keys' path to the chunk
+    # end) + exp(g) <S_entering, dS_leaving> (the state passing through the chunk). Then
+    # dL/da_t = sum_{i >= t in the chunk} dL/db_i: sums stay inside one chunk, which keeps the
+    # cancellation error of q.dq - k.dk from piling up along the sequence.
+    d_b = (jnp.sum(qc.astype(f32) * dq, axis=-1)
+           - jnp.sum(kc.astype(f32) * dk, axis=-1))                         # [B, H, N, C]
+    through = jnp.exp(g) * jnp.einsum("bhnde,bhnde->bhn", states.astype(f32),
+                                      d_kv.astype(f32))
+    to_end = jnp.sum(kc.astype(f32) * dk_inter, axis=(-2, -1))
+    d_log_decay = (jnp.flip(jnp.cumsum(jnp.flip(d_b, -1), axis=-1), -1)
+                   + (through + to_end)[..., None])
+    d_log_decay = d_log_decay.reshape(batch, heads, -1)[:, :, :time]        # [B, H, T]
     if len(decay_aval.shape) == 1:
         d_log_decay = jnp.sum(d_log_decay, axis=(0, 2))
     else:
