@@ -55,6 +55,8 @@ class Checkpointer:
     """Saves and restores training state under `<workdir>/checkpoints` with Orbax.
 
     Every process of a multi-process run must create it and call `save`/`restore` together.
+    `read_only=True` is for readers (evaluation, sampling), possibly beside a running job:
+    it never saves, deletes or cleans up temporary directories.
     """
 
     def __init__(self, workdir: str, config: CheckpointConfig = CheckpointConfig(), *,
@@ -68,8 +70,9 @@ class Checkpointer:
         ])
         options = ocp.CheckpointManagerOptions(
             best_fn=_best_metric, best_mode="min", preservation_policy=policy,
-            enable_async_checkpointing=config.async_save, cleanup_tmp_directories=True,
-            read_only=read_only, create=not read_only)
+            enable_async_checkpointing=config.async_save, read_only=read_only,
+            cleanup_tmp_directories=not read_only, create=not read_only,
+            save_interval_steps=0 if read_only else 1)
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
