@@ -13,7 +13,8 @@ Top to bottom:
   accumulation is a scan over micro-batches inside the train step.
 - Loop: `train_and_evaluate(config, workdir)`: resume, train, log, evaluate, sample,
   checkpoint, stop cleanly on SIGTERM or a non-finite loss, summarise.
-- `restore_params`: a trained model's parameters for evaluation and sampling.
+- Inference: `restore_params`, `load_model` and `evaluate_checkpoint` read a workdir back
+  (experiments/eval.py and experiments/generate.py are these calls).
 
 Mixed precision is the model's business: `config.model.dtype` is the compute dtype and
 `param_dtype` the parameter dtype; the optimizer state takes the parameters' dtype (float32).
@@ -470,7 +471,7 @@ def sample_text(model: Any, prompt: str, *, max_new_tokens: int, temperature: fl
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss or gradient norm became NaN or Inf; the run stopped."""
+    """The loss, gradient norm or update norm became NaN or Inf; the run stopped."""
 
 
 class StopSignal:
