@@ -9,7 +9,8 @@ Sections:
     `ModelConfig.from_config(config.model)` builds and validates it. Fields whose default is
     None ("derived", see ModelConfig) are typed placeholders, so overrides keep their type.
 
-Other parts of a run add their own sections in `get_base_config`.
+  train, mesh, checkpoint, data: `retnet_jax.train.default_sections()` (optimisation and
+    logging, device mesh, Orbax checkpoints, the data of `retnet_jax.data.make_datasets`).
 
 Presets load this file (and small.py) by path with runpy: ml_collections loads config files
 by path, and an entry point's sys.path need not contain the repository root.
@@ -17,6 +18,8 @@ by path, and an entry point's sys.path need not contain the repository root.
 
 import ml_collections
 from ml_collections import config_dict
+
+from retnet_jax import train
 
 
 def model_defaults() -> ml_collections.ConfigDict:
@@ -55,8 +58,11 @@ def model_defaults() -> ml_collections.ConfigDict:
 
 
 def get_base_config() -> ml_collections.ConfigDict:
+    """model (above) plus the train, mesh, checkpoint and data sections of retnet_jax.train."""
     config = ml_collections.ConfigDict()
     config.model = model_defaults()
+    for name, section in train.default_sections().items():
+        config[name] = section
     return config
 
 
