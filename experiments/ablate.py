@@ -7,7 +7,7 @@ Grids: decay_mqar, decay_lm, extrapolation, paper (see retnet_jax/ablation.py). 
 cells are skipped, so an interrupted grid resumes where it stopped.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from retnet_jax import ablation
 
@@ -20,6 +20,8 @@ _OUT = flags.DEFINE_string("out", None, "Output folder (default: results/<scale>
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     out = _OUT.value or f"results/{_SCALE.value}/{_GRID.value}"
     ablation.run_grid(_GRID.value, out, scale=_SCALE.value,
                       seeds=[int(s) for s in _SEEDS.value], variants=_VARIANTS.value)
