@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_flags
 
+from ceilings import copy_bandwidth
 from retnet_jax.model import ModelConfig, RetNetLM, transformer_baseline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/retnet_1_3b.py", "Model preset.")
@@ -34,19 +35,6 @@ _MEMORY_FRACTION = flags.DEFINE_float("memory_fraction", 0.85,
                                       "Skip settings whose weights + cache exceed this "
                                       "fraction of device memory.")
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
-
-
-def copy_bandwidth() -> float:
-    """Measured device-to-device bandwidth in bytes/s (bytes read + bytes written)."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (1024, 1024, 512), jnp.bfloat16)  # 1 GiB
-    copy = jax.jit(lambda x: x + jnp.asarray(1, x.dtype))
-    jax.block_until_ready(copy(x))
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        jax.block_until_ready(copy(x))
-        times.append(time.perf_counter() - start)
-    return 2 * x.nbytes / float(np.median(times))
 
 
 def build(config: ModelConfig):
@@ -110,7 +98,7 @@ def main(argv):
         floor_ms = weight_bytes / bandwidth * 1e3
         print(f"{name}: {sum(x.size for x in jax.tree.leaves(params)):,} params, weights "
               f"{weight_bytes / 2**30:.2f} GiB, weight-read floor {floor_ms:.3f} ms/token")
-        shape = (graphdef, jax.eval_shape(lambda: params))
+        shape = (graphdef, jax.eval_shape(lambda p: p, params))
         run = decode_loop(graphdef, new)
         for batch in batches:
             for context in contexts:

@@ -18,11 +18,11 @@ import time
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
+from ceilings import matmul_tflops
 from retnet_jax import sharding
 from retnet_jax import train as train_lib
 from retnet_jax.model import ModelConfig, transformer_baseline
@@ -35,20 +35,6 @@ _MODELS = flags.DEFINE_list("models", ["retnet", "transformer"], "Which models t
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
 
 DATASHEET_TFLOPS = 989.0  # H100 SXM dense bf16
-
-
-def matmul_tflops() -> float:
-    """Measured bf16 matmul rate (8192^3, median of 10) in TFLOP/s."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
-    b = jax.random.normal(jax.random.PRNGKey(1), (8192, 8192), jnp.bfloat16)
-    mm = jax.jit(lambda a, b: a @ b)
-    jax.block_until_ready(mm(a, b))
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        jax.block_until_ready(mm(a, b))
-        times.append(time.perf_counter() - t0)
-    return 2 * 8192**3 / float(np.median(times)) / 1e12
 
 
 def flops_per_token(config: ModelConfig, matmul_params: int, seq_len: int) -> float:
@@ -99,7 +85,7 @@ def main(argv):
                      "targets": tokens[:, 1:].astype(np.int32),
                      "loss_mask": np.ones((batch, seq_len), np.float32)}, trainer.mesh)
             t0 = time.perf_counter()
-            state, metrics = trainer.train_step(state, batch_data())
+            state, metrics = trainer.train_step(state, batch_data())   # compiles
             jax.block_until_ready(metrics)
             compile_s = time.perf_counter() - t0
             times = []

@@ -7,7 +7,6 @@ imports timm only for `drop_path` (identity at rate 0); a stub module stands in 
 import sys
 import types
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx

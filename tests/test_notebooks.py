@@ -1,6 +1,5 @@
 """Every Colab notebook runs end to end at a tiny setting and matches its jupytext .py twin."""
 
-import os
 import pathlib
 
 import jupytext

@@ -1,6 +1,5 @@
 """Training: config, optimizer, loss, sharded steps (8 CPU devices), the loop end to end."""
 
-import dataclasses
 import json
 import math
 import os
@@ -8,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import chex
@@ -20,7 +18,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from retnet_jax import checkpoint, data, sharding, train
+from retnet_jax import checkpoint, sharding, train
 from retnet_jax.model import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

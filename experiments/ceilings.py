@@ -1,0 +1,35 @@
+"""Device ceilings measured in the same run as a benchmark: copy bandwidth and matmul rate.
+
+Imported by the bench_* scripts (they run with experiments/ on sys.path).
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def median_seconds(fn, *args, repeats: int = 10) -> float:
+    """Median wall time of fn(*args) over `repeats` calls after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
+    """Device-to-device bandwidth in bytes/s, counting bytes read plus bytes written."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (num_bytes // 2,), jnp.bfloat16)
+    seconds = median_seconds(jax.jit(lambda x: -x), x)
+    return 2 * x.nbytes / seconds
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    """bf16 [n, n] x [n, n] matmul rate on random data, in TFLOP/s."""
+    a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.bfloat16)
+    return 2 * n**3 / median_seconds(jax.jit(jnp.matmul), a, b) / 1e12
