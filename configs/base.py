@@ -40,6 +40,7 @@ def model_defaults() -> ml_collections.ConfigDict:
         scale_embedding=True,
         tie_embeddings=False,
         norm_eps=1e-6,
+        logit_soft_cap=0.0,                          # > 0: cap * tanh(logits / cap)
         # Retention.
         decay_schedule="torchscale",
         decay_gamma=1 - 2.0**-5,

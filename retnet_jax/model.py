@@ -75,6 +75,8 @@ class ModelConfig:
       scale_embedding: multiply embeddings by sqrt(d_model) (torchscale LM presets).
       tie_embeddings: output projection = embedding^T.
       norm_eps: eps of every RMSNorm, block norms and per-head norms (torchscale 1e-6, YOCO 1e-5).
+      logit_soft_cap: if > 0, logits become cap * tanh(logits / cap) (Gemma 2 style), in the
+        model, so training and sampling see the same distribution; 0 is off.
     Retention (the paper's ablations are the switches):
       decay_schedule: 'torchscale' | 'paper' | 'single' | 'none' (`positions.decay_gammas`);
       decay_gamma: the gamma of 'single'.
@@ -105,6 +107,7 @@ class ModelConfig:
     scale_embedding: bool = True
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
+    logit_soft_cap: float = 0.0
     decay_schedule: str = "torchscale"
     decay_gamma: float = 1 - 2.0**-5
     sqrt_row_scaling: bool = True
@@ -176,6 +179,8 @@ class ModelConfig:
             _fail("decay_gamma", f"must be in (0, 1], got {self.decay_gamma}")
         if not self.norm_eps >= 0.0:
             _fail("norm_eps", f"must be >= 0, got {self.norm_eps}")
+        if not self.logit_soft_cap >= 0.0:
+            _fail("logit_soft_cap", f"must be >= 0 (0 is off), got {self.logit_soft_cap}")
         if not self.gate_logit_normalizer > 0.0:
             _fail("gate_logit_normalizer", f"must be > 0, got {self.gate_logit_normalizer}")
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
@@ -447,8 +452,10 @@ class RetNetLM(nnx.Module):
             kernel = self.embed.embedding[...].T
         else:
             kernel = self.output_proj[...]
-        return jnp.einsum("btd,dv->btv", x, kernel.astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btd,dv->btv", x, kernel.astype(x.dtype),
+                            preferred_element_type=jnp.float32)
+        cap = self.config.logit_soft_cap
+        return cap * jnp.tanh(logits / cap) if cap > 0 else logits
 
     def _run_with_cache(self, tokens: Array, mode: str, cache: Cache, valid: Array | None):
         x = self._embed(tokens)

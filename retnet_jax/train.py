@@ -63,7 +63,7 @@ Batch = Mapping[str, jax.Array]
 # Model config fields that may change when resuming: they change how the same parameters are
 # computed with, not which parameters there are.
 RESUMABLE_MODEL_FIELDS = frozenset(
-    {"dtype", "remat", "chunk_size", "max_seq_len", "attention_impl"})
+    {"dtype", "remat", "chunk_size", "max_seq_len", "attention_impl", "logit_soft_cap"})
 
 
 # ----------------------------------------------------------------------------- config
@@ -84,7 +84,6 @@ class TrainConfig:
         grad_accum_steps: split each batch into this many micro-batches, accumulating
             gradients (same update as the whole batch at once, less activation memory).
         z_loss: coefficient of log(Z)^2 added to each counted token's loss (PaLM); 0 is off.
-        logit_soft_cap: if > 0, logits become cap * tanh(logits / cap) in the loss.
         seed: parameter initialisation and sampling seed (data order: `data.seed`).
         log_every: steps between metric logs (and NaN checks, and SIGTERM checks).
         eval_every: steps between evaluations (each followed by a sample and a checkpoint).
@@ -107,7 +106,6 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     grad_accum_steps: int = 1
     z_loss: float = 0.0
-    logit_soft_cap: float = 0.0
     seed: int = 0
     log_every: int = 20
     eval_every: int = 100
@@ -220,23 +218,21 @@ def make_optimizer(config: TrainConfig,
 # ----------------------------------------------------------------------------- loss
 
 
-def loss_sums(logits: jax.Array, batch: Batch, *, z_loss: float = 0.0,
-              logit_soft_cap: float = 0.0) -> dict[str, jax.Array]:
+def loss_sums(logits: jax.Array, batch: Batch, *, z_loss: float = 0.0
+              ) -> dict[str, jax.Array]:
     """Sums over the counted targets of one batch (so micro-batches add up exactly).
 
     Args:
         logits: float [B, T, V]; computed in float32.
         batch: 'targets' int32 [B, T] and 'loss_mask' float32 [B, T].
-        z_loss: coefficient of log(Z)^2 in the objective.
-        logit_soft_cap: if > 0, logits -> cap * tanh(logits / cap) first.
+        z_loss: coefficient of log(Z)^2 in the objective. (A logit soft-cap, if any, is
+            applied by the model: `ModelConfig.logit_soft_cap`.)
 
     Returns:
         float32 scalars: 'objective' (cross-entropy + z-loss, what is differentiated),
         'loss' (cross-entropy), 'correct' (argmax hits) and 'tokens' (sum of loss_mask).
     """
     logits = logits.astype(jnp.float32)
-    if logit_soft_cap > 0:
-        logits = logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
     targets, mask = batch["targets"], batch["loss_mask"]
     log_z = jax.nn.logsumexp(logits, axis=-1)
     nll = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -333,8 +329,7 @@ class Trainer:
 
     def _sums(self, params: Params, batch: Batch) -> dict[str, jax.Array]:
         logits = nnx.merge(self.graphdef, params)(batch["inputs"])
-        return loss_sums(logits, batch, z_loss=self.config.z_loss,
-                         logit_soft_cap=self.config.logit_soft_cap)
+        return loss_sums(logits, batch, z_loss=self.config.z_loss)
 
     def _grads_and_sums(self, params: Params, batch: Batch) -> tuple[Params, dict]:
         """Gradients of the summed objective of one (micro-)batch, and its sums."""

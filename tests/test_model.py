@@ -246,6 +246,7 @@ def test_bad_mode_and_cache_arguments_raise(tiny_model):
     (dict(attention_impl="flash"), "attention_impl"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(chunk_size=2.5), "chunk_size"),
+    (dict(logit_soft_cap=-1.0), "logit_soft_cap"),
 ])
 def test_config_validation_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
@@ -325,3 +326,15 @@ def test_transformer_baseline_matches_parameter_count():
         assert set(baseline.mixers) == {"attention"}
         count = lambda c: nnx.eval_shape(lambda: RetNetLM(c, rngs=nnx.Rngs(0))).count_params()
         assert abs(count(baseline) - count(config)) <= 2 * 3 * d * 8   # FFN rounding only
+
+
+def test_logit_soft_cap_is_applied_by_the_model():
+    config = ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=2)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)))
+    raw = np.asarray(RetNetLM(config, rngs=nnx.Rngs(0))(tokens), np.float64) * 1e3
+    # Scale the output projection up so the cap bites, then compare with the float64 formula.
+    capped_model = RetNetLM(dataclasses.replace(config, logit_soft_cap=2.0), rngs=nnx.Rngs(0))
+    capped_model.output_proj.set_value(capped_model.output_proj.get_value() * 1e3)
+    capped = np.asarray(capped_model(tokens))
+    np.testing.assert_allclose(capped, 2.0 * np.tanh(raw / 2.0), rtol=1e-4, atol=1e-5)
+    assert np.abs(capped).max() <= 2.0 and np.abs(raw).max() > 2.0

@@ -125,11 +125,9 @@ def test_clipping_bounds_the_update():
 # ----------------------------------------------------------------------------- loss
 
 
-def _reference_sums(logits, batch, z_loss, cap):
+def _reference_sums(logits, batch, z_loss):
     """float64 numpy reference of `loss_sums`."""
     logits = np.asarray(logits, np.float64)
-    if cap:
-        logits = cap * np.tanh(logits / cap)
     log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     nll = log_z - np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
     mask = batch["loss_mask"]
@@ -138,12 +136,12 @@ def _reference_sums(logits, batch, z_loss, cap):
             "correct": ((logits.argmax(-1) == batch["targets"]) * mask).sum()}
 
 
-@pytest.mark.parametrize("z_loss, cap", [(0.0, 0.0), (1e-3, 0.0), (0.0, 5.0), (1e-3, 5.0)])
-def test_loss_sums_match_reference(z_loss, cap):
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_loss_sums_match_reference(z_loss):
     batch = text_batch(batch_size=3, seq_len=7)
     logits = np.random.default_rng(1).normal(size=(3, 7, 259)).astype(np.float32) * 4
-    sums = train.loss_sums(jnp.asarray(logits), batch, z_loss=z_loss, logit_soft_cap=cap)
-    expected = _reference_sums(logits, batch, z_loss, cap)
+    sums = train.loss_sums(jnp.asarray(logits), batch, z_loss=z_loss)
+    expected = _reference_sums(logits, batch, z_loss)
     for key, value in expected.items():
         np.testing.assert_allclose(float(sums[key]), value, rtol=2e-6)
 
