@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from retnet_jax import data as data_lib
 from retnet_jax import positions, sharding
 from retnet_jax import train as train_lib
-from retnet_jax.model import ModelConfig
+from retnet_jax.model import ModelConfig, transformer_baseline
 
 __all__ = ["Cell", "SCALES", "GRIDS", "VARIANTS", "make_cells", "cell_config", "run_grid",
            "summarise", "write_tables", "plot_results"]
@@ -116,6 +116,12 @@ def _all(mixer: str) -> Callable[[dict], dict]:
     return lambda model: {"layer_schedule": (mixer,) * model["num_layers"]}
 
 
+def _matched_transformer(model: dict) -> dict:
+    """All attention, FFN widened so the parameter count matches the retention model's."""
+    baseline = transformer_baseline(ModelConfig(**model))
+    return {"layer_schedule": baseline.layer_schedule, "ffn_dim": baseline.ffn_dim}
+
+
 def _single_scale(model: dict) -> dict:
     """All heads share the middle gamma of the multi-scale schedule."""
     gammas = positions.decay_gammas(model["num_heads"])
@@ -126,7 +132,7 @@ def _single_scale(model: dict) -> dict:
 VARIANTS: dict[str, Callable[[dict], dict]] = {
     "retnet": _all("retention"),
     "gated": _all("gated_retention"),
-    "transformer": _all("attention"),
+    "transformer": lambda model: _matched_transformer(model),
     "hybrid": lambda model: {"layer_schedule": hybrid_schedule(model["num_layers"])},
     "-swish_gate": lambda model: {"use_swish_gate": False},
     "-head_norm": lambda model: {"use_head_norm": False},

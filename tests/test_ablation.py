@@ -58,3 +58,14 @@ def test_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
     # Resuming: finished cells are read back, not retrained.
     monkeypatch.setattr(ablation, "_run_cell", lambda *a: pytest.fail("retrained a cell"))
     assert run() == rows
+
+
+def test_transformer_variant_is_parameter_matched():
+    from flax import nnx
+    from retnet_jax.model import RetNetLM
+    counts = {}
+    for cell in ablation.make_cells("decay_lm", "colab"):
+        config = ModelConfig.from_config(ablation.cell_config(cell, "colab", 0).model)
+        counts[cell.variant] = nnx.eval_shape(
+            lambda: RetNetLM(config, rngs=nnx.Rngs(0))).count_params()
+    assert abs(counts["transformer"] - counts["retnet"]) / counts["retnet"] < 0.01
