@@ -5,7 +5,7 @@ mean of --calls_per_run back-to-back calls, inputs rotated between two fresh ran
 fixed and gated decay on each shape [B, T, H, D] (D = Dk = Dv, bf16), and in the same process:
   * `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`,
   * fla's `chunk_retention` / `chunk_simple_gla` when `fla` imports (torch + triton),
-  * the plain scan-over-chunks prototype (`retention._chunkwise_scan`).
+  * the plain scan-over-chunks prototype (`scan_prototype` below).
 Before timing, a correctness check on --check_shape compares each implementation's output and
 gradients with a float32 reference of the same function (`parallel_retention` on upcast
 inputs, highest matmul precision) on the same device, printing relative errors
@@ -90,6 +90,59 @@ def make_inputs(seed: int, shape, gated: bool, dtype=jnp.bfloat16):
     return q, k, v, log_decay, do
 
 
+# ------------------------------------------------------------------------------ prototype
+
+
+def _split_chunks(x, chunk_size: int):
+    """[B, N*C, ...] -> [B, N, C, ...]."""
+    return x.reshape(x.shape[0], -1, chunk_size, *x.shape[2:])
+
+
+def scan_prototype(q, k, v, log_decay, *, chunk_size: int = 64, initial_state=None):
+    """The plain chunkwise form before the performance work (no validation, autodiff
+    gradients): per-chunk masks materialised in [B, N, C, H] layout and a `lax.scan` with one
+    step per chunk. The benchmark's prototype baseline (impl 'scan'), checked for correctness
+    like every impl.
+    """
+    batch, time, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    if initial_state is None:
+        initial_state = retention.zero_state(batch, heads, key_dim, value_dim)
+    chunk_size = int(min(chunk_size, time))
+    padding = -time % chunk_size
+    a = retention._per_token_log_decay(log_decay, batch, time, heads)
+    qc, kc, vc, ac = (_split_chunks(retention._pad_time(x, padding), chunk_size)
+                      for x in (q, k, v, a))
+    # qc, kc [B, N, C, H, Dk]; vc [B, N, C, H, Dv]; ac float32 [B, N, C, H]
+
+    b = jnp.cumsum(ac, axis=2)                                    # [B, N, C, H], <= 0
+    g = b[:, :, -1]                                               # [B, N, H]
+    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+    b_h = jnp.moveaxis(b, 3, 2)                                   # [B, N, H, C]
+    gap = jnp.where(causal, b_h[..., :, None] - b_h[..., None, :], -jnp.inf)
+    decay_mask = jnp.exp(gap)                                     # [B, N, H, C, C]
+
+    scores = jnp.einsum("bnihd,bnjhd->bnhij", qc, kc, preferred_element_type=jnp.float32)
+    weights = (scores * decay_mask).astype(vc.dtype)
+    o_intra = jnp.einsum("bnhij,bnjhe->bnihe", weights, vc, preferred_element_type=jnp.float32)
+
+    k_to_end = (kc * jnp.exp(g[:, :, None] - b)[..., None]).astype(kc.dtype)
+    chunk_kv = jnp.einsum("bnjhd,bnjhe->nbhde", k_to_end, vc, preferred_element_type=jnp.float32)
+
+    def carry_state(state, x):
+        chunk_decay, kv = x                                       # [B, H], [B, H, Dk, Dv]
+        return jnp.exp(chunk_decay)[..., None, None] * state + kv, state
+
+    final_state, states_before = jax.lax.scan(
+        carry_state, initial_state.astype(jnp.float32), (jnp.moveaxis(g, 1, 0), chunk_kv))
+
+    q_decayed = (qc * jnp.exp(b)[..., None]).astype(qc.dtype)
+    o_inter = jnp.einsum("bnihd,nbhde->bnihe", q_decayed, states_before.astype(qc.dtype),
+                         preferred_element_type=jnp.float32)
+    o = (o_intra + o_inter).reshape(batch, -1, heads, value_dim)[:, :time]
+    return o.astype(v.dtype), final_state
+
+
 # ------------------------------------------------------------------------------ timing
 
 
@@ -114,7 +167,7 @@ def jax_sync(x):
 
 def ours_fn(impl: str, chunk_size: int):
     if impl == "scan":
-        return lambda q, k, v, a: retention._chunkwise_scan(q, k, v, a, chunk_size=chunk_size)[0]
+        return lambda q, k, v, a: scan_prototype(q, k, v, a, chunk_size=chunk_size)[0]
     if impl == "autodiff":
         return lambda q, k, v, a: retention._chunkwise_forward(
             q, k, v, a, retention.zero_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3]),

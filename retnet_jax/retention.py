@@ -214,11 +214,6 @@ def _pad_time(x: Array, padding: int) -> Array:
     return jnp.pad(x, widths)
 
 
-def _split_chunks(x: Array, chunk_size: int) -> Array:
-    """[B, N*C, ...] -> [B, N, C, ...]."""
-    return x.reshape(x.shape[0], -1, chunk_size, *x.shape[2:])
-
-
 def chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, *,
                         chunk_size: int = 64,
                         initial_state: Array | None = None) -> tuple[Array, Array]:
@@ -507,47 +502,3 @@ def _chunkwise_fwd_rule(q, k, v, log_decay, initial_state, chunk_size, has_state
 
 
 _chunkwise.defvjp(_chunkwise_fwd_rule, _chunkwise_backward)
-
-
-def _chunkwise_scan(q: Array, k: Array, v: Array, log_decay: Array, *, chunk_size: int = 64,
-                    initial_state: Array | None = None) -> tuple[Array, Array]:
-    """The plain chunkwise form (no validation, autodiff gradients): per-chunk masks
-    materialised in [B, N, C, H] layout and a `lax.scan` with one step per chunk. Kept as the
-    benchmark's prototype baseline and as an independent check of `chunkwise_retention`.
-    """
-    batch, time, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    if initial_state is None:
-        initial_state = zero_state(batch, heads, key_dim, value_dim)
-    chunk_size = int(min(chunk_size, time))
-    padding = -time % chunk_size
-    a = _per_token_log_decay(log_decay, batch, time, heads)
-    qc, kc, vc, ac = (_split_chunks(_pad_time(x, padding), chunk_size) for x in (q, k, v, a))
-    # qc, kc [B, N, C, H, Dk]; vc [B, N, C, H, Dv]; ac float32 [B, N, C, H]
-
-    b = jnp.cumsum(ac, axis=2)                                    # [B, N, C, H], <= 0
-    g = b[:, :, -1]                                               # [B, N, H]
-    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
-    b_h = jnp.moveaxis(b, 3, 2)                                   # [B, N, H, C]
-    gap = jnp.where(causal, b_h[..., :, None] - b_h[..., None, :], -jnp.inf)
-    decay_mask = jnp.exp(gap)                                     # [B, N, H, C, C]
-
-    scores = jnp.einsum("bnihd,bnjhd->bnhij", qc, kc, preferred_element_type=jnp.float32)
-    weights = (scores * decay_mask).astype(vc.dtype)
-    o_intra = jnp.einsum("bnhij,bnjhe->bnihe", weights, vc, preferred_element_type=jnp.float32)
-
-    k_to_end = (kc * jnp.exp(g[:, :, None] - b)[..., None]).astype(kc.dtype)
-    chunk_kv = jnp.einsum("bnjhd,bnjhe->nbhde", k_to_end, vc, preferred_element_type=jnp.float32)
-
-    def carry_state(state, x):
-        chunk_decay, kv = x                                       # [B, H], [B, H, Dk, Dv]
-        return jnp.exp(chunk_decay)[..., None, None] * state + kv, state
-
-    final_state, states_before = jax.lax.scan(
-        carry_state, initial_state.astype(jnp.float32), (jnp.moveaxis(g, 1, 0), chunk_kv))
-
-    q_decayed = (qc * jnp.exp(b)[..., None]).astype(qc.dtype)
-    o_inter = jnp.einsum("bnihd,nbhde->bnihe", q_decayed, states_before.astype(qc.dtype),
-                         preferred_element_type=jnp.float32)
-    o = (o_intra + o_inter).reshape(batch, -1, heads, value_dim)[:, :time]
-    return o.astype(v.dtype), final_state
