@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -54,7 +56,7 @@ print(jax.devices(), "scale:", SCALE)
 
 # %%
 mqar = ablation.run_grid("decay_mqar", f"{OUT}/decay_mqar", scale=SCALE, variants=VARIANTS)
-display(Markdown(open(f"{OUT}/decay_mqar/results.md").read()))
+display(Markdown(open(f"{OUT}/decay_mqar/decay_mqar.md").read()))
 display(Image(f"{OUT}/decay_mqar/decay_mqar.png"))
 
 # %% [markdown]
@@ -65,7 +67,7 @@ display(Image(f"{OUT}/decay_mqar/decay_mqar.png"))
 # %%
 if not TINY:  # the LM grid is covered by the test suite at tiny scale
     lm = ablation.run_grid("decay_lm", f"{OUT}/decay_lm", scale=SCALE, variants=VARIANTS)
-    display(Markdown(open(f"{OUT}/decay_lm/results.md").read()))
+    display(Markdown(open(f"{OUT}/decay_lm/decay_lm.md").read()))
     display(Image(f"{OUT}/decay_lm/decay_lm.png"))
     display(Image(f"{OUT}/decay_lm/decay_lm_curves.png"))
 

@@ -1,10 +1,12 @@
-"""Runs a named ablation grid (configs x seeds); writes results.csv/.md and PNG plots.
+"""Runs a named ablation grid (configs x seeds); writes <grid>.csv/.md and PNG plots.
 
   python experiments/ablate.py --grid=decay_mqar --scale=tiny --out=results/tiny/decay_mqar
-  python experiments/ablate.py --grid=paper --scale=gpu --seeds=0,1,2 --out=results/paper
+  python experiments/ablate.py --grid=decay_lm --scale=gpu --seeds=0,1,2 --out=results/gpu/lm
+  python experiments/ablate.py --grid=paper --scale=gpu --seeds=0,1,2 --out=results/gpu/lm
 
-Grids: decay_mqar, decay_lm, extrapolation, paper (see retnet_jax/ablation.py). Finished
-cells are skipped, so an interrupted grid resumes where it stopped.
+Grids: decay_mqar, decay_lm (with length extrapolation), paper (see retnet_jax/ablation.py).
+Finished cells are skipped, so an interrupted grid resumes where it stopped; grids that share
+an --out folder share their common cells.
 """
 
 from absl import app, flags, logging
@@ -16,6 +18,9 @@ _SCALE = flags.DEFINE_enum("scale", "tiny", sorted(ablation.SCALES), "Model/data
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Comma-separated seeds; each cell runs once per seed.")
 _VARIANTS = flags.DEFINE_list("variants", None, "Only these model variants (default: all).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: results/<scale>/<grid>).")
+_SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run only every n-th run starting at i (one "
+                             "process per GPU, see ablate_parallel.sh); then rerun without it "
+                             "for the complete tables.")
 
 
 def main(argv):
@@ -24,8 +29,9 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     out = _OUT.value or f"results/{_SCALE.value}/{_GRID.value}"
     ablation.run_grid(_GRID.value, out, scale=_SCALE.value,
-                      seeds=[int(s) for s in _SEEDS.value], variants=_VARIANTS.value)
-    print(open(f"{out}/results.md").read())
+                      seeds=[int(s) for s in _SEEDS.value], variants=_VARIANTS.value,
+                      shard=tuple(int(x) for x in _SHARD.value.split("/")))
+    print(open(f"{out}/{_GRID.value}.md").read())
     print(f"tables and plots in {out}/")
 
 

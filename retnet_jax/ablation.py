@@ -2,16 +2,19 @@
 
 A grid is a list of `Cell`s (one model variant on one task setting), each trained for every
 seed by `train.train_and_evaluate` in its own workdir under the output folder. `run_grid`
-skips cells whose `result.json` exists (resumable), then writes `results.csv` (one row per
-cell and seed), `results.md` (mean +- std over seeds) and PNG plots.
+skips cells whose `result.json` exists (resumable), then writes `<grid>.csv` (one row per
+cell and seed), `<grid>.md` (mean +- std over seeds) and PNG plots. Cells of the same name
+are the same run in every grid (the plain RetNet '@lm' cell is in decay_lm and paper), so
+grids that share an output folder train it once.
 
 Grids (see `GRIDS`):
   decay_mqar     fixed RetNet vs gated RetNet vs Transformer vs hybrid on multi-query
                  associative recall at several sequence lengths and key-value counts (accuracy)
   decay_lm       the same four on the embedded corpus (validation bits per byte, loss curves)
-  extrapolation  the same four trained at length L and evaluated at L, 2L, 4L, 8L
+                 and their length extrapolation: trained at L, evaluated at L, 2L, 4L, 8L
   paper          the RetNet paper's ablations as config switches: without swish gate, without
                  per-head norm, single-scale decay, no decay (gamma = 1), smaller head dim
+                 (language modelling, evaluated like decay_lm)
 
 Scales (see `SCALES`): 'tiny' (seconds per cell on a CPU; CI and smoke runs), 'colab'
 (minutes per cell), 'gpu' (d_model 512, 6 layers, ~50M training tokens for language
@@ -172,28 +175,25 @@ def _decay_mqar(scale: Scale) -> list[Cell]:
             for t, kv in scale.mqar for v in DECAY_VARIANTS]
 
 
-def _decay_lm(scale: Scale) -> list[Cell]:
-    return [Cell(f"{v}@lm", v, "lm", f"T={scale.lm['seq_len']}", {"name": "stdlib", **scale.lm})
-            for v in DECAY_VARIANTS]
-
-
-def _extrapolation(scale: Scale) -> list[Cell]:
+def _lm_cells(scale: Scale, variants: Sequence[str]) -> list[Cell]:
+    """Language modelling at the scale's length L, evaluated at every extrapolation length."""
     length = scale.lm["seq_len"]
     lengths = tuple(f * length for f in scale.extrapolation_factors)
-    return [Cell(f"{v}@lm-extrapolate", v, "lm", f"trained at T={length}",
-                 {"name": "stdlib", **scale.lm}, evaluate_lengths=lengths)
-            for v in DECAY_VARIANTS]
+    return [Cell(f"{v}@lm".replace("/", "_"), v, "lm", f"trained at T={length}",
+                 {"name": "stdlib", **scale.lm}, evaluate_lengths=lengths) for v in variants]
+
+
+def _decay_lm(scale: Scale) -> list[Cell]:
+    return _lm_cells(scale, DECAY_VARIANTS)
 
 
 def _paper(scale: Scale) -> list[Cell]:
-    return [Cell(f"{v}@lm".replace("/", "_"), v, "lm", f"T={scale.lm['seq_len']}",
-                 {"name": "stdlib", **scale.lm}) for v in PAPER_VARIANTS]
+    return _lm_cells(scale, PAPER_VARIANTS)
 
 
 GRIDS: dict[str, Callable[[Scale], list[Cell]]] = {
     "decay_mqar": _decay_mqar,
     "decay_lm": _decay_lm,
-    "extrapolation": _extrapolation,
     "paper": _paper,
 }
 
@@ -263,16 +263,19 @@ def _run_cell(cell: Cell, scale: str, seed: int, workdir: str) -> dict[str, Any]
 
 
 def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[int] = (0,),
-             variants: Sequence[str] | None = None, progress: bool = True
-             ) -> list[dict[str, Any]]:
+             variants: Sequence[str] | None = None, shard: tuple[int, int] = (0, 1),
+             progress: bool = True) -> list[dict[str, Any]]:
     """Runs (or resumes) every cell x seed of a grid, then writes tables and plots.
 
     `variants` restricts the grid to those model variants (default: all of the grid's).
+    Runs go seed by seed (every cell of the first seed first). `shard=(i, n)` runs only
+    runs i, i + n, i + 2n, ... so n processes (one per GPU) can split a grid; a last call
+    with the default shard then reads every result back and writes the complete tables.
     Layout: `<out_dir>/<cell>/seed<k>/` holds the run's workdir and its `result.json`;
-    `<out_dir>/results.csv`, `results.md` and `*.png` summarise the grid.
+    `<out_dir>/<grid>.csv`, `<grid>.md` and `<grid>*.png` summarise the grid.
 
     Returns:
-      One row per cell and seed (the rows of results.csv).
+      One row per cell and seed (the rows of <grid>.csv).
     """
     cells = make_cells(grid, scale)
     if variants is not None:
@@ -281,8 +284,11 @@ def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[in
             raise ValueError(f"variants {unknown} are not in grid {grid!r}; it has "
                              f"{sorted({c.variant for c in cells})}")
         cells = [c for c in cells if c.variant in variants]
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
     rows = []
-    jobs = [(cell, seed) for cell in cells for seed in seeds]
+    jobs = [(cell, seed) for seed in seeds for cell in cells][index::count]
     for cell, seed in tqdm(jobs, desc=f"{grid} ({scale})", unit="run", disable=not progress):
         workdir = os.path.join(out_dir, cell.name, f"seed{seed}")
         result_path = os.path.join(workdir, RESULT_FILE)
@@ -332,18 +338,15 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_tables(rows: Sequence[dict[str, Any]], out_dir: str, *, grid: str, scale: str,
                  seeds: Sequence[int]) -> None:
-    """results.csv (every run) and results.md (mean +- std over seeds) in out_dir."""
+    """<grid>.csv (every run) and <grid>.md (mean +- std over seeds) in out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+    with open(os.path.join(out_dir, f"{grid}.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     metrics = _metric_columns(rows)
-    if grid == "decay_mqar":
-        metrics = ["eval_accuracy", "eval_loss"]
-    elif grid != "extrapolation":
-        metrics = ["eval_bits_per_byte", "eval_loss"]
+    metrics.remove("eval_bits_per_byte" if grid == "decay_mqar" else "eval_accuracy")
     lines = [f"# {grid} ({scale} scale, seeds {list(seeds)})", "",
              "| variant | setting | params | " + " | ".join(metrics) + " |",
              "|---|---|---:|" + "---:|" * len(metrics)]
@@ -351,7 +354,7 @@ def write_tables(rows: Sequence[dict[str, Any]], out_dir: str, *, grid: str, sca
         cells = [f"{s[m]:.4f} ± {s[m + '_std']:.4f}" if m in s else "" for m in metrics]
         lines.append(f"| {s['variant']} | {s['setting']} | {s['num_params']:,} | "
                      + " | ".join(cells) + " |")
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
+    with open(os.path.join(out_dir, f"{grid}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -388,22 +391,6 @@ def plot_results(rows: Sequence[dict[str, Any]], out_dir: str, *, grid: str) -> 
         plt.close(fig)
         paths.append(path)
 
-    if grid == "extrapolation":
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for s in summary:
-            keys = sorted((k for k in s if k.startswith("bpb@") and not k.endswith("_std")),
-                          key=lambda k: int(k.split("@")[1]))
-            lengths = [int(k.split("@")[1]) for k in keys]
-            ax.errorbar(lengths, [s[k] for k in keys], yerr=[s[k + "_std"] for k in keys],
-                        marker="o", capsize=3, label=s["variant"])
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("evaluation length (tokens)")
-        ax.set_ylabel("validation bits per byte")
-        ax.set_title(f"length extrapolation ({summary[0]['setting']})")
-        ax.legend()
-        save(fig, "extrapolation.png")
-        return paths
-
     metric = "eval_accuracy" if grid == "decay_mqar" else "eval_bits_per_byte"
     settings = list(dict.fromkeys(s["setting"] for s in summary))
     variants = list(dict.fromkeys(s["variant"] for s in summary))
@@ -434,4 +421,19 @@ def plot_results(rows: Sequence[dict[str, Any]], out_dir: str, *, grid: str) -> 
         ax.set_title(f"{grid}: evaluation curves")
         ax.legend(fontsize="small")
         save(fig, f"{grid}_curves.png")
+
+    if any(k.startswith("bpb@") for s in summary for k in s):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for s in summary:
+            keys = sorted((k for k in s if k.startswith("bpb@") and not k.endswith("_std")),
+                          key=lambda k: int(k.split("@")[1]))
+            lengths = [int(k.split("@")[1]) for k in keys]
+            ax.errorbar(lengths, [s[k] for k in keys], yerr=[s[k + "_std"] for k in keys],
+                        marker="o", capsize=3, label=s["variant"])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("evaluation length (tokens)")
+        ax.set_ylabel("validation bits per byte")
+        ax.set_title(f"{grid}: length extrapolation ({summary[0]['setting']})")
+        ax.legend()
+        save(fig, f"{grid}_extrapolation.png")
     return paths

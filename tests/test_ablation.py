@@ -41,7 +41,7 @@ def test_unknown_grid_or_scale():
 
 def test_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
     out = str(tmp_path)
-    run = lambda: ablation.run_grid("extrapolation", out, scale="tiny", progress=False,
+    run = lambda: ablation.run_grid("decay_lm", out, scale="tiny", progress=False,
                                     variants=("retnet", "gated"))
     rows = run()
     assert [r["variant"] for r in rows] == ["retnet", "gated"]
@@ -49,14 +49,19 @@ def test_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
         assert row["steps"] == ablation.SCALES["tiny"].train["num_steps"]
         assert {"bpb@32", "bpb@64", "bpb@128"} <= set(row)
         assert all(0 < row[k] < 9 for k in ("bpb@32", "bpb@64", "bpb@128"))
-    with open(os.path.join(out, "results.csv")) as f:
+    with open(os.path.join(out, "decay_lm.csv")) as f:
         assert len(list(csv.DictReader(f))) == 2
-    table = open(os.path.join(out, "results.md")).read()
+    table = open(os.path.join(out, "decay_lm.md")).read()
     assert "| retnet | trained at T=32 |" in table and "bpb@128" in table
-    assert os.path.getsize(os.path.join(out, "extrapolation.png")) > 1000
+    for plot in ("decay_lm", "decay_lm_curves", "decay_lm_extrapolation"):
+        assert os.path.getsize(os.path.join(out, f"{plot}.png")) > 1000
+
+    # The paper grid's plain RetNet is the same run as decay_lm's: shared, not retrained.
+    monkeypatch.setattr(ablation, "_run_cell", lambda *a: pytest.fail("retrained a cell"))
+    paper = ablation.run_grid("paper", out, scale="tiny", progress=False, variants=("retnet",))
+    assert paper == rows[:1]
 
     # Resuming: finished cells are read back, not retrained.
-    monkeypatch.setattr(ablation, "_run_cell", lambda *a: pytest.fail("retrained a cell"))
     assert run() == rows
 
 
@@ -69,3 +74,25 @@ def test_transformer_variant_is_parameter_matched():
         counts[cell.variant] = nnx.eval_shape(
             lambda: RetNetLM(config, rngs=nnx.Rngs(0))).count_params()
     assert abs(counts["transformer"] - counts["retnet"]) / counts["retnet"] < 0.01
+
+
+def test_shards_split_the_runs_seed_by_seed(tmp_path, monkeypatch):
+    ran = []
+    def fake_run(cell, scale, seed, workdir):
+        ran.append((cell.variant, seed))
+        os.makedirs(workdir)
+        return {"cell": cell.name, "variant": cell.variant, "task": cell.task,
+                "setting": cell.setting, "seed": seed, "num_params": 1, "eval_loss": 1.0,
+                "eval_accuracy": 0.5, "eval_bits_per_byte": 1.0}
+    monkeypatch.setattr(ablation, "_run_cell", fake_run)
+    monkeypatch.setattr(ablation, "plot_results", lambda *a, **k: [])
+    for i in range(2):
+        ablation.run_grid("decay_mqar", str(tmp_path), seeds=(0, 1), shard=(i, 2),
+                          variants=("retnet", "gated", "hybrid"), progress=False)
+    assert ran == [("retnet", 0), ("hybrid", 0), ("gated", 1),
+                   ("gated", 0), ("retnet", 1), ("hybrid", 1)]
+    rows = ablation.run_grid("decay_mqar", str(tmp_path), seeds=(0, 1),
+                             variants=("retnet", "gated", "hybrid"), progress=False)
+    assert len(rows) == 6 and len(ran) == 6               # the last call only reads back
+    with pytest.raises(ValueError, match="shard must be"):
+        ablation.run_grid("decay_mqar", str(tmp_path), shard=(2, 2))
