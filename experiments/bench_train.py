@@ -32,6 +32,7 @@ _SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "8192"], "Sequence lengths.")
 _TOKENS = flags.DEFINE_integer("tokens_per_step", 16384, "Global batch size in tokens.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed steps (median reported).")
 _MODELS = flags.DEFINE_list("models", ["retnet", "transformer"], "Which models to time.")
+_BUDGET = flags.DEFINE_float("time_budget_s", 1e9, "Stop starting new settings after this.")
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
 
 DATASHEET_TFLOPS = 989.0  # H100 SXM dense bf16
@@ -67,9 +68,13 @@ def main(argv):
     print(f"{len(devices)} x {devices[0].device_kind}, jax {jax.__version__}, measured bf16 "
           f"matmul {peak:.0f} TFLOP/s")
     results = []
+    start_all = time.time()
     for seq_len in (int(s) for s in _SEQ_LENS.value):
         batch = max(len(devices), _TOKENS.value // seq_len)
         for name in _MODELS.value:
+            if time.time() - start_all > _BUDGET.value:
+                print(f"time budget: skipping {name} at T={seq_len}")
+                continue
             model = dataclasses.replace(models[name], max_seq_len=max(seq_len,
                                                                       models[name].max_seq_len))
             trainer = train_lib.make_trainer(run_config(model, seq_len, batch))

@@ -10,21 +10,24 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def median_seconds(fn, *args, repeats: int = 10) -> float:
-    """Median wall time of fn(*args) over `repeats` calls after one warm-up call."""
+def median_seconds(fn, *args, repeats: int = 10, calls: int = 1) -> float:
+    """Median wall time of one fn(*args) after a warm-up call: each of `repeats` timings runs
+    `calls` back-to-back calls and one sync, so that host dispatch stays out of short ones."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / calls)
     return float(np.median(times))
 
 
 def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
     """Device-to-device bandwidth in bytes/s, counting bytes read plus bytes written."""
     x = jax.random.normal(jax.random.PRNGKey(0), (num_bytes // 2,), jnp.bfloat16)
-    seconds = median_seconds(jax.jit(lambda x: -x), x)
+    seconds = median_seconds(jax.jit(lambda x: -x), x, calls=10)
     return 2 * x.nbytes / seconds
 
 
@@ -32,4 +35,4 @@ def matmul_tflops(n: int = 8192) -> float:
     """bf16 [n, n] x [n, n] matmul rate on random data, in TFLOP/s."""
     a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.bfloat16)
-    return 2 * n**3 / median_seconds(jax.jit(jnp.matmul), a, b) / 1e12
+    return 2 * n**3 / median_seconds(jax.jit(jnp.matmul), a, b, calls=5) / 1e12
