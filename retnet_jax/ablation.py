@@ -18,7 +18,7 @@ Grids (see `GRIDS`):
 
 Scales (see `SCALES`): 'tiny' (seconds per cell on a CPU; CI and smoke runs), 'colab'
 (minutes per cell), 'gpu' (d_model 512, 6 layers, ~50M training tokens for language
-modelling; meant for one H100/H200).
+modelling; MQAR with Zoology's two-block d_model-256 models; meant for one H100/H200).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ RESULT_FILE = "result.json"
 class Scale:
     """Sizes of one grid scale.
 
-    model: ModelConfig fields shared by every variant (d_model, layers, heads, ...).
+    model: ModelConfig fields shared by every variant (d_model, layers, heads, ...);
+      `mqar_model` overrides some of them for the recall task.
     train: TrainConfig fields for language modelling; `mqar_train` for the recall task.
     lm: data fields for language modelling (seq_len, batch_size, max_bytes, eval_batches).
     mqar: (seq_len, num_kv_pairs) settings; `mqar_data`: batch_size, vocab_size, eval_batches.
@@ -67,6 +68,7 @@ class Scale:
     mqar: tuple[tuple[int, int], ...]
     mqar_data: dict[str, Any]
     extrapolation_factors: tuple[int, ...] = (1, 2, 4, 8)
+    mqar_model: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 _QUIET = dict(progress_bar=False, tensorboard=False, sample_prompt="", log_every=10)
@@ -98,7 +100,11 @@ SCALES: dict[str, Scale] = {
         # 3,000 steps x 16 x 1,024 tokens = 49M training tokens.
         train=dict(num_steps=3000, warmup_steps=200, learning_rate=1.5e-3, eval_every=500,
                    **_QUIET),
-        mqar_train=dict(num_steps=4000, warmup_steps=200, learning_rate=1e-3, eval_every=1000,
+        # MQAR as in Zoology: two blocks, d_model 256, vocabulary 8,192; 2,000 steps x 128
+        # sequences = 256K training sequences per setting.
+        mqar_model=dict(num_layers=2, d_model=256, num_heads=2, value_dim=512, ffn_dim=512,
+                        num_attention_heads=4),
+        mqar_train=dict(num_steps=2000, warmup_steps=100, learning_rate=1e-3, eval_every=500,
                         weight_decay=0.0, **_QUIET),
         lm=dict(seq_len=1024, batch_size=16, max_bytes=60_000_000, eval_batches=64),
         mqar=((256, 16), (512, 32), (512, 64), (1024, 128)),
@@ -210,7 +216,7 @@ def make_cells(grid: str, scale: str) -> list[Cell]:
 def cell_config(cell: Cell, scale: str, seed: int) -> ml_collections.ConfigDict:
     """The full run config (model, data, train, mesh, checkpoint sections) of one cell."""
     sizes = SCALES[scale]
-    model = dict(sizes.model)
+    model = dict(sizes.model, **(sizes.mqar_model if cell.task == "mqar" else {}))
     model.update(VARIANTS[cell.variant](model))
     seq_len = max((cell.data["seq_len"], *cell.evaluate_lengths))
     model["max_seq_len"] = seq_len

@@ -30,6 +30,14 @@ def test_variants_change_what_they_say():
     assert set(decay["hybrid"]) == {"gated_retention", "attention"}
 
 
+def test_mqar_cells_use_the_scales_recall_model():
+    mqar = ablation.make_cells("decay_mqar", "gpu")[0]
+    lm = ablation.make_cells("decay_lm", "gpu")[0]
+    assert ablation.cell_config(mqar, "gpu", 0).model.num_layers == 2
+    assert ablation.cell_config(mqar, "gpu", 0).model.d_model == 256
+    assert ablation.cell_config(lm, "gpu", 0).model.num_layers == 6
+
+
 def test_unknown_grid_or_scale():
     with pytest.raises(ValueError, match="grid must be one of"):
         ablation.make_cells("decay", "tiny")
@@ -65,14 +73,16 @@ def test_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert run() == rows
 
 
-def test_transformer_variant_is_parameter_matched():
+@pytest.mark.parametrize("grid,scale", [("decay_lm", "colab"), ("decay_mqar", "gpu")])
+def test_transformer_variant_is_parameter_matched(grid, scale):
     from flax import nnx
     from retnet_jax.model import RetNetLM
     counts = {}
-    for cell in ablation.make_cells("decay_lm", "colab"):
-        config = ModelConfig.from_config(ablation.cell_config(cell, "colab", 0).model)
+    for cell in ablation.make_cells(grid, scale)[:4]:          # the four variants, one setting
+        config = ModelConfig.from_config(ablation.cell_config(cell, scale, 0).model)
         counts[cell.variant] = nnx.eval_shape(
             lambda: RetNetLM(config, rngs=nnx.Rngs(0))).count_params()
+    assert set(counts) == set(ablation.DECAY_VARIANTS)
     assert abs(counts["transformer"] - counts["retnet"]) / counts["retnet"] < 0.01
 
 
