@@ -55,6 +55,7 @@ def model_defaults() -> ml_collections.ConfigDict:
         dtype="float32",
         param_dtype="float32",
         remat=False,
+        scan_layers=False,
     ))
 
 
@@ -78,10 +79,12 @@ def paper_scale_config(*, d_model: int, num_layers: int, num_heads: int, width: 
     parameter counts assume; byte ids fit in it), tied input/output embeddings. bf16
     compute, 2048-token context; `remat` per block for the larger ones. Chunk size 128: the
     fastest chunkwise retention on an H100 at every benchmarked shape (BENCHMARKS.md).
+    Blocks run as a scan (`scan_layers`): the unrolled 24-block 1.3B train step took 70 s to
+    compile on an H100.
     """
     config = get_base_config()
     config.model.update(vocab_size=50304, d_model=d_model, num_layers=num_layers,
                         num_heads=num_heads, value_dim=width, ffn_dim=width,
                         tie_embeddings=True, max_seq_len=2048, dtype="bfloat16", remat=remat,
-                        chunk_size=128)
+                        chunk_size=128, scan_layers=True)
     return config

@@ -36,7 +36,8 @@ Array = jax.Array
 
 __all__ = [
     "LOGICAL_AXIS_NAMES", "FORWARD_MODES", "MIXERS", "DTYPES", "ATTENTION_IMPLEMENTATIONS",
-    "ModelConfig", "Block", "Cache", "RetNetLM", "check_tokens", "transformer_baseline",
+    "ModelConfig", "Block", "Cache", "RetNetLM", "check_tokens", "schedule_period",
+    "transformer_baseline",
 ]
 
 MIXERS = ("retention", "gated_retention", "attention")
@@ -92,6 +93,11 @@ class ModelConfig:
       dtype: compute dtype, 'float32' or 'bfloat16' (retention states, norms and logits stay
         float32); param_dtype: parameter dtype; remat: rematerialise each block in the
         full-sequence forward (training memory).
+      scan_layers: run the full-sequence forward as a `lax.scan` over the blocks (over
+        repeats of the schedule's period for hybrids) instead of unrolling them, so XLA
+        compiles one block, not num_layers: much faster compiles for deep models. The
+        parameter layout is unchanged (the scan reads stacked copies of the block weights);
+        generation (prefill, decode_step) stays unrolled.
     """
 
     vocab_size: int = 259
@@ -119,6 +125,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    scan_layers: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelConfig:
@@ -302,6 +309,13 @@ class Block(nnx.Module):
         return x + self.ffn(self.ffn_norm(x)), cache
 
 
+def schedule_period(mixers: tuple[str, ...]) -> int:
+    """The smallest p dividing len(mixers) with mixers[i] == mixers[i % p] for every i."""
+    n = len(mixers)
+    return next(p for p in range(1, n + 1)
+                if n % p == 0 and all(m == mixers[i % p] for i, m in enumerate(mixers)))
+
+
 def _block_output(block: Block, x: Array, mode: str) -> Array:
     """Full-sequence application of one block (the unit that `remat` recomputes)."""
     return block(x, mode=mode)[0]
@@ -362,9 +376,28 @@ class RetNetLM(nnx.Module):
         self._check_length(tokens.shape[1])
         apply = nnx.remat(_block_output, static_argnums=(2,)) if self.config.remat else _block_output
         x = self._embed(tokens)
-        for block in self.blocks:
-            x = apply(block, x, mode)
+        if self.config.scan_layers:
+            x = self._scan_blocks(x, mode, apply)
+        else:
+            for block in self.blocks:
+                x = apply(block, x, mode)
         return self._logits(x)
+
+    def _scan_blocks(self, x: Array, mode: str, apply) -> Array:
+        """The blocks as a `lax.scan` over repeats of the schedule's period p: step r applies
+        blocks r*p .. r*p + p-1, whose weights are slices of per-position stacks."""
+        period = schedule_period(self.config.mixers)
+        graphdefs = [nnx.graphdef(self.blocks[j]) for j in range(period)]
+        stacks = [jax.tree.map(lambda *xs: jnp.stack(xs),
+                               *(nnx.state(block) for block in self.blocks[j::period]))
+                  for j in range(period)]
+
+        def repeat(x, states):
+            for graphdef, state in zip(graphdefs, states, strict=True):
+                x = apply(nnx.merge(graphdef, state), x, mode)
+            return x, None
+
+        return jax.lax.scan(repeat, x, stacks)[0]
 
     # ---------------------------------------------------------------- state API
 

@@ -142,6 +142,38 @@ def test_remat_gives_the_same_logits_and_gradients():
         assert rel_err(b, a) <= 1e-4
 
 
+@pytest.mark.parametrize("schedule, remat", [
+    (SCHEDULES["retention"] * 2, False),
+    (SCHEDULES["gated"], True),
+    (("retention", "attention") * 3, False),                      # period 2, three repeats
+    (SCHEDULES["hybrid"], True),                                  # period 3 = all layers
+])
+def test_scan_layers_gives_the_same_logits_and_gradients(schedule, remat):
+    config = small_config(schedule, remat=remat)
+    plain = make_model(config, 8)
+    scanned = nnx.merge(nnx.graphdef(RetNetLM(dataclasses.replace(config, scan_layers=True),
+                                              rngs=nnx.Rngs(0))), nnx.state(plain))
+    tokens = random_tokens(8, 2, 21)
+
+    @nnx.jit
+    def loss_and_grads(model):
+        return nnx.value_and_grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
+
+    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(plain), loss_and_grads(scanned)
+    assert rel_err(loss_b, loss_a) <= RTOL
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+        assert rel_err(b, a) <= 1e-4          # as for remat: float32 rounding through 6 blocks
+    assert_modes_agree(scanned, tokens)
+
+
+@pytest.mark.parametrize("mixers, period", [
+    (("retention",) * 6, 1), (("retention", "attention") * 3, 2),
+    (("gated_retention",) * 3 + ("attention",), 4), (("retention", "retention", "attention"), 3),
+])
+def test_schedule_period(mixers, period):
+    assert model_lib.schedule_period(mixers) == period
+
+
 # ----------------------------------------------------------------------------- state API
 
 

@@ -270,6 +270,17 @@ def test_remat_gives_the_same_gradients(single_trainer):
     assert rel_error(grads[1], grads[0]) <= 1e-6
 
 
+def test_scan_layers_gives_the_same_sharded_loss_and_gradients(sharded_trainer):
+    trainer = make_trainer(model={"scan_layers": True})
+    params = sharded_trainer.init().params
+    batch = sharding.put_batch(text_batch(), trainer.mesh)
+    results = [t.loss_and_grads(params, batch) for t in (sharded_trainer, trainer)]
+    (grads_a, sums_a), (grads_b, sums_b) = (jax.device_get(r) for r in results)
+    assert abs(sums_b["loss"] - sums_a["loss"]) <= 1e-6 * abs(sums_a["loss"])
+    assert rel_error(grads_b, grads_a) <= 1e-6
+    jax.tree.map(lambda g, p: chex.assert_equal(g.sharding, p.sharding), results[1][0], params)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
