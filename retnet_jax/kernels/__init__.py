@@ -1,0 +1,13 @@
+"""Optional fused Pallas kernels for retention, checked against retention.py in tests.
+
+* `chunk_output`                 one kernel for chunkwise retention's output (intra-chunk
+                                 weights and the entering-state term), from chunked inputs.
+* `chunkwise_retention_pallas`   `retention.chunkwise_retention` with its output from that
+                                 kernel; same arguments and results, same backward pass.
+
+Written for the Pallas Triton GPU backend; pass `interpret=True` to run anywhere (CPU tests).
+"""
+
+from retnet_jax.kernels.chunk_output import chunk_output, chunkwise_retention_pallas
+
+__all__ = ["chunk_output", "chunkwise_retention_pallas"]

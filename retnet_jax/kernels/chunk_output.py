@@ -1,0 +1,256 @@
+"""A fused Pallas kernel for the output of chunkwise retention (forward).
+
+Inside chunk n, with b_i the within-chunk inclusive cumulative log decay and S the state
+entering the chunk, retention's output is
+
+    o_i = sum_{j <= i} exp(b_i - b_j) (q_i . k_j) v_j  +  exp(b_i) q_i S.
+
+`retention._chunkwise_forward` computes this with XLA einsums that write the [C, C] weights
+and two partial outputs to memory. `chunk_output` computes it in one kernel: each program
+loads one chunk's q, k, a block of v's columns, the chunk's decays and the matching block of
+S, and writes only o. `chunkwise_retention_pallas` is `retention.chunkwise_retention` with
+the output taken from this kernel (states and the backward pass are retention.py's).
+
+Written for the Pallas Triton backend (GPU) and run with `interpret=True` elsewhere (tests on
+CPU): every block dimension is a power of two, matmuls are 2-D `jnp.dot`/`lax.dot_general`
+with each dimension >= 16 and float32 accumulation, shapes are static.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from retnet_jax import retention
+
+Array = jax.Array
+
+__all__ = ["chunk_output", "chunkwise_retention_pallas"]
+
+_MIN_DOT_DIM = 16  # Triton's smallest matmul tile dimension
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def _chunk_output_kernel(q_ref, k_ref, v_ref, b_ref, s_ref, o_ref):
+    """One (batch, head, chunk, value block) tile.
+
+    Refs: q, k [C, Dk]; v [C, BV]; b float32 [C]; s [Dk, BV]; o [C, BV].
+    """
+    q = q_ref[...]
+    b = b_ref[...]
+    chunk = q.shape[0]
+    f32 = jnp.float32
+    # scores[i, j] = q_i . k_j (contracting both on Dk: k is used transposed).
+    scores = lax.dot_general(q, k_ref[...], (((1,), (1,)), ((), ())),
+                             preferred_element_type=f32)               # [C, C]
+    positions = jnp.arange(chunk)
+    causal = positions[:, None] >= positions[None, :]
+    # Above the diagonal b_i - b_j >= 0 can be large: zero it before exp, mask after.
+    decay = jnp.exp(jnp.where(causal, b[:, None] - b[None, :], 0.0))
+    weights = jnp.where(causal, scores * decay, 0.0).astype(q.dtype)
+    o = jnp.dot(weights, v_ref[...], preferred_element_type=f32)       # [C, BV]
+    o += jnp.exp(b)[:, None] * jnp.dot(q, s_ref[...], preferred_element_type=f32)
+    o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _check_chunk_output_args(qc, kc, vc, b, states, block_v) -> int:
+    """Raises ValueError naming the bad argument; returns the value block size."""
+    for name, x in (("qc", qc), ("kc", kc), ("vc", vc), ("states", states)):
+        if x.ndim != 5:
+            raise ValueError(f"{name} must have rank 5, got shape {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+    if kc.shape != qc.shape:
+        raise ValueError(f"kc must have qc's shape {qc.shape} [B, H, N, C, Dk], got {kc.shape}")
+    if vc.shape[:4] != qc.shape[:4]:
+        raise ValueError(f"vc must have shape {qc.shape[:4] + ('Dv',)} [B, H, N, C, Dv], "
+                         f"got {vc.shape}")
+    batch, heads, chunks, chunk, key_dim = qc.shape
+    value_dim = vc.shape[-1]
+    expected = (batch, heads, chunks, key_dim, value_dim)
+    if states.shape != expected:
+        raise ValueError(f"states must have shape {expected} [B, H, N, Dk, Dv], "
+                         f"got {states.shape}")
+    for name, x in (("kc", kc), ("vc", vc), ("states", states)):
+        if x.dtype != qc.dtype:
+            raise ValueError(f"{name} must have qc's dtype {qc.dtype}, got {x.dtype}")
+    if b.ndim != 4 or b.shape[0] not in (1, batch) or b.shape[1:] != (heads, chunks, chunk):
+        raise ValueError(f"b must have shape (1 or {batch}, {heads}, {chunks}, {chunk}) "
+                         f"[G, H, N, C], got {b.shape}")
+    if b.dtype != jnp.float32:
+        raise ValueError(f"b must be float32, got dtype {b.dtype}")
+    if not _is_power_of_two(chunk) or chunk < _MIN_DOT_DIM:
+        raise ValueError(f"the chunk size C (qc.shape[3]) must be a power of two >= "
+                         f"{_MIN_DOT_DIM}, got {chunk}")
+    if not _is_power_of_two(key_dim) or key_dim < _MIN_DOT_DIM:
+        raise ValueError(f"the key dim Dk (qc.shape[4]) must be a power of two >= "
+                         f"{_MIN_DOT_DIM}, got {key_dim}")
+    if not isinstance(block_v, (int, np.integer)) or not _is_power_of_two(int(block_v)):
+        raise ValueError(f"block_v must be a power of two, got {block_v!r}")
+    block = min(int(block_v), value_dim)
+    if not _is_power_of_two(block) or block < _MIN_DOT_DIM or value_dim % block:
+        raise ValueError(f"block_v: the value block min(block_v, Dv) = {block} must be a power "
+                         f"of two >= {_MIN_DOT_DIM} dividing Dv = {value_dim}")
+    return block
+
+
+def chunk_output(qc: Array, kc: Array, vc: Array, b: Array, states: Array, *,
+                 block_v: int = 64, num_warps: int | None = None,
+                 interpret: bool = False) -> Array:
+    """Chunkwise retention's output, intra-chunk and inter-chunk terms, in one kernel.
+
+    o[b, h, n, i] = sum_{j <= i} exp(b_i - b_j) (q_i . k_j) v_j + exp(b_i) q_i S[b, h, n],
+    with the [C, C] weights cast to the compute dtype before multiplying v (as in
+    `retention._chunkwise_forward`), both matmuls accumulated in float32 and summed in float32.
+
+    Args:
+      qc, kc: [B, H, N, C, Dk] chunked queries and keys; C and Dk powers of two >= 16.
+      vc: [B, H, N, C, Dv] chunked values, same dtype as qc.
+      b: float32 [G, H, N, C], G in {1, B}: within-chunk inclusive cumulative log decay
+        (G = 1: fixed per-head decay shared by the batch), entries <= 0.
+      states: [B, H, N, Dk, Dv] state entering each chunk, same dtype as qc.
+      block_v: value columns per program (power of two); the block is min(block_v, Dv), which
+        must be >= 16 and divide Dv.
+      num_warps: Triton warps per program; None picks 4 for small tiles, 8 otherwise.
+      interpret: run the kernel in Pallas interpret mode (any backend, e.g. CPU tests).
+    Returns:
+      o: [B, H, N, C, Dv] in vc's dtype. Matmuls use the default matmul precision (so
+      `jax.default_matmul_precision` applies; on GPU float32 inputs default to TF32).
+    """
+    block = _check_chunk_output_args(qc, kc, vc, b, states, block_v)
+    batch, heads, chunks, chunk, key_dim = qc.shape
+    value_dim = vc.shape[-1]
+    shared_decay = b.shape[0] == 1
+    if num_warps is None:
+        num_warps = 4 if chunk * max(chunk, key_dim, block) <= 64 * 64 else 8
+
+    def decay_index(i, h, n, j):
+        del j
+        return (0 if shared_decay else i, h, n, 0)
+
+    grid = (batch, heads, chunks, value_dim // block)
+    return pl.pallas_call(
+        _chunk_output_kernel,
+        grid=grid,
+        in_specs=[
+            pl.BlockSpec((None, None, None, chunk, key_dim), lambda i, h, n, j: (i, h, n, 0, 0)),
+            pl.BlockSpec((None, None, None, chunk, key_dim), lambda i, h, n, j: (i, h, n, 0, 0)),
+            pl.BlockSpec((None, None, None, chunk, block), lambda i, h, n, j: (i, h, n, 0, j)),
+            pl.BlockSpec((None, None, None, chunk), decay_index),
+            pl.BlockSpec((None, None, None, key_dim, block), lambda i, h, n, j: (i, h, n, 0, j)),
+        ],
+        out_specs=pl.BlockSpec((None, None, None, chunk, block),
+                               lambda i, h, n, j: (i, h, n, 0, j)),
+        out_shape=jax.ShapeDtypeStruct(vc.shape, vc.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="retention_chunk_output",
+    )(qc, kc, vc, b, states)
+
+
+# --------------------------------------------------------------------------- full retention
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _states_and_residuals(q, k, v, log_decay, initial_state, chunk_size, has_state):
+    """retention._chunkwise_forward without its output: (final_state, residuals).
+
+    The XLA output and the [C, C] weights are dropped here, inside one jit, so XLA removes
+    their computation as dead code; everything kept (chunked inputs, cumulative decays, the
+    states entering each chunk) is exactly what `retention._chunkwise_backward` expects.
+    """
+    _, final_state, (qc, kc, vc, _, k_to_end, states, b) = retention._chunkwise_forward(
+        q, k, v, log_decay, initial_state, chunk_size, has_state)
+    return final_state, (qc, kc, vc, k_to_end, states, b)
+
+
+def _forward(q, k, v, log_decay, initial_state, chunk_size, has_state, block_v, interpret):
+    final_state, residuals = _states_and_residuals(q, k, v, log_decay, initial_state,
+                                                   chunk_size, has_state)
+    qc, kc, vc, _, states, b = residuals
+    o = chunk_output(qc, kc, vc, b, states, block_v=block_v, interpret=interpret)
+    o = retention._from_chunks(o, q.shape[1]).astype(v.dtype)
+    return (o, final_state), residuals
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _chunkwise_pallas(q, k, v, log_decay, initial_state, chunk_size, has_state, block_v,
+                      interpret):
+    outputs, _ = _forward(q, k, v, log_decay, initial_state, chunk_size, has_state, block_v,
+                          interpret)
+    return outputs
+
+
+def _chunkwise_pallas_fwd(q, k, v, log_decay, initial_state, chunk_size, has_state, block_v,
+                          interpret):
+    outputs, residuals = _forward(q, k, v, log_decay, initial_state, chunk_size, has_state,
+                                  block_v, interpret)
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype)
+                   for x in (q, k, v, log_decay, initial_state))
+    return outputs, residuals + (shapes,)
+
+
+def _chunkwise_pallas_bwd(chunk_size, has_state, block_v, interpret, residuals, cotangents):
+    """retention._chunkwise_backward, with the [C, C] weights recomputed (never stored)."""
+    del block_v, interpret
+    qc, kc, vc, k_to_end, states, b, shapes = residuals
+    # The same weights as retention._chunkwise_forward's (the kernel keeps them on chip).
+    scores = jnp.einsum("bhnid,bhnjd->bhnij", qc, kc, preferred_element_type=jnp.float32)
+    weights = (scores * retention._decay_mask(b)).astype(qc.dtype)
+    return retention._chunkwise_backward(
+        chunk_size, has_state, (qc, kc, vc, weights, k_to_end, states, b, shapes), cotangents)
+
+
+_chunkwise_pallas.defvjp(_chunkwise_pallas_fwd, _chunkwise_pallas_bwd)
+
+
+def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *,
+                               chunk_size: int = 64, initial_state: Array | None = None,
+                               interpret: bool = False,
+                               block_v: int = 64) -> tuple[Array, Array]:
+    """`retention.chunkwise_retention` with the output computed by the `chunk_output` kernel.
+
+    Same maths, arguments and results; chunking, decays, the states entering each chunk and
+    the backward pass (`jax.custom_vjp`, reverse mode only) are retention.py's. The chunk
+    length used is min(chunk_size, max(16, next power of two >= T)): the kernel needs a power
+    of two >= 16, and T is zero-padded up to a multiple of it (outputs are unchanged).
+
+    Args:
+      q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; any float dtype (computed in their common
+        dtype, accumulated in float32). Dk a power of two >= 16; Dv a multiple of
+        min(block_v, Dv), itself a power of two >= 16.
+      log_decay: float [H] (fixed) or [B, T, H] (gated), entries <= 0.
+      chunk_size: tokens per chunk, a power of two >= 16.
+      initial_state: optional float32 [B, H, Dk, Dv]; zeros when None.
+      interpret: run the kernel in Pallas interpret mode (CPU tests).
+      block_v: value columns per kernel program (see `chunk_output`).
+    Returns:
+      (o [B, T, H, Dv] in v's dtype, final state float32 [B, H, Dk, Dv]).
+    """
+    retention._check_qkv(q, k, v, time_axis=True)
+    batch, time, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    retention._check_log_decay(log_decay, batch, time, heads)
+    if (not isinstance(chunk_size, (int, np.integer)) or not _is_power_of_two(int(chunk_size))
+            or chunk_size < _MIN_DOT_DIM):
+        raise ValueError(f"chunk_size must be a power of two >= {_MIN_DOT_DIM}, "
+                         f"got {chunk_size!r}")
+    chunk = min(int(chunk_size), max(_MIN_DOT_DIM, pl.next_power_of_2(time)))
+    has_state = initial_state is not None
+    if initial_state is None:
+        initial_state = retention.zero_state(batch, heads, key_dim, value_dim)
+    retention._check_state(initial_state, q, v)
+    return _chunkwise_pallas(q, k, v, log_decay, initial_state.astype(jnp.float32), chunk,
+                             has_state, block_v, bool(interpret))
