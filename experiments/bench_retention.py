@@ -35,17 +35,19 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from retnet_jax import positions, retention  # noqa: E402
+from retnet_jax import kernels, positions, retention  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["8x2048x16x128", "4x8192x16x128", "1x32768x16x128"],
                   "Shapes BxTxHxD to time.")
 flags.DEFINE_bool("smoke", False, "Tiny shapes and few runs (checks the script on CPU).")
 flags.DEFINE_list("chunk_sizes", ["64", "128"], "Chunk sizes of ours to time.")
-flags.DEFINE_list("impls", ["ours", "autodiff", "scan", "cudnn", "fla"],
-                  "ours: chunkwise_retention; autodiff: ours' forward with JAX autodiff "
-                  "(fwd+bwd only, first chunk size); scan: the prototype (first chunk size); "
-                  "cudnn: jax.nn.dot_product_attention; fla: fla's Triton kernels.")
+flags.DEFINE_list("impls", ["ours", "pallas", "autodiff", "scan", "cudnn", "fla"],
+                  "ours: chunkwise_retention; pallas: kernels.chunkwise_retention_pallas "
+                  "(fused output kernel; interpreted off GPU); autodiff: ours' forward with "
+                  "JAX autodiff (fwd+bwd only, first chunk size); scan: the prototype (first "
+                  "chunk size); cudnn: jax.nn.dot_product_attention; fla: fla's Triton kernels.")
+flags.DEFINE_integer("pallas_block_v", 64, "Value columns per program of the Pallas kernel.")
 flags.DEFINE_list("decays", ["fixed", "gated"], "Decay kinds.")
 flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd (forward+backward).")
 flags.DEFINE_integer("runs", 20, "Timed runs (median reported).")
@@ -172,6 +174,10 @@ def ours_fn(impl: str, chunk_size: int):
         return lambda q, k, v, a: retention._chunkwise_forward(
             q, k, v, a, retention.zero_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3]),
             chunk_size, False)[0]
+    if impl == "pallas":
+        return lambda q, k, v, a: kernels.chunkwise_retention_pallas(
+            q, k, v, a, chunk_size=chunk_size, block_v=FLAGS.pallas_block_v,
+            interpret=jax.default_backend() != "gpu")[0]
     return lambda q, k, v, a: retention.chunkwise_retention(q, k, v, a,
                                                             chunk_size=chunk_size)[0]
 
@@ -182,17 +188,21 @@ def cudnn_fn():
 
 
 def jax_call(fn, mode: str, gated: bool):
-    """jit of fn (forward) or of its vjp (forward+backward; log_decay only when gated)."""
+    """jit of fn (forward) or of its vjp (forward+backward; log_decay only when gated).
+
+    forward+backward returns the output too, as training uses it: a jit returning only the
+    gradients lets XLA drop the forward's output computation as dead code.
+    """
     if mode == "fwd":
         return jax.jit(lambda q, k, v, a, do: fn(q, k, v, a))
     if gated:
         def fwdbwd(q, k, v, a, do):
-            _, pullback = jax.vjp(fn, q, k, v, a)
-            return pullback(do)
+            o, pullback = jax.vjp(fn, q, k, v, a)
+            return o, pullback(do)
     else:
         def fwdbwd(q, k, v, a, do):
-            _, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, a), q, k, v)
-            return pullback(do)
+            o, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, a), q, k, v)
+            return o, pullback(do)
     return jax.jit(fwdbwd)
 
 
@@ -322,6 +332,8 @@ def check_correctness(fla) -> None:
             ref = jax.jit(lambda q, k, v, a, do: grads_of(ref_fn, q, k, v, a, do))(
                 f32[0], f32[1], f32[2], a, f32[3])
         candidates = {f"ours_c{chunk}": ours_fn("ours", chunk)}
+        if "pallas" in FLAGS.impls:
+            candidates[f"pallas_c{chunk}"] = ours_fn("pallas", chunk)
         if "scan" in FLAGS.impls:
             candidates[f"scan_c{chunk}"] = ours_fn("scan", chunk)
         for name, fn in candidates.items():
@@ -373,6 +385,8 @@ def time_all(fla) -> None:
                 variants = []
                 if "ours" in FLAGS.impls:
                     variants += [(f"ours_c{c}", ours_fn("ours", c)) for c in chunks]
+                if "pallas" in FLAGS.impls:
+                    variants += [(f"pallas_c{c}", ours_fn("pallas", c)) for c in chunks]
                 if "autodiff" in FLAGS.impls and mode == "fwdbwd":
                     variants.append((f"autodiff_c{chunks[0]}", ours_fn("autodiff", chunks[0])))
                 if "scan" in FLAGS.impls:
