@@ -49,6 +49,7 @@ def model_defaults() -> ml_collections.ConfigDict:
         use_head_norm=True,
         gate_logit_normalizer=16.0,
         chunk_size=64,
+        retention_kernel="xla",  # or 'pallas' (fused GPU kernel, falls back to XLA)
         # Attention.
         attention_impl=config_dict.placeholder(str),  # None: cuDNN on GPU for bf16, else XLA
         # Numerics and memory.

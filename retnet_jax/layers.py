@@ -21,6 +21,8 @@ training loop maps onto its device mesh.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Sequence
 
 import flax.struct
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from retnet_jax import positions, retention
+from retnet_jax import kernels, positions, retention
 
 Array = jax.Array
 
@@ -36,12 +38,15 @@ __all__ = [
     "LOGICAL_AXIS_NAMES", "FORWARD_MODES", "ACTIVATIONS",
     "xavier_uniform", "sharded", "linear", "attention_implementation",
     "RMSNorm", "rms_normalize", "GatedFFN",
-    "RetentionCache", "AttentionCache", "sqrt_row_scale", "run_retention",
+    "RetentionCache", "AttentionCache", "sqrt_row_scale", "RETENTION_KERNELS", "run_retention",
     "RetentionBase", "MultiScaleRetention", "GatedRetention", "Attention",
 ]
 
 LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "mlp")
 FORWARD_MODES = ("parallel", "chunkwise", "recurrent")
+# Chunkwise implementations: XLA ops, the fused Pallas kernel (GPU; falls back to XLA where
+# it cannot run), or that kernel in Pallas interpret mode (any backend; for tests).
+RETENTION_KERNELS = ("xla", "pallas", "pallas_interpret")
 ACTIVATIONS = {"swish": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
                "relu": jax.nn.relu}  # torchscale's names; gelu is exact (erf) as torch's F.gelu
 
@@ -163,8 +168,34 @@ def sqrt_row_scale(log_gamma: Array, absolute_positions: Array) -> Array:
     return jax.lax.rsqrt(jnp.where(decays, geometric, count))
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(reason: str) -> None:
+    logging.getLogger(__name__).warning("retention_kernel='pallas' falls back to XLA: %s",
+                                        reason)
+
+
+def _pallas_or_fallback(kernel: str, q: Array, v: Array, chunk_size: int) -> dict | None:
+    """kwargs for `kernels.chunkwise_retention_pallas`, or None to use the XLA path."""
+    if kernel == "xla":
+        return None
+    reason = kernels.unsupported_reason(q.shape[-1], v.shape[-1], chunk_size)
+    if kernel == "pallas_interpret":
+        if reason:
+            raise ValueError(f"retention_kernel='pallas_interpret': {reason}")
+        return {"interpret": True}
+    if kernel != "pallas":
+        raise ValueError(f"kernel must be one of {RETENTION_KERNELS}, got {kernel!r}")
+    reason = reason or (None if jax.default_backend() == "gpu"
+                        else f"backend {jax.default_backend()!r} is not a GPU")
+    if reason:
+        _warn_fallback(reason)
+        return None
+    return {"interpret": False}
+
+
 def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
-                  chunk_size: int, initial_state: Array | None) -> tuple[Array, Array | None]:
+                  chunk_size: int, initial_state: Array | None,
+                  kernel: str = "xla") -> tuple[Array, Array | None]:
     """Dispatches to one form of `retention.py`; the only place the forms differ.
 
     Args:
@@ -174,6 +205,8 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
       chunk_size: chunk length of the chunkwise form.
       initial_state: float32 [batch, heads, key_dim, value_dim] or None (zeros); the
         parallel form has no state and accepts only None.
+      kernel: the chunkwise implementation, one of RETENTION_KERNELS ('pallas' falls back to
+        'xla', with one warning per reason, off GPU or for sizes the kernel does not take).
     Returns:
       (o [batch, time, heads, value_dim], final state or None for the parallel form).
     """
@@ -183,6 +216,10 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
                              "or 'recurrent' with a cache")
         return retention.parallel_retention(q, k, v, log_decay), None
     if mode == "chunkwise":
+        pallas = _pallas_or_fallback(kernel, q, v, chunk_size)
+        if pallas is not None:
+            return kernels.chunkwise_retention_pallas(q, k, v, log_decay, chunk_size=chunk_size,
+                                                      initial_state=initial_state, **pallas)
         return retention.chunkwise_retention(q, k, v, log_decay, chunk_size=chunk_size,
                                              initial_state=initial_state)
     if mode == "recurrent":
@@ -207,7 +244,10 @@ class RetentionBase(nnx.Module):
 
     def __init__(self, d_model: int, *, num_heads: int, value_dim: int, use_swish_gate: bool,
                  use_head_norm: bool, norm_eps: float, chunk_size: int, dtype, param_dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, kernel: str = "xla"):
+        if kernel not in RETENTION_KERNELS:
+            raise ValueError(f"kernel must be one of {RETENTION_KERNELS}, got {kernel!r}")
+        self.kernel = kernel
         self.num_heads = num_heads
         self.key_dim = d_model // num_heads
         self.value_head_dim = value_dim // num_heads
@@ -257,7 +297,8 @@ class RetentionBase(nnx.Module):
             log_decay = jnp.where(valid[..., None], per_token, 0.0)
 
         o, state = run_retention(mode, q, k, v, log_decay, chunk_size=self.chunk_size,
-                                 initial_state=None if cache is None else cache.state)
+                                 initial_state=None if cache is None else cache.state,
+                                 kernel=self.kernel)
 
         o = o.astype(jnp.float32)
         scale = self.row_scale(_absolute_positions(position, time))
@@ -288,11 +329,11 @@ class MultiScaleRetention(RetentionBase):
     def __init__(self, d_model: int, *, num_heads: int, value_dim: int, use_swish_gate: bool,
                  use_head_norm: bool, norm_eps: float, chunk_size: int, decay_schedule: str,
                  decay_gamma: float, sqrt_row_scaling: bool, dtype, param_dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, kernel: str = "xla"):
         super().__init__(d_model, num_heads=num_heads, value_dim=value_dim,
                          use_swish_gate=use_swish_gate, use_head_norm=use_head_norm,
                          norm_eps=norm_eps, chunk_size=chunk_size, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+                         param_dtype=param_dtype, rngs=rngs, kernel=kernel)
         self.decay_schedule = decay_schedule
         self.decay_gamma = decay_gamma
         self.sqrt_row_scaling = sqrt_row_scaling
@@ -326,11 +367,12 @@ class GatedRetention(RetentionBase):
 
     def __init__(self, d_model: int, *, num_heads: int, value_dim: int, use_swish_gate: bool,
                  use_head_norm: bool, norm_eps: float, chunk_size: int,
-                 gate_logit_normalizer: float, dtype, param_dtype, rngs: nnx.Rngs):
+                 gate_logit_normalizer: float, dtype, param_dtype, rngs: nnx.Rngs,
+                 kernel: str = "xla"):
         super().__init__(d_model, num_heads=num_heads, value_dim=value_dim,
                          use_swish_gate=use_swish_gate, use_head_norm=use_head_norm,
                          norm_eps=norm_eps, chunk_size=chunk_size, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+                         param_dtype=param_dtype, rngs=rngs, kernel=kernel)
         self.gate_logit_normalizer = gate_logit_normalizer
         self.gt_proj = linear(d_model, num_heads, ("embed", None), init=xavier_uniform(2**-2.5),
                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)

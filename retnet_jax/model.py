@@ -29,8 +29,8 @@ from flax import nnx
 
 from retnet_jax import positions
 from retnet_jax.layers import (
-    ACTIVATIONS, FORWARD_MODES, LOGICAL_AXIS_NAMES, Attention, AttentionCache, GatedFFN,
-    GatedRetention, MultiScaleRetention, RetentionCache, RMSNorm, sharded)
+    ACTIVATIONS, FORWARD_MODES, LOGICAL_AXIS_NAMES, RETENTION_KERNELS, Attention, AttentionCache,
+    GatedFFN, GatedRetention, MultiScaleRetention, RetentionCache, RMSNorm, sharded)
 
 Array = jax.Array
 
@@ -86,6 +86,9 @@ class ModelConfig:
       use_head_norm: per-head RMSNorm (torchscale's "group norm") of the retention output.
       gate_logit_normalizer: gRet log decay = logsigmoid(x W_gt) / this (16 in YOCO).
       chunk_size: chunk length of the chunkwise form.
+      retention_kernel: chunkwise implementation, 'xla' (default), 'pallas' (the fused
+        `kernels` output kernel on GPU; XLA elsewhere or for sizes it does not take) or
+        'pallas_interpret' (that kernel interpreted, any backend; tests).
     Attention:
       attention_impl: None (cuDNN on GPU for bf16, else XLA), 'xla' or 'cudnn'; used by the
         full-sequence forward (cached prefill/decoding always use XLA with an explicit mask).
@@ -121,6 +124,7 @@ class ModelConfig:
     use_head_norm: bool = True
     gate_logit_normalizer: float = 16.0
     chunk_size: int = 64
+    retention_kernel: str = "xla"
     attention_impl: str | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -177,6 +181,9 @@ class ModelConfig:
                 _fail("num_attention_heads", f"{heads} heads must divide d_model={self.d_model} "
                       "into even head dims (for the rotation)")
 
+        if self.retention_kernel not in RETENTION_KERNELS:
+            _fail("retention_kernel", f"must be one of {RETENTION_KERNELS}, "
+                  f"got {self.retention_kernel!r}")
         if self.activation not in ACTIVATIONS:
             _fail("activation", f"must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
         if self.decay_schedule not in positions.DECAY_SCHEDULES:
@@ -280,7 +287,8 @@ def _make_mixer(kind: str, config: ModelConfig, rngs: nnx.Rngs):
                          implementation=config.attention_impl, **common)
     common.update(num_heads=config.num_heads, value_dim=config.resolved_value_dim,
                   use_swish_gate=config.use_swish_gate, use_head_norm=config.use_head_norm,
-                  norm_eps=config.norm_eps, chunk_size=config.chunk_size)
+                  norm_eps=config.norm_eps, chunk_size=config.chunk_size,
+                  kernel=config.retention_kernel)
     if kind == "retention":
         return MultiScaleRetention(config.d_model, decay_schedule=config.decay_schedule,
                                    decay_gamma=config.decay_gamma,

@@ -63,8 +63,8 @@ Batch = Mapping[str, jax.Array]
 # Model config fields that may change when resuming: they change how the same parameters are
 # computed with, not which parameters there are.
 RESUMABLE_MODEL_FIELDS = frozenset(
-    {"dtype", "remat", "scan_layers", "chunk_size", "max_seq_len", "attention_impl",
-     "logit_soft_cap"})
+    {"dtype", "remat", "scan_layers", "chunk_size", "retention_kernel", "max_seq_len",
+     "attention_impl", "logit_soft_cap"})
 
 
 # ----------------------------------------------------------------------------- config

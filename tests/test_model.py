@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from retnet_jax import layers
 from retnet_jax import model as model_lib
 from retnet_jax.model import LOGICAL_AXIS_NAMES, ModelConfig, RetNetLM
 from test_layers import randomize_params, rel_err
@@ -271,6 +272,7 @@ def test_bad_mode_and_cache_arguments_raise(tiny_model):
     (dict(layer_schedule="retention"), "layer_schedule"),
     (dict(num_attention_heads=3), "num_attention_heads"),
     (dict(activation="tanh"), "activation"),
+    (dict(retention_kernel="triton"), "retention_kernel"),
     (dict(decay_schedule="linear"), "decay_schedule"),
     (dict(decay_gamma=1.5), "decay_gamma"),
     (dict(dtype="float16"), "dtype"),
@@ -370,3 +372,51 @@ def test_logit_soft_cap_is_applied_by_the_model():
     capped = np.asarray(capped_model(tokens))
     np.testing.assert_allclose(capped, 2.0 * np.tanh(raw / 2.0), rtol=1e-4, atol=1e-5)
     assert np.abs(capped).max() <= 2.0 and np.abs(raw).max() > 2.0
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def test_pallas_retention_kernel_gives_the_same_logits_and_gradients():
+    """The fused Pallas kernel (interpreted on the CPU) inside the full model."""
+    config = small_config(SCHEDULES["hybrid"], d_model=64, value_dim=64, chunk_size=16)
+    plain = make_model(config, 9)
+    fused = nnx.merge(nnx.graphdef(RetNetLM(
+        dataclasses.replace(config, retention_kernel="pallas_interpret"), rngs=nnx.Rngs(0))),
+        nnx.state(plain))
+    tokens = random_tokens(9, 2, 37)
+
+    @nnx.jit
+    def loss_and_grads(model):
+        return nnx.value_and_grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
+
+    with jax.default_matmul_precision("highest"):
+        (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(plain), loss_and_grads(fused)
+    assert rel_err(loss_b, loss_a) <= RTOL
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+        assert rel_err(b, a) <= 1e-4
+
+
+@pytest.mark.parametrize("sizes, reason", [
+    (dict(d_model=64, value_dim=64, chunk_size=16), "backend 'cpu' is not a GPU"),
+    (dict(), "value head dim 24 is not a multiple of a power-of-two block"),    # 48 / 2 heads
+])
+def test_pallas_kernel_falls_back_to_xla(sizes, reason, caplog):
+    if jax.default_backend() == "gpu":
+        pytest.skip("checks the CPU fallback")
+    config = small_config(SCHEDULES["retention"], **sizes)
+    plain = make_model(config, 10)
+    tokens = random_tokens(10, 2, 19)
+
+    def with_kernel(kernel):
+        return nnx.merge(nnx.graphdef(RetNetLM(dataclasses.replace(
+            config, retention_kernel=kernel), rngs=nnx.Rngs(0))), nnx.state(plain))
+
+    layers._warn_fallback.cache_clear()
+    with caplog.at_level("WARNING"):
+        np.testing.assert_array_equal(forward(with_kernel("pallas"), tokens),
+                                      forward(plain, tokens))
+    assert f"retention_kernel='pallas' falls back to XLA: {reason}" in caplog.text
+    if not sizes:  # sizes the kernel cannot take: an error when it is asked for explicitly
+        with pytest.raises(ValueError, match="retention_kernel='pallas_interpret': value head"):
+            forward(with_kernel("pallas_interpret"), tokens)

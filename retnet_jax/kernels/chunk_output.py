@@ -31,7 +31,7 @@ from retnet_jax import retention
 
 Array = jax.Array
 
-__all__ = ["chunk_output", "chunkwise_retention_pallas"]
+__all__ = ["chunk_output", "chunkwise_retention_pallas", "unsupported_reason"]
 
 _MIN_DOT_DIM = 16  # Triton's smallest matmul tile dimension
 
@@ -158,6 +158,20 @@ def chunk_output(qc: Array, kc: Array, vc: Array, b: Array, states: Array, *,
         interpret=interpret,
         name="retention_chunk_output",
     )(qc, kc, vc, b, states)
+
+
+def unsupported_reason(key_dim: int, value_dim: int, chunk_size: int, *,
+                       block_v: int = 64) -> str | None:
+    """Why `chunkwise_retention_pallas` cannot take these sizes, or None if it can."""
+    block = min(block_v, value_dim)
+    if not _is_power_of_two(key_dim) or key_dim < _MIN_DOT_DIM:
+        return f"key head dim {key_dim} is not a power of two >= {_MIN_DOT_DIM}"
+    if not _is_power_of_two(block) or block < _MIN_DOT_DIM or value_dim % block:
+        return (f"value head dim {value_dim} is not a multiple of a power-of-two block "
+                f">= {_MIN_DOT_DIM} (block_v={block_v})")
+    if not _is_power_of_two(chunk_size) or chunk_size < _MIN_DOT_DIM:
+        return f"chunk_size {chunk_size} is not a power of two >= {_MIN_DOT_DIM}"
+    return None
 
 
 # --------------------------------------------------------------------------- full retention
