@@ -68,6 +68,25 @@ def decode_step(model, tokens, cache):
     return model.decode_step(tokens, cache)
 
 
+def with_config(model: RetNetLM, **changes) -> RetNetLM:
+    """The same parameters under a config with `changes` (fields that keep the layout)."""
+    config = dataclasses.replace(model.config, **changes)
+    return nnx.merge(nnx.graphdef(RetNetLM(config, rngs=nnx.Rngs(0))), nnx.state(model))
+
+
+def assert_same_loss_and_gradients(model_a, model_b, tokens, grad_rtol=1e-4):
+    """Loss mean(logits^2) within RTOL, every parameter gradient within grad_rtol (float32
+    rounding through several blocks: different fusions round differently)."""
+    @nnx.jit
+    def loss_and_grads(model):
+        return nnx.value_and_grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
+
+    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(model_a), loss_and_grads(model_b)
+    assert rel_err(loss_b, loss_a) <= RTOL
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+        assert rel_err(b, a) <= grad_rtol
+
+
 def assert_modes_agree(model, tokens, rtol=RTOL):
     logits = {mode: forward(model, tokens, mode) for mode in model_lib.FORWARD_MODES}
     for mode, value in logits.items():
@@ -129,18 +148,8 @@ def test_causal():
 
 
 def test_remat_gives_the_same_logits_and_gradients():
-    config = small_config(SCHEDULES["retention"])
-    plain, remat = make_model(config, 6), make_model(dataclasses.replace(config, remat=True), 6)
-    tokens = random_tokens(6, 2, 12)
-
-    @nnx.jit
-    def loss_and_grads(model):
-        return nnx.value_and_grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
-
-    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(plain), loss_and_grads(remat)
-    assert rel_err(loss_b, loss_a) <= RTOL
-    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
-        assert rel_err(b, a) <= 1e-4
+    plain = make_model(small_config(SCHEDULES["retention"]), 6)
+    assert_same_loss_and_gradients(plain, with_config(plain, remat=True), random_tokens(6, 2, 12))
 
 
 @pytest.mark.parametrize("schedule, remat", [
@@ -150,20 +159,10 @@ def test_remat_gives_the_same_logits_and_gradients():
     (SCHEDULES["hybrid"], True),                                  # period 3 = all layers
 ])
 def test_scan_layers_gives_the_same_logits_and_gradients(schedule, remat):
-    config = small_config(schedule, remat=remat)
-    plain = make_model(config, 8)
-    scanned = nnx.merge(nnx.graphdef(RetNetLM(dataclasses.replace(config, scan_layers=True),
-                                              rngs=nnx.Rngs(0))), nnx.state(plain))
+    plain = make_model(small_config(schedule, remat=remat), 8)
+    scanned = with_config(plain, scan_layers=True)
     tokens = random_tokens(8, 2, 21)
-
-    @nnx.jit
-    def loss_and_grads(model):
-        return nnx.value_and_grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
-
-    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(plain), loss_and_grads(scanned)
-    assert rel_err(loss_b, loss_a) <= RTOL
-    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
-        assert rel_err(b, a) <= 1e-4          # as for remat: float32 rounding through 6 blocks
+    assert_same_loss_and_gradients(plain, scanned, tokens)
     assert_modes_agree(scanned, tokens)
 
 
@@ -379,22 +378,11 @@ def test_logit_soft_cap_is_applied_by_the_model():
 
 def test_pallas_retention_kernel_gives_the_same_logits_and_gradients():
     """The fused Pallas kernel (interpreted on the CPU) inside the full model."""
-    config = small_config(SCHEDULES["hybrid"], d_model=64, value_dim=64, chunk_size=16)
-    plain = make_model(config, 9)
-    fused = nnx.merge(nnx.graphdef(RetNetLM(
-        dataclasses.replace(config, retention_kernel="pallas_interpret"), rngs=nnx.Rngs(0))),
-        nnx.state(plain))
-    tokens = random_tokens(9, 2, 37)
-
-    @nnx.jit
-    def loss_and_grads(model):
-        return nnx.value_and_grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
-
+    plain = make_model(small_config(SCHEDULES["hybrid"], d_model=64, value_dim=64,
+                                    chunk_size=16), 9)
     with jax.default_matmul_precision("highest"):
-        (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(plain), loss_and_grads(fused)
-    assert rel_err(loss_b, loss_a) <= RTOL
-    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
-        assert rel_err(b, a) <= 1e-4
+        fused = with_config(plain, retention_kernel="pallas_interpret")
+        assert_same_loss_and_gradients(plain, fused, random_tokens(9, 2, 37))
 
 
 @pytest.mark.parametrize("sizes, reason", [
@@ -404,19 +392,14 @@ def test_pallas_retention_kernel_gives_the_same_logits_and_gradients():
 def test_pallas_kernel_falls_back_to_xla(sizes, reason, caplog):
     if jax.default_backend() == "gpu":
         pytest.skip("checks the CPU fallback")
-    config = small_config(SCHEDULES["retention"], **sizes)
-    plain = make_model(config, 10)
+    plain = make_model(small_config(SCHEDULES["retention"], **sizes), 10)
     tokens = random_tokens(10, 2, 19)
-
-    def with_kernel(kernel):
-        return nnx.merge(nnx.graphdef(RetNetLM(dataclasses.replace(
-            config, retention_kernel=kernel), rngs=nnx.Rngs(0))), nnx.state(plain))
 
     layers._warn_fallback.cache_clear()
     with caplog.at_level("WARNING"):
-        np.testing.assert_array_equal(forward(with_kernel("pallas"), tokens),
-                                      forward(plain, tokens))
+        fallback = with_config(plain, retention_kernel="pallas")
+        np.testing.assert_array_equal(forward(fallback, tokens), forward(plain, tokens))
     assert f"retention_kernel='pallas' falls back to XLA: {reason}" in caplog.text
     if not sizes:  # sizes the kernel cannot take: an error when it is asked for explicitly
         with pytest.raises(ValueError, match="retention_kernel='pallas_interpret': value head"):
-            forward(with_kernel("pallas_interpret"), tokens)
+            forward(with_config(plain, retention_kernel="pallas_interpret"), tokens)
