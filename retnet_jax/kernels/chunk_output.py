@@ -9,7 +9,8 @@ entering the chunk, retention's output is
 and two partial outputs to memory. `chunk_output` computes it in one kernel: each program
 loads one chunk's q, k, a block of v's columns, the chunk's decays and the matching block of
 S, and writes only o. `chunkwise_retention_pallas` is `retention.chunkwise_retention` with
-the output taken from this kernel (states and the backward pass are retention.py's).
+the output taken from this kernel and the per-chunk gradients from `chunk_grads` (chunking,
+decays, states and state gradients are retention.py's).
 
 Written for the Pallas Triton backend (GPU) and run with `interpret=True` elsewhere (tests on
 CPU): every block dimension is a power of two, matmuls are 2-D `jnp.dot`/`lax.dot_general`
@@ -28,6 +29,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from retnet_jax import retention
+from retnet_jax.kernels.chunk_grads import chunk_grads
+from retnet_jax.kernels.chunk_grads import unsupported_reason as grads_unsupported_reason
 
 Array = jax.Array
 
@@ -182,18 +185,18 @@ def _states_and_residuals(q, k, v, log_decay, initial_state, chunk_size, has_sta
     """retention._chunkwise_forward without its output: (final_state, residuals).
 
     The XLA output and the [C, C] weights are dropped here, inside one jit, so XLA removes
-    their computation as dead code; everything kept (chunked inputs, cumulative decays, the
-    states entering each chunk) is exactly what `retention._chunkwise_backward` expects.
+    their computation as dead code; what is kept (chunked inputs, the states entering each
+    chunk, cumulative decays) is what the `chunk_output` and `chunk_grads` kernels take.
     """
-    _, final_state, (qc, kc, vc, _, k_to_end, states, b) = retention._chunkwise_forward(
+    _, final_state, (qc, kc, vc, _, _, states, b) = retention._chunkwise_forward(
         q, k, v, log_decay, initial_state, chunk_size, has_state)
-    return final_state, (qc, kc, vc, k_to_end, states, b)
+    return final_state, (qc, kc, vc, states, b)
 
 
 def _forward(q, k, v, log_decay, initial_state, chunk_size, has_state, block_v, interpret):
     final_state, residuals = _states_and_residuals(q, k, v, log_decay, initial_state,
                                                    chunk_size, has_state)
-    qc, kc, vc, _, states, b = residuals
+    qc, kc, vc, states, b = residuals
     o = chunk_output(qc, kc, vc, b, states, block_v=block_v, interpret=interpret)
     o = retention._from_chunks(o, q.shape[1]).astype(v.dtype)
     return (o, final_state), residuals
@@ -217,14 +220,55 @@ def _chunkwise_pallas_fwd(q, k, v, log_decay, initial_state, chunk_size, has_sta
 
 
 def _chunkwise_pallas_bwd(chunk_size, has_state, block_v, interpret, residuals, cotangents):
-    """retention._chunkwise_backward, with the [C, C] weights recomputed (never stored)."""
-    del block_v, interpret
-    qc, kc, vc, k_to_end, states, b, shapes = residuals
-    # The same weights as retention._chunkwise_forward's (the kernel keeps them on chip).
-    scores = jnp.einsum("bhnid,bhnjd->bhnij", qc, kc, preferred_element_type=jnp.float32)
-    weights = (scores * retention._decay_mask(b)).astype(qc.dtype)
-    return retention._chunkwise_backward(
-        chunk_size, has_state, (qc, kc, vc, weights, k_to_end, states, b, shapes), cotangents)
+    """retention._chunkwise_backward with its per-chunk part from the `chunk_grads` kernel.
+
+    XLA keeps the chunk recurrence of the state gradients (d_kv, d_initial); the kernel
+    recomputes the [C, C] weights and score cotangents on chip and writes dq, dk, dv and the
+    gradient of the within-chunk cumulative log decays, which XLA takes back to log_decay.
+    """
+    del block_v
+    qc, kc, vc, states, b, shapes = residuals
+    q_aval, k_aval, v_aval, decay_aval, state_aval = shapes
+    do, d_final = cotangents
+    batch, heads, chunks, _, key_dim = qc.shape
+    value_dim = vc.shape[-1]
+    time = q_aval.shape[1]
+    dtype = qc.dtype
+    if grads_unsupported_reason(key_dim, value_dim) is not None:
+        # Head dims the backward kernel cannot hold in one tile: retention.py's einsums, with
+        # the [C, C] weights and k_to_end recomputed exactly as _chunkwise_forward makes them.
+        scores = jnp.einsum("bhnid,bhnjd->bhnij", qc, kc, preferred_element_type=jnp.float32)
+        weights = (scores * retention._decay_mask(b)).astype(dtype)
+        k_to_end = (kc * jnp.exp(b[..., -1:] - b)[..., None]).astype(dtype)
+        return retention._chunkwise_backward(
+            chunk_size, has_state, (qc, kc, vc, weights, k_to_end, states, b, shapes), cotangents)
+
+    # The state gradients, as in retention._chunkwise_backward (its own lines, repeated):
+    # what each chunk's outputs ask of its entering state, run back through the recurrence.
+    doc = retention._to_chunks(do.astype(dtype), chunk_size)              # [B, H, N, C, Dv]
+    do_decayed = (doc * jnp.exp(b)[..., None]).astype(dtype)
+    d_states = jnp.einsum("bhnid,bhnie->bhnde", qc, do_decayed, preferred_element_type=dtype)
+    d_kv, d_initial = retention._chunk_states(
+        d_states.reshape(batch, heads, chunks, key_dim * value_dim), b[..., -1],
+        d_final.astype(jnp.float32).reshape(batch, heads, -1), reverse=True)
+    d_kv = d_kv.reshape(batch, heads, chunks, key_dim, value_dim)
+
+    dq, dk, dv, db = chunk_grads(qc, kc, vc, doc, b, states, d_kv, interpret=interpret)
+
+    # b = within-chunk cumsum of log_decay (shared by the batch when fixed): the transpose of
+    # that linear map takes dL/db to dL/d log_decay (reverse cumsum inside each chunk, padding
+    # dropped, summed over batch and time for a fixed decay).
+    if b.shape[0] == 1:
+        db = jnp.sum(db, axis=0, keepdims=True)
+    cumulative = functools.partial(retention._chunk_cumulative_log_decay, time=time,
+                                   heads=heads, chunk_size=chunk_size)
+    (d_log_decay,) = jax.linear_transpose(cumulative, decay_aval)(db)
+
+    return (retention._from_chunks(dq, time).astype(q_aval.dtype),
+            retention._from_chunks(dk, time).astype(k_aval.dtype),
+            retention._from_chunks(dv, time).astype(v_aval.dtype),
+            d_log_decay.astype(decay_aval.dtype),
+            d_initial.reshape(state_aval.shape).astype(state_aval.dtype))
 
 
 _chunkwise_pallas.defvjp(_chunkwise_pallas_fwd, _chunkwise_pallas_bwd)
@@ -237,9 +281,11 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
     """`retention.chunkwise_retention` with the output computed by the `chunk_output` kernel.
 
     Same maths, arguments and results; chunking, decays, the states entering each chunk and
-    the backward pass (`jax.custom_vjp`, reverse mode only) are retention.py's. The chunk
-    length used is min(chunk_size, max(16, next power of two >= T)): the kernel needs a power
-    of two >= 16, and T is zero-padded up to a multiple of it (outputs are unchanged).
+    the state gradients are retention.py's. The backward pass (`jax.custom_vjp`, reverse mode
+    only) takes dq, dk, dv and the log-decay gradient from the `chunk_grads` kernel when Dk
+    and Dv are powers of two <= 128, else from retention.py's einsums. The chunk length used
+    is min(chunk_size, max(16, next power of two >= T)): the kernels need a power of two
+    >= 16, and T is zero-padded up to a multiple of it (outputs are unchanged).
 
     Args:
       q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; any float dtype (computed in their common

@@ -1,0 +1,218 @@
+"""A fused Pallas kernel for the per-chunk part of chunkwise retention's backward pass.
+
+Inside chunk n, with b_i the within-chunk inclusive cumulative log decay, g = b_{C-1} the
+chunk's total, S the state entering the chunk and dU the gradient of the state leaving it
+(`d_kv` in `retention._chunkwise_backward`), the forward
+
+    o_i = sum_{j <= i} exp(b_i - b_j) (q_i . k_j) v_j + exp(b_i) q_i S,
+    U   = exp(g) S + sum_j exp(g - b_j) k_j^T v_j
+
+has, with M_ij = exp(b_i - b_j) [j <= i] and do the output cotangent,
+
+    dq = (M * (do v^T)) k + (exp(b) do) S^T
+    dk = (M * (do v^T))^T q + exp(g - b) * (v dU^T)
+    dv = (M * (q k^T))^T do + (exp(g - b) k) dU
+    db_i = q_i . dq_i - k_i . dk_i + [i = C-1] (sum_j k_j . (exp(g - b_j) v_j dU^T)
+                                                + exp(g) <S, dU>).
+
+`retention._chunkwise_backward` computes these with XLA einsums that write the [C, C]
+matrices and every partial gradient to memory. `chunk_grads` computes them in one kernel:
+each program loads one chunk's q, k, v, do, decays, S and dU, and writes only dq, dk, dv and
+db. The states S and their gradients dU are chunk recurrences and stay with XLA
+(`retention._chunk_states`); `chunkwise_retention_pallas` (chunk_output.py) wires both up.
+
+Written for the Pallas Triton backend (GPU) and run with `interpret=True` elsewhere (tests on
+CPU): every block dimension is a power of two, matmuls are 2-D `jnp.dot`/`lax.dot_general`
+with each dimension >= 16 and float32 accumulation, shapes are static.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+Array = jax.Array
+
+__all__ = ["chunk_grads"]
+
+_MIN_DOT_DIM = 16   # Triton's smallest matmul tile dimension
+_MAX_HEAD_DIM = 128  # whole Dk and Dv per program: keep the tile within one SM's budget
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def _dot(a, b, contract_a: int, contract_b: int):
+    """2-D matmul contracting a's axis `contract_a` with b's `contract_b`, float32 result."""
+    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
+
+def _chunk_grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, du_ref,
+                        dq_ref, dk_ref, dv_ref, db_ref):
+    """One (batch, head, chunk) tile.
+
+    Refs: q, k [C, Dk]; v, do [C, Dv]; b float32 [C]; s, du [Dk, Dv] (all but b in the compute
+    dtype). Outputs: dq, dk [C, Dk]; dv [C, Dv] (compute dtype); db float32 [C].
+    """
+    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    s, du = s_ref[...], du_ref[...]
+    b = b_ref[...]
+    dtype = q.dtype
+    f32 = jnp.float32
+    chunk = q.shape[0]
+    positions = jnp.arange(chunk)
+    last = positions == chunk - 1
+    g = jnp.sum(jnp.where(last, b, 0.0))                               # b_{C-1}, exactly
+    causal = positions[:, None] >= positions[None, :]
+    # Above the diagonal b_i - b_j >= 0 can be large: zero it before exp, mask after.
+    decay = jnp.exp(jnp.where(causal, b[:, None] - b[None, :], 0.0))   # [C, C]
+
+    # The forward's weights and their cotangent, cast to the compute dtype before their
+    # matmuls exactly as retention.py does (so bf16 runs the same bf16 products).
+    weights = jnp.where(causal, _dot(q, k, 1, 1) * decay, 0.0).astype(dtype)     # [C, C]
+    d_scores = jnp.where(causal, _dot(do, v, 1, 1) * decay, 0.0).astype(dtype)   # [C, C]
+    do_decayed = (do * jnp.exp(b)[:, None]).astype(dtype)                       # [C, Dv]
+    end_decay = jnp.exp(g - b)[:, None]                                         # [C, 1]
+    k_to_end = (k * end_decay).astype(dtype)                                    # [C, Dk]
+
+    # Partial products stay float32 on chip and are summed in float32.
+    dq = _dot(d_scores, k, 1, 0) + _dot(do_decayed, s, 1, 1)                    # [C, Dk]
+    dk_inter = end_decay * _dot(v, du, 1, 1)                                    # [C, Dk]
+    dk = _dot(d_scores, q, 0, 0) + dk_inter                                     # [C, Dk]
+    dv = _dot(weights, do, 0, 0) + _dot(k_to_end, du, 1, 0)                     # [C, Dv]
+
+    # dL/db: q.dq - k.dk per position; the chunk total g = b_{C-1} adds the keys' path to
+    # the chunk end and the entering state's path through the chunk.
+    qf, kf = q.astype(f32), k.astype(f32)
+    chunk_end = (jnp.sum(kf * dk_inter)
+                 + jnp.exp(g) * jnp.sum(s.astype(f32) * du.astype(f32)))
+    db = jnp.sum(qf * dq, axis=1) - jnp.sum(kf * dk, axis=1) + jnp.where(last, chunk_end, 0.0)
+
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    db_ref[...] = db
+
+
+def _check_chunk_grads_args(qc, kc, vc, doc, b, states, d_kv) -> None:
+    """Raises ValueError naming the bad argument."""
+    for name, x in (("qc", qc), ("kc", kc), ("vc", vc), ("doc", doc), ("states", states),
+                    ("d_kv", d_kv)):
+        if x.ndim != 5:
+            raise ValueError(f"{name} must have rank 5, got shape {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+    if kc.shape != qc.shape:
+        raise ValueError(f"kc must have qc's shape {qc.shape} [B, H, N, C, Dk], got {kc.shape}")
+    if vc.shape[:4] != qc.shape[:4]:
+        raise ValueError(f"vc must have shape {qc.shape[:4] + ('Dv',)} [B, H, N, C, Dv], "
+                         f"got {vc.shape}")
+    if doc.shape != vc.shape:
+        raise ValueError(f"doc must have vc's shape {vc.shape} [B, H, N, C, Dv], "
+                         f"got {doc.shape}")
+    batch, heads, chunks, chunk, key_dim = qc.shape
+    value_dim = vc.shape[-1]
+    expected = (batch, heads, chunks, key_dim, value_dim)
+    for name, x in (("states", states), ("d_kv", d_kv)):
+        if x.shape != expected:
+            raise ValueError(f"{name} must have shape {expected} [B, H, N, Dk, Dv], "
+                             f"got {x.shape}")
+    for name, x in (("kc", kc), ("vc", vc), ("doc", doc), ("states", states), ("d_kv", d_kv)):
+        if x.dtype != qc.dtype:
+            raise ValueError(f"{name} must have qc's dtype {qc.dtype}, got {x.dtype}")
+    if b.ndim != 4 or b.shape[0] not in (1, batch) or b.shape[1:] != (heads, chunks, chunk):
+        raise ValueError(f"b must have shape (1 or {batch}, {heads}, {chunks}, {chunk}) "
+                         f"[G, H, N, C], got {b.shape}")
+    if b.dtype != jnp.float32:
+        raise ValueError(f"b must be float32, got dtype {b.dtype}")
+    if not _is_power_of_two(chunk) or chunk < _MIN_DOT_DIM:
+        raise ValueError(f"the chunk size C (qc.shape[3]) must be a power of two >= "
+                         f"{_MIN_DOT_DIM}, got {chunk}")
+    for what, dim in (("key dim Dk (qc.shape[4])", key_dim),
+                      ("value dim Dv (vc.shape[4])", value_dim)):
+        if not _fits(dim):
+            raise ValueError(f"the {what} must be a power of two in [{_MIN_DOT_DIM}, "
+                             f"{_MAX_HEAD_DIM}], got {dim}")
+
+
+def _fits(head_dim: int) -> bool:
+    return _is_power_of_two(head_dim) and _MIN_DOT_DIM <= head_dim <= _MAX_HEAD_DIM
+
+
+def unsupported_reason(key_dim: int, value_dim: int) -> str | None:
+    """Why `chunk_grads` cannot take these head dims (chunk sizes as `chunk_output`), or None."""
+    for what, dim in (("key", key_dim), ("value", value_dim)):
+        if not _fits(dim):
+            return (f"{what} head dim {dim} is not a power of two in "
+                    f"[{_MIN_DOT_DIM}, {_MAX_HEAD_DIM}]")
+    return None
+
+
+def chunk_grads(qc: Array, kc: Array, vc: Array, doc: Array, b: Array, states: Array,
+                d_kv: Array, *, num_warps: int | None = None,
+                interpret: bool = False) -> tuple[Array, Array, Array, Array]:
+    """The per-chunk gradients of chunkwise retention, in one kernel.
+
+    What `retention._chunkwise_backward` computes from its chunked residuals, the chunked
+    output cotangent and d_kv (see the module docstring for the formulas): the [C, C] weights
+    and score cotangents are cast to the compute dtype before their matmuls, as there; every
+    matmul accumulates in float32 and partial gradients are summed in float32 (retention.py
+    rounds them to the compute dtype first when the decay is fixed; here they stay float32).
+
+    Args:
+      qc, kc: [B, H, N, C, Dk] chunked queries and keys; C a power of two >= 16.
+      vc, doc: [B, H, N, C, Dv] chunked values and output cotangents.
+      b: float32 [G, H, N, C], G in {1, B}: within-chunk inclusive cumulative log decay
+        (G = 1: fixed per-head decay shared by the batch), entries <= 0.
+      states: [B, H, N, Dk, Dv] state entering each chunk.
+      d_kv: [B, H, N, Dk, Dv] gradient of the state leaving each chunk (the reverse chunk
+        recurrence of the states' cotangents).
+      All but b share one floating dtype (the compute dtype); Dk and Dv are powers of two in
+      [16, 128] (each program holds a whole [C, Dk] and [C, Dv] tile and two [Dk, Dv] tiles).
+      num_warps: Triton warps per program; None picks 4 for small tiles, 8 otherwise.
+      interpret: run the kernel in Pallas interpret mode (any backend, e.g. CPU tests).
+    Returns:
+      (dq [B, H, N, C, Dk], dk [B, H, N, C, Dk], dv [B, H, N, C, Dv] in the compute dtype,
+       db float32 [B, H, N, C]): db is dL/db, the gradient with respect to the cumulative log
+      decays (its last position carries the chunk-total terms); the gradient of the per-token
+      log decays is its transpose through the within-chunk cumsum. Matmuls use the default
+      matmul precision (`jax.default_matmul_precision` applies; on GPU float32 inputs default
+      to TF32).
+    """
+    _check_chunk_grads_args(qc, kc, vc, doc, b, states, d_kv)
+    batch, heads, chunks, chunk, key_dim = qc.shape
+    value_dim = vc.shape[-1]
+    shared_decay = b.shape[0] == 1
+    if num_warps is None:
+        num_warps = 4 if chunk * max(chunk, key_dim, value_dim) <= 64 * 64 else 8
+
+    def chunk_block(dim):
+        return pl.BlockSpec((None, None, None, chunk, dim), lambda i, h, n: (i, h, n, 0, 0))
+
+    state_block = pl.BlockSpec((None, None, None, key_dim, value_dim),
+                               lambda i, h, n: (i, h, n, 0, 0))
+    decay_block = pl.BlockSpec((None, None, None, chunk),
+                               lambda i, h, n: (0 if shared_decay else i, h, n, 0))
+    return pl.pallas_call(
+        _chunk_grads_kernel,
+        grid=(batch, heads, chunks),
+        in_specs=[chunk_block(key_dim), chunk_block(key_dim), chunk_block(value_dim),
+                  chunk_block(value_dim), decay_block, state_block, state_block],
+        out_specs=[chunk_block(key_dim), chunk_block(key_dim), chunk_block(value_dim),
+                   pl.BlockSpec((None, None, None, chunk), lambda i, h, n: (i, h, n, 0))],
+        out_shape=[jax.ShapeDtypeStruct(qc.shape, qc.dtype),
+                   jax.ShapeDtypeStruct(qc.shape, qc.dtype),
+                   jax.ShapeDtypeStruct(vc.shape, qc.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, chunks, chunk), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="retention_chunk_grads",
+    )(qc, kc, vc, doc, b, states, d_kv)
