@@ -416,6 +416,24 @@ def _chunkwise_forward(q, k, v, log_decay, initial_state, chunk_size, has_state)
     return o, final_state, (qc, kc, vc, weights, k_to_end, states, b)
 
 
+def _state_gradients(qc: Array, b: Array, do: Array, d_final: Array,
+                     chunk_size: int) -> tuple[Array, Array, Array, Array]:
+    """What each chunk's outputs ask of the state entering it, run back through the chunk
+    recurrence: (do chunked [B, H, N, C, Dv], do * exp(b) (both in qc's dtype),
+    dU [B, H, N, Dk, Dv] the gradient of each chunk's own state contribution, and the
+    gradient of the initial state float32 [B, H, Dk * Dv])."""
+    batch, heads, chunks, _, key_dim = qc.shape
+    dtype = qc.dtype
+    doc = _to_chunks(do.astype(dtype), chunk_size)                        # [B, H, N, C, Dv]
+    value_dim = doc.shape[-1]
+    do_decayed = (doc * jnp.exp(b)[..., None]).astype(dtype)
+    d_states = jnp.einsum("bhnid,bhnie->bhnde", qc, do_decayed, preferred_element_type=dtype)
+    d_kv, d_initial = _chunk_states(
+        d_states.reshape(batch, heads, chunks, key_dim * value_dim), b[..., -1],
+        d_final.astype(jnp.float32).reshape(batch, heads, -1), reverse=True)
+    return doc, do_decayed, d_kv.reshape(batch, heads, chunks, key_dim, value_dim), d_initial
+
+
 def _chunkwise_backward(chunk_size, has_state, residuals, cotangents):
     """The backward pass of `_chunkwise`: the forward's matmuls, transposed.
 
@@ -428,20 +446,13 @@ def _chunkwise_backward(chunk_size, has_state, residuals, cotangents):
     (qc, kc, vc, weights, k_to_end, states, b, shapes) = residuals
     q_aval, k_aval, v_aval, decay_aval, state_aval = shapes
     do, d_final = cotangents
-    batch, heads, chunks, _, key_dim = qc.shape
-    value_dim = vc.shape[-1]
+    batch, heads = qc.shape[:2]
     time = q_aval.shape[1]
     dtype = qc.dtype
     g = b[..., -1]
     f32 = jnp.float32
 
-    doc = _to_chunks(do.astype(dtype), chunk_size)                        # [B, H, N, C, Dv]
-    do_decayed = (doc * jnp.exp(b)[..., None]).astype(dtype)
-    d_states = jnp.einsum("bhnid,bhnie->bhnde", qc, do_decayed, preferred_element_type=dtype)
-    d_kv, d_initial = _chunk_states(
-        d_states.reshape(batch, heads, chunks, key_dim * value_dim), g,
-        d_final.astype(f32).reshape(batch, heads, -1), reverse=True)
-    d_kv = d_kv.reshape(batch, heads, chunks, key_dim, value_dim)
+    doc, do_decayed, d_kv, d_initial = _state_gradients(qc, b, do, d_final, chunk_size)
 
     # Partial gradients: float32 when the (gated) log-decay gradient needs them, else in the
     # compute dtype (half the traffic); summed in float32 either way.

@@ -230,8 +230,7 @@ def _chunkwise_pallas_bwd(chunk_size, has_state, block_v, interpret, residuals, 
     qc, kc, vc, states, b, shapes = residuals
     q_aval, k_aval, v_aval, decay_aval, state_aval = shapes
     do, d_final = cotangents
-    batch, heads, chunks, _, key_dim = qc.shape
-    value_dim = vc.shape[-1]
+    heads, key_dim, value_dim = qc.shape[1], qc.shape[-1], vc.shape[-1]
     time = q_aval.shape[1]
     dtype = qc.dtype
     if grads_unsupported_reason(key_dim, value_dim) is not None:
@@ -243,15 +242,7 @@ def _chunkwise_pallas_bwd(chunk_size, has_state, block_v, interpret, residuals, 
         return retention._chunkwise_backward(
             chunk_size, has_state, (qc, kc, vc, weights, k_to_end, states, b, shapes), cotangents)
 
-    # The state gradients, as in retention._chunkwise_backward (its own lines, repeated):
-    # what each chunk's outputs ask of its entering state, run back through the recurrence.
-    doc = retention._to_chunks(do.astype(dtype), chunk_size)              # [B, H, N, C, Dv]
-    do_decayed = (doc * jnp.exp(b)[..., None]).astype(dtype)
-    d_states = jnp.einsum("bhnid,bhnie->bhnde", qc, do_decayed, preferred_element_type=dtype)
-    d_kv, d_initial = retention._chunk_states(
-        d_states.reshape(batch, heads, chunks, key_dim * value_dim), b[..., -1],
-        d_final.astype(jnp.float32).reshape(batch, heads, -1), reverse=True)
-    d_kv = d_kv.reshape(batch, heads, chunks, key_dim, value_dim)
+    doc, _, d_kv, d_initial = retention._state_gradients(qc, b, do, d_final, chunk_size)
 
     dq, dk, dv, db = chunk_grads(qc, kc, vc, doc, b, states, d_kv, interpret=interpret)
 
