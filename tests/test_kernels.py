@@ -259,7 +259,7 @@ def test_chunk_output_rejects_bad_arguments(shape, change, match):
     ({"key_dim": 8}, "key dim"),                            # below a Triton dot tile
     ({"key_dim": 256}, "key dim"),                          # above one program's tile
     ({"value_dim": 48}, "value dim"),                       # not a power of two
-    ({"doc": jnp.ones((1, 1, 2, 16, 16))}, "doc must have vc's shape"),
+    ({"doc": jnp.ones((1, 1, 2, 16, 16))}, "doc must have shape"),
     ({"d_kv": jnp.ones((1, 1, 2, 32, 16))}, "d_kv must have shape"),
     ({"d_kv": jnp.ones((1, 1, 2, 16, 32), jnp.bfloat16)}, "d_kv must have qc's dtype"),
     ({"states": jnp.ones((1, 1, 16, 32))}, "states must have rank 5"),

@@ -34,16 +34,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from retnet_jax.kernels.common import MIN_DOT_DIM, check_chunked, is_power_of_two
+
 Array = jax.Array
 
 __all__ = ["chunk_grads"]
 
-_MIN_DOT_DIM = 16   # Triton's smallest matmul tile dimension
 _MAX_HEAD_DIM = 128  # whole Dk and Dv per program: keep the tile within one SM's budget
-
-
-def _is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 # --------------------------------------------------------------------------- kernel
@@ -104,47 +101,17 @@ def _chunk_grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, du_ref,
 
 def _check_chunk_grads_args(qc, kc, vc, doc, b, states, d_kv) -> None:
     """Raises ValueError naming the bad argument."""
-    for name, x in (("qc", qc), ("kc", kc), ("vc", vc), ("doc", doc), ("states", states),
-                    ("d_kv", d_kv)):
-        if x.ndim != 5:
-            raise ValueError(f"{name} must have rank 5, got shape {x.shape}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
-    if kc.shape != qc.shape:
-        raise ValueError(f"kc must have qc's shape {qc.shape} [B, H, N, C, Dk], got {kc.shape}")
-    if vc.shape[:4] != qc.shape[:4]:
-        raise ValueError(f"vc must have shape {qc.shape[:4] + ('Dv',)} [B, H, N, C, Dv], "
-                         f"got {vc.shape}")
-    if doc.shape != vc.shape:
-        raise ValueError(f"doc must have vc's shape {vc.shape} [B, H, N, C, Dv], "
-                         f"got {doc.shape}")
-    batch, heads, chunks, chunk, key_dim = qc.shape
-    value_dim = vc.shape[-1]
-    expected = (batch, heads, chunks, key_dim, value_dim)
-    for name, x in (("states", states), ("d_kv", d_kv)):
-        if x.shape != expected:
-            raise ValueError(f"{name} must have shape {expected} [B, H, N, Dk, Dv], "
-                             f"got {x.shape}")
-    for name, x in (("kc", kc), ("vc", vc), ("doc", doc), ("states", states), ("d_kv", d_kv)):
-        if x.dtype != qc.dtype:
-            raise ValueError(f"{name} must have qc's dtype {qc.dtype}, got {x.dtype}")
-    if b.ndim != 4 or b.shape[0] not in (1, batch) or b.shape[1:] != (heads, chunks, chunk):
-        raise ValueError(f"b must have shape (1 or {batch}, {heads}, {chunks}, {chunk}) "
-                         f"[G, H, N, C], got {b.shape}")
-    if b.dtype != jnp.float32:
-        raise ValueError(f"b must be float32, got dtype {b.dtype}")
-    if not _is_power_of_two(chunk) or chunk < _MIN_DOT_DIM:
-        raise ValueError(f"the chunk size C (qc.shape[3]) must be a power of two >= "
-                         f"{_MIN_DOT_DIM}, got {chunk}")
+    *_, key_dim, value_dim = check_chunked(qc, kc, b, values={"vc": vc, "doc": doc},
+                                           matrices={"states": states, "d_kv": d_kv})
     for what, dim in (("key dim Dk (qc.shape[4])", key_dim),
                       ("value dim Dv (vc.shape[4])", value_dim)):
         if not _fits(dim):
-            raise ValueError(f"the {what} must be a power of two in [{_MIN_DOT_DIM}, "
+            raise ValueError(f"the {what} must be a power of two in [{MIN_DOT_DIM}, "
                              f"{_MAX_HEAD_DIM}], got {dim}")
 
 
 def _fits(head_dim: int) -> bool:
-    return _is_power_of_two(head_dim) and _MIN_DOT_DIM <= head_dim <= _MAX_HEAD_DIM
+    return is_power_of_two(head_dim) and MIN_DOT_DIM <= head_dim <= _MAX_HEAD_DIM
 
 
 def unsupported_reason(key_dim: int, value_dim: int) -> str | None:
@@ -152,7 +119,7 @@ def unsupported_reason(key_dim: int, value_dim: int) -> str | None:
     for what, dim in (("key", key_dim), ("value", value_dim)):
         if not _fits(dim):
             return (f"{what} head dim {dim} is not a power of two in "
-                    f"[{_MIN_DOT_DIM}, {_MAX_HEAD_DIM}]")
+                    f"[{MIN_DOT_DIM}, {_MAX_HEAD_DIM}]")
     return None
 
 

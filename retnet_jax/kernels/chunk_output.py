@@ -31,17 +31,11 @@ from jax.experimental.pallas import triton as plgpu
 from retnet_jax import retention
 from retnet_jax.kernels.chunk_grads import chunk_grads
 from retnet_jax.kernels.chunk_grads import unsupported_reason as grads_unsupported_reason
+from retnet_jax.kernels.common import MIN_DOT_DIM, check_chunked, is_power_of_two
 
 Array = jax.Array
 
 __all__ = ["chunk_output", "chunkwise_retention_pallas", "unsupported_reason"]
-
-_MIN_DOT_DIM = 16  # Triton's smallest matmul tile dimension
-
-
-def _is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
 
 # --------------------------------------------------------------------------- kernel
 
@@ -70,42 +64,17 @@ def _chunk_output_kernel(q_ref, k_ref, v_ref, b_ref, s_ref, o_ref):
 
 def _check_chunk_output_args(qc, kc, vc, b, states, block_v) -> int:
     """Raises ValueError naming the bad argument; returns the value block size."""
-    for name, x in (("qc", qc), ("kc", kc), ("vc", vc), ("states", states)):
-        if x.ndim != 5:
-            raise ValueError(f"{name} must have rank 5, got shape {x.shape}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
-    if kc.shape != qc.shape:
-        raise ValueError(f"kc must have qc's shape {qc.shape} [B, H, N, C, Dk], got {kc.shape}")
-    if vc.shape[:4] != qc.shape[:4]:
-        raise ValueError(f"vc must have shape {qc.shape[:4] + ('Dv',)} [B, H, N, C, Dv], "
-                         f"got {vc.shape}")
-    batch, heads, chunks, chunk, key_dim = qc.shape
-    value_dim = vc.shape[-1]
-    expected = (batch, heads, chunks, key_dim, value_dim)
-    if states.shape != expected:
-        raise ValueError(f"states must have shape {expected} [B, H, N, Dk, Dv], "
-                         f"got {states.shape}")
-    for name, x in (("kc", kc), ("vc", vc), ("states", states)):
-        if x.dtype != qc.dtype:
-            raise ValueError(f"{name} must have qc's dtype {qc.dtype}, got {x.dtype}")
-    if b.ndim != 4 or b.shape[0] not in (1, batch) or b.shape[1:] != (heads, chunks, chunk):
-        raise ValueError(f"b must have shape (1 or {batch}, {heads}, {chunks}, {chunk}) "
-                         f"[G, H, N, C], got {b.shape}")
-    if b.dtype != jnp.float32:
-        raise ValueError(f"b must be float32, got dtype {b.dtype}")
-    if not _is_power_of_two(chunk) or chunk < _MIN_DOT_DIM:
-        raise ValueError(f"the chunk size C (qc.shape[3]) must be a power of two >= "
-                         f"{_MIN_DOT_DIM}, got {chunk}")
-    if not _is_power_of_two(key_dim) or key_dim < _MIN_DOT_DIM:
+    *_, key_dim, value_dim = check_chunked(qc, kc, b, values={"vc": vc},
+                                           matrices={"states": states})
+    if not is_power_of_two(key_dim) or key_dim < MIN_DOT_DIM:
         raise ValueError(f"the key dim Dk (qc.shape[4]) must be a power of two >= "
-                         f"{_MIN_DOT_DIM}, got {key_dim}")
-    if not isinstance(block_v, (int, np.integer)) or not _is_power_of_two(int(block_v)):
+                         f"{MIN_DOT_DIM}, got {key_dim}")
+    if not isinstance(block_v, (int, np.integer)) or not is_power_of_two(int(block_v)):
         raise ValueError(f"block_v must be a power of two, got {block_v!r}")
     block = min(int(block_v), value_dim)
-    if not _is_power_of_two(block) or block < _MIN_DOT_DIM or value_dim % block:
+    if not is_power_of_two(block) or block < MIN_DOT_DIM or value_dim % block:
         raise ValueError(f"block_v: the value block min(block_v, Dv) = {block} must be a power "
-                         f"of two >= {_MIN_DOT_DIM} dividing Dv = {value_dim}")
+                         f"of two >= {MIN_DOT_DIM} dividing Dv = {value_dim}")
     return block
 
 
@@ -167,13 +136,13 @@ def unsupported_reason(key_dim: int, value_dim: int, chunk_size: int, *,
                        block_v: int = 64) -> str | None:
     """Why `chunkwise_retention_pallas` cannot take these sizes, or None if it can."""
     block = min(block_v, value_dim)
-    if not _is_power_of_two(key_dim) or key_dim < _MIN_DOT_DIM:
-        return f"key head dim {key_dim} is not a power of two >= {_MIN_DOT_DIM}"
-    if not _is_power_of_two(block) or block < _MIN_DOT_DIM or value_dim % block:
+    if not is_power_of_two(key_dim) or key_dim < MIN_DOT_DIM:
+        return f"key head dim {key_dim} is not a power of two >= {MIN_DOT_DIM}"
+    if not is_power_of_two(block) or block < MIN_DOT_DIM or value_dim % block:
         return (f"value head dim {value_dim} is not a multiple of a power-of-two block "
-                f">= {_MIN_DOT_DIM} (block_v={block_v})")
-    if not _is_power_of_two(chunk_size) or chunk_size < _MIN_DOT_DIM:
-        return f"chunk_size {chunk_size} is not a power of two >= {_MIN_DOT_DIM}"
+                f">= {MIN_DOT_DIM} (block_v={block_v})")
+    if not is_power_of_two(chunk_size) or chunk_size < MIN_DOT_DIM:
+        return f"chunk_size {chunk_size} is not a power of two >= {MIN_DOT_DIM}"
     return None
 
 
@@ -294,11 +263,11 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
     batch, time, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     retention._check_log_decay(log_decay, batch, time, heads)
-    if (not isinstance(chunk_size, (int, np.integer)) or not _is_power_of_two(int(chunk_size))
-            or chunk_size < _MIN_DOT_DIM):
-        raise ValueError(f"chunk_size must be a power of two >= {_MIN_DOT_DIM}, "
+    if (not isinstance(chunk_size, (int, np.integer)) or not is_power_of_two(int(chunk_size))
+            or chunk_size < MIN_DOT_DIM):
+        raise ValueError(f"chunk_size must be a power of two >= {MIN_DOT_DIM}, "
                          f"got {chunk_size!r}")
-    chunk = min(int(chunk_size), max(_MIN_DOT_DIM, pl.next_power_of_2(time)))
+    chunk = min(int(chunk_size), max(MIN_DOT_DIM, pl.next_power_of_2(time)))
     has_state = initial_state is not None
     if initial_state is None:
         initial_state = retention.zero_state(batch, heads, key_dim, value_dim)
