@@ -417,11 +417,17 @@ def plot_results(rows: Sequence[dict[str, Any]], out_dir: str, *, grid: str) -> 
 
     if grid != "decay_mqar":
         fig, ax = plt.subplots(figsize=(6, 4))
-        for row in rows:
-            steps, losses = _eval_curve(os.path.join(out_dir, row["cell"], f"seed{row['seed']}"))
-            if steps:
-                ax.plot(steps, np.array(losses) / math.log(2), marker=".",
-                        label=f"{row['variant']} (seed {row['seed']})")
+        variants = list(dict.fromkeys(row["variant"] for row in rows))
+        for color, variant in enumerate(variants):   # one colour per variant: seeds thin, mean bold
+            curves = [_eval_curve(os.path.join(out_dir, row["cell"], f"seed{row['seed']}"))
+                      for row in rows if row["variant"] == variant]
+            curves = [(steps, np.array(losses) / math.log(2)) for steps, losses in curves if steps]
+            for steps, bits in curves:
+                ax.plot(steps, bits, color=f"C{color}", alpha=0.3, linewidth=1)
+            if curves and all(steps == curves[0][0] for steps, _ in curves):
+                ax.plot(curves[0][0], np.mean([bits for _, bits in curves], axis=0),
+                        color=f"C{color}", marker=".", linewidth=2,
+                        label=f"{variant} (mean of {len(curves)})")
         ax.set_xlabel("step")
         ax.set_ylabel("validation bits per byte")
         ax.set_title(f"{grid}: evaluation curves")
