@@ -405,12 +405,19 @@ def plot_results(rows: Sequence[dict[str, Any]], out_dir: str, *, grid: str) -> 
     for i, variant in enumerate(variants):
         values = {s["setting"]: s for s in summary if s["variant"] == variant}
         xs = [j + i * width for j, setting in enumerate(settings) if setting in values]
-        ax.bar(xs, [values[st][metric] for st in settings if st in values], width,
-               yerr=[values[st][metric + "_std"] for st in settings if st in values],
-               capsize=3, label=variant)
+        bars = ax.bar(xs, [values[st][metric] for st in settings if st in values], width,
+                      yerr=[values[st][metric + "_std"] for st in settings if st in values],
+                      capsize=3, label=variant)
+        ax.bar_label(bars, fmt="%.3f", fontsize="x-small", padding=2)
     ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(settings))],
                   settings)
-    ax.set_ylabel("query accuracy" if metric == "eval_accuracy" else "validation bits per byte")
+    if metric == "eval_accuracy":
+        ax.set_ylabel("query accuracy")
+    else:  # bits per byte differ by a few percent: a zero-based axis would hide them
+        ax.set_ylabel("validation bits per byte")
+        low = min(s[metric] - s[metric + "_std"] for s in summary)
+        high = max(s[metric] + s[metric + "_std"] for s in summary)
+        ax.set_ylim(low - 0.5 * (high - low) - 1e-3, high + 0.3 * (high - low) + 1e-3)
     ax.set_title(f"{grid}: {metric}")
     ax.legend(fontsize="small")
     save(fig, f"{grid}.png")
