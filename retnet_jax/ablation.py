@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from retnet_jax import data as data_lib
 from retnet_jax import positions, sharding
 from retnet_jax import train as train_lib
-from retnet_jax.model import ModelConfig, transformer_baseline
+from retnet_jax.model import ModelConfig, parameter_matched, transformer_baseline
 
 __all__ = ["Cell", "SCALES", "GRIDS", "VARIANTS", "make_cells", "cell_config", "run_grid",
            "summarise", "write_tables", "plot_results"]
@@ -131,6 +131,12 @@ def _matched_transformer(model: dict) -> dict:
     return {"layer_schedule": baseline.layer_schedule, "ffn_dim": baseline.ffn_dim}
 
 
+def _matched_hybrid(model: dict) -> dict:
+    """`hybrid_schedule`, FFN widened so the parameter count matches the retention model's."""
+    hybrid = parameter_matched(ModelConfig(**model), hybrid_schedule(model["num_layers"]))
+    return {"layer_schedule": hybrid.layer_schedule, "ffn_dim": hybrid.ffn_dim}
+
+
 def _single_scale(model: dict) -> dict:
     """All heads share the middle gamma of the multi-scale schedule."""
     gammas = positions.decay_gammas(model["num_heads"])
@@ -142,7 +148,7 @@ VARIANTS: dict[str, Callable[[dict], dict]] = {
     "retnet": _all("retention"),
     "gated": _all("gated_retention"),
     "transformer": lambda model: _matched_transformer(model),
-    "hybrid": lambda model: {"layer_schedule": hybrid_schedule(model["num_layers"])},
+    "hybrid": _matched_hybrid,
     "-swish_gate": lambda model: {"use_swish_gate": False},
     "-head_norm": lambda model: {"use_head_norm": False},
     "single_scale": _single_scale,

@@ -37,7 +37,7 @@ Array = jax.Array
 __all__ = [
     "LOGICAL_AXIS_NAMES", "FORWARD_MODES", "MIXERS", "DTYPES", "ATTENTION_IMPLEMENTATIONS",
     "ModelConfig", "Block", "Cache", "RetNetLM", "check_tokens", "schedule_period",
-    "transformer_baseline",
+    "parameter_matched", "transformer_baseline",
 ]
 
 MIXERS = ("retention", "gated_retention", "attention")
@@ -232,20 +232,35 @@ class ModelConfig:
         return DTYPES[self.param_dtype]
 
 
-def transformer_baseline(config: ModelConfig, *, head_dim: int = 64, multiple: int = 8
-                         ) -> ModelConfig:
-    """The softmax-attention counterpart of `config` with (nearly) the same parameter count.
+def parameter_matched(config: ModelConfig, layer_schedule: tuple[str, ...], *,
+                      num_attention_heads: int | None = None, multiple: int = 8
+                      ) -> ModelConfig:
+    """`config` with another layer schedule and (nearly) the same parameter count.
 
-    Same width, depth, FFN and embeddings; every block's mixer becomes attention with
-    `head_dim`-wide heads. An attention block has 4 d^2 parameters where retention has
-    2 d^2 + 3 d * value_dim, so the FFN widens by value_dim - 2 d / 3 (rounded to `multiple`).
+    An attention block has 4 d^2 mixer parameters where retention has 2 d^2 + 3 d * value_dim,
+    so each retention block turned into attention is paid back by widening the (shared) FFN
+    width by (value_dim - 2 d / 3) / num_layers, rounded to `multiple`; turning attention into
+    retention narrows it. num_attention_heads: None keeps config's.
     """
     d = config.d_model
-    ffn = config.resolved_ffn_dim + config.resolved_value_dim - 2 * d / 3
-    return dataclasses.replace(
-        config, layer_schedule=("attention",) * config.num_layers,
-        num_attention_heads=max(1, d // head_dim),
-        ffn_dim=int(round(ffn / multiple) * multiple))
+    added = (sum(m == "attention" for m in layer_schedule)
+             - sum(m == "attention" for m in config.mixers))
+    ffn = (config.resolved_ffn_dim
+           + added / config.num_layers * (config.resolved_value_dim - 2 * d / 3))
+    heads = config.num_attention_heads if num_attention_heads is None else num_attention_heads
+    return dataclasses.replace(config, layer_schedule=tuple(layer_schedule),
+                               num_attention_heads=heads,
+                               ffn_dim=int(round(ffn / multiple) * multiple))
+
+
+def transformer_baseline(config: ModelConfig, *, head_dim: int = 64, multiple: int = 8
+                         ) -> ModelConfig:
+    """The softmax-attention counterpart of `config` with (nearly) the same parameter count:
+    same width, depth and embeddings, every mixer attention with `head_dim`-wide heads, the
+    FFN widened as `parameter_matched` says."""
+    return parameter_matched(config, ("attention",) * config.num_layers,
+                             num_attention_heads=max(1, config.d_model // head_dim),
+                             multiple=multiple)
 
 
 # --------------------------------------------------------------------------- validation

@@ -350,15 +350,21 @@ def test_count_params(overrides):
     assert RetNetLM(config, rngs=nnx.Rngs(0)).count_params() == expected_param_count(config)
 
 
-def test_transformer_baseline_matches_parameter_count():
-    from retnet_jax.model import transformer_baseline
+def test_transformer_baseline_and_hybrids_match_parameter_count():
+    def count(config):
+        return nnx.eval_shape(lambda: RetNetLM(config, rngs=nnx.Rngs(0))).count_params()
+
     for d, heads, width in ((192, 3, 324), (2048, 8, 3456)):
-        config = ModelConfig(d_model=d, num_layers=2, num_heads=heads, value_dim=width,
+        config = ModelConfig(d_model=d, num_layers=4, num_heads=heads, value_dim=width,
                              ffn_dim=width, vocab_size=259)
-        baseline = transformer_baseline(config)
+        baseline = model_lib.transformer_baseline(config)
         assert set(baseline.mixers) == {"attention"}
-        count = lambda c: nnx.eval_shape(lambda: RetNetLM(c, rngs=nnx.Rngs(0))).count_params()
-        assert abs(count(baseline) - count(config)) <= 2 * 3 * d * 8   # FFN rounding only
+        hybrid = model_lib.parameter_matched(config, ("retention",) * 3 + ("attention",))
+        assert hybrid.mixers[-1] == "attention" and hybrid.ffn_dim > config.ffn_dim
+        for matched in (baseline, hybrid):
+            assert abs(count(matched) - count(config)) <= 4 * 3 * d * 8   # FFN rounding only
+        back = model_lib.parameter_matched(baseline, config.mixers)      # and the way back
+        assert abs(count(back) - count(config)) <= 4 * 3 * d * 8
 
 
 def test_logit_soft_cap_is_applied_by_the_model():
