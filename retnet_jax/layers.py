@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from retnet_jax import kernels, positions, retention
+from retnet_jax import positions, retention
 
 Array = jax.Array
 
@@ -178,6 +178,7 @@ def _pallas_or_fallback(kernel: str, q: Array, v: Array, chunk_size: int) -> dic
     """kwargs for `kernels.chunkwise_retention_pallas`, or None to use the XLA path."""
     if kernel == "xla":
         return None
+    from retnet_jax import kernels   # only when asked for: it imports Pallas' Triton backend
     reason = kernels.unsupported_reason(q.shape[-1], v.shape[-1], chunk_size)
     if kernel == "pallas_interpret":
         if reason:
@@ -218,6 +219,7 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
     if mode == "chunkwise":
         pallas = _pallas_or_fallback(kernel, q, v, chunk_size)
         if pallas is not None:
+            from retnet_jax import kernels
             return kernels.chunkwise_retention_pallas(q, k, v, log_decay, chunk_size=chunk_size,
                                                       initial_state=initial_state, **pallas)
         return retention.chunkwise_retention(q, k, v, log_decay, chunk_size=chunk_size,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import signal
@@ -280,6 +281,13 @@ class Trainer:
     """
 
     def __init__(self, model_config: Any, config: TrainConfig, mesh: Mesh):
+        if model_config.retention_kernel == "pallas" and mesh.size > 1:
+            # pallas_call has no SPMD partitioning rule: on a mesh XLA would gather its inputs
+            # and run the whole batch on every device.
+            logging.getLogger(__name__).warning(
+                "retention_kernel='pallas' runs on one device only; using 'xla' on this "
+                "%d-device mesh", mesh.size)
+            model_config = dataclasses.replace(model_config, retention_kernel="xla")
         self.model_config, self.config, self.mesh = model_config, config, mesh
         self.graphdef, abstract_params, param_specs = _abstract_model(model_config)
         self.schedule = make_schedule(config)

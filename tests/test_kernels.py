@@ -14,6 +14,7 @@ import pytest
 
 from retnet_jax import retention
 from retnet_jax.kernels import chunk_grads, chunk_output, chunkwise_retention_pallas
+from retnet_jax.kernels.chunk_output import value_block
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -235,13 +236,19 @@ def chunked_args(chunk=16, key_dim=16, value_dim=32):
             "block_v": 32}
 
 
+@pytest.mark.parametrize("value_dim, block_v, block", [
+    (128, 64, 64), (48, 64, 16), (432, 64, 16), (32, 64, 32), (24, 64, None), (64, 8, None)])
+def test_value_block_is_the_largest_power_of_two_divisor(value_dim, block_v, block):
+    assert value_block(value_dim, block_v) == block
+
+
 @pytest.mark.parametrize("shape, change, match", [
     ({}, {"block_v": 48}, "block_v"),                           # not a power of two
     ({}, {"block_v": 8}, "block_v"),                            # below a Triton dot tile
     ({"chunk": 8}, {}, "chunk size"),                           # C < 16
     ({"chunk": 24}, {}, "chunk size"),                          # not a power of two
-    ({"key_dim": 24}, {}, "key dim"),
-    ({"value_dim": 48}, {}, "block_v"),                         # 32 does not divide 48
+    ({"key_dim": 24}, {}, "key head dim 24"),
+    ({"value_dim": 24}, {}, "value head dim 24"),               # no power-of-two block >= 16
     ({}, {"b": -jnp.ones((1, 1, 2, 16), jnp.bfloat16)}, "b must be float32"),
     ({}, {"b": -jnp.ones((2, 1, 2, 16))}, "b must have shape"),  # G = 2 > B = 1
     ({}, {"states": jnp.ones((1, 1, 2, 16, 32), jnp.bfloat16)}, "states must have qc's"),
@@ -283,3 +290,25 @@ def test_chunkwise_retention_pallas_rejects_bad_chunk_size():
     for chunk_size in (8, 24, 0, 16.0):
         with pytest.raises(ValueError, match="chunk_size"):
             chunkwise_retention_pallas(q, k, v, log_decay, chunk_size=chunk_size, interpret=True)
+
+
+@pytest.mark.parametrize("preset, forward, backward", [
+    ("small", False, False),              # value head dim 108
+    ("retnet_125m", True, False),         # Dk 256, Dv 432: output kernel, XLA backward
+    ("retnet_1_3b", True, False),
+    ("retnet_2_7b", False, False),        # Dv 428
+    ("retnet_6_7b", True, False),
+])
+def test_which_presets_the_kernels_take(preset, forward, backward):
+    import pathlib
+    import runpy
+
+    from retnet_jax import kernels
+    from retnet_jax.model import ModelConfig
+    path = pathlib.Path(__file__).parent.parent / "configs" / f"{preset}.py"
+    config = ModelConfig.from_config(runpy.run_path(str(path))["get_config"]().model)
+    key_dim = config.d_model // config.num_heads
+    value_dim = config.resolved_value_dim // config.num_heads
+    assert (kernels.unsupported_reason(key_dim, value_dim, config.chunk_size) is None) == forward
+    assert (kernels.backward_unsupported_reason(key_dim, value_dim) is None) == backward
+

@@ -8,7 +8,14 @@
 * `chunkwise_retention_pallas`   `retention.chunkwise_retention` with its output from
                                  `chunk_output` and its per-chunk gradients from `chunk_grads`;
                                  same arguments and results.
-* `unsupported_reason`           why given head dims / chunk size cannot use the kernel.
+* `unsupported_reason`           why given head dims / chunk size cannot use the kernels
+                                 at all (then `run_retention` uses XLA);
+  `backward_unsupported_reason`  why `chunk_grads` cannot take them (then the backward pass
+                                 uses retention.py's einsums; the forward kernel still runs).
+
+Sizes: `chunk_grads` holds whole heads, Dk and Dv powers of two in [16, 128] (fla's usual
+128). The 125M-6.7B presets (torchscale widths: Dk 256, Dv 432) get the output kernel with
+16-column value blocks and the XLA backward; the 2.7B preset's Dv 428 gets neither.
 
 Models select it with `ModelConfig.retention_kernel` ('pallas'; see `layers.run_retention`,
 which falls back to the XLA path off GPU or for unsupported sizes).
@@ -17,7 +24,9 @@ Written for the Pallas Triton GPU backend; pass `interpret=True` to run anywhere
 """
 
 from retnet_jax.kernels.chunk_grads import chunk_grads
+from retnet_jax.kernels.chunk_grads import unsupported_reason as backward_unsupported_reason
 from retnet_jax.kernels.chunk_output import (
     chunk_output, chunkwise_retention_pallas, unsupported_reason)
 
-__all__ = ["chunk_grads", "chunk_output", "chunkwise_retention_pallas", "unsupported_reason"]
+__all__ = ["backward_unsupported_reason", "chunk_grads", "chunk_output",
+           "chunkwise_retention_pallas", "unsupported_reason"]

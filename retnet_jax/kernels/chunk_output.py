@@ -62,20 +62,25 @@ def _chunk_output_kernel(q_ref, k_ref, v_ref, b_ref, s_ref, o_ref):
     o_ref[...] = o.astype(o_ref.dtype)
 
 
+def value_block(value_dim: int, block_v: int = 64) -> int | None:
+    """Value columns per program: the largest power of two <= block_v that divides value_dim,
+    or None if that is below MIN_DOT_DIM (e.g. Dv = 432 -> 16; Dv = 24 -> None)."""
+    block = 1 << (max(1, min(block_v, value_dim)).bit_length() - 1)
+    while block >= MIN_DOT_DIM and value_dim % block:
+        block //= 2
+    return block if block >= MIN_DOT_DIM else None
+
+
 def _check_chunk_output_args(qc, kc, vc, b, states, block_v) -> int:
     """Raises ValueError naming the bad argument; returns the value block size."""
     *_, key_dim, value_dim = check_chunked(qc, kc, b, values={"vc": vc},
                                            matrices={"states": states})
-    if not is_power_of_two(key_dim) or key_dim < MIN_DOT_DIM:
-        raise ValueError(f"the key dim Dk (qc.shape[4]) must be a power of two >= "
-                         f"{MIN_DOT_DIM}, got {key_dim}")
     if not isinstance(block_v, (int, np.integer)) or not is_power_of_two(int(block_v)):
         raise ValueError(f"block_v must be a power of two, got {block_v!r}")
-    block = min(int(block_v), value_dim)
-    if not is_power_of_two(block) or block < MIN_DOT_DIM or value_dim % block:
-        raise ValueError(f"block_v: the value block min(block_v, Dv) = {block} must be a power "
-                         f"of two >= {MIN_DOT_DIM} dividing Dv = {value_dim}")
-    return block
+    reason = unsupported_reason(key_dim, value_dim, qc.shape[3], block_v=int(block_v))
+    if reason:
+        raise ValueError(reason)
+    return value_block(value_dim, int(block_v))
 
 
 def chunk_output(qc: Array, kc: Array, vc: Array, b: Array, states: Array, *,
@@ -93,8 +98,9 @@ def chunk_output(qc: Array, kc: Array, vc: Array, b: Array, states: Array, *,
       b: float32 [G, H, N, C], G in {1, B}: within-chunk inclusive cumulative log decay
         (G = 1: fixed per-head decay shared by the batch), entries <= 0.
       states: [B, H, N, Dk, Dv] state entering each chunk, same dtype as qc.
-      block_v: value columns per program (power of two); the block is min(block_v, Dv), which
-        must be >= 16 and divide Dv.
+      block_v: the most value columns per program (a power of two): each program takes the
+        largest power of two <= block_v dividing Dv (`value_block`), which must be >= 16.
+        Fewer columns per program means the chunk's q k^T is recomputed more often.
       num_warps: Triton warps per program; None picks 4 for small tiles, 8 otherwise.
       interpret: run the kernel in Pallas interpret mode (any backend, e.g. CPU tests).
     Returns:
@@ -134,13 +140,12 @@ def chunk_output(qc: Array, kc: Array, vc: Array, b: Array, states: Array, *,
 
 def unsupported_reason(key_dim: int, value_dim: int, chunk_size: int, *,
                        block_v: int = 64) -> str | None:
-    """Why `chunkwise_retention_pallas` cannot take these sizes, or None if it can."""
-    block = min(block_v, value_dim)
+    """Why `chunk_output` / `chunkwise_retention_pallas` cannot take these sizes, or None."""
     if not is_power_of_two(key_dim) or key_dim < MIN_DOT_DIM:
         return f"key head dim {key_dim} is not a power of two >= {MIN_DOT_DIM}"
-    if not is_power_of_two(block) or block < MIN_DOT_DIM or value_dim % block:
-        return (f"value head dim {value_dim} is not a multiple of a power-of-two block "
-                f">= {MIN_DOT_DIM} (block_v={block_v})")
+    if value_block(value_dim, block_v) is None:
+        return (f"value head dim {value_dim} has no power-of-two divisor in "
+                f"[{MIN_DOT_DIM}, block_v={block_v}]")
     if not is_power_of_two(chunk_size) or chunk_size < MIN_DOT_DIM:
         return f"chunk_size {chunk_size} is not a power of two >= {MIN_DOT_DIM}"
     return None
@@ -249,8 +254,8 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
 
     Args:
       q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; any float dtype (computed in their common
-        dtype, accumulated in float32). Dk a power of two >= 16; Dv a multiple of
-        min(block_v, Dv), itself a power of two >= 16.
+        dtype, accumulated in float32). Dk a power of two >= 16; Dv with a power-of-two
+        divisor in [16, block_v] (`value_block`).
       log_decay: float [H] (fixed) or [B, T, H] (gated), entries <= 0.
       chunk_size: tokens per chunk, a power of two >= 16.
       initial_state: optional float32 [B, H, Dk, Dv]; zeros when None.
