@@ -28,12 +28,17 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     out = _OUT.value or f"results/{_SCALE.value}/{_GRID.value}"
-    ablation.run_grid(_GRID.value, out, scale=_SCALE.value,
-                      seeds=[int(s) for s in _SEEDS.value], variants=_VARIANTS.value,
-                      shard=tuple(int(x) for x in _SHARD.value.split("/")))
-    print(open(f"{out}/{_GRID.value}.md").read())
+    shard = tuple(int(x) for x in _SHARD.value.split("/"))
+    rows = ablation.run_grid(_GRID.value, out, scale=_SCALE.value,
+                             seeds=[int(s) for s in _SEEDS.value], variants=_VARIANTS.value,
+                             shard=shard)
+    if shard != (0, 1):
+        print(f"shard {_SHARD.value}: {len(rows)} runs in {out}/ (tables come from a run "
+              "without --shard)")
+        return
+    with open(f"{out}/{_GRID.value}.md") as f:
+        print(f.read())
     print(f"tables and plots in {out}/")
-
 
 if __name__ == "__main__":
     app.run(main)

@@ -281,8 +281,8 @@ def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[in
 
     `variants` restricts the grid to those model variants (default: all of the grid's).
     Runs go seed by seed (every cell of the first seed first). `shard=(i, n)` runs only
-    runs i, i + n, i + 2n, ... so n processes (one per GPU) can split a grid; a last call
-    with the default shard then reads every result back and writes the complete tables.
+    runs i, i + n, i + 2n, ... so n processes (one per GPU) can split a grid; shards write
+    no tables, a last call with the default shard reads every result back and writes them.
     Layout: `<out_dir>/<cell>/seed<k>/` holds the run's workdir and its `result.json`;
     `<out_dir>/<grid>.csv`, `<grid>.md` and `<grid>*.png` summarise the grid.
 
@@ -313,6 +313,8 @@ def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[in
             json.dump(row, f, indent=2)
         os.replace(result_path + ".tmp", result_path)       # a cell counts only when complete
         rows.append(row)
+    if shard != (0, 1) or not rows:   # shards run side by side: the last, whole call writes
+        return rows
     write_tables(rows, out_dir, grid=grid, scale=scale, seeds=seeds)
     plot_results(rows, out_dir, grid=grid)
     return rows

@@ -96,14 +96,17 @@ def test_shards_split_the_runs_seed_by_seed(tmp_path, monkeypatch):
                 "setting": cell.setting, "seed": seed, "num_params": 1, "eval_loss": 1.0,
                 "eval_accuracy": 0.5, "eval_bits_per_byte": 1.0}
     monkeypatch.setattr(ablation, "_run_cell", fake_run)
-    monkeypatch.setattr(ablation, "plot_results", lambda *a, **k: [])
     for i in range(2):
         ablation.run_grid("decay_mqar", str(tmp_path), seeds=(0, 1), shard=(i, 2),
                           variants=("retnet", "gated", "hybrid"), progress=False)
+        assert not os.path.exists(tmp_path / "decay_mqar.md")   # shards write no tables
     assert ran == [("retnet", 0), ("hybrid", 0), ("gated", 1),
                    ("gated", 0), ("retnet", 1), ("hybrid", 1)]
+    assert ablation.run_grid("decay_mqar", str(tmp_path), shard=(5, 8),
+                             progress=False) == []               # an empty shard is fine
     rows = ablation.run_grid("decay_mqar", str(tmp_path), seeds=(0, 1),
                              variants=("retnet", "gated", "hybrid"), progress=False)
     assert len(rows) == 6 and len(ran) == 6               # the last call only reads back
+    assert os.path.getsize(tmp_path / "decay_mqar.png") > 1000
     with pytest.raises(ValueError, match="shard must be"):
         ablation.run_grid("decay_mqar", str(tmp_path), shard=(2, 2))
