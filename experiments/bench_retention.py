@@ -44,7 +44,7 @@ flags.DEFINE_bool("smoke", False, "Tiny shapes and few runs (checks the script o
 flags.DEFINE_list("chunk_sizes", ["64", "128"], "Chunk sizes of ours to time.")
 flags.DEFINE_list("impls", ["ours", "pallas", "autodiff", "scan", "cudnn", "fla"],
                   "ours: chunkwise_retention; pallas: kernels.chunkwise_retention_pallas "
-                  "(fused output kernel; interpreted off GPU); autodiff: ours' forward with "
+                  "(fused output and gradient kernels; interpreted off GPU); autodiff: ours' forward with "
                   "JAX autodiff (fwd+bwd only, first chunk size); scan: the prototype (first "
                   "chunk size); cudnn: jax.nn.dot_product_attention; fla: fla's Triton kernels.")
 flags.DEFINE_integer("pallas_block_v", 64, "Value columns per program of the Pallas kernel.")

@@ -87,8 +87,8 @@ class ModelConfig:
       gate_logit_normalizer: gRet log decay = logsigmoid(x W_gt) / this (16 in YOCO).
       chunk_size: chunk length of the chunkwise form.
       retention_kernel: chunkwise implementation, 'xla' (default), 'pallas' (the fused
-        `kernels` output kernel on GPU; XLA elsewhere or for sizes it does not take) or
-        'pallas_interpret' (that kernel interpreted, any backend; tests).
+        `kernels` for the output and the per-chunk gradients, on GPU; XLA elsewhere or for
+        sizes they do not take) or 'pallas_interpret' (interpreted, any backend; tests).
     Attention:
       attention_impl: None (cuDNN on GPU for bf16, else XLA), 'xla' or 'cudnn'; used by the
         full-sequence forward (cached prefill/decoding always use XLA with an explicit mask).
