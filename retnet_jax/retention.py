@@ -384,6 +384,14 @@ def _chunk_states(u: Array, g: Array, x0: Array | None, *,
     return x, last
 
 
+def _chunk_weights(qc: Array, kc: Array, b: Array) -> tuple[Array, Array]:
+    """In qc's dtype: the intra-chunk weights exp(b_i - b_j) q_i.k_j (j <= i) [B, H, N, C, C]
+    and the keys decayed to their chunk's end exp(g - b_j) k_j [B, H, N, C, Dk]."""
+    scores = jnp.einsum("bhnid,bhnjd->bhnij", qc, kc, preferred_element_type=jnp.float32)
+    weights = (scores * _decay_mask(b)).astype(qc.dtype)
+    return weights, (kc * jnp.exp(b[..., -1:] - b)[..., None]).astype(qc.dtype)
+
+
 def _chunkwise_forward(q, k, v, log_decay, initial_state, chunk_size, has_state):
     """The chunkwise forward pass (no validation); returns (o, final_state, residuals)."""
     batch, time, heads, key_dim = q.shape
@@ -395,14 +403,12 @@ def _chunkwise_forward(q, k, v, log_decay, initial_state, chunk_size, has_state)
     g = b[..., -1]                                                       # [G, H, N]
     chunks = qc.shape[2]
 
-    scores = jnp.einsum("bhnid,bhnjd->bhnij", qc, kc, preferred_element_type=jnp.float32)
-    weights = (scores * _decay_mask(b)).astype(dtype)
+    weights, k_to_end = _chunk_weights(qc, kc, b)
     # The two partial outputs are written in the compute dtype (f32 accumulation inside the
     # matmul; bf16 halves their traffic) and summed in float32.
     o = jnp.einsum("bhnij,bhnje->bhnie", weights, vc, preferred_element_type=dtype)
 
     # Each chunk's own contribution to the state at its end: sum_j exp(g - b_j) k_j^T v_j.
-    k_to_end = (kc * jnp.exp(g[..., None] - b)[..., None]).astype(dtype)
     chunk_kv = jnp.einsum("bhncd,bhnce->bhnde", k_to_end, vc, preferred_element_type=dtype)
     states, final_state = _chunk_states(
         chunk_kv.reshape(batch, heads, chunks, key_dim * value_dim), g,

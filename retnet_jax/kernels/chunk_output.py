@@ -206,13 +206,10 @@ def _chunkwise_pallas_bwd(chunk_size, has_state, block_v, interpret, residuals, 
     do, d_final = cotangents
     heads, key_dim, value_dim = qc.shape[1], qc.shape[-1], vc.shape[-1]
     time = q_aval.shape[1]
-    dtype = qc.dtype
     if grads_unsupported_reason(key_dim, value_dim) is not None:
         # Head dims the backward kernel cannot hold in one tile: retention.py's einsums, with
-        # the [C, C] weights and k_to_end recomputed exactly as _chunkwise_forward makes them.
-        scores = jnp.einsum("bhnid,bhnjd->bhnij", qc, kc, preferred_element_type=jnp.float32)
-        weights = (scores * retention._decay_mask(b)).astype(dtype)
-        k_to_end = (kc * jnp.exp(b[..., -1:] - b)[..., None]).astype(dtype)
+        # the [C, C] weights and k_to_end recomputed as _chunkwise_forward makes them.
+        weights, k_to_end = retention._chunk_weights(qc, kc, b)
         return retention._chunkwise_backward(
             chunk_size, has_state, (qc, kc, vc, weights, k_to_end, states, b, shapes), cotangents)
 
