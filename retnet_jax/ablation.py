@@ -258,10 +258,15 @@ def _evaluate_lengths(config: ml_collections.ConfigDict, workdir: str,
     return out
 
 
-def _run_cell(cell: Cell, scale: str, seed: int, workdir: str) -> dict[str, Any]:
-    """Trains one cell (resuming from its checkpoints) and returns its result row."""
+def _run_cell(cell: Cell, scale: str, seed: int, workdir: str) -> dict[str, Any] | None:
+    """Trains one cell (resuming from its checkpoints) and returns its result row, or None
+    when training stopped early (SIGTERM: its checkpoint is saved, the row is not)."""
     config = cell_config(cell, scale, seed)
     summary = train_lib.train_and_evaluate(config, workdir)
+    if not summary["completed"]:
+        print(f"{cell.name} seed {seed} stopped at step {summary['step']} (SIGTERM); its "
+              "checkpoint is saved: run the same command to resume", flush=True)
+        return None
     abstract_params = train_lib.make_trainer(config).abstract_state.params
     row = {"cell": cell.name, "variant": cell.variant, "task": cell.task,
            "setting": cell.setting, "seed": seed,
@@ -286,8 +291,11 @@ def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[in
     Layout: `<out_dir>/<cell>/seed<k>/` holds the run's workdir and its `result.json`;
     `<out_dir>/<grid>.csv`, `<grid>.md` and `<grid>*.png` summarise the grid.
 
+    SIGTERM (e.g. a job's time limit) checkpoints the run in progress and stops the grid
+    without writing that run's row or the tables; calling again resumes.
+
     Returns:
-      One row per cell and seed (the rows of <grid>.csv).
+      One row per cell and seed (the rows of <grid>.csv); after SIGTERM, the finished ones.
     """
     cells = make_cells(grid, scale)
     if variants is not None:
@@ -309,6 +317,8 @@ def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[in
                 rows.append(json.load(f))
             continue
         row = _run_cell(cell, scale, seed, workdir)
+        if row is None:  # stopped by SIGTERM: so is the grid (no row, no tables)
+            return rows
         with open(result_path + ".tmp", "w") as f:
             json.dump(row, f, indent=2)
         os.replace(result_path + ".tmp", result_path)       # a cell counts only when complete

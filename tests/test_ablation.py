@@ -110,3 +110,22 @@ def test_shards_split_the_runs_seed_by_seed(tmp_path, monkeypatch):
     assert os.path.getsize(tmp_path / "decay_mqar.png") > 1000
     with pytest.raises(ValueError, match="shard must be"):
         ablation.run_grid("decay_mqar", str(tmp_path), shard=(2, 2))
+
+
+def test_a_stopped_run_is_not_recorded_and_stops_the_grid(tmp_path, monkeypatch):
+    """SIGTERM mid-run (train_and_evaluate returns completed=False): no result.json for that
+    run, no later runs, no tables; the next call resumes that run."""
+    calls = []
+    def fake_train(config, workdir):
+        calls.append(workdir)
+        return {"completed": False, "step": 7}
+    monkeypatch.setattr(ablation.train_lib, "train_and_evaluate", fake_train)
+    rows = ablation.run_grid("decay_lm", str(tmp_path), scale="tiny", progress=False,
+                             variants=("retnet", "gated"))
+    assert rows == [] and len(calls) == 1
+    assert not any(name == ablation.RESULT_FILE for _, _, files in os.walk(tmp_path)
+                   for name in files)
+    assert not os.path.exists(tmp_path / "decay_lm.md")
+    ablation.run_grid("decay_lm", str(tmp_path), scale="tiny", progress=False,
+                      variants=("retnet", "gated"))
+    assert calls[1] == calls[0]                       # the same run again, not the next
