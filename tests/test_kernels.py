@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from retnet_jax import retention
-from retnet_jax.kernels import chunk_grads, chunk_output, chunkwise_retention_pallas
-from retnet_jax.kernels.chunk_output import value_block
+from retnet_jax.kernels import chunk_grads, chunk_output, chunk_states, chunkwise_retention_pallas
+from retnet_jax.kernels.common import column_block
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -44,12 +44,18 @@ def xla_retention(q, k, v, log_decay, chunk_size, initial_state):
         return jax.jit(fn)(q, k, v, log_decay, initial_state=initial_state)
 
 
+def pad_to_chunks(x, chunk_size):
+    """[B, T, ...] -> [B, Tp, ...], zero-padded along time to whole chunks."""
+    return retention._pad_time(x, -x.shape[1] % chunk_size)
+
+
 @functools.partial(jax.jit, static_argnames=("chunk_size", "block_v"))
 def kernel_from_xla_residuals(q, k, v, log_decay, initial_state, chunk_size, block_v):
-    """chunk_output on the chunked inputs, decays and entering states of retention.py."""
-    _, _, (qc, kc, vc, _, _, states, b) = retention._chunkwise_forward(
+    """chunk_output on the padded inputs with retention.py's decays and entering states."""
+    _, _, (_, _, _, _, _, states, b) = retention._chunkwise_forward(
         q, k, v, log_decay, initial_state, chunk_size, True)
-    return chunk_output(qc, kc, vc, b, states, block_v=block_v, interpret=True)
+    q, k, v = (pad_to_chunks(x, chunk_size) for x in (q, k, v))
+    return chunk_output(q, k, v, b, states, block_v=block_v, interpret=True)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -65,9 +71,9 @@ def test_chunk_output_matches_xla(dtype, gated, chunk_size, key_dim, value_dim, 
     o = kernel_from_xla_residuals(q, k, v, log_decay, s0, chunk_size, block_v)
     ref, _ = xla_retention(q, k, v, log_decay, chunk_size, s0)
     assert o.dtype == dtype
-    assert o.shape == (2, 2, -(-37 // chunk_size), chunk_size, value_dim)
+    assert o.shape == (2, -(-37 // chunk_size) * chunk_size, 2, value_dim)
     # Padded tail positions have zero queries, hence zero output, as the padded reference.
-    assert rel_err(o, retention._to_chunks(ref, chunk_size)) <= TOLERANCE[dtype]
+    assert rel_err(o, pad_to_chunks(ref, chunk_size)) <= TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype, gated, time, chunk_size, with_state", [
@@ -151,23 +157,29 @@ def test_training_step_never_materialises_chunk_weights():
     assert "[3,5,3,16,16]" in compiled_hlo(retention.chunkwise_retention)
 
 
-def random_chunks(seed, batch, heads, chunks, chunk, key_dim, value_dim, shared_decay, dtype):
-    """Random chunk_grads arguments: normal qc, kc, vc, doc, states, d_kv in dtype; b float32."""
+def random_chunk_grads_args(seed, batch, heads, chunks, chunk, key_dim, value_dim,
+                           shared_decay, dtype):
+    """Random chunk_grads arguments: normal q, k, v, do [B, N * C, H, D], states, d_kv
+    [B, H, N, Dk, Dv] in dtype; b float32 [G, H, N, C] (weak decays)."""
     ks = jax.random.split(jax.random.key(seed), 7)
-    shape = (batch, heads, chunks)
-    qc, kc = (jax.random.normal(x, shape + (chunk, key_dim)).astype(dtype) for x in ks[:2])
-    vc, doc = (jax.random.normal(x, shape + (chunk, value_dim)).astype(dtype) for x in ks[2:4])
-    states, d_kv = (jax.random.normal(x, shape + (key_dim, value_dim)).astype(dtype)
-                    for x in ks[4:6])
+    time = chunks * chunk
+    q, k = (jax.random.normal(x, (batch, time, heads, key_dim)).astype(dtype) for x in ks[:2])
+    v, do = (jax.random.normal(x, (batch, time, heads, value_dim)).astype(dtype)
+             for x in ks[2:4])
+    states, d_kv = (jax.random.normal(x, (batch, heads, chunks, key_dim, value_dim))
+                    .astype(dtype) for x in ks[4:6])
     # Weak decays: exp(chunk total) stays well above 0, so the chunk-end terms of db count.
-    log_decay = jax.random.uniform(ks[6], (1 if shared_decay else batch,) + shape[1:] + (chunk,),
+    log_decay = jax.random.uniform(ks[6], (1 if shared_decay else batch, heads, chunks, chunk),
                                    minval=-0.1, maxval=-1e-3)
-    return qc, kc, vc, doc, jnp.cumsum(log_decay, axis=-1), states, d_kv
+    return q, k, v, do, jnp.cumsum(log_decay, axis=-1), states, d_kv
 
 
 @jax.jit
-def chunk_grads_reference(qc, kc, vc, doc, b, states, d_kv):
-    """chunk_grads' results from XLA einsums (retention._chunkwise_backward's per-chunk part)."""
+def chunk_grads_reference(q, k, v, do, b, states, d_kv):
+    """chunk_grads' results from XLA einsums (retention._chunkwise_backward's per-chunk part)
+    on chunked copies [B, H, N, C, D]."""
+    chunk = b.shape[-1]
+    qc, kc, vc, doc = (retention._to_chunks(x, chunk) for x in (q, k, v, do))
     f32, dtype = jnp.float32, qc.dtype
     g = b[..., -1:]
     mask = retention._decay_mask(b)
@@ -187,7 +199,9 @@ def chunk_grads_reference(qc, kc, vc, doc, b, states, d_kv):
     db = jnp.sum(qc.astype(f32) * dq, axis=-1) - jnp.sum(kc.astype(f32) * dk, axis=-1)
     chunk_end = (jnp.exp(g[..., 0]) * jnp.sum(states.astype(f32) * d_kv.astype(f32), (-2, -1))
                  + jnp.sum(kc.astype(f32) * dk_inter, axis=(-2, -1)))
-    return dq, dk, dv, db.at[..., -1].add(chunk_end)
+    time = q.shape[1]
+    return (retention._from_chunks(dq, time), retention._from_chunks(dk, time),
+            retention._from_chunks(dv, time), db.at[..., -1].add(chunk_end))
 
 
 @pytest.mark.parametrize("dtype, shared_decay, chunk, key_dim, value_dim", [
@@ -196,7 +210,7 @@ def chunk_grads_reference(qc, kc, vc, doc, b, states, d_kv):
     (jnp.bfloat16, False, 16, 32, 16),
 ])
 def test_chunk_grads_matches_xla_einsums(dtype, shared_decay, chunk, key_dim, value_dim):
-    args = random_chunks(7, 2, 2, 3, chunk, key_dim, value_dim, shared_decay, dtype)
+    args = random_chunk_grads_args(7, 2, 2, 3, chunk, key_dim, value_dim, shared_decay, dtype)
     with jax.default_matmul_precision("highest"):
         out = jax.jit(functools.partial(chunk_grads, interpret=True))(*args)
         ref = chunk_grads_reference(*args)
@@ -207,39 +221,136 @@ def test_chunk_grads_matches_xla_einsums(dtype, shared_decay, chunk, key_dim, va
         assert rel_err(x, r) <= TOLERANCE[dtype] / 4, name
 
 
+def chunk_states_reference(x, y, b, x0, reverse):
+    """chunk_states' results from retention.py: the chunk recurrence over chunked copies
+    (`_chunk_states` forward, `_state_gradients` reverse)."""
+    batch, _, heads, _ = x.shape
+    chunk = b.shape[-1]
+    xc = retention._to_chunks(x, chunk)
+    if reverse:
+        _, _, d_kv, d_initial = retention._state_gradients(xc, b, y, x0, chunk)
+        return d_kv, d_initial.reshape(x0.shape)
+    _, x_to_end = retention._chunk_weights(xc, xc, b)
+    updates = jnp.einsum("bhncd,bhnce->bhnde", x_to_end, retention._to_chunks(y, chunk),
+                         preferred_element_type=jnp.float32)
+    chunks = updates.shape[2]
+    states, final = retention._chunk_states(
+        updates.reshape(batch, heads, chunks, -1), b[..., -1], x0.reshape(batch, heads, -1),
+        reverse=False)
+    return states.reshape(updates.shape), final.reshape(x0.shape)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype, gated, time, chunk, key_dim, value_dim, block_k, block_v", [
+    (jnp.float32, True, 80, 16, 32, 48, 16, 64),    # 2 key blocks x 3 value blocks of 16
+    (jnp.float32, False, 64, 32, 16, 32, 64, 64),   # one block each
+    (jnp.bfloat16, True, 48, 16, 32, 32, 32, 16),
+])
+def test_chunk_states_matches_retention(reverse, dtype, gated, time, chunk, key_dim, value_dim,
+                                        block_k, block_v):
+    q, k, v, log_decay, x0 = random_inputs(8, time=time, key_dim=key_dim, value_dim=value_dim,
+                                           gated=gated, dtype=dtype, min_log_decay=-0.2)
+    x, y = (q, jax.random.normal(jax.random.key(9), v.shape).astype(dtype)) if reverse else (
+        k, v)
+    b = retention._chunk_cumulative_log_decay(log_decay, time, 2, chunk)
+    run = functools.partial(chunk_states, reverse=reverse, block_k=block_k, block_v=block_v,
+                            interpret=True)
+    with jax.default_matmul_precision("highest"):
+        out, final = jax.jit(run)(x, y, b, x0)
+        ref_out, ref_final = jax.jit(chunk_states_reference, static_argnums=4)(
+            x, y, b, x0, reverse)
+    assert out.shape == (2, 2, time // chunk, key_dim, value_dim) and out.dtype == dtype
+    assert final.shape == x0.shape and final.dtype == jnp.float32
+    # The entering states of the first (last, reverse) chunk are the initial carry itself.
+    first = -1 if reverse else 0
+    np.testing.assert_allclose(np.asarray(out[:, :, first], np.float32),
+                               np.asarray(x0.astype(dtype), np.float32))
+    # retention.py rounds each chunk's update to the compute dtype; the kernel does not.
+    assert rel_err(out, ref_out) <= TOLERANCE[dtype]
+    assert rel_err(final, ref_final) <= TOLERANCE[dtype]
+
+
+def _lower_for_cuda(kernel, *args):
+    """The kernel's jit lowered for the cuda platform (no GPU needed on jax 0.10), as text."""
+    try:
+        lowered = jax.jit(kernel).trace(*args).lower(lowering_platforms=("cuda",))
+    except RuntimeError as e:  # newer jax asks for a (possibly abstract) GPU here
+        if "No supported GPU" not in str(e):  # (NotImplementedError is a RuntimeError)
+            raise
+        pytest.skip(f"Triton lowering needs a GPU on this jax: {e}")
+    return lowered.as_text()
+
+
+@pytest.mark.parametrize("chunk", [64, 128])
 @pytest.mark.parametrize("dtype, batch_decay", [(jnp.bfloat16, 1), (jnp.float32, 2)])
-def test_kernels_lower_for_the_triton_gpu_backend(dtype, batch_decay):
-    # The largest tiles (C = 64, Dk = Dv = 128) through Pallas' Triton lowering rules, no GPU
-    # needed on jax 0.10 (Triton compiles to PTX later, at XLA's GPU compile: not checked).
-    def x(*shape):
-        return jax.ShapeDtypeStruct((2, 2, 3) + shape, dtype)
+def test_kernels_lower_for_the_triton_gpu_backend(chunk, dtype, batch_decay):
+    # The largest tiles (C = 64 and 128, Dk = Dv = 128) through Pallas' Triton lowering rules,
+    # no GPU needed on jax 0.10 (Triton compiles to PTX later, at XLA's GPU compile: not
+    # checked). Activations [B, Tp, H, D] with 3 chunks; per-chunk tensors [B, H, N, ...].
+    batch, heads, chunks = 2, 2, 3
 
-    b = jax.ShapeDtypeStruct((batch_decay, 2, 3, 64), jnp.float32)
-    calls = [(chunk_output, (x(64, 128), x(64, 128), x(64, 128), b, x(128, 128))),
-             (chunk_grads, (x(64, 128), x(64, 128), x(64, 128), x(64, 128), b, x(128, 128),
-                            x(128, 128)))]
+    def act(dim):
+        return jax.ShapeDtypeStruct((batch, chunks * chunk, heads, dim), dtype)
+
+    matrix = jax.ShapeDtypeStruct((batch, heads, chunks, 128, 128), dtype)
+    carry = jax.ShapeDtypeStruct((batch, heads, 128, 128), jnp.float32)
+    b = jax.ShapeDtypeStruct((batch_decay, heads, chunks, chunk), jnp.float32)
+    calls = [(functools.partial(chunk_states, reverse=False), (act(128), act(128), b, carry)),
+             (functools.partial(chunk_states, reverse=True), (act(128), act(128), b, carry)),
+             (chunk_output, (act(128), act(128), act(128), b, matrix)),
+             (chunk_grads, (act(128), act(128), act(128), act(128), b, matrix, matrix))]
     for kernel, args in calls:
-        try:
-            lowered = jax.jit(kernel).trace(*args).lower(lowering_platforms=("cuda",))
-        except RuntimeError as e:  # newer jax asks for a (possibly abstract) GPU here
-            if "No supported GPU" not in str(e):  # (NotImplementedError is a RuntimeError)
-                raise
-            pytest.skip(f"Triton lowering needs a GPU on this jax: {e}")
-        assert "triton" in lowered.as_text().lower()
+        text = _lower_for_cuda(kernel, *args)
+        assert "triton" in text.lower()
 
 
-def chunked_args(chunk=16, key_dim=16, value_dim=32):
+def test_pallas_path_never_transposes_activations():
+    # Forward and backward read q, k, v, do and write o, dq, dk, dv in their [B, T, H, D]
+    # layout: no transpose of any rank >= 4 tensor anywhere in the traced program (only the
+    # [B, T, H] log decays are transposed). T = 40 needs padding to 3 chunks of 16.
+    q, k, v, log_decay, s0 = random_inputs(10, batch=2, time=40, heads=3, key_dim=32,
+                                           value_dim=64)
+
+    def loss(fn, q, k, v, log_decay, initial_state):
+        o, state = fn(q, k, v, log_decay, chunk_size=16, initial_state=initial_state)
+        return jnp.sum(o) + jnp.sum(state)
+
+    def transposed_shapes(fn):
+        step = jax.value_and_grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3, 4))
+        jaxpr = jax.make_jaxpr(step)(q, k, v, log_decay, s0).jaxpr
+        return [eqn.invars[0].aval.shape for eqn in equations(jaxpr)
+                if eqn.primitive.name == "transpose" and eqn.invars[0].aval.ndim >= 4]
+
+    assert transposed_shapes(functools.partial(chunkwise_retention_pallas, interpret=True)) == []
+    # ... while the XLA path transposes q, padded and split into chunks [B, N, C, H, Dk], to
+    # [B, H, N, C, Dk] (so the check above can fail).
+    assert (2, 3, 16, 3, 32) in transposed_shapes(retention.chunkwise_retention)
+
+
+def equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    sub = sub.jaxpr
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from equations(sub)
+
+
+def kernel_args(chunk=16, key_dim=16, value_dim=32):
     """Valid chunk_output arguments (batch 1, heads 1, 2 chunks), float32, as a dict."""
-    qc = jnp.ones((1, 1, 2, chunk, key_dim))
-    return {"qc": qc, "kc": qc, "vc": jnp.ones((1, 1, 2, chunk, value_dim)),
+    q = jnp.ones((1, 2 * chunk, 1, key_dim))
+    return {"q": q, "k": q, "v": jnp.ones((1, 2 * chunk, 1, value_dim)),
             "b": -jnp.ones((1, 1, 2, chunk)), "states": jnp.ones((1, 1, 2, key_dim, value_dim)),
             "block_v": 32}
 
 
-@pytest.mark.parametrize("value_dim, block_v, block", [
+@pytest.mark.parametrize("dim, most, block", [
     (128, 64, 64), (48, 64, 16), (432, 64, 16), (32, 64, 32), (24, 64, None), (64, 8, None)])
-def test_value_block_is_the_largest_power_of_two_divisor(value_dim, block_v, block):
-    assert value_block(value_dim, block_v) == block
+def test_column_block_is_the_largest_power_of_two_divisor(dim, most, block):
+    assert column_block(dim, most) == block
 
 
 @pytest.mark.parametrize("shape, change, match", [
@@ -251,38 +362,58 @@ def test_value_block_is_the_largest_power_of_two_divisor(value_dim, block_v, blo
     ({"value_dim": 24}, {}, "value head dim 24"),               # no power-of-two block >= 16
     ({}, {"b": -jnp.ones((1, 1, 2, 16), jnp.bfloat16)}, "b must be float32"),
     ({}, {"b": -jnp.ones((2, 1, 2, 16))}, "b must have shape"),  # G = 2 > B = 1
-    ({}, {"states": jnp.ones((1, 1, 2, 16, 32), jnp.bfloat16)}, "states must have qc's"),
+    ({}, {"b": -jnp.ones((1, 1, 3, 16))}, "must equal the padded time"),  # N * C != Tp
+    ({}, {"states": jnp.ones((1, 1, 2, 16, 32), jnp.bfloat16)}, "states must have q's"),
     ({}, {"states": jnp.ones((1, 1, 2, 32, 16))}, "states must have shape"),
-    ({}, {"kc": jnp.ones((1, 1, 2, 16, 32))}, "kc must have qc's shape"),
+    ({}, {"k": jnp.ones((1, 32, 1, 32))}, "k must have q's shape"),
+    ({}, {"v": jnp.ones((1, 16, 1, 32))}, "v must have shape"),
 ])
 def test_chunk_output_rejects_bad_arguments(shape, change, match):
-    args = chunked_args(**shape) | change
+    args = kernel_args(**shape) | change
     with pytest.raises(ValueError, match=match):
         chunk_output(**args, interpret=True)
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"shape": (1, 1, 2, 8, 16)}, "chunk size"),            # C < 16
+    ({"chunk": 8}, "chunk size"),                           # C < 16
     ({"key_dim": 8}, "key dim"),                            # below a Triton dot tile
     ({"key_dim": 256}, "key dim"),                          # above one program's tile
     ({"value_dim": 48}, "value dim"),                       # not a power of two
-    ({"doc": jnp.ones((1, 1, 2, 16, 16))}, "doc must have shape"),
+    ({"do": jnp.ones((1, 32, 1, 16))}, "do must have shape"),
     ({"d_kv": jnp.ones((1, 1, 2, 32, 16))}, "d_kv must have shape"),
-    ({"d_kv": jnp.ones((1, 1, 2, 16, 32), jnp.bfloat16)}, "d_kv must have qc's dtype"),
+    ({"d_kv": jnp.ones((1, 1, 2, 16, 32), jnp.bfloat16)}, "d_kv must have q's dtype"),
     ({"states": jnp.ones((1, 1, 16, 32))}, "states must have rank 5"),
+    ({"q": jnp.ones((1, 32, 16))}, "q must have rank 4"),
     ({"b": -jnp.ones((1, 1, 2, 16), jnp.bfloat16)}, "b must be float32"),
     ({"b": -jnp.ones((2, 1, 2, 16))}, "b must have shape"),  # G = 2 > B = 1
 ])
 def test_chunk_grads_rejects_bad_arguments(change, match):
-    shape = change.pop("shape", (1, 1, 2, 16, 16))
-    key_dim, value_dim = change.pop("key_dim", shape[-1]), change.pop("value_dim", 32)
-    qc = jnp.ones(shape[:4] + (key_dim,))
-    vc = jnp.ones(shape[:4] + (value_dim,))
-    state = jnp.ones(shape[:3] + (key_dim, value_dim))
-    args = {"qc": qc, "kc": qc, "vc": vc, "doc": vc, "b": -jnp.ones(shape[:4]),
+    chunk = change.pop("chunk", 16)
+    key_dim, value_dim = change.pop("key_dim", 16), change.pop("value_dim", 32)
+    q = jnp.ones((1, 2 * chunk, 1, key_dim))
+    v = jnp.ones((1, 2 * chunk, 1, value_dim))
+    state = jnp.ones((1, 1, 2, key_dim, value_dim))
+    args = {"q": q, "k": q, "v": v, "do": v, "b": -jnp.ones((1, 1, 2, chunk)),
             "states": state, "d_kv": state} | change
     with pytest.raises(ValueError, match=match):
         chunk_grads(**args, interpret=True)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"block_k": 8}, "key dim"),                             # no block >= 16
+    ({"block_v": 24}, "block_v"),                            # not a power of two
+    ({"y": jnp.ones((1, 32, 1, 24)), "x0": jnp.ones((1, 1, 16, 24))},
+     "value dim"),                                           # no power-of-two divisor >= 16
+    ({"x0": jnp.ones((1, 1, 16, 32), jnp.bfloat16)}, "x0 must be float32"),
+    ({"x0": jnp.ones((1, 1, 32, 16))}, "x0 must be float32"),
+    ({"y": jnp.ones((1, 32, 1, 32), jnp.bfloat16)}, "y must have x's dtype"),
+    ({"b": -jnp.ones((1, 1, 4, 16))}, "must equal the padded time"),
+])
+def test_chunk_states_rejects_bad_arguments(change, match):
+    args = {"x": jnp.ones((1, 32, 1, 16)), "y": jnp.ones((1, 32, 1, 32)),
+            "b": -jnp.ones((1, 1, 2, 16)), "x0": jnp.ones((1, 1, 16, 32)), "reverse": False}
+    with pytest.raises(ValueError, match=match):
+        chunk_states(**(args | change), interpret=True)
 
 
 def test_chunkwise_retention_pallas_rejects_bad_chunk_size():

@@ -1,20 +1,26 @@
 """Optional fused Pallas kernels for retention, checked against retention.py in tests.
 
+Activations stay in their [B, T, H, D] layout (time padded to whole chunks of C tokens when
+needed): the kernels index one chunk of the time axis directly, never a transposed copy.
+
+* `chunk_states`                 the chunk recurrence of the states (forward) and of their
+                                 gradients (reverse): one program per (batch, head, key
+                                 block, value block) loops over the chunks, carrying its
+                                 block of the state in registers.
 * `chunk_output`                 one kernel for chunkwise retention's output (intra-chunk
-                                 weights and the entering-state term), from chunked inputs.
+                                 weights and the entering-state term).
 * `chunk_grads`                  one kernel for the per-chunk part of its backward pass (dq,
-                                 dk, dv and the cumulative-decay gradient, from chunked inputs,
+                                 dk, dv and the cumulative-decay gradient, from the inputs,
                                  states and state gradients).
-* `chunkwise_retention_pallas`   `retention.chunkwise_retention` with its output from
-                                 `chunk_output` and its per-chunk gradients from `chunk_grads`;
-                                 same arguments and results.
+* `chunkwise_retention_pallas`   `retention.chunkwise_retention` from these kernels; same
+                                 arguments and results.
 * `unsupported_reason`           why given head dims / chunk size cannot use the kernels
                                  at all (then `run_retention` uses XLA);
   `backward_unsupported_reason`  why `chunk_grads` cannot take them (then the backward pass
-                                 uses retention.py's einsums; the forward kernel still runs).
+                                 uses retention.py's einsums; the forward kernels still run).
 
 Sizes: `chunk_grads` holds whole heads, Dk and Dv powers of two in [16, 128] (fla's usual
-128). The 125M-6.7B presets (torchscale widths: Dk 256, Dv 432) get the output kernel with
+128). The 125M-6.7B presets (torchscale widths: Dk 256, Dv 432) get the forward kernels with
 16-column value blocks and the XLA backward; the 2.7B preset's Dv 428 gets neither.
 
 Models select it with `ModelConfig.retention_kernel` ('pallas'; see `layers.run_retention`,
@@ -27,6 +33,7 @@ from retnet_jax.kernels.chunk_grads import chunk_grads
 from retnet_jax.kernels.chunk_grads import unsupported_reason as backward_unsupported_reason
 from retnet_jax.kernels.chunk_output import (
     chunk_output, chunkwise_retention_pallas, unsupported_reason)
+from retnet_jax.kernels.chunk_states import chunk_states
 
-__all__ = ["backward_unsupported_reason", "chunk_grads", "chunk_output",
+__all__ = ["backward_unsupported_reason", "chunk_grads", "chunk_output", "chunk_states",
            "chunkwise_retention_pallas", "unsupported_reason"]

@@ -17,9 +17,10 @@ has, with M_ij = exp(b_i - b_j) [j <= i] and do the output cotangent,
 
 `retention._chunkwise_backward` computes these with XLA einsums that write the [C, C]
 matrices and every partial gradient to memory. `chunk_grads` computes them in one kernel:
-each program loads one chunk's q, k, v, do, decays, S and dU, and writes only dq, dk, dv and
-db. The states S and their gradients dU are chunk recurrences and stay with XLA
-(`retention._chunk_states`); `chunkwise_retention_pallas` (chunk_output.py) wires both up.
+each program loads one chunk's q, k, v, do straight from [B, Tp, H, D] activations, with its
+decays, S and dU, and writes only dq, dk, dv (in the same layout) and db. The states S and
+their gradients dU are chunk recurrences (`chunk_states`); `chunkwise_retention_pallas`
+(chunk_output.py) wires them up.
 
 Written for the Pallas Triton backend (GPU) and run with `interpret=True` elsewhere (tests on
 CPU): every block dimension is a power of two, matmuls are 2-D `jnp.dot`/`lax.dot_general`
@@ -34,7 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from retnet_jax.kernels.common import MIN_DOT_DIM, check_chunked, is_power_of_two
+from retnet_jax.kernels.common import (
+    MIN_DOT_DIM, check_time_major, decay_index, is_power_of_two)
 
 Array = jax.Array
 
@@ -59,8 +61,7 @@ def _chunk_grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, du_ref,
     Refs: q, k [C, Dk]; v, do [C, Dv]; b float32 [C]; s, du [Dk, Dv] (all but b in the compute
     dtype). Outputs: dq, dk [C, Dk]; dv [C, Dv] (compute dtype); db float32 [C].
     """
-    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    s, du = s_ref[...], du_ref[...]
+    q, k, v, do, du = q_ref[...], k_ref[...], v_ref[...], do_ref[...], du_ref[...]
     b = b_ref[...]
     dtype = q.dtype
     f32 = jnp.float32
@@ -72,39 +73,42 @@ def _chunk_grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, du_ref,
     # Above the diagonal b_i - b_j >= 0 can be large: zero it before exp, mask after.
     decay = jnp.exp(jnp.where(causal, b[:, None] - b[None, :], 0.0))   # [C, C]
 
-    # The forward's weights and their cotangent, cast to the compute dtype before their
-    # matmuls exactly as retention.py does (so bf16 runs the same bf16 products).
+    # The forward's weights and their cotangent are cast to the compute dtype before their
+    # matmuls exactly as retention.py does (so bf16 runs the same bf16 products). Partial
+    # products stay float32 on chip and are summed in float32. Each gradient is stored (and
+    # reduced into db) before the next is formed, so fewer [C, D] float32 tiles are live at
+    # once in registers.
+    end_decay = jnp.exp(g - b)[:, None]                                         # [C, 1]
     weights = jnp.where(causal, _dot(q, k, 1, 1) * decay, 0.0).astype(dtype)     # [C, C]
+    k_to_end = (k * end_decay).astype(dtype)                                    # [C, Dk]
+    dv = _dot(weights, do, 0, 0) + _dot(k_to_end, du, 1, 0)                     # [C, Dv]
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
     d_scores = jnp.where(causal, _dot(do, v, 1, 1) * decay, 0.0).astype(dtype)   # [C, C]
     do_decayed = (do * jnp.exp(b)[:, None]).astype(dtype)                       # [C, Dv]
-    end_decay = jnp.exp(g - b)[:, None]                                         # [C, 1]
-    k_to_end = (k * end_decay).astype(dtype)                                    # [C, Dk]
-
-    # Partial products stay float32 on chip and are summed in float32.
+    s = s_ref[...]
     dq = _dot(d_scores, k, 1, 0) + _dot(do_decayed, s, 1, 1)                    # [C, Dk]
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+    # dL/db: q.dq - k.dk per position; the chunk total g = b_{C-1} adds the entering state's
+    # path through the chunk and the keys' path to the chunk end.
+    db = jnp.sum(q.astype(f32) * dq, axis=1)
+    through = jnp.exp(g) * jnp.sum(s.astype(f32) * du.astype(f32))
+    kf = k.astype(f32)
     dk_inter = end_decay * _dot(v, du, 1, 1)                                    # [C, Dk]
     dk = _dot(d_scores, q, 0, 0) + dk_inter                                     # [C, Dk]
-    dv = _dot(weights, do, 0, 0) + _dot(k_to_end, du, 1, 0)                     # [C, Dv]
-
-    # dL/db: q.dq - k.dk per position; the chunk total g = b_{C-1} adds the keys' path to
-    # the chunk end and the entering state's path through the chunk.
-    qf, kf = q.astype(f32), k.astype(f32)
-    chunk_end = (jnp.sum(kf * dk_inter)
-                 + jnp.exp(g) * jnp.sum(s.astype(f32) * du.astype(f32)))
-    db = jnp.sum(qf * dq, axis=1) - jnp.sum(kf * dk, axis=1) + jnp.where(last, chunk_end, 0.0)
-
-    dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-    db_ref[...] = db
+    chunk_end = through + jnp.sum(kf * dk_inter)
+    db_ref[...] = db - jnp.sum(kf * dk, axis=1) + jnp.where(last, chunk_end, 0.0)
 
 
-def _check_chunk_grads_args(qc, kc, vc, doc, b, states, d_kv) -> None:
+def _check_chunk_grads_args(q, k, v, do, b, states, d_kv) -> None:
     """Raises ValueError naming the bad argument."""
-    *_, key_dim, value_dim = check_chunked(qc, kc, b, values={"vc": vc, "doc": doc},
-                                           matrices={"states": states, "d_kv": d_kv})
-    for what, dim in (("key dim Dk (qc.shape[4])", key_dim),
-                      ("value dim Dv (vc.shape[4])", value_dim)):
+    *_, key_dim, value_dim = check_time_major(b, keys={"q": q, "k": k},
+                                              values={"v": v, "do": do},
+                                              matrices={"states": states, "d_kv": d_kv})
+    for what, dim in (("key dim Dk (q.shape[3])", key_dim),
+                      ("value dim Dv (v.shape[3])", value_dim)):
         if not _fits(dim):
             raise ValueError(f"the {what} must be a power of two in [{MIN_DOT_DIM}, "
                              f"{_MAX_HEAD_DIM}], got {dim}")
@@ -123,51 +127,54 @@ def unsupported_reason(key_dim: int, value_dim: int) -> str | None:
     return None
 
 
-def chunk_grads(qc: Array, kc: Array, vc: Array, doc: Array, b: Array, states: Array,
+def chunk_grads(q: Array, k: Array, v: Array, do: Array, b: Array, states: Array,
                 d_kv: Array, *, num_warps: int | None = None,
                 interpret: bool = False) -> tuple[Array, Array, Array, Array]:
     """The per-chunk gradients of chunkwise retention, in one kernel.
 
-    What `retention._chunkwise_backward` computes from its chunked residuals, the chunked
-    output cotangent and d_kv (see the module docstring for the formulas): the [C, C] weights
-    and score cotangents are cast to the compute dtype before their matmuls, as there; every
-    matmul accumulates in float32 and partial gradients are summed in float32 (retention.py
-    rounds them to the compute dtype first when the decay is fixed; here they stay float32).
+    What `retention._chunkwise_backward` computes from its residuals, the output cotangent
+    and d_kv (see the module docstring for the formulas), reading and writing activations in
+    their [B, Tp, H, D] layout: the [C, C] weights and score cotangents are cast to the
+    compute dtype before their matmuls, as there; every matmul accumulates in float32 and
+    partial gradients are summed in float32 (retention.py rounds them to the compute dtype
+    first when the decay is fixed; here they stay float32).
 
     Args:
-      qc, kc: [B, H, N, C, Dk] chunked queries and keys; C a power of two >= 16.
-      vc, doc: [B, H, N, C, Dv] chunked values and output cotangents.
+      q, k: [B, Tp, H, Dk] queries and keys, Tp = N * C (time padded to whole chunks).
+      v, do: [B, Tp, H, Dv] values and output cotangents.
       b: float32 [G, H, N, C], G in {1, B}: within-chunk inclusive cumulative log decay
-        (G = 1: fixed per-head decay shared by the batch), entries <= 0.
+        (G = 1: fixed per-head decay shared by the batch), entries <= 0; C a power of two
+        >= 16.
       states: [B, H, N, Dk, Dv] state entering each chunk.
-      d_kv: [B, H, N, Dk, Dv] gradient of the state leaving each chunk (the reverse chunk
-        recurrence of the states' cotangents).
+      d_kv: [B, H, N, Dk, Dv] gradient of the state leaving each chunk (`chunk_states` with
+        reverse=True).
       All but b share one floating dtype (the compute dtype); Dk and Dv are powers of two in
       [16, 128] (each program holds a whole [C, Dk] and [C, Dv] tile and two [Dk, Dv] tiles).
       num_warps: Triton warps per program; None picks 4 for small tiles, 8 otherwise.
       interpret: run the kernel in Pallas interpret mode (any backend, e.g. CPU tests).
     Returns:
-      (dq [B, H, N, C, Dk], dk [B, H, N, C, Dk], dv [B, H, N, C, Dv] in the compute dtype,
+      (dq [B, Tp, H, Dk], dk [B, Tp, H, Dk], dv [B, Tp, H, Dv] in the compute dtype,
        db float32 [B, H, N, C]): db is dL/db, the gradient with respect to the cumulative log
       decays (its last position carries the chunk-total terms); the gradient of the per-token
       log decays is its transpose through the within-chunk cumsum. Matmuls use the default
       matmul precision (`jax.default_matmul_precision` applies; on GPU float32 inputs default
       to TF32).
     """
-    _check_chunk_grads_args(qc, kc, vc, doc, b, states, d_kv)
-    batch, heads, chunks, chunk, key_dim = qc.shape
-    value_dim = vc.shape[-1]
-    shared_decay = b.shape[0] == 1
+    _check_chunk_grads_args(q, k, v, do, b, states, d_kv)
+    batch, _, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    chunks, chunk = b.shape[2:]
+    shared = b.shape[0] == 1
     if num_warps is None:
         num_warps = 4 if chunk * max(chunk, key_dim, value_dim) <= 64 * 64 else 8
 
-    def chunk_block(dim):
-        return pl.BlockSpec((None, None, None, chunk, dim), lambda i, h, n: (i, h, n, 0, 0))
+    def chunk_block(dim):  # chunk n of head h: rows n*C .. n*C + C-1 of the time axis
+        return pl.BlockSpec((None, chunk, None, dim), lambda i, h, n: (i, n, h, 0))
 
     state_block = pl.BlockSpec((None, None, None, key_dim, value_dim),
                                lambda i, h, n: (i, h, n, 0, 0))
     decay_block = pl.BlockSpec((None, None, None, chunk),
-                               lambda i, h, n: (0 if shared_decay else i, h, n, 0))
+                               lambda i, h, n: (decay_index(shared, i), h, n, 0))
     return pl.pallas_call(
         _chunk_grads_kernel,
         grid=(batch, heads, chunks),
@@ -175,11 +182,11 @@ def chunk_grads(qc: Array, kc: Array, vc: Array, doc: Array, b: Array, states: A
                   chunk_block(value_dim), decay_block, state_block, state_block],
         out_specs=[chunk_block(key_dim), chunk_block(key_dim), chunk_block(value_dim),
                    pl.BlockSpec((None, None, None, chunk), lambda i, h, n: (i, h, n, 0))],
-        out_shape=[jax.ShapeDtypeStruct(qc.shape, qc.dtype),
-                   jax.ShapeDtypeStruct(qc.shape, qc.dtype),
-                   jax.ShapeDtypeStruct(vc.shape, qc.dtype),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct(v.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, heads, chunks, chunk), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="retention_chunk_grads",
-    )(qc, kc, vc, doc, b, states, d_kv)
+    )(q, k, v, do, b, states, d_kv)

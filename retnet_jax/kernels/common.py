@@ -1,9 +1,15 @@
-"""What the retention kernels share: Triton's tile limits and the checks of chunked inputs."""
+"""What the retention kernels share: Triton's tile limits, column blocks, argument checks.
+
+The kernels take activations as they come, [B, Tp, H, D] (Tp = N * C: the time axis padded to
+whole chunks of C tokens), and index one chunk by its BlockSpec or a `pl.ds` slice of the time
+axis; per-chunk quantities (states, their gradients, cumulative decays) are [B, H, N, ...].
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -14,45 +20,75 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def check_chunked(qc: Array, kc: Array, b: Array, *, values: dict[str, Array],
-                  matrices: dict[str, Array]) -> tuple[int, ...]:
-    """Raises ValueError naming the bad argument unless the chunked inputs agree.
+def column_block(dim: int, most: int = 64) -> int | None:
+    """Columns per program: the largest power of two <= most that divides dim, or None if
+    that is below MIN_DOT_DIM (e.g. dim = 432 -> 16; dim = 24 -> None)."""
+    block = 1 << (max(1, min(most, dim)).bit_length() - 1)
+    while block >= MIN_DOT_DIM and dim % block:
+        block //= 2
+    return block if block >= MIN_DOT_DIM else None
+
+
+def check_block_arg(name: str, block: object) -> int:
+    """Raises ValueError unless block (a most-columns-per-program argument) is a power of two."""
+    if not isinstance(block, (int, np.integer)) or not is_power_of_two(int(block)):
+        raise ValueError(f"{name} must be a power of two, got {block!r}")
+    return int(block)
+
+
+def check_time_major(b: Array, *, keys: dict[str, Array], values: dict[str, Array],
+                     matrices: dict[str, Array]) -> tuple[int, ...]:
+    """Raises ValueError naming the bad argument unless the kernel inputs agree.
 
     Args:
-      qc, kc: [B, H, N, C, Dk] with C a power of two >= MIN_DOT_DIM.
-      b: float32 [G, H, N, C], G in {1, B}.
-      values: name -> [B, H, N, C, Dv] arrays (the first one fixes Dv).
+      b: float32 [G, H, N, C], G in {1, B}, C a power of two >= MIN_DOT_DIM.
+      keys: name -> [B, Tp, H, Dk] arrays, Tp = N * C (the first fixes the shape and the
+        compute dtype).
+      values: name -> [B, Tp, H, Dv] arrays (the first fixes Dv).
       matrices: name -> [B, H, N, Dk, Dv] arrays (per-chunk states or their gradients).
-    Every array but b must have qc's floating dtype.
+    Every array but b must have the compute dtype.
     Returns:
-      (B, H, N, C, Dk, Dv).
+      (B, Tp, H, N, C, Dk, Dv).
     """
-    arrays = {"qc": qc, "kc": kc, **values, **matrices}
-    for name, x in arrays.items():
-        if x.ndim != 5:
-            raise ValueError(f"{name} must have rank 5, got shape {x.shape}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
-        if x.dtype != qc.dtype:
-            raise ValueError(f"{name} must have qc's dtype {qc.dtype}, got {x.dtype}")
-    if kc.shape != qc.shape:
-        raise ValueError(f"kc must have qc's shape {qc.shape} [B, H, N, C, Dk], got {kc.shape}")
-    batch, heads, chunks, chunk, key_dim = qc.shape
+    first, x = next(iter(keys.items()))
+    arrays = {**keys, **values, **matrices}
+    for name, a in arrays.items():
+        rank = 5 if name in matrices else 4
+        if a.ndim != rank:
+            raise ValueError(f"{name} must have rank {rank}, got shape {a.shape}")
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating point, got dtype {a.dtype}")
+        if a.dtype != x.dtype:
+            raise ValueError(f"{name} must have {first}'s dtype {x.dtype}, got {a.dtype}")
+    for name, a in keys.items():
+        if a.shape != x.shape:
+            raise ValueError(f"{name} must have {first}'s shape {x.shape} [B, Tp, H, Dk], "
+                             f"got {a.shape}")
+    batch, padded, heads, key_dim = x.shape
     value_dim = next(iter(values.values())).shape[-1]
-    for name, x in values.items():
-        if x.shape != (batch, heads, chunks, chunk, value_dim):
-            raise ValueError(f"{name} must have shape {qc.shape[:4] + (value_dim,)} "
-                             f"[B, H, N, C, Dv], got {x.shape}")
-    for name, x in matrices.items():
-        if x.shape != (batch, heads, chunks, key_dim, value_dim):
-            raise ValueError(f"{name} must have shape {(batch, heads, chunks, key_dim, value_dim)}"
-                             f" [B, H, N, Dk, Dv], got {x.shape}")
-    if b.ndim != 4 or b.shape[0] not in (1, batch) or b.shape[1:] != (heads, chunks, chunk):
-        raise ValueError(f"b must have shape (1 or {batch}, {heads}, {chunks}, {chunk}) "
-                         f"[G, H, N, C], got {b.shape}")
+    for name, a in values.items():
+        if a.shape != (batch, padded, heads, value_dim):
+            raise ValueError(f"{name} must have shape {(batch, padded, heads, value_dim)} "
+                             f"[B, Tp, H, Dv], got {a.shape}")
+    if b.ndim != 4 or b.shape[0] not in (1, batch) or b.shape[1] != heads:
+        raise ValueError(f"b must have shape (1 or {batch}, {heads}, N, C) [G, H, N, C], "
+                         f"got {b.shape}")
     if b.dtype != jnp.float32:
         raise ValueError(f"b must be float32, got dtype {b.dtype}")
+    chunks, chunk = b.shape[2:]
     if not is_power_of_two(chunk) or chunk < MIN_DOT_DIM:
-        raise ValueError(f"the chunk size C (qc.shape[3]) must be a power of two >= "
+        raise ValueError(f"the chunk size C (b.shape[3]) must be a power of two >= "
                          f"{MIN_DOT_DIM}, got {chunk}")
-    return batch, heads, chunks, chunk, key_dim, value_dim
+    if chunks * chunk != padded:
+        raise ValueError(f"b's N * C = {chunks} * {chunk} must equal the padded time length "
+                         f"Tp ({first}.shape[1]) = {padded}")
+    for name, a in matrices.items():
+        if a.shape != (batch, heads, chunks, key_dim, value_dim):
+            raise ValueError(f"{name} must have shape {(batch, heads, chunks, key_dim, value_dim)}"
+                             f" [B, H, N, Dk, Dv], got {a.shape}")
+    return batch, padded, heads, chunks, chunk, key_dim, value_dim
+
+
+def decay_index(shared: bool, batch_index):
+    """The G index of b [G, H, N, C]: 0 when the decay is shared by the batch (G = 1)."""
+    return 0 if shared else batch_index

@@ -1,0 +1,136 @@
+"""A Pallas kernel for the chunk recurrence of retention's states (forward) and of their
+gradients (backward).
+
+With b_n the within-chunk inclusive cumulative log decays of chunk n [C] and g_n = b_n[C-1]
+its total, chunkwise retention's state entering chunk n + 1 is
+
+    S_{n+1} = exp(g_n) S_n + (k_n * exp(g_n - b_n)[:, None])^T v_n       (forward),
+
+and the gradient of the state leaving chunk m - 1 (`d_kv` in `retention._chunkwise_backward`)
+runs the same recurrence from the end with queries and output cotangents,
+
+    dU_{m-1} = exp(g_m) dU_m + (q_m * exp(b_m)[:, None])^T do_m          (reverse).
+
+`retention._chunk_states` computes these as batched matmuls over chunked [B, H, N, C, D]
+copies. `chunk_states` reads [B, Tp, H, D] activations where they lie: each program owns one
+(batch, head, key block, value block), keeps its [BK, BV] slice of the state in float32
+registers and loops over the chunks in order, loading one chunk's [C, BK] and [C, BV] tiles
+per step; it writes the state at every chunk boundary (in the compute dtype, for the output
+and gradient kernels' matmuls) and the float32 state past the last chunk.
+
+Written for the Pallas Triton backend (GPU) and run with `interpret=True` elsewhere (tests on
+CPU): block dimensions are powers of two, the matmul is a 2-D `lax.dot_general` with each
+dimension >= 16 and float32 accumulation, the loop is a `lax.fori_loop` (an scf.for), shapes
+are static.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from retnet_jax.kernels.common import (
+    MIN_DOT_DIM, check_block_arg, check_time_major, column_block, decay_index)
+
+Array = jax.Array
+
+__all__ = ["chunk_states"]
+
+
+def _chunk_states_kernel(x_ref, y_ref, b_ref, x0_ref, out_ref, final_ref, *, reverse: bool):
+    """One (batch, head, key block, value block) program.
+
+    Refs: x [Tp, BK]; y [Tp, BV] (compute dtype); b float32 [N, C]; x0 float32 [BK, BV].
+    Outputs: out [N, BK, BV] (compute dtype), out[n] the carry just before chunk n is folded
+    in; final float32 [BK, BV], the carry after the loop's last chunk (N-1, or 0 in reverse).
+    """
+    chunks, chunk = b_ref.shape
+    dtype = x_ref.dtype
+    last = jnp.arange(chunk) == chunk - 1
+
+    def step(i, carry):
+        n = chunks - 1 - i if reverse else i
+        out_ref[n] = carry.astype(out_ref.dtype)
+        rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+        b = b_ref[n]                                                    # [C]
+        g = jnp.sum(jnp.where(last, b, 0.0))                            # b[C-1], exactly
+        # Decays to the chunk's end (forward) or from its start (reverse): exponents <= 0.
+        decay = jnp.exp(b) if reverse else jnp.exp(g - b)               # [C]
+        x = (x_ref[rows, :] * decay[:, None]).astype(dtype)             # [C, BK]
+        update = lax.dot_general(x, y_ref[rows, :], (((0,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)    # [BK, BV]
+        return jnp.exp(g) * carry + update
+
+    final_ref[...] = lax.fori_loop(0, chunks, step, x0_ref[...])
+
+
+def chunk_states(x: Array, y: Array, b: Array, x0: Array, *, reverse: bool,
+                 block_k: int = 64, block_v: int = 64, num_warps: int = 4,
+                 num_stages: int = 2, interpret: bool = False) -> tuple[Array, Array]:
+    """The chunk recurrence S <- exp(g_n) S + (x_n * decay_n[:, None])^T y_n, one kernel.
+
+    Forward (reverse=False, x = k, y = v): decay_n = exp(g_n - b_n), chunks n = 0 .. N-1;
+    out[n] is the state entering chunk n and final the state after chunk N-1.
+    Reverse (reverse=True, x = q, y = do, x0 = the final state's cotangent): decay_n =
+    exp(b_n), chunks n = N-1 .. 0; out[n] is d_kv[n], the gradient of the state leaving chunk
+    n, and final the gradient of the initial state. The decayed x tile is cast to the compute
+    dtype before its matmul (as retention.py does); the carry stays float32.
+
+    Args:
+      x: [B, Tp, H, Dk], Tp = N * C; Dk with a power-of-two divisor in [16, block_k].
+      y: [B, Tp, H, Dv], x's dtype (the compute dtype); Dv with a power-of-two divisor in
+        [16, block_v].
+      b: float32 [G, H, N, C], G in {1, B}: within-chunk inclusive cumulative log decay
+        (G = 1: fixed per-head decay shared by the batch), entries <= 0; C a power of two
+        >= 16.
+      x0: float32 [B, H, Dk, Dv], the carry before the first step (the initial state
+        forward, the final state's cotangent in reverse).
+      reverse: run the recurrence from the last chunk to the first, with the reverse decays.
+      block_k, block_v: the most key / value columns per program (powers of two): each
+        program takes the largest power of two dividing Dk / Dv up to these (`column_block`).
+      num_warps, num_stages: Triton warps per program and software-pipelining stages of the
+        chunk loop's loads.
+      interpret: run the kernel in Pallas interpret mode (any backend, e.g. CPU tests).
+    Returns:
+      (out [B, H, N, Dk, Dv] in x's dtype, final float32 [B, H, Dk, Dv]). Matmuls use the
+      default matmul precision (on GPU float32 inputs default to TF32).
+    """
+    batch, padded, heads, chunks, chunk, key_dim, value_dim = check_time_major(
+        b, keys={"x": x}, values={"y": y}, matrices={})
+    if x0.shape != (batch, heads, key_dim, value_dim) or x0.dtype != jnp.float32:
+        raise ValueError(f"x0 must be float32 {(batch, heads, key_dim, value_dim)} "
+                         f"[B, H, Dk, Dv], got {x0.dtype} {x0.shape}")
+    bk = column_block(key_dim, check_block_arg("block_k", block_k))
+    bv = column_block(value_dim, check_block_arg("block_v", block_v))
+    for what, dim, most, block in (("key dim Dk (x.shape[3])", key_dim, block_k, bk),
+                                   ("value dim Dv (y.shape[3])", value_dim, block_v, bv)):
+        if block is None:
+            raise ValueError(f"the {what} = {dim} has no power-of-two divisor in "
+                             f"[{MIN_DOT_DIM}, {most}]")
+    shared = b.shape[0] == 1
+
+    return pl.pallas_call(
+        functools.partial(_chunk_states_kernel, reverse=bool(reverse)),
+        grid=(batch, heads, key_dim // bk, value_dim // bv),
+        in_specs=[
+            pl.BlockSpec((None, padded, None, bk), lambda i, h, p, j: (i, 0, h, p)),
+            pl.BlockSpec((None, padded, None, bv), lambda i, h, p, j: (i, 0, h, j)),
+            pl.BlockSpec((None, None, chunks, chunk),
+                         lambda i, h, p, j: (decay_index(shared, i), h, 0, 0)),
+            pl.BlockSpec((None, None, bk, bv), lambda i, h, p, j: (i, h, p, j)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, chunks, bk, bv), lambda i, h, p, j: (i, h, 0, p, j)),
+            pl.BlockSpec((None, None, bk, bv), lambda i, h, p, j: (i, h, p, j)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, chunks, key_dim, value_dim), x.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="retention_chunk_states_reverse" if reverse else "retention_chunk_states",
+    )(x, y, b, x0)
