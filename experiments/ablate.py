@@ -9,6 +9,9 @@ Finished cells are skipped, so an interrupted grid resumes where it stopped; gri
 an --out folder share their common cells.
 """
 
+import os
+import sys
+
 from absl import app, flags, logging
 
 from retnet_jax import ablation
@@ -36,6 +39,9 @@ def main(argv):
         print(f"shard {_SHARD.value}: {len(rows)} runs in {out}/ (tables come from a run "
               "without --shard)")
         return
+    if not os.path.exists(f"{out}/{_GRID.value}.md"):   # stopped early (SIGTERM)
+        sys.exit(f"{_GRID.value}: {len(rows)} runs finished, the grid is incomplete; rerun "
+                 "the same command to resume")
     with open(f"{out}/{_GRID.value}.md") as f:
         print(f.read())
     print(f"tables and plots in {out}/")

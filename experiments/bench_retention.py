@@ -337,12 +337,14 @@ def check_correctness(fla) -> None:
         if "scan" in FLAGS.impls:
             candidates[f"scan_c{chunk}"] = ours_fn("scan", chunk)
         for name, fn in candidates.items():
+            starting(f"check {name}", FLAGS.check_shape, decay, "fwdbwd")
             got = jax.jit(lambda q, k, v, a, do, fn=fn: grads_of(fn, q, k, v, a, do))(
                 q, k, v, a, do)
             for n, x, r in zip(names, got, ref):
                 record_check(name, decay, n, rel_errors(x, r))
         if fla is not None and "fla" in FLAGS.impls:
             torch = fla[0]
+            starting("check fla", FLAGS.check_shape, decay, "fwdbwd")
             try:
                 tin = fla_inputs(fla, inputs, "fwdbwd", gated)
                 _, cr, csg, _ = fla
@@ -397,6 +399,7 @@ def time_all(fla) -> None:
                     if time.time() - _START > FLAGS.time_budget_s:
                         print("time budget spent; skipping", name, shape_text, decay, mode)
                         continue
+                    starting(name, shape_text, decay, mode)
                     try:
                         call = jax_call(fn, mode, gated)
                         if FLAGS.hlo_dir and si == min(1, len(FLAGS.shapes) - 1) and \
@@ -415,6 +418,7 @@ def time_all(fla) -> None:
                 if "fla" in FLAGS.impls and fla is not None:
                     if time.time() - _START > FLAGS.time_budget_s:
                         continue
+                    starting("fla", shape_text, decay, mode)
                     try:
                         tsets = [fla_inputs(fla, s, mode, gated) for s in sets]
                         call = fla_call(fla, mode, gated)
@@ -428,6 +432,12 @@ def time_all(fla) -> None:
                     except Exception as e:  # noqa: BLE001
                         record_error("fla", shape_text, decay, mode, e)
             del sets
+
+
+def starting(name, shape, decay, mode) -> None:
+    """One line before each check and timing, so a hang (a stuck kernel, a Triton autotune
+    that never ends) names its culprit in the log."""
+    print(f"start {name} {shape} {decay} {mode} at {time.time() - _START:.0f}s", flush=True)
 
 
 def record(name, shape, decay, mode, ms, runs, bw, compile_s) -> None:
