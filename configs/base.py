@@ -48,6 +48,7 @@ def model_defaults() -> ml_collections.ConfigDict:
         use_swish_gate=True,
         use_head_norm=True,
         gate_logit_normalizer=16.0,
+        gate_bias=config_dict.placeholder(float),    # None: YOCO's bias-free gate
         chunk_size=64,
         retention_kernel="xla",  # or 'pallas' (fused GPU kernel, falls back to XLA)
         # Attention.

@@ -359,10 +359,13 @@ class MultiScaleRetention(RetentionBase):
 class GatedRetention(RetentionBase):
     """Gated retention (gRet, YOCO's GateRetention): a data-dependent decay per token and head,
 
-        log_decay[b, t, h] = logsigmoid(x W_gt)[b, t, h] / gate_logit_normalizer  (16 in YOCO)
+        log_decay[b, t, h] = logsigmoid(x W_gt + c)[b, t, h] / gate_logit_normalizer  (16 in YOCO)
 
     computed by the same retention forms, with no row scaling (YOCO has none). W_gt: d_model ->
-    heads, bias-free like YOCO's gt_proj, xavier gain 2^-2.5; out_proj xavier gain 2^-1 (YOCO).
+    heads, xavier gain 2^-2.5; out_proj xavier gain 2^-1 (YOCO). c: none (gate_bias=None,
+    YOCO's bias-free gt_proj) or a learned per-head bias [heads] initialised to gate_bias,
+    which sets the initial memory: the decay starts near sigmoid(gate_bias)^(1/normalizer)
+    (0.958 per token for no bias, 0.997 for gate_bias = 3 at normalizer 16).
     """
 
     out_gain = 0.5
@@ -370,7 +373,7 @@ class GatedRetention(RetentionBase):
     def __init__(self, d_model: int, *, num_heads: int, value_dim: int, use_swish_gate: bool,
                  use_head_norm: bool, norm_eps: float, chunk_size: int,
                  gate_logit_normalizer: float, dtype, param_dtype, rngs: nnx.Rngs,
-                 kernel: str = "xla"):
+                 gate_bias: float | None = None, kernel: str = "xla"):
         super().__init__(d_model, num_heads=num_heads, value_dim=value_dim,
                          use_swish_gate=use_swish_gate, use_head_norm=use_head_norm,
                          norm_eps=norm_eps, chunk_size=chunk_size, dtype=dtype,
@@ -378,10 +381,16 @@ class GatedRetention(RetentionBase):
         self.gate_logit_normalizer = gate_logit_normalizer
         self.gt_proj = linear(d_model, num_heads, ("embed", None), init=xavier_uniform(2**-2.5),
                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gt_bias = (None if gate_bias is None else
+                        nnx.Param(jnp.full((num_heads,), gate_bias, param_dtype),
+                                  **sharded((None,))))
 
     def log_decay(self, x: Array) -> Array:
         """float32 [batch, time, heads], <= 0."""
-        return jax.nn.log_sigmoid(self.gt_proj(x).astype(jnp.float32)) / self.gate_logit_normalizer
+        logits = self.gt_proj(x).astype(jnp.float32)
+        if self.gt_bias is not None:
+            logits = logits + self.gt_bias[...].astype(jnp.float32)
+        return jax.nn.log_sigmoid(logits) / self.gate_logit_normalizer
 
 
 # --------------------------------------------------------------------------- attention

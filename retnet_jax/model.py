@@ -84,7 +84,9 @@ class ModelConfig:
       sqrt_row_scaling: torchscale's 1/sqrt(sum_m gamma^(n-m)) row scaling (fixed decay only).
       use_swish_gate: silu(x Wg) * o before out_proj; False removes Wg.
       use_head_norm: per-head RMSNorm (torchscale's "group norm") of the retention output.
-      gate_logit_normalizer: gRet log decay = logsigmoid(x W_gt) / this (16 in YOCO).
+      gate_logit_normalizer: gRet log decay = logsigmoid(x W_gt + c) / this (16 in YOCO).
+      gate_bias: c, None (YOCO's bias-free gate) or the initial value of a learned per-head
+        bias: the initial memory of gated retention (see `layers.GatedRetention`).
       chunk_size: chunk length of the chunkwise form.
       retention_kernel: chunkwise implementation, 'xla' (default), 'pallas' (the fused
         `kernels` for the output and the per-chunk gradients, on GPU; XLA elsewhere or for
@@ -123,6 +125,7 @@ class ModelConfig:
     use_swish_gate: bool = True
     use_head_norm: bool = True
     gate_logit_normalizer: float = 16.0
+    gate_bias: float | None = None
     chunk_size: int = 64
     retention_kernel: str = "xla"
     attention_impl: str | None = None
@@ -197,6 +200,9 @@ class ModelConfig:
             _fail("logit_soft_cap", f"must be >= 0 (0 is off), got {self.logit_soft_cap}")
         if not self.gate_logit_normalizer > 0.0:
             _fail("gate_logit_normalizer", f"must be > 0, got {self.gate_logit_normalizer}")
+        if self.gate_bias is not None and not (
+                isinstance(self.gate_bias, (int, float)) and math.isfinite(self.gate_bias)):
+            _fail("gate_bias", f"must be None or a finite number, got {self.gate_bias}")
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
             _fail("attention_impl", f"must be one of {ATTENTION_IMPLEMENTATIONS}, "
                   f"got {self.attention_impl!r}")
@@ -309,7 +315,7 @@ def _make_mixer(kind: str, config: ModelConfig, rngs: nnx.Rngs):
                                    decay_gamma=config.decay_gamma,
                                    sqrt_row_scaling=config.sqrt_row_scaling, **common)
     return GatedRetention(config.d_model, gate_logit_normalizer=config.gate_logit_normalizer,
-                          **common)
+                          gate_bias=config.gate_bias, **common)
 
 
 class Block(nnx.Module):

@@ -121,6 +121,8 @@ def yoco_gated_retention(layer: layers.GatedRetention, x: np.ndarray) -> np.ndar
     """YOCO GateRetention with parallel_gate_retention, float64."""
     q, k, v = ref_qkv(layer, x)
     gt = ref_heads(x @ kernel(layer.gt_proj), layer.num_heads)[..., 0]          # [B, H, T]
+    if layer.gt_bias is not None:
+        gt = gt + np.asarray(layer.gt_bias[...], np.float64)[None, :, None]
     gt = -np.logaddexp(0.0, -gt) / layer.gate_logit_normalizer                 # logsigmoid
     cum = np.cumsum(gt, axis=-1)
     causal = np.tril(np.ones((x.shape[1],) * 2, bool))
@@ -209,6 +211,30 @@ def test_gated_retention_matches_yoco_in_every_mode(normalizer):
     want = yoco_gated_retention(layer, np.asarray(x, np.float64))
     for mode in layers.FORWARD_MODES:
         assert rel_err(run_mixer(layer, x, mode), want) <= RTOL, mode
+
+
+def test_gated_retention_with_gate_bias_matches_yoco_in_every_mode():
+    layer = make_gated(seed=3, gate_bias=3.0)        # randomized: bias ~ 1 + N(0, 0.5^2) per head
+    assert layer.gt_bias[...].shape == (HEADS,)
+    x = random_x(3)
+    want = yoco_gated_retention(layer, np.asarray(x, np.float64))
+    for mode in layers.FORWARD_MODES:
+        assert rel_err(run_mixer(layer, x, mode), want) <= RTOL, mode
+
+
+@pytest.mark.parametrize("gate_bias", [None, 0.0, 3.0])
+def test_gate_bias_sets_the_initial_memory(gate_bias):
+    """With W_gt zeroed the decay is sigmoid(bias)^(1/normalizer) (bias 0 without one)."""
+    layer = layers.GatedRetention(D_MODEL, num_heads=HEADS, value_dim=VALUE_DIM,
+                                  use_swish_gate=True, use_head_norm=True, norm_eps=1e-5,
+                                  chunk_size=8, gate_logit_normalizer=16.0, dtype=jnp.float32,
+                                  param_dtype=jnp.float32, gate_bias=gate_bias,
+                                  rngs=nnx.Rngs(0))
+    assert (layer.gt_bias is None) == (gate_bias is None)
+    layer.gt_proj.kernel[...] = jnp.zeros_like(layer.gt_proj.kernel[...])
+    decay = np.exp(np.asarray(layer.log_decay(random_x(0)), np.float64))
+    bias = 0.0 if gate_bias is None else gate_bias
+    np.testing.assert_allclose(decay, (1 / (1 + np.exp(-bias))) ** (1 / 16), rtol=1e-6)
 
 
 def test_attention_matches_reference():

@@ -280,6 +280,8 @@ def test_bad_mode_and_cache_arguments_raise(tiny_model):
     (dict(vocab_size=0), "vocab_size"),
     (dict(chunk_size=2.5), "chunk_size"),
     (dict(logit_soft_cap=-1.0), "logit_soft_cap"),
+    (dict(gate_bias=float("nan")), "gate_bias"),
+    (dict(gate_bias="3"), "gate_bias"),
 ])
 def test_config_validation_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
@@ -409,3 +411,13 @@ def test_pallas_kernel_falls_back_to_xla(sizes, reason, caplog):
     if not sizes:  # sizes the kernel cannot take: an error when it is asked for explicitly
         with pytest.raises(ValueError, match="retention_kernel='pallas_interpret': value head"):
             forward(with_config(plain, retention_kernel="pallas_interpret"), tokens)
+
+
+def test_gate_bias_reaches_every_gated_block():
+    config = small_config(SCHEDULES["hybrid"], gate_bias=2.5)
+    model = RetNetLM(config, rngs=nnx.Rngs(0))
+    biases = [b.mixer.gt_bias[...] for b, kind in zip(model.blocks, config.mixers)
+              if kind == "gated_retention"]
+    assert biases and all(np.allclose(b, 2.5) and b.shape == (2,) for b in biases)
+    assert all(getattr(b.mixer, "gt_bias", None) is None
+               for b in RetNetLM(small_config(SCHEDULES["hybrid"]), rngs=nnx.Rngs(0)).blocks)
