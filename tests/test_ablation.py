@@ -28,6 +28,10 @@ def test_variants_change_what_they_say():
     assert set(decay["gated"]) == {"gated_retention"}
     assert set(decay["transformer"]) == {"attention"}
     assert set(decay["hybrid"]) == {"gated_retention", "attention"}
+    mqar = {c.variant: ablation.cell_config(c, "tiny", 0).model
+            for c in ablation.make_cells("decay_mqar", "tiny")}
+    assert mqar["gated_bias3"].gate_bias == 3.0 and mqar["gated"].gate_bias is None
+    assert set(mqar["gated_bias3"].layer_schedule) == {"gated_retention"}
 
 
 def test_mqar_cells_use_the_scales_recall_model():
