@@ -12,6 +12,7 @@ measured copy bandwidth), decode-state bytes, and XLA's temporary bytes of the d
 
 import dataclasses
 import json
+import re
 import time
 
 from absl import app, flags
@@ -77,6 +78,27 @@ def decode_loop(graphdef, new_tokens: int):
         (tokens, cache), _ = jax.lax.scan(step, (tokens, cache), None, length=new_tokens)
         return tokens, cache
     return jax.jit(run, donate_argnums=1)
+
+
+# HLO instructions that launch no kernel of their own.
+_NO_KERNEL = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "while",
+              "conditional", "call", "after-all", "opt-barrier", "partition-id", "replica-id"}
+
+
+def hlo_kernels(compiled) -> int:
+    """Kernel-launching instructions outside fused computations in the compiled module: with
+    the decode loop's body counted once, about the kernels launched per decoded token (each
+    fusion, library call and unfused op is one launch; at ~4 us each this bounds a small
+    batch's latency from below however fast the GPU)."""
+    count, fused = 0, False
+    for line in compiled.as_text().splitlines():
+        if line and not line[0].isspace():              # a computation's header
+            fused = line.lstrip("%").startswith("fused")
+            continue
+        match = re.match(r"\s+(?:ROOT )?\S+ = \S+ ([\w-]+)\(", line)
+        if match and not fused and match.group(1) not in _NO_KERNEL:
+            count += 1
+    return count
 
 
 def tree_bytes(tree) -> int:
@@ -149,6 +171,7 @@ def main(argv):
                     ms = float(np.median(times)) / new * 1e3
                     temp = compiled.memory_analysis().temp_size_in_bytes
                     row.update(ms_per_token=ms, tokens_per_s=batch / ms * 1e3,
+                               hlo_kernels_per_token=hlo_kernels(compiled),
                                temp_gib=temp / 2**30,
                                total_gib=(m["weight_bytes"] + state_bytes + temp) / 2**30,
                                floor_ratio=ms / m["floor_ms"])
@@ -156,16 +179,17 @@ def main(argv):
                 results.append(row)
                 print(json.dumps(row))
 
-    print("\n| model | batch | context | ms/token | tokens/s | x floor | state GiB | "
-          "weights+state+temp GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| model | batch | context | ms/token | tokens/s | x floor | kernels/token | "
+          "state GiB | weights+state+temp GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         if "skipped" in r:
-            print(f"| {r['model']} | {r['batch']} | {r['context']} | {r['skipped']} | | | "
+            print(f"| {r['model']} | {r['batch']} | {r['context']} | {r['skipped']} | | | | "
                   f"{r['state_gib']:.2f} | |")
         else:
             print(f"| {r['model']} | {r['batch']} | {r['context']} | {r['ms_per_token']:.3f} | "
-                  f"{r['tokens_per_s']:,.0f} | {r['floor_ratio']:.2f} | {r['state_gib']:.3f} | "
+                  f"{r['tokens_per_s']:,.0f} | {r['floor_ratio']:.2f} | "
+                  f"{r['hlo_kernels_per_token']} | {r['state_gib']:.3f} | "
                   f"{r['total_gib']:.2f} |")
     if _OUT.value:
         with open(_OUT.value, "w") as f:
