@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from retnet_jax import positions, retention
+from retnet_jax import positions, retention, sharding
 
 Array = jax.Array
 
@@ -39,6 +39,7 @@ __all__ = [
     "xavier_uniform", "sharded", "linear", "attention_implementation",
     "RMSNorm", "rms_normalize", "GatedFFN",
     "RetentionCache", "AttentionCache", "sqrt_row_scale", "RETENTION_KERNELS", "run_retention",
+    "retention_kernel_specs",
     "RetentionBase", "MultiScaleRetention", "GatedRetention", "Attention",
 ]
 
@@ -194,6 +195,69 @@ def _pallas_or_fallback(kernel: str, q: Array, v: Array, chunk_size: int) -> dic
     return {"interpret": False}
 
 
+def _kernel_mesh() -> jax.sharding.AbstractMesh | None:
+    """The mesh in context (`jax.set_mesh`, `jax.sharding.use_abstract_mesh`) to run the
+    Pallas kernels per shard on, or None to call them on the whole arrays: no mesh or one
+    device, a mesh without `sharding.MESH_AXES`, or inside a shard_map (some axis Manual;
+    the arrays there are already local)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if (mesh.empty or mesh.size <= 1 or mesh.manual_axes
+            or not set(sharding.MESH_AXES) <= set(mesh.axis_names)):
+        return None
+    return mesh
+
+
+def retention_kernel_specs(mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh,
+                           q_shape: Sequence[int], log_decay_ndim: int
+                           ) -> tuple[jax.sharding.PartitionSpec, ...]:
+    """shard_map specs of the kernel's (activations, log_decay, state) on `mesh`.
+
+    Batch goes over `sharding.BATCH_AXES` and heads over 'tensor' (the logical 'batch' and
+    'heads' of `sharding.LOGICAL_AXIS_RULES`); a dimension its mesh axes do not divide is
+    replicated along them, as for parameters. Time and head dims are never split.
+
+    Args:
+      mesh: the device mesh (its axis sizes are all that is read).
+      q_shape: [batch, time, heads, key_dim].
+      log_decay_ndim: 1 (fixed, [heads]) or 3 (gated, [batch, time, heads]).
+    Returns:
+      (spec of q, k, v and o [B, T, H, D]; of log_decay; of the state [B, H, Dk, Dv]).
+    """
+    P = jax.sharding.PartitionSpec
+    batch, _, heads, _ = sharding.logical_to_mesh_spec(("batch", None, "heads", None),
+                                                       q_shape, mesh)
+    decay = P(heads) if log_decay_ndim == 1 else P(batch, None, heads)
+    return P(batch, None, heads, None), decay, P(batch, heads, None, None)
+
+
+def _sharded_pallas(mesh: jax.sharding.AbstractMesh, q: Array, k: Array, v: Array,
+                    log_decay: Array, initial_state: Array | None, **kwargs
+                    ) -> tuple[Array, Array]:
+    """`kernels.chunkwise_retention_pallas` run by `jax.shard_map` on each device's
+    [B_local, T, H_local, D] block: retention is independent per sequence and per head, so
+    no collectives are needed (a pallas_call has no SPMD partitioning rule; without this,
+    XLA would gather its inputs and run the whole batch on every device). The backward
+    pass of a fixed [H] decay, shared by the batch, is summed over the batch axes by
+    shard_map's transpose.
+
+    Arrays and kwargs as `kernels.chunkwise_retention_pallas`; returns (o, final state).
+    """
+    from retnet_jax import kernels
+    act, decay, state = retention_kernel_specs(mesh, q.shape, log_decay.ndim)
+
+    def local(q, k, v, log_decay, *initial_state):
+        return kernels.chunkwise_retention_pallas(
+            q, k, v, log_decay, initial_state=initial_state[0] if initial_state else None,
+            **kwargs)
+
+    args = (q, k, v, log_decay) + (() if initial_state is None else (initial_state,))
+    in_specs = (act, act, act, decay) + (() if initial_state is None else (state,))
+    # check_vma=False: pallas_call's outputs carry no varying-axes types (its out_shape
+    # would need them); the specs above say how everything is split.
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(act, state),
+                         check_vma=False)(*args)
+
+
 def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
                   chunk_size: int, initial_state: Array | None,
                   kernel: str = "xla") -> tuple[Array, Array | None]:
@@ -208,6 +272,9 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
         parallel form has no state and accepts only None.
       kernel: the chunkwise implementation, one of RETENTION_KERNELS ('pallas' falls back to
         'xla', with one warning per reason, off GPU or for sizes the kernel does not take).
+        With a multi-device mesh in context (`jax.set_mesh`, or
+        `jax.sharding.use_abstract_mesh` inside jit, as `train.Trainer` does), the Pallas
+        kernels run per shard under `jax.shard_map` (`retention_kernel_specs`).
     Returns:
       (o [batch, time, heads, value_dim], final state or None for the parallel form).
     """
@@ -219,6 +286,10 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
     if mode == "chunkwise":
         pallas = _pallas_or_fallback(kernel, q, v, chunk_size)
         if pallas is not None:
+            mesh = _kernel_mesh()
+            if mesh is not None:
+                return _sharded_pallas(mesh, q, k, v, log_decay, initial_state,
+                                       chunk_size=chunk_size, **pallas)
             from retnet_jax import kernels
             return kernels.chunkwise_retention_pallas(q, k, v, log_decay, chunk_size=chunk_size,
                                                       initial_state=initial_state, **pallas)

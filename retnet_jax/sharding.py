@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = [
     "MESH_AXES", "BATCH_AXES", "LOGICAL_AXIS_RULES", "MeshConfig", "make_mesh",
@@ -98,7 +98,8 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
                          devices=devices)
 
 
-def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[int],
+                         mesh: Mesh | AbstractMesh,
                          rules: Mapping[str, Any] = LOGICAL_AXIS_RULES) -> P:
     """The mesh PartitionSpec of an array from its logical names.
 
@@ -106,7 +107,7 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[i
         logical: one logical name (or None) per dimension, e.g. ('embed', 'mlp'); None or ()
             for a replicated array.
         shape: the array's shape; same length as `logical` unless `logical` is empty.
-        mesh: the mesh, for axis sizes.
+        mesh: the mesh (or abstract mesh), for axis sizes.
         rules: logical name -> mesh axis name, tuple of names, or None.
 
     Returns:

@@ -9,8 +9,10 @@ Top to bottom:
 - `Trainer`: parameter and optimizer-state shardings from the model's logical axis names
   (`sharding.LOGICAL_AXIS_RULES`), and `jax.jit` train/eval steps with explicit in/out
   shardings (pjit). The model is split once into (graphdef, params); the steps are pure
-  functions of a `TrainState` that rebuild the model with `nnx.merge` inside. Gradient
-  accumulation is a scan over micro-batches inside the train step.
+  functions of a `TrainState` that rebuild the model with `nnx.merge` inside, under the mesh
+  (`jax.sharding.use_abstract_mesh`), so `retention_kernel='pallas'` runs its kernels per
+  device shard (`layers.run_retention`). Gradient accumulation is a scan over micro-batches
+  inside the train step.
 - Loop: `train_and_evaluate(config, workdir)`: resume, train, log, evaluate, sample,
   checkpoint, stop cleanly on SIGTERM or a non-finite loss, summarise.
 - Inference: `restore_params`, `load_model` and `evaluate_checkpoint` read a workdir back
@@ -25,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import math
 import os
 import signal
@@ -267,6 +268,10 @@ class TrainState(NamedTuple):
 class Trainer:
     """Sharded, jitted init/train/eval steps for one model config on one mesh.
 
+    The model runs under the mesh's abstract mesh, so Pallas retention kernels run on each
+    device's [batch, time, heads, dim] shard (batch over `sharding.BATCH_AXES`, heads over
+    'tensor'; see `layers.retention_kernel_specs`).
+
     Attributes:
         graphdef: the model's structure; `nnx.merge(graphdef, params)` is the model.
         state_shardings: a TrainState of NamedShardings (params and optimizer moments by
@@ -281,13 +286,6 @@ class Trainer:
     """
 
     def __init__(self, model_config: Any, config: TrainConfig, mesh: Mesh):
-        if model_config.retention_kernel == "pallas" and mesh.size > 1:
-            # pallas_call has no SPMD partitioning rule: on a mesh XLA would gather its inputs
-            # and run the whole batch on every device.
-            logging.getLogger(__name__).warning(
-                "retention_kernel='pallas' runs on one device only; using 'xla' on this "
-                "%d-device mesh", mesh.size)
-            model_config = dataclasses.replace(model_config, retention_kernel="xla")
         self.model_config, self.config, self.mesh = model_config, config, mesh
         self.graphdef, abstract_params, param_specs = _abstract_model(model_config)
         self.schedule = make_schedule(config)
@@ -337,7 +335,10 @@ class Trainer:
                           opt_state=self.tx.init(params), rng=rng)
 
     def _sums(self, params: Params, batch: Batch) -> dict[str, jax.Array]:
-        logits = nnx.merge(self.graphdef, params)(batch["inputs"])
+        # The mesh in context while tracing lets `layers.run_retention` run the Pallas kernels
+        # per shard (shard_map); the arrays' shardings come from the steps' in_shardings.
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            logits = nnx.merge(self.graphdef, params)(batch["inputs"])
         return loss_sums(logits, batch, z_loss=self.config.z_loss)
 
     def _grads_and_sums(self, params: Params, batch: Batch) -> tuple[Params, dict]:
