@@ -195,18 +195,6 @@ def _pallas_or_fallback(kernel: str, q: Array, v: Array, chunk_size: int) -> dic
     return {"interpret": False}
 
 
-def _kernel_mesh() -> jax.sharding.AbstractMesh | None:
-    """The mesh in context (`jax.set_mesh`, `jax.sharding.use_abstract_mesh`) to run the
-    Pallas kernels per shard on, or None to call them on the whole arrays: no mesh or one
-    device, a mesh without `sharding.MESH_AXES`, or inside a shard_map (some axis Manual;
-    the arrays there are already local)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if (mesh.empty or mesh.size <= 1 or mesh.manual_axes
-            or not set(sharding.MESH_AXES) <= set(mesh.axis_names)):
-        return None
-    return mesh
-
-
 def retention_kernel_specs(mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh,
                            q_shape: Sequence[int], log_decay_ndim: int
                            ) -> tuple[jax.sharding.PartitionSpec, ...]:
@@ -286,7 +274,7 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
     if mode == "chunkwise":
         pallas = _pallas_or_fallback(kernel, q, v, chunk_size)
         if pallas is not None:
-            mesh = _kernel_mesh()
+            mesh = sharding.mesh_in_context()
             if mesh is not None:
                 return _sharded_pallas(mesh, q, k, v, log_decay, initial_state,
                                        chunk_size=chunk_size, **pallas)

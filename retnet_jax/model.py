@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from retnet_jax import positions
+from retnet_jax import positions, sharding
 from retnet_jax.layers import (
     ACTIVATIONS, FORWARD_MODES, LOGICAL_AXIS_NAMES, RETENTION_KERNELS, Attention, AttentionCache,
     GatedFFN, GatedRetention, MultiScaleRetention, RetentionCache, RMSNorm, sharded)
@@ -345,9 +345,13 @@ def schedule_period(mixers: tuple[str, ...]) -> int:
                 if n % p == 0 and all(m == mixers[i % p] for i, m in enumerate(mixers)))
 
 
+_RESIDUAL = ("batch", None, None)   # logical names of the residual stream [B, T, D]
+
+
 def _block_output(block: Block, x: Array, mode: str) -> Array:
-    """Full-sequence application of one block (the unit that `remat` recomputes)."""
-    return block(x, mode=mode)[0]
+    """Full-sequence application of one block (the unit that `remat` recomputes); the
+    output is kept batch-sharded on the mesh in context (`sharding.constrain`)."""
+    return sharding.constrain(block(x, mode=mode)[0], _RESIDUAL)
 
 
 @flax.struct.dataclass
@@ -501,11 +505,17 @@ class RetNetLM(nnx.Module):
                              f"{self.config.max_seq_len}")
 
     def _embed(self, tokens: Array) -> Array:
-        """int [batch, time] -> [batch, time, d_model] in the compute dtype."""
-        x = self.embed(tokens)
+        """int [batch, time] -> [batch, time, d_model] in the compute dtype.
+
+        The lookup reads the table with d_model whole (on a mesh: all-gathered over 'fsdp'
+        first, as FSDP does for every weight): a lookup into the d_model-split table would
+        give d_model-split rows that XLA can only reshard to batch-split ones by replicating.
+        """
+        table = sharding.constrain(self.embed.embedding[...], ("vocab", None))
+        x = jnp.take(table.astype(self.config.compute_dtype), tokens, axis=0)
         if self.config.scale_embedding:
             x = x * jnp.asarray(math.sqrt(self.config.d_model), x.dtype)
-        return x
+        return sharding.constrain(x, _RESIDUAL)
 
     def _logits(self, x: Array) -> Array:
         """[batch, time, d_model] -> float32 [batch, time, vocab] (float32 accumulation)."""

@@ -27,7 +27,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 __all__ = [
     "MESH_AXES", "BATCH_AXES", "LOGICAL_AXIS_RULES", "MeshConfig", "make_mesh",
     "logical_to_mesh_spec", "tree_shardings", "batch_sharding", "replicated",
-    "put_batch",
+    "put_batch", "mesh_in_context", "constrain",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -133,6 +133,33 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[i
         used |= set(axes)
         spec.append(axes[0] if len(axes) == 1 else axes)
     return P(*spec)
+
+
+def mesh_in_context() -> AbstractMesh | None:
+    """The multi-device mesh in context (`jax.set_mesh`, `jax.sharding.use_abstract_mesh`;
+    the Trainer traces its steps under its mesh) with this library's `MESH_AXES`, or None:
+    no mesh, one device, other axis names, or inside a shard_map (some axis Manual: the
+    arrays there are already local)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if (mesh.empty or mesh.size <= 1 or mesh.manual_axes
+            or not set(MESH_AXES) <= set(mesh.axis_names)):
+        return None
+    return mesh
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """x with its sharding pinned to its logical names on the mesh in context (a no-op
+    without one, see `mesh_in_context`).
+
+    Activations need this where XLA's propagation would otherwise follow the FSDP-sharded
+    weights: without it, on a mesh with fsdp > 1 the residual stream ends up split along
+    d_model and [B, T, D] activations are all-gathered around every block.
+    """
+    mesh = mesh_in_context()
+    if mesh is None:
+        return x
+    spec = logical_to_mesh_spec(logical, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def _mesh_axes(name: str | None, rules: Mapping[str, Any]) -> tuple[str, ...]:
