@@ -9,7 +9,6 @@ Finished cells are skipped, so an interrupted grid resumes where it stopped; gri
 an --out folder share their common cells.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -32,16 +31,16 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     out = _OUT.value or f"results/{_SCALE.value}/{_GRID.value}"
     shard = tuple(int(x) for x in _SHARD.value.split("/"))
-    rows = ablation.run_grid(_GRID.value, out, scale=_SCALE.value,
-                             seeds=[int(s) for s in _SEEDS.value], variants=_VARIANTS.value,
-                             shard=shard)
+    try:
+        rows = ablation.run_grid(_GRID.value, out, scale=_SCALE.value,
+                                 seeds=[int(s) for s in _SEEDS.value], variants=_VARIANTS.value,
+                                 shard=shard)
+    except ablation.GridStopped as stopped:   # SIGTERM: exit non-zero, naming what is left
+        sys.exit(str(stopped))
     if shard != (0, 1):
         print(f"shard {_SHARD.value}: {len(rows)} runs in {out}/ (tables come from a run "
               "without --shard)")
         return
-    if not os.path.exists(f"{out}/{_GRID.value}.md"):   # stopped early (SIGTERM)
-        sys.exit(f"{_GRID.value}: {len(rows)} runs finished, the grid is incomplete; rerun "
-                 "the same command to resume")
     with open(f"{out}/{_GRID.value}.md") as f:
         print(f.read())
     print(f"tables and plots in {out}/")

@@ -41,8 +41,8 @@ from retnet_jax import positions, sharding
 from retnet_jax import train as train_lib
 from retnet_jax.model import ModelConfig, parameter_matched, transformer_baseline
 
-__all__ = ["Cell", "SCALES", "GRIDS", "VARIANTS", "make_cells", "cell_config", "run_grid",
-           "summarise", "write_tables", "plot_results"]
+__all__ = ["Cell", "SCALES", "GRIDS", "VARIANTS", "GridStopped", "make_cells", "cell_config",
+           "run_grid", "summarise", "write_tables", "plot_results"]
 
 RESULT_FILE = "result.json"
 
@@ -283,6 +283,10 @@ def _run_cell(cell: Cell, scale: str, seed: int, workdir: str) -> dict[str, Any]
     return row
 
 
+class GridStopped(RuntimeError):
+    """A grid stopped by SIGTERM before all its runs finished; calling again resumes it."""
+
+
 def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[int] = (0,),
              variants: Sequence[str] | None = None, shard: tuple[int, int] = (0, 1),
              progress: bool = True) -> list[dict[str, Any]]:
@@ -299,7 +303,9 @@ def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[in
     without writing that run's row or the tables; calling again resumes.
 
     Returns:
-      One row per cell and seed (the rows of <grid>.csv); after SIGTERM, the finished ones.
+      One row per cell and seed (the rows of <grid>.csv).
+    Raises:
+      GridStopped: after SIGTERM stopped a run (its checkpoint is saved).
     """
     cells = make_cells(grid, scale)
     if variants is not None:
@@ -322,7 +328,8 @@ def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[in
             continue
         row = _run_cell(cell, scale, seed, workdir)
         if row is None:  # stopped by SIGTERM: so is the grid (no row, no tables)
-            return rows
+            raise GridStopped(f"{grid}: stopped during {cell.name} seed {seed}; {len(rows)} "
+                              f"of {len(jobs)} runs finished; run the same call to resume")
         with open(result_path + ".tmp", "w") as f:
             json.dump(row, f, indent=2)
         os.replace(result_path + ".tmp", result_path)       # a cell counts only when complete

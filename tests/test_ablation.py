@@ -82,7 +82,8 @@ def test_transformer_variant_is_parameter_matched(grid, scale):
     from flax import nnx
     from retnet_jax.model import RetNetLM
     counts = {}
-    for cell in ablation.make_cells(grid, scale)[:4]:          # the four variants, one setting
+    # The first setting's cells: DECAY_VARIANTS first (MQAR appends gated_bias3 after them).
+    for cell in ablation.make_cells(grid, scale)[:4]:
         config = ModelConfig.from_config(ablation.cell_config(cell, scale, 0).model)
         counts[cell.variant] = nnx.eval_shape(
             lambda: RetNetLM(config, rngs=nnx.Rngs(0))).count_params()
@@ -124,12 +125,14 @@ def test_a_stopped_run_is_not_recorded_and_stops_the_grid(tmp_path, monkeypatch)
         calls.append(workdir)
         return {"completed": False, "step": 7}
     monkeypatch.setattr(ablation.train_lib, "train_and_evaluate", fake_train)
-    rows = ablation.run_grid("decay_lm", str(tmp_path), scale="tiny", progress=False,
-                             variants=("retnet", "gated"))
-    assert rows == [] and len(calls) == 1
+    with pytest.raises(ablation.GridStopped, match=r"0 of 2 runs finished"):
+        ablation.run_grid("decay_lm", str(tmp_path), scale="tiny", progress=False,
+                          variants=("retnet", "gated"))
+    assert len(calls) == 1
     assert not any(name == ablation.RESULT_FILE for _, _, files in os.walk(tmp_path)
                    for name in files)
     assert not os.path.exists(tmp_path / "decay_lm.md")
-    ablation.run_grid("decay_lm", str(tmp_path), scale="tiny", progress=False,
-                      variants=("retnet", "gated"))
+    with pytest.raises(ablation.GridStopped):
+        ablation.run_grid("decay_lm", str(tmp_path), scale="tiny", progress=False,
+                          variants=("retnet", "gated"))
     assert calls[1] == calls[0]                       # the same run again, not the next
