@@ -89,8 +89,9 @@ class ModelConfig:
         bias: the initial memory of gated retention (see `layers.GatedRetention`).
       chunk_size: chunk length of the chunkwise form.
       retention_kernel: chunkwise implementation, 'xla' (default), 'pallas' (the fused
-        `kernels` for the output and the per-chunk gradients, on GPU; XLA elsewhere or for
-        sizes they do not take) or 'pallas_interpret' (interpreted, any backend; tests).
+        `kernels` for the chunk states, the output and the per-chunk gradients, on GPU, per
+        device shard under `shard_map` on a mesh; XLA elsewhere or for sizes they do not
+        take) or 'pallas_interpret' (interpreted, any backend; tests).
     Attention:
       attention_impl: None (cuDNN on GPU for bf16, else XLA), 'xla' or 'cudnn'; used by the
         full-sequence forward (cached prefill/decoding always use XLA with an explicit mask).

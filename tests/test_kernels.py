@@ -425,10 +425,10 @@ def test_chunkwise_retention_pallas_rejects_bad_chunk_size():
 
 @pytest.mark.parametrize("preset, forward, backward", [
     ("small", False, False),              # value head dim 108
-    ("retnet_125m", True, False),         # Dk 256, Dv 432: output kernel, XLA backward
-    ("retnet_1_3b", True, False),
-    ("retnet_2_7b", False, False),        # Dv 428
-    ("retnet_6_7b", True, False),
+    ("retnet_125m", False, False),        # Dk 256 > MAX_HEAD_DIM
+    ("retnet_1_3b", False, False),
+    ("retnet_2_7b", False, False),
+    ("retnet_6_7b", False, False),
 ])
 def test_which_presets_the_kernels_take(preset, forward, backward):
     import pathlib
@@ -443,3 +443,11 @@ def test_which_presets_the_kernels_take(preset, forward, backward):
     assert (kernels.unsupported_reason(key_dim, value_dim, config.chunk_size) is None) == forward
     assert (kernels.backward_unsupported_reason(key_dim, value_dim) is None) == backward
 
+
+def test_the_gpu_ablation_model_gets_the_forward_kernels():
+    from retnet_jax import ablation, kernels
+    model = ablation.SCALES["gpu"].model                          # Dk 128, Dv 256
+    key_dim, value_dim = (model["d_model"] // model["num_heads"],
+                          model["value_dim"] // model["num_heads"])
+    assert kernels.unsupported_reason(key_dim, value_dim, model["chunk_size"]) is None
+    assert "value head dim 256" in kernels.backward_unsupported_reason(key_dim, value_dim)

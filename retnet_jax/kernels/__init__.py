@@ -19,12 +19,14 @@ needed): the kernels index one chunk of the time axis directly, never a transpos
   `backward_unsupported_reason`  why `chunk_grads` cannot take them (then the backward pass
                                  uses retention.py's einsums; the forward kernels still run).
 
-Sizes: `chunk_grads` holds whole heads, Dk and Dv powers of two in [16, 128] (fla's usual
-128). The 125M-6.7B presets (torchscale widths: Dk 256, Dv 432) get the forward kernels with
-16-column value blocks and the XLA backward; the 2.7B preset's Dv 428 gets neither.
+Sizes: the output and gradient kernels hold whole key heads, Dk a power of two in
+[16, 128] (fla's usual 128; the sizes compiled and checked on an H100); `chunk_grads` holds
+whole value heads too, Dv a power of two in [16, 128]; `chunk_output` splits Dv into
+power-of-two column blocks. The 125M-6.7B presets (torchscale widths: Dk 256) use XLA.
 
-Models select it with `ModelConfig.retention_kernel` ('pallas'; see `layers.run_retention`,
-which falls back to the XLA path off GPU or for unsupported sizes).
+Models select them with `ModelConfig.retention_kernel` ('pallas'; see `layers.run_retention`,
+which falls back to the XLA path off GPU or for unsupported sizes, and on a multi-device
+mesh runs them per device shard under `jax.shard_map`).
 
 Written for the Pallas Triton GPU backend; pass `interpret=True` to run anywhere (CPU tests).
 """

@@ -36,13 +36,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from retnet_jax.kernels.common import (
-    MIN_DOT_DIM, check_time_major, decay_index, is_power_of_two)
+    MAX_HEAD_DIM, MIN_DOT_DIM, check_time_major, decay_index, is_power_of_two)
 
 Array = jax.Array
 
 __all__ = ["chunk_grads"]
 
-_MAX_HEAD_DIM = 128  # whole Dk and Dv per program: keep the tile within one SM's budget
 
 
 # --------------------------------------------------------------------------- kernel
@@ -111,11 +110,11 @@ def _check_chunk_grads_args(q, k, v, do, b, states, d_kv) -> None:
                       ("value dim Dv (v.shape[3])", value_dim)):
         if not _fits(dim):
             raise ValueError(f"the {what} must be a power of two in [{MIN_DOT_DIM}, "
-                             f"{_MAX_HEAD_DIM}], got {dim}")
+                             f"{MAX_HEAD_DIM}], got {dim}")
 
 
 def _fits(head_dim: int) -> bool:
-    return is_power_of_two(head_dim) and MIN_DOT_DIM <= head_dim <= _MAX_HEAD_DIM
+    return is_power_of_two(head_dim) and MIN_DOT_DIM <= head_dim <= MAX_HEAD_DIM
 
 
 def unsupported_reason(key_dim: int, value_dim: int) -> str | None:
@@ -123,7 +122,7 @@ def unsupported_reason(key_dim: int, value_dim: int) -> str | None:
     for what, dim in (("key", key_dim), ("value", value_dim)):
         if not _fits(dim):
             return (f"{what} head dim {dim} is not a power of two in "
-                    f"[{MIN_DOT_DIM}, {_MAX_HEAD_DIM}]")
+                    f"[{MIN_DOT_DIM}, {MAX_HEAD_DIM}]")
     return None
 
 

@@ -37,7 +37,7 @@ from retnet_jax.kernels.chunk_grads import chunk_grads
 from retnet_jax.kernels.chunk_grads import unsupported_reason as grads_unsupported_reason
 from retnet_jax.kernels.chunk_states import chunk_states
 from retnet_jax.kernels.common import (
-    MIN_DOT_DIM, check_block_arg, check_time_major, column_block, decay_index,
+    MAX_HEAD_DIM, MIN_DOT_DIM, check_block_arg, check_time_major, column_block, decay_index,
     is_power_of_two)
 
 Array = jax.Array
@@ -93,7 +93,7 @@ def chunk_output(q: Array, k: Array, v: Array, b: Array, states: Array, *,
 
     Args:
       q, k: [B, Tp, H, Dk] queries and keys, Tp = N * C (time padded to whole chunks); Dk a
-        power of two >= 16.
+        power of two in [16, 128] (`common.MAX_HEAD_DIM`).
       v: [B, Tp, H, Dv] values, same dtype as q.
       b: float32 [G, H, N, C], G in {1, B}: within-chunk inclusive cumulative log decay
         (G = 1: fixed per-head decay shared by the batch), entries <= 0; C a power of two
@@ -139,8 +139,9 @@ def chunk_output(q: Array, k: Array, v: Array, b: Array, states: Array, *,
 def unsupported_reason(key_dim: int, value_dim: int, chunk_size: int, *,
                        block_v: int = 64) -> str | None:
     """Why `chunk_output` / `chunkwise_retention_pallas` cannot take these sizes, or None."""
-    if not is_power_of_two(key_dim) or key_dim < MIN_DOT_DIM:
-        return f"key head dim {key_dim} is not a power of two >= {MIN_DOT_DIM}"
+    if not is_power_of_two(key_dim) or not MIN_DOT_DIM <= key_dim <= MAX_HEAD_DIM:
+        return (f"key head dim {key_dim} is not a power of two in "
+                f"[{MIN_DOT_DIM}, {MAX_HEAD_DIM}]")
     if column_block(value_dim, block_v) is None:
         return (f"value head dim {value_dim} has no power-of-two divisor in "
                 f"[{MIN_DOT_DIM}, block_v={block_v}]")
@@ -243,8 +244,8 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
     Args:
       q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; any float dtype (computed in their common
         dtype, accumulated in float32; the states entering each chunk are kept in that
-        dtype, as in retention.py). Dk a power of two >= 16; Dv with a power-of-two divisor
-        in [16, block_v] (`column_block`).
+        dtype, as in retention.py). Dk a power of two in [16, 128]; Dv with a power-of-two
+        divisor in [16, block_v] (`column_block`).
       log_decay: float [H] (fixed) or [B, T, H] (gated), entries <= 0.
       chunk_size: tokens per chunk, a power of two >= 16.
       initial_state: optional float32 [B, H, Dk, Dv]; zeros when None.

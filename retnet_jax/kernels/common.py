@@ -14,6 +14,9 @@ import numpy as np
 Array = jax.Array
 
 MIN_DOT_DIM = 16  # Triton's smallest matmul tile dimension
+# The largest key head dim (and, for `chunk_grads`, value head dim) a program holds whole:
+# the sizes compiled and checked on an H100; larger tiles risk spilling or a failed compile.
+MAX_HEAD_DIM = 128
 
 
 def is_power_of_two(n: int) -> bool:
