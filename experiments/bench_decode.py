@@ -85,19 +85,56 @@ _NO_KERNEL = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", 
               "conditional", "call", "after-all", "opt-barrier", "partition-id", "replica-id"}
 
 
-def hlo_kernels(compiled) -> int:
-    """Kernel-launching instructions outside fused computations in the compiled module: with
-    the decode loop's body counted once, about the kernels launched per decoded token (each
-    fusion, library call and unfused op is one launch; at ~4 us each this bounds a small
-    batch's latency from below however fast the GPU)."""
-    count, fused = 0, False
-    for line in compiled.as_text().splitlines():
-        if line and not line[0].isspace():              # a computation's header
-            fused = line.lstrip("%").startswith("fused")
+def _opcode(line: str) -> str | None:
+    """The opcode of one HLO instruction line ('%x = f32[2]{0} add(...)'), or None."""
+    if " = " not in line:
+        return None
+    rest = line.split(" = ", 1)[1].lstrip()
+    if rest.startswith("("):                     # a tuple shape: skip its balanced parens
+        depth = 0
+        for i, char in enumerate(rest):
+            depth += {"(": 1, ")": -1}.get(char, 0)
+            if depth == 0:
+                rest = rest[i + 1:]
+                break
+    else:
+        rest = rest.split(" ", 1)[1] if " " in rest else ""
+    match = re.match(r"\s*([\w-]+)\(", rest)
+    return match.group(1) if match else None
+
+
+def hlo_kernels(hlo_text: str) -> int:
+    """Kernel launches per decoded token, read from a compiled module's text: the
+    instructions of the entry computation and of the computations it runs as code (while
+    bodies, calls, conditional branches; not fusion bodies, reducers or loop conditions),
+    each while body counted once, without those that launch nothing (`_NO_KERNEL`). Each
+    fusion, library call (a cuBLAS custom-call) and unfused op is one launch."""
+    bodies: dict[str, list[str]] = {}
+    entry, name = None, None
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            name = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            entry = name if line.startswith("ENTRY") else entry
+            bodies[name] = []
+        elif name is not None and line.strip() and line.strip() != "}":
+            bodies[name].append(line)
+    count, seen, todo = 0, set(), [entry]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in bodies:
             continue
-        match = re.match(r"\s+(?:ROOT )?\S+ = \S+ ([\w-]+)\(", line)
-        if match and not fused and match.group(1) not in _NO_KERNEL:
-            count += 1
+        seen.add(name)
+        for line in bodies[name]:
+            op = _opcode(line)
+            if op is None:
+                continue
+            count += op not in _NO_KERNEL
+            if op in ("while", "call", "conditional"):
+                todo += re.findall(r"(?:body|to_apply|true_computation|false_computation)"
+                                   r"=%?([\w.-]+)", line)
+                branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+                if branches:
+                    todo += [c.strip().lstrip("%") for c in branches.group(1).split(",")]
     return count
 
 
@@ -171,7 +208,7 @@ def main(argv):
                     ms = float(np.median(times)) / new * 1e3
                     temp = compiled.memory_analysis().temp_size_in_bytes
                     row.update(ms_per_token=ms, tokens_per_s=batch / ms * 1e3,
-                               hlo_kernels_per_token=hlo_kernels(compiled),
+                               hlo_kernels_per_token=hlo_kernels(compiled.as_text()),
                                temp_gib=temp / 2**30,
                                total_gib=(m["weight_bytes"] + state_bytes + temp) / 2**30,
                                floor_ratio=ms / m["floor_ms"])
