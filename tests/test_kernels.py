@@ -136,6 +136,12 @@ def test_gradients_match_xla(dtype, gated, time, chunk_size, with_state, value_d
         assert rel_err(g, r) <= TOLERANCE[dtype], name
 
 
+def summed_outputs(fn, q, k, v, log_decay, initial_state):
+    """A scalar of everything `fn` (a chunkwise retention, chunk 16) returns."""
+    o, state = fn(q, k, v, log_decay, chunk_size=16, initial_state=initial_state)
+    return jnp.sum(o) + jnp.sum(state)
+
+
 def test_training_step_never_materialises_chunk_weights():
     # Forward and backward: the [B, H, N, C, C] weights and their cotangents live only inside
     # the kernels (chunk_output, chunk_grads); XLA drops or never builds the einsum path.
@@ -143,12 +149,8 @@ def test_training_step_never_materialises_chunk_weights():
     q, k, v, log_decay, s0 = random_inputs(5, batch=3, time=48, heads=5, key_dim=32,
                                            value_dim=64)
 
-    def loss(fn, q, k, v, log_decay, initial_state):
-        o, state = fn(q, k, v, log_decay, chunk_size=16, initial_state=initial_state)
-        return jnp.sum(o) + jnp.sum(state)
-
     def compiled_hlo(fn):
-        step = jax.value_and_grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3, 4))
+        step = jax.value_and_grad(functools.partial(summed_outputs, fn), argnums=(0, 1, 2, 3, 4))
         return jax.jit(step).lower(q, k, v, log_decay, s0).compile().as_text()
 
     assert "[3,5,3,16,16]" not in compiled_hlo(
@@ -311,12 +313,8 @@ def test_pallas_path_never_transposes_activations():
     q, k, v, log_decay, s0 = random_inputs(10, batch=2, time=40, heads=3, key_dim=32,
                                            value_dim=64)
 
-    def loss(fn, q, k, v, log_decay, initial_state):
-        o, state = fn(q, k, v, log_decay, chunk_size=16, initial_state=initial_state)
-        return jnp.sum(o) + jnp.sum(state)
-
     def transposed_shapes(fn):
-        step = jax.value_and_grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3, 4))
+        step = jax.value_and_grad(functools.partial(summed_outputs, fn), argnums=(0, 1, 2, 3, 4))
         jaxpr = jax.make_jaxpr(step)(q, k, v, log_decay, s0).jaxpr
         return [eqn.invars[0].aval.shape for eqn in equations(jaxpr)
                 if eqn.primitive.name == "transpose" and eqn.invars[0].aval.ndim >= 4]

@@ -36,7 +36,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from retnet_jax.kernels.common import (
-    MAX_HEAD_DIM, MIN_DOT_DIM, check_time_major, decay_index, is_power_of_two)
+    MAX_HEAD_DIM, MIN_DOT_DIM, check_time_major, decay_index, default_num_warps,
+    is_power_of_two)
 
 Array = jax.Array
 
@@ -165,7 +166,7 @@ def chunk_grads(q: Array, k: Array, v: Array, do: Array, b: Array, states: Array
     chunks, chunk = b.shape[2:]
     shared = b.shape[0] == 1
     if num_warps is None:
-        num_warps = 4 if chunk * max(chunk, key_dim, value_dim) <= 64 * 64 else 8
+        num_warps = default_num_warps(chunk, key_dim, value_dim)
 
     def chunk_block(dim):  # chunk n of head h: rows n*C .. n*C + C-1 of the time axis
         return pl.BlockSpec((None, chunk, None, dim), lambda i, h, n: (i, n, h, 0))

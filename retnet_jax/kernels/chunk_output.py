@@ -38,7 +38,7 @@ from retnet_jax.kernels.chunk_grads import unsupported_reason as grads_unsupport
 from retnet_jax.kernels.chunk_states import chunk_states
 from retnet_jax.kernels.common import (
     MAX_HEAD_DIM, MIN_DOT_DIM, check_block_arg, check_time_major, column_block, decay_index,
-    is_power_of_two)
+    default_num_warps, is_power_of_two)
 
 Array = jax.Array
 
@@ -114,7 +114,7 @@ def chunk_output(q: Array, k: Array, v: Array, b: Array, states: Array, *,
     chunks, chunk = b.shape[2:]
     shared = b.shape[0] == 1
     if num_warps is None:
-        num_warps = 4 if chunk * max(chunk, key_dim, block) <= 64 * 64 else 8
+        num_warps = default_num_warps(chunk, key_dim, block)
 
     # Chunk n of head h is rows n*C .. n*C + C-1 of the time axis; j picks value columns.
     qk_block = pl.BlockSpec((None, chunk, None, key_dim), lambda i, h, n, j: (i, n, h, 0))

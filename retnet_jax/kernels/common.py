@@ -95,3 +95,8 @@ def check_time_major(b: Array, *, keys: dict[str, Array], values: dict[str, Arra
 def decay_index(shared: bool, batch_index):
     """The G index of b [G, H, N, C]: 0 when the decay is shared by the batch (G = 1)."""
     return 0 if shared else batch_index
+
+
+def default_num_warps(chunk: int, *dims: int) -> int:
+    """Triton warps per program for [chunk, max(chunk, *dims)] tiles: 4 up to 64 x 64, else 8."""
+    return 4 if chunk * max(chunk, *dims) <= 64 * 64 else 8
