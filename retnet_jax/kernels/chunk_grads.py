@@ -102,16 +102,17 @@ def _chunk_grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, du_ref,
     db_ref[...] = db - jnp.sum(kf * dk, axis=1) + jnp.where(last, chunk_end, 0.0)
 
 
-def _check_chunk_grads_args(q, k, v, do, b, states, d_kv) -> None:
-    """Raises ValueError naming the bad argument."""
-    *_, key_dim, value_dim = check_time_major(b, keys={"q": q, "k": k},
-                                              values={"v": v, "do": do},
-                                              matrices={"states": states, "d_kv": d_kv})
+def _check_chunk_grads_args(q, k, v, do, b, states, d_kv) -> tuple[int, ...]:
+    """Raises ValueError naming the bad argument; returns (B, Tp, H, N, C, Dk, Dv)."""
+    dims = check_time_major(b, keys={"q": q, "k": k}, values={"v": v, "do": do},
+                            matrices={"states": states, "d_kv": d_kv})
+    *_, key_dim, value_dim = dims
     for what, dim in (("key dim Dk (q.shape[3])", key_dim),
                       ("value dim Dv (v.shape[3])", value_dim)):
         if not _fits(dim):
             raise ValueError(f"the {what} must be a power of two in [{MIN_DOT_DIM}, "
                              f"{MAX_HEAD_DIM}], got {dim}")
+    return dims
 
 
 def _fits(head_dim: int) -> bool:
@@ -160,10 +161,8 @@ def chunk_grads(q: Array, k: Array, v: Array, do: Array, b: Array, states: Array
       matmul precision (`jax.default_matmul_precision` applies; on GPU float32 inputs default
       to TF32).
     """
-    _check_chunk_grads_args(q, k, v, do, b, states, d_kv)
-    batch, _, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    chunks, chunk = b.shape[2:]
+    batch, _, heads, chunks, chunk, key_dim, value_dim = _check_chunk_grads_args(
+        q, k, v, do, b, states, d_kv)
     shared = b.shape[0] == 1
     if num_warps is None:
         num_warps = default_num_warps(chunk, key_dim, value_dim)

@@ -69,16 +69,17 @@ def _chunk_output_kernel(q_ref, k_ref, v_ref, b_ref, s_ref, o_ref):
     o_ref[...] = o.astype(o_ref.dtype)
 
 
-def _check_chunk_output_args(q, k, v, b, states, block_v) -> int:
-    """Raises ValueError naming the bad argument; returns the value block size."""
-    *_, chunk, key_dim, value_dim = check_time_major(b, keys={"q": q, "k": k},
-                                                     values={"v": v},
-                                                     matrices={"states": states})
+def _check_chunk_output_args(q, k, v, b, states, block_v) -> tuple[int, ...]:
+    """Raises ValueError naming the bad argument; returns (B, Tp, H, N, C, Dk, Dv, value
+    block size)."""
+    dims = check_time_major(b, keys={"q": q, "k": k}, values={"v": v},
+                            matrices={"states": states})
+    *_, chunk, key_dim, value_dim = dims
     block_v = check_block_arg("block_v", block_v)
     reason = unsupported_reason(key_dim, value_dim, chunk, block_v=block_v)
     if reason:
         raise ValueError(reason)
-    return column_block(value_dim, block_v)
+    return (*dims, column_block(value_dim, block_v))
 
 
 def chunk_output(q: Array, k: Array, v: Array, b: Array, states: Array, *,
@@ -108,10 +109,8 @@ def chunk_output(q: Array, k: Array, v: Array, b: Array, states: Array, *,
       o: [B, Tp, H, Dv] in v's dtype. Matmuls use the default matmul precision (so
       `jax.default_matmul_precision` applies; on GPU float32 inputs default to TF32).
     """
-    block = _check_chunk_output_args(q, k, v, b, states, block_v)
-    batch, _, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    chunks, chunk = b.shape[2:]
+    batch, _, heads, chunks, chunk, key_dim, value_dim, block = _check_chunk_output_args(
+        q, k, v, b, states, block_v)
     shared = b.shape[0] == 1
     if num_warps is None:
         num_warps = default_num_warps(chunk, key_dim, block)
