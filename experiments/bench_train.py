@@ -2,12 +2,18 @@
 count (`model.transformer_baseline`, cuDNN flash attention where supported), on all local
 devices with the library's sharded train step (bf16 compute, float32 params and AdamW).
 
-Tokens/s is the median step time over `--steps` steps after warm-up; MFU counts
+Step time is the median over `--windows` windows of `--steps` steps run back to back (as the
+training loop runs them: the host dispatches step k+1 while the GPU runs step k) after the
+compiling step (with a sync after every step, the d_model 512 ablation model measured 782K
+tokens/s; the training loop ran it at 1.1-1.5M). MFU counts
 6 x (matmul parameters) FLOPs per token plus the mixer's sequence term, times 3 for
 forward + backward:
   attention (causal):  2 * T * d per token and layer, forward
   retention (chunk C): 4 * H * Dk * Dv (state) + C * H * (Dk + Dv) (intra-chunk), forward
 against a bf16 matmul rate measured in the same run (and the H100 SXM datasheet's 989 TFLOP/s).
+Batches are uniform random bytes, or windows of the embedded stdlib corpus (`--data=corpus`):
+real text repeats a few bytes thousands of times per batch, which random bytes never show
+(the embedding gradient's scatter-add, for one).
 
   python experiments/bench_train.py --config=configs/retnet_1_3b.py --seq_lens=2048,8192
 """
@@ -23,6 +29,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from ceilings import matmul_tflops
+from retnet_jax import data as data_lib
 from retnet_jax import sharding
 from retnet_jax import train as train_lib
 from retnet_jax.model import ModelConfig, transformer_baseline
@@ -30,9 +37,12 @@ from retnet_jax.model import ModelConfig, transformer_baseline
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/retnet_1_3b.py", "Model preset.")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "8192"], "Sequence lengths.")
 _TOKENS = flags.DEFINE_integer("tokens_per_step", 16384, "Global batch size in tokens.")
-_STEPS = flags.DEFINE_integer("steps", 8, "Timed steps (median reported).")
+_STEPS = flags.DEFINE_integer("steps", 8, "Steps per timed window, run back to back.")
+_WINDOWS = flags.DEFINE_integer("windows", 3, "Timed windows (median step time reported).")
 _MODELS = flags.DEFINE_list("models", ["retnet", "transformer"], "Which models to time.")
 _BUDGET = flags.DEFINE_float("time_budget_s", 1e9, "Stop starting new settings after this.")
+_DATA = flags.DEFINE_enum("data", "random", ["random", "corpus"],
+                          "Batch tokens: uniform random bytes or stdlib corpus windows.")
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
 
 DATASHEET_TFLOPS = 989.0  # H100 SXM dense bf16
@@ -59,6 +69,25 @@ def run_config(model: ModelConfig, seq_len: int, batch: int) -> ml_collections.C
     return config
 
 
+def make_batches(seq_len: int, batch: int, *, vocab_size: int):
+    """Endless numpy batches {'inputs', 'targets', 'loss_mask'} of [batch, seq_len] (--data)."""
+    if _DATA.value == "corpus":
+        if vocab_size < data_lib.VOCAB_SIZE:
+            raise ValueError(f"--data=corpus needs model.vocab_size >= {data_lib.VOCAB_SIZE} "
+                             f"(bytes, BOS, EOS, pad), got {vocab_size}")
+        corpus = data_lib.load_stdlib_corpus()
+        return iter(data_lib.BatchIterator(data_lib.RandomWindows(corpus.train, seq_len),
+                                           batch_size=batch, seed=seq_len))
+    rng = np.random.default_rng(seq_len)
+
+    def random_bytes():
+        while True:
+            tokens = rng.integers(0, min(vocab_size, 256), (batch, seq_len + 1)).astype(np.int32)
+            yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                   "loss_mask": np.ones((batch, seq_len), np.float32)}
+    return random_bytes()
+
+
 def main(argv):
     del argv
     base = ModelConfig.from_config(_CONFIG.value.model)
@@ -82,24 +111,23 @@ def main(argv):
             matmul_params = sum(x.size for x in jax.tree.leaves(params)) - (
                 0 if model.tie_embeddings else model.vocab_size * model.d_model)
             state = trainer.init()
-            rng = np.random.default_rng(seq_len)
+            batches = make_batches(seq_len, batch, vocab_size=model.vocab_size)
+
             def batch_data():
-                tokens = rng.integers(0, min(model.vocab_size, 256), (batch, seq_len + 1))
-                return sharding.put_batch(
-                    {"inputs": tokens[:, :-1].astype(np.int32),
-                     "targets": tokens[:, 1:].astype(np.int32),
-                     "loss_mask": np.ones((batch, seq_len), np.float32)}, trainer.mesh)
+                return sharding.put_batch(next(batches), trainer.mesh)
             t0 = time.perf_counter()
             state, metrics = trainer.train_step(state, batch_data())   # compiles
             jax.block_until_ready(metrics)
             compile_s = time.perf_counter() - t0
             times = []
-            for _ in range(_STEPS.value):
-                data = batch_data()
+            for _ in range(_WINDOWS.value):  # steps back to back, as the training loop runs
+                data = [batch_data() for _ in range(_STEPS.value)]
+                jax.block_until_ready(data)
                 t0 = time.perf_counter()
-                state, metrics = trainer.train_step(state, data)
+                for step_data in data:
+                    state, metrics = trainer.train_step(state, step_data)
                 jax.block_until_ready(metrics)
-                times.append(time.perf_counter() - t0)
+                times.append((time.perf_counter() - t0) / _STEPS.value)
             step_s = float(np.median(times))
             tokens_per_s = batch * seq_len / step_s
             achieved = tokens_per_s * flops_per_token(model, matmul_params, seq_len) / 1e12
@@ -108,7 +136,7 @@ def main(argv):
                        step_ms=step_s * 1e3, tokens_per_s=tokens_per_s,
                        tflops=achieved / len(devices), mfu_measured=achieved / len(devices) / peak,
                        mfu_datasheet=achieved / len(devices) / DATASHEET_TFLOPS,
-                       loss=float(metrics["loss"]), first_step_s=compile_s)
+                       loss=float(metrics["loss"]), first_step_s=compile_s, data=_DATA.value)
             results.append(row)
             print(json.dumps(row))
             del state

@@ -511,9 +511,13 @@ class RetNetLM(nnx.Module):
         The lookup reads the table with d_model whole (on a mesh: all-gathered over 'fsdp'
         first, as FSDP does for every weight): a lookup into the d_model-split table would
         give d_model-split rows that XLA can only reshard to batch-split ones by replicating.
+        Rows are gathered in the parameter dtype and cast after: the lookup's gradient is a
+        scatter-add of every token's row gradient, and in bf16 that scatter both rounds sums
+        of thousands of terms and, on real text (a few bytes are most tokens), ran 5x slower
+        than the whole rest of the step on an H100 (BENCHMARKS.md, training throughput).
         """
         table = sharding.constrain(self.embed.embedding[...], ("vocab", None))
-        x = jnp.take(table.astype(self.config.compute_dtype), tokens, axis=0)
+        x = jnp.take(table, tokens, axis=0).astype(self.config.compute_dtype)
         if self.config.scale_embedding:
             x = x * jnp.asarray(math.sqrt(self.config.d_model), x.dtype)
         return sharding.constrain(x, _RESIDUAL)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxprs import equations
 from retnet_jax import retention
 from retnet_jax.kernels import chunk_grads, chunk_output, chunk_states, chunkwise_retention_pallas
 from retnet_jax.kernels.common import column_block
@@ -323,18 +324,6 @@ def test_pallas_path_never_transposes_activations():
     # ... while the XLA path transposes q, padded and split into chunks [B, N, C, H, Dk], to
     # [B, H, N, C, Dk] (so the check above can fail).
     assert (2, 3, 16, 3, 32) in transposed_shapes(retention.chunkwise_retention)
-
-
-def equations(jaxpr):
-    """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    sub = sub.jaxpr
-                if isinstance(sub, jax.extend.core.Jaxpr):
-                    yield from equations(sub)
 
 
 def kernel_args(chunk=16, key_dim=16, value_dim=32):
