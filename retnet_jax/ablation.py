@@ -324,7 +324,7 @@ def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[in
         result_path = os.path.join(workdir, RESULT_FILE)
         if os.path.exists(result_path):
             with open(result_path) as f:
-                rows.append(json.load(f))
+                rows.append(_with_best_eval(json.load(f), workdir))
             continue
         row = _run_cell(cell, scale, seed, workdir)
         if row is None:  # stopped by SIGTERM: so is the grid (no row, no tables)
@@ -333,7 +333,7 @@ def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[in
         with open(result_path + ".tmp", "w") as f:
             json.dump(row, f, indent=2)
         os.replace(result_path + ".tmp", result_path)       # a cell counts only when complete
-        rows.append(row)
+        rows.append(_with_best_eval(row, workdir))
     if shard != (0, 1) or not rows:   # shards run side by side: the last, whole call writes
         return rows
     write_tables(rows, out_dir, grid=grid, scale=scale, seeds=seeds)
@@ -345,7 +345,8 @@ def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[in
 
 
 def _metric_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    names = ["eval_accuracy", "eval_bits_per_byte", "eval_loss"]
+    names = ["eval_accuracy", "eval_bits_per_byte", "best_eval_bits_per_byte", "eval_loss"]
+    names = [n for n in names if any(n in row for row in rows)]
     extra = sorted({k for row in rows for k in row if k.startswith("bpb@")},
                    key=lambda k: int(k.split("@")[1]))
     return names + extra
@@ -382,11 +383,13 @@ def write_tables(rows: Sequence[dict[str, Any]], out_dir: str, *, grid: str, sca
         writer.writerows(rows)
     metrics = _metric_columns(rows)
     metrics.remove("eval_bits_per_byte" if grid == "decay_mqar" else "eval_accuracy")
-    lines = [f"# {grid} ({scale} scale, seeds {list(seeds)})", "",
+    seeds_note = "mean ± std over seeds" if len(seeds) > 1 else "one seed: no spread"
+    lines = [f"# {grid} ({scale} scale, seeds {list(seeds)}; {seeds_note})", "",
              "| variant | setting | params | " + " | ".join(metrics) + " |",
              "|---|---|---:|" + "---:|" * len(metrics)]
     for s in summarise(rows):
-        cells = [f"{s[m]:.4f} ± {s[m + '_std']:.4f}" if m in s else "" for m in metrics]
+        cells = [("" if m not in s else f"{s[m]:.4f}" if s["seeds"] == 1
+                  else f"{s[m]:.4f} ± {s[m + '_std']:.4f}") for m in metrics]
         lines.append(f"| {s['variant']} | {s['setting']} | {s['num_params']:,} | "
                      + " | ".join(cells) + " |")
     with open(os.path.join(out_dir, f"{grid}.md"), "w") as f:
@@ -408,6 +411,16 @@ def _eval_curve(workdir: str) -> tuple[list[int], list[float]]:
                     steps.append(record["step"])
                     losses.append(record["eval_loss"])
     return steps, losses
+
+
+def _with_best_eval(row: dict[str, Any], workdir: str) -> dict[str, Any]:
+    """The row plus 'best_eval_bits_per_byte' (language modelling): the lowest validation
+    bits/byte of any evaluation during training, read from the run's metrics.jsonl. Far
+    below the final value means the run overfit (e.g. several epochs of a small corpus)."""
+    if row["task"] != "lm":
+        return row
+    _, losses = _eval_curve(workdir)
+    return {**row, "best_eval_bits_per_byte": min(losses) / math.log(2)} if losses else row
 
 
 def plot_results(rows: Sequence[dict[str, Any]], out_dir: str, *, grid: str) -> list[str]:

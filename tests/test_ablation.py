@@ -61,10 +61,13 @@ def test_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
         assert row["steps"] == ablation.SCALES["tiny"].train["num_steps"]
         assert {"bpb@32", "bpb@64", "bpb@128"} <= set(row)
         assert all(0 < row[k] < 9 for k in ("bpb@32", "bpb@64", "bpb@128"))
+        # the best evaluation during training (every 30 steps at tiny scale: only the last)
+        assert row["best_eval_bits_per_byte"] == pytest.approx(row["eval_bits_per_byte"])
     with open(os.path.join(out, "decay_lm.csv")) as f:
         assert len(list(csv.DictReader(f))) == 2
     table = open(os.path.join(out, "decay_lm.md")).read()
     assert "| retnet | trained at T=32 |" in table and "bpb@128" in table
+    assert "one seed: no spread" in table and "±" not in table
     for plot in ("decay_lm", "decay_lm_curves", "decay_lm_extrapolation"):
         assert os.path.getsize(os.path.join(out, f"{plot}.png")) > 1000
 
