@@ -14,12 +14,15 @@ import sys
 from absl import app, flags, logging
 
 from retnet_jax import ablation
+from retnet_jax import train as train_lib
 
 _GRID = flags.DEFINE_enum("grid", "decay_mqar", sorted(ablation.GRIDS), "Which grid to run.")
 _SCALE = flags.DEFINE_enum("scale", "tiny", sorted(ablation.SCALES), "Model/data/step sizes.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Comma-separated seeds; each cell runs once per seed.")
 _VARIANTS = flags.DEFINE_list("variants", None, "Only these model variants (default: all).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: results/<scale>/<grid>).")
+_CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/retnet_jax/xla",
+                             "Directory of compiled programs reused across runs ('' for none).")
 _SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run only every n-th run starting at i (one "
                              "process per GPU, see ablate_parallel.sh); then rerun without it "
                              "for the complete tables.")
@@ -29,6 +32,7 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    train_lib.use_compilation_cache(_CACHE.value)
     out = _OUT.value or f"results/{_SCALE.value}/{_GRID.value}"
     shard = tuple(int(x) for x in _SHARD.value.split("/"))
     try:

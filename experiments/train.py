@@ -24,6 +24,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "--config.<section>.<field>=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, summary.",
                                required=True)
+_CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/retnet_jax/xla",
+                             "Directory of compiled programs reused across runs ('' for none).")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize first.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (with --multihost).")
@@ -40,6 +42,7 @@ def main(argv):
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                    num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
+    train.use_compilation_cache(_CACHE.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

