@@ -10,15 +10,19 @@ grids that share an output folder train it once.
 Grids (see `GRIDS`):
   decay_mqar     fixed RetNet vs gated RetNet vs Transformer vs hybrid on multi-query
                  associative recall at several sequence lengths and key-value counts (accuracy)
-  decay_lm       the same four on the embedded corpus (validation bits per byte, loss curves)
-                 and their length extrapolation: trained at L, evaluated at L, 2L, 4L, 8L
+  decay_lm       the same four on Python source, nothing to download (validation bits per
+                 byte, loss curves) and their length extrapolation: trained at L, evaluated at
+                 L, 2L, 4L, 8L
   paper          the RetNet paper's ablations as config switches: without swish gate, without
                  per-head norm, single-scale decay, no decay (gamma = 1), smaller head dim
                  (language modelling, evaluated like decay_lm)
 
-Scales (see `SCALES`): 'tiny' (seconds per cell on a CPU; CI and smoke runs), 'colab'
-(minutes per cell), 'gpu' (d_model 512, 6 layers, ~50M training tokens for language
-modelling; MQAR with Zoology's two-block d_model-256 models; meant for one H100/H200).
+Scales (see `SCALES`): 'tiny' (seconds per cell on a CPU; CI and smoke runs) and 'colab'
+(minutes per cell) model the standard library's source (the 'stdlib' corpus); 'gpu'
+(d_model 512, 6 layers; meant for one H100/H200) trains language models on ~50M tokens, under
+one epoch of 60M bytes of the standard library plus the installed packages' source (the 'python'
+corpus; the ~12M-byte standard library alone took 4 epochs and overfit), and runs MQAR with
+Zoology's two-block d_model-256 models.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ class Scale:
     model: ModelConfig fields shared by every variant (d_model, layers, heads, ...);
       `mqar_model` overrides some of them for the recall task.
     train: TrainConfig fields for language modelling; `mqar_train` for the recall task.
-    lm: data fields for language modelling (seq_len, batch_size, max_bytes, eval_batches).
+    lm: data fields for language modelling (seq_len, batch_size, max_bytes, eval_batches, and
+      the corpus `name`, 'stdlib' unless given).
     mqar: (seq_len, num_kv_pairs) settings; `mqar_data`: batch_size, vocab_size, eval_batches.
     extrapolation_factors: evaluation lengths as multiples of the training length.
     """
@@ -97,7 +102,8 @@ SCALES: dict[str, Scale] = {
     "gpu": Scale(
         model=dict(d_model=512, num_layers=6, num_heads=4, value_dim=1024, ffn_dim=1024,
                    num_attention_heads=8, chunk_size=64, dtype="bfloat16"),
-        # 3,000 steps x 16 x 1,024 tokens = 49M training tokens.
+        # 3,000 steps x 16 x 1,024 tokens = 49M training tokens: under one epoch of the
+        # 58M training tokens that `lm` loads.
         train=dict(num_steps=3000, warmup_steps=200, learning_rate=1.5e-3, eval_every=500,
                    **_QUIET),
         # MQAR as in Zoology: two blocks, d_model 256, vocabulary 8,192; 2,000 steps x 128
@@ -106,7 +112,8 @@ SCALES: dict[str, Scale] = {
                         num_attention_heads=4),
         mqar_train=dict(num_steps=2000, warmup_steps=100, learning_rate=1e-3, eval_every=500,
                         weight_decay=0.0, **_QUIET),
-        lm=dict(seq_len=1024, batch_size=16, max_bytes=60_000_000, eval_batches=64),
+        lm=dict(name="python", seq_len=1024, batch_size=16, max_bytes=60_000_000,
+                eval_batches=64),
         mqar=((256, 16), (512, 32), (512, 64), (1024, 128)),
         mqar_data=dict(batch_size=128, vocab_size=8192, eval_batches=16)),
 }

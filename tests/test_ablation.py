@@ -42,6 +42,16 @@ def test_mqar_cells_use_the_scales_recall_model():
     assert ablation.cell_config(lm, "gpu", 0).model.num_layers == 6
 
 
+def test_gpu_language_models_train_under_one_epoch_of_the_python_corpus():
+    for scale, corpus in (("tiny", "stdlib"), ("colab", "stdlib"), ("gpu", "python")):
+        for grid in ("decay_lm", "paper"):
+            for cell in ablation.make_cells(grid, scale):
+                assert ablation.cell_config(cell, scale, 0).data.name == corpus, (grid, scale)
+    gpu = ablation.SCALES["gpu"]
+    train_tokens = gpu.train["num_steps"] * gpu.lm["batch_size"] * gpu.lm["seq_len"]
+    assert train_tokens < gpu.lm["max_bytes"] * 0.97  # the default val_fraction is 0.03
+
+
 def test_unknown_grid_or_scale():
     with pytest.raises(ValueError, match="grid must be one of"):
         ablation.make_cells("decay", "tiny")

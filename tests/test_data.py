@@ -6,6 +6,7 @@ Corpora are kept small (`max_bytes`) so the whole file runs in a few seconds on 
 import json
 import sys
 import types
+import zlib
 
 import numpy as np
 import pytest
@@ -76,6 +77,49 @@ def test_stdlib_split_is_deterministic_and_by_file():
     assert a.train.dtype == np.uint16 and a.train[0] == data.BOS
 
 
+@pytest.fixture(scope="module")
+def python_files():
+    return data.python_files()
+
+
+def test_python_files_are_stdlib_and_site_keyed_and_in_hash_order(python_files):
+    keys = [key for key, _ in python_files]
+    assert len(set(keys)) == len(keys)  # purelib and platlib are one directory in a venv
+    _, stdlib_paths = data.stdlib_files()
+    assert {k for k in keys if k.startswith("stdlib/")} == {f"stdlib/{p}" for p in stdlib_paths}
+    site = [k for k in keys if k.startswith("site/")]
+    assert len(site) + len(stdlib_paths) == len(keys) and len(site) > len(stdlib_paths)
+    assert not any(part in {"__pycache__", "test", "tests"}
+                   for k in site for part in k.split("/")[1:-1])
+    assert all(path.is_file() and path.suffix == ".py" for _, path in python_files)
+    hashes = [zlib.crc32(k.encode()) for k in keys]
+    assert hashes == sorted(hashes) and keys != sorted(keys)
+    # A small max_bytes takes files from both sources and from many packages.
+    first = keys[:40]
+    assert any(k.startswith("stdlib/") for k in first)
+    assert len({k.split("/")[1] for k in first if k.startswith("site/")}) > 5
+
+
+def test_python_corpus_is_larger_than_stdlib(python_files):
+    root, stdlib_paths = data.stdlib_files()
+    stdlib_bytes = sum((root / p).stat().st_size for p in stdlib_paths)
+    python_bytes = sum(path.stat().st_size for _, path in python_files)
+    assert python_bytes > 2 * stdlib_bytes
+
+
+def test_python_corpus_is_capped_deterministic_and_follows_the_listing(python_files):
+    a = data.load_python_corpus(max_bytes=SMALL)
+    b = data.load_python_corpus(max_bytes=SMALL)
+    np.testing.assert_array_equal(a.train, b.train)
+    np.testing.assert_array_equal(a.validation, b.validation)
+    assert (len(a.train), len(a.validation)) == (SMALL - 9000, 9000)
+    for split, tokens in (("train", a.train), ("validation", a.validation)):
+        path = next(p for k, p in python_files
+                    if data.is_validation(k, 0.03) == (split == "validation"))
+        first = np.frombuffer(path.read_bytes()[:len(tokens) - 1], np.uint8)
+        np.testing.assert_array_equal(tokens[1:1 + len(first)], first, err_msg=split)
+
+
 def test_file_split_is_disjoint_complete_and_location_independent(tmp_path):
     docs = write_tree(tmp_path / "here" / "corpus")
     write_tree(tmp_path / "elsewhere")
@@ -93,6 +137,9 @@ def test_max_bytes_caps_both_splits(tmp_path):
     write_tree(tmp_path)
     corpus = data.load_text_files(str(tmp_path / "**/*.txt"), max_bytes=1000, val_fraction=0.2)
     assert (len(corpus.train), len(corpus.validation)) == (800, 200)
+    assert corpus.num_documents == len(documents_of(corpus.train)) + len(
+        documents_of(corpus.validation)) + 2  # the document crossing each cap is cut there
+    assert data.load_text_files(str(tmp_path / "**/*.txt")).num_documents == 60
 
 
 def test_files_errors_name_the_field(tmp_path):
@@ -327,6 +374,15 @@ def test_make_datasets_stdlib_with_configdict():
     evaluation = list(out.make_eval())
     assert len(evaluation) == 3
     np.testing.assert_array_equal(evaluation[0]["inputs"], next(out.make_eval())["inputs"])
+
+
+def test_make_datasets_python_counts_documents():
+    out = data.make_datasets({"name": "python", "seq_len": 32, "batch_size": 4,
+                              "max_bytes": SMALL})
+    corpus = data.load_python_corpus(max_bytes=SMALL)
+    assert out.metadata["name"] == "python"
+    assert out.metadata["documents"] == corpus.num_documents > 10
+    np.testing.assert_array_equal(out.train.sampler.tokens, corpus.train)
 
 
 def test_make_datasets_default_name_plain_dict_and_hosts():
