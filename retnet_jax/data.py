@@ -452,8 +452,19 @@ class SelectiveCopy:
 
 
 def _distinct(rng: np.random.Generator, rows: int, n: int, k: int) -> np.ndarray:
-    """Per row, k distinct ints from [0, n) in uniformly random order: int64 [rows, k]."""
-    return np.argsort(rng.random((rows, n)), axis=1)[:, :k]
+    """Per row, k distinct ints from [0, n) in uniformly random order: int64 [rows, k].
+
+    The positions of each row's k smallest of n uniform draws, by increasing draw: the first k
+    of a full argsort, found with a partition and a sort of k: at the gpu-scale MQAR sizes
+    (n = 4,096, rows = 128) a batch took 9.5 ms instead of 20 ms on a 2-core CPU, likely
+    as long as the GPU's whole training step on that small model (an estimate, not measured).
+    """
+    draws = rng.random((rows, n))
+    if k == n:
+        return np.argsort(draws, axis=1)
+    smallest = np.argpartition(draws, k - 1, axis=1)[:, :k]
+    order = np.argsort(np.take_along_axis(draws, smallest, axis=1), axis=1)
+    return np.take_along_axis(smallest, order, axis=1)
 
 
 def _batch(inputs: np.ndarray, targets: np.ndarray, loss_mask: np.ndarray) -> Batch:
