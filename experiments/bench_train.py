@@ -2,10 +2,11 @@
 count (`model.transformer_baseline`, cuDNN flash attention where supported), on all local
 devices with the library's sharded train step (bf16 compute, float32 params and AdamW).
 
-Step time is the median over `--windows` windows of `--steps` steps run back to back (as the
-training loop runs them: the host dispatches step k+1 while the GPU runs step k) after the
-compiling step (with a sync after every step, the d_model 512 ablation model measured 782K
-tokens/s; the training loop ran it at 1.1-1.5M). MFU counts
+Step time is the median over `--windows` windows of `--steps` steps run back to back (the host
+dispatches step k+1 while the GPU runs step k, as in the training loop; each window's batches
+are put on the device before it starts) after the compiling step. With a sync after every
+step instead, the RetNet of configs/ablation_gpu.py measured 782K tokens/s where the training
+loop ran it at 1.19M. MFU counts
 6 x (matmul parameters) FLOPs per token plus the mixer's sequence term, times 3 for
 forward + backward:
   attention (causal):  2 * T * d per token and layer, forward
@@ -136,7 +137,9 @@ def main(argv):
                        step_ms=step_s * 1e3, tokens_per_s=tokens_per_s,
                        tflops=achieved / len(devices), mfu_measured=achieved / len(devices) / peak,
                        mfu_datasheet=achieved / len(devices) / DATASHEET_TFLOPS,
-                       loss=float(metrics["loss"]), first_step_s=compile_s, data=_DATA.value)
+                       loss=float(metrics["loss"]), first_step_s=compile_s, data=_DATA.value,
+                       timing=f"median of {_WINDOWS.value} windows of {_STEPS.value} "
+                              "back-to-back steps")
             results.append(row)
             print(json.dumps(row))
             del state

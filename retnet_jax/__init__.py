@@ -6,7 +6,7 @@ Modules, from the maths up (import the one you need):
   layers      NNX modules: MultiScaleRetention, GatedRetention, Attention, GatedFFN, RMSNorm
   model       ModelConfig and RetNetLM (any layer schedule), the generation cache API
   generate    prefill + O(1)-state decoding with greedy / temperature / top-k / top-p
-  data        byte tokenizer, embedded corpus, synthetic recall tasks, resumable batching
+  data        byte tokenizer, offline corpora, synthetic recall tasks, resumable batching
   sharding    device mesh and the logical-axis rules table
   checkpoint  Orbax checkpoints
   train       optimizer, sharded train/eval steps, the training loop

@@ -40,12 +40,14 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from retnet_jax import checkpoint
 from retnet_jax import data as data_lib
 from retnet_jax import positions, sharding
 from retnet_jax import train as train_lib
 from retnet_jax.model import ModelConfig, parameter_matched, transformer_baseline
 
 __all__ = ["Cell", "SCALES", "GRIDS", "VARIANTS", "GridStopped", "make_cells", "cell_config",
+           "check_recorded_config",
            "run_grid", "summarise", "write_tables", "plot_results"]
 
 RESULT_FILE = "result.json"
@@ -269,6 +271,31 @@ def _evaluate_lengths(config: ml_collections.ConfigDict, workdir: str,
     return out
 
 
+# Train config fields that change what is logged or sampled, not what is trained.
+_LOGGING_FIELDS = frozenset({"progress_bar", "tensorboard", "log_every", "eval_every",
+                             "sample_prompt", "sample_tokens", "sample_temperature",
+                             "sample_top_k"})
+
+
+def check_recorded_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError unless the run recorded in `workdir` (if any) was trained with
+    `config`'s model, data and training settings, so a finished result or a checkpoint is
+    only reused for the cell it measured (e.g. not after a scale changes its corpus).
+    """
+    if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+        return
+    saved = checkpoint.load_config(workdir)
+    hint = f"Use another --out, or delete {workdir} to retrain it."
+    model = lambda c: dataclasses.asdict(ModelConfig.from_config(c.model))  # defaults filled
+    checkpoint.check_resumable(model(saved), model(config), what=f"model config of {workdir}",
+                               hint=hint)
+    checkpoint.check_resumable(train_lib.data_config(saved), train_lib.data_config(config),
+                               train_lib.RESUMABLE_DATA_FIELDS,
+                               what=f"data config of {workdir}", hint=hint)
+    checkpoint.check_resumable(dict(saved.train), dict(config.train), _LOGGING_FIELDS,
+                               what=f"train config of {workdir}", hint=hint)
+
+
 def _run_cell(cell: Cell, scale: str, seed: int, workdir: str) -> dict[str, Any] | None:
     """Trains one cell (resuming from its checkpoints) and returns its result row, or None
     when training stopped early (SIGTERM: its checkpoint is saved, the row is not)."""
@@ -282,7 +309,8 @@ def _run_cell(cell: Cell, scale: str, seed: int, workdir: str) -> dict[str, Any]
     row = {"cell": cell.name, "variant": cell.variant, "task": cell.task,
            "setting": cell.setting, "seed": seed,
            "num_params": sum(x.size for x in jax.tree.leaves(abstract_params)),
-           "steps": summary["step"], "train_tokens_per_s": summary["tokens_per_s"],
+           "steps": summary["step"], "epochs": summary["epochs"],
+           "train_tokens_per_s": summary["tokens_per_s"],
            "eval_loss": summary["eval_loss"], "eval_accuracy": summary["eval_accuracy"],
            "eval_bits_per_byte": summary["eval_bits_per_byte"]}
     if cell.evaluate_lengths:
@@ -328,6 +356,7 @@ def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[in
     jobs = [(cell, seed) for seed in seeds for cell in cells][index::count]
     for cell, seed in tqdm(jobs, desc=f"{grid} ({scale})", unit="run", disable=not progress):
         workdir = os.path.join(out_dir, cell.name, f"seed{seed}")
+        check_recorded_config(workdir, cell_config(cell, scale, seed))
         result_path = os.path.join(workdir, RESULT_FILE)
         if os.path.exists(result_path):
             with open(result_path) as f:

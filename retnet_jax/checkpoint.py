@@ -163,13 +163,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any],
-                    allowed: frozenset[str] = frozenset()) -> None:
-    """Raises if two model configs differ in a field other than `allowed`.
+                    allowed: frozenset[str] = frozenset(), *, what: str = "model config",
+                    hint: str = "Use a new --workdir, or restore these values.") -> None:
+    """Raises if two config sections differ in a field other than `allowed`.
 
     Args:
-        saved: the model config (fields -> values) the checkpoint was trained with.
-        current: the model config of this run.
+        saved: the section (fields -> values) the checkpoint was trained with.
+        current: the same section of this run.
         allowed: fields free to change on resume (e.g. compute dtype, remat).
+        what: the section's name in the error ('model config', 'data config', ...).
+        hint: the error's last sentence: what to do instead.
 
     Raises:
         ValueError: naming each differing field with its saved and current value.
@@ -180,9 +183,9 @@ def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any],
     diffs = [f"{key}: checkpoint {old[key]!r} vs config {new[key]!r}"
              for key in keys if old[key] != new[key]]
     if diffs:
-        raise ValueError("cannot resume: the model config differs from the checkpoint's in "
+        raise ValueError(f"cannot resume: the {what} differs from the checkpoint's in "
                          + "; ".join(diffs)
-                         + ". Use a new --workdir, or restore these values.")
+                         + ". " + hint)
 
 
 def _jsonish(value: Any) -> Any:

@@ -174,7 +174,8 @@ def _document_tokens(data: bytes) -> np.ndarray:
 # Directories never walked: installed packages (inside the stdlib), caches and tests, which are
 # large and repetitive.
 _SKIPPED_DIRS = frozenset(
-    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
+    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
+     "_vendor"})
 
 
 def stdlib_files() -> tuple[pathlib.Path, list[str]]:

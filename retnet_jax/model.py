@@ -513,8 +513,8 @@ class RetNetLM(nnx.Module):
         give d_model-split rows that XLA can only reshard to batch-split ones by replicating.
         Rows are gathered in the parameter dtype and cast after: the lookup's gradient is a
         scatter-add of every token's row gradient, and in bf16 that scatter both rounds sums
-        of thousands of terms and, on real text (a few bytes are most tokens), ran 5x slower
-        than the whole rest of the step on an H100 (BENCHMARKS.md, training throughput).
+        of thousands of terms and, on real text (a few bytes are most tokens), made a whole
+        train step 3.2x slower on an H100 (BENCHMARKS.md, training throughput).
         """
         table = sharding.constrain(self.embed.embedding[...], ("vocab", None))
         x = jnp.take(table, tokens, axis=0).astype(self.config.compute_dtype)

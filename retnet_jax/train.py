@@ -67,6 +67,8 @@ Batch = Mapping[str, jax.Array]
 RESUMABLE_MODEL_FIELDS = frozenset(
     {"dtype", "remat", "scan_layers", "chunk_size", "retention_kernel", "max_seq_len",
      "attention_impl", "logit_soft_cap"})
+# Data config fields that may change when resuming: they leave the training stream as it was.
+RESUMABLE_DATA_FIELDS = frozenset({"eval_batches"})
 
 
 # ----------------------------------------------------------------------------- config
@@ -586,14 +588,18 @@ def _resume_or_init(trainer: Trainer, checkpointer: Checkpointer,
     """The latest checkpoint's state (data iterator repositioned) or a fresh one.
 
     Raises:
-        ValueError: naming the fields, if the workdir's model config differs from `config`'s.
+        ValueError: naming the fields, if the workdir's model or data config differs from
+            `config`'s (beyond RESUMABLE_MODEL_FIELDS / RESUMABLE_DATA_FIELDS).
     """
     step = checkpointer.latest_step()
     if step is None:
         save_config(workdir, config)
         return trainer.init()
-    saved = dataclasses.asdict(model_lib.ModelConfig.from_config(load_config(workdir).model))
+    saved_config = load_config(workdir)
+    saved = dataclasses.asdict(model_lib.ModelConfig.from_config(saved_config.model))
     check_resumable(saved, dataclasses.asdict(trainer.model_config), RESUMABLE_MODEL_FIELDS)
+    check_resumable(data_config(saved_config), data_config(config), RESUMABLE_DATA_FIELDS,
+                    what="data config")
     abstract = trainer.abstract_state
     params, rest, data_state = checkpointer.restore(
         step, params=abstract.params,
@@ -629,8 +635,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             `train.num_steps`); None runs to the end.
 
     Returns:
-        The run summary (also in summary.json): steps, wall time, tokens/s, last evaluation,
-        the data's unigram entropy, the last sample, and whether the run completed.
+        The run summary (also in summary.json): steps, wall time, tokens/s, epochs (times the
+        training tokens cover a text corpus; None for tasks), last evaluation, the data's
+        unigram entropy, the last sample, and whether the run completed.
 
     Raises:
         NonFiniteLossError: if the loss becomes NaN/Inf; the last good checkpoint is kept.
@@ -650,7 +657,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state = _resume_or_init(trainer, checkpointer, datasets.train, config, workdir)
         with StopSignal() as stop:
             loop = _Loop(trainer, datasets, checkpointer, writer, stop, train_config,
-                         checkpoint_config.save_every)
+                         checkpoint_config.save_every,
+                         tokens_per_step=datasets.train.batch_size * data_config(config)["seq_len"])
             state = loop.run(state, stop_at_step)
         checkpointer.wait()
     finally:
@@ -677,9 +685,10 @@ class _Loop:
 
     def __init__(self, trainer: Trainer, datasets: data_lib.Datasets,
                  checkpointer: Checkpointer, writer: MetricsWriter, stop: StopSignal,
-                 config: TrainConfig, save_every: int):
+                 config: TrainConfig, save_every: int, *, tokens_per_step: int):
         self.trainer, self.datasets, self.checkpointer = trainer, datasets, checkpointer
         self.writer, self.stop, self.config, self.save_every = writer, stop, config, save_every
+        self.tokens_per_step = tokens_per_step
         self.train_seconds = 0.0
         self.train_tokens = 0
         self.last_eval: dict[str, float] = {}
@@ -755,7 +764,10 @@ class _Loop:
 
     def summary(self, state: TrainState, wall_seconds: float) -> dict[str, Any]:
         """JSON-able run summary; see `train_and_evaluate`."""
+        corpus_tokens = self.datasets.metadata.get("train_tokens")
         return {"step": int(state.step), "completed": self.completed,
+                "epochs": (int(state.step) * self.tokens_per_step / corpus_tokens
+                           if corpus_tokens else None),
                 "wall_time_s": wall_seconds, "train_time_s": self.train_seconds,
                 "tokens_per_s": self.train_tokens / max(self.train_seconds, 1e-9),
                 "unigram_entropy_bits": self.datasets.metadata.get("unigram_entropy_bits"),
@@ -776,6 +788,9 @@ def _summary_lines(summary: Mapping[str, Any]) -> list[str]:
         lines.append(f"validation: {summary['eval_bits_per_byte']:.3f} bits/byte{baseline}, "
                      f"loss {summary['eval_loss']:.4f}, perplexity "
                      f"{summary['eval_perplexity']:.2f}")
+    if summary["epochs"] and summary["epochs"] > 1:
+        lines.append(f"note: training saw its corpus {summary['epochs']:.1f} times; compare "
+                     "validation with training loss for overfitting")
     if summary["sample"]:
         lines.append(f"sample: {summary['sample']!r}")
     return lines
@@ -834,7 +849,8 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, best: bool = F
 
 
 def use_compilation_cache(directory: str) -> None:
-    """Keeps compiled XLA programs in `directory` ('~' expanded; '' leaves caching off).
+    """Keeps every compiled XLA program in `directory` ('~' expanded; '' leaves JAX's own
+    setting, e.g. the JAX_COMPILATION_CACHE_DIR variable, as it is).
 
     Every `make_trainer` traces and compiles its steps anew; with the cache, programs that
     compiled before (the same model and shapes: another seed of an ablation cell, a resumed
@@ -844,4 +860,4 @@ def use_compilation_cache(directory: str) -> None:
     """
     if directory:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from retnet_jax import ablation
+from retnet_jax import ablation, checkpoint
 from retnet_jax.model import ModelConfig
 
 
@@ -149,3 +149,21 @@ def test_a_stopped_run_is_not_recorded_and_stops_the_grid(tmp_path, monkeypatch)
         ablation.run_grid("decay_lm", str(tmp_path), scale="tiny", progress=False,
                           variants=("retnet", "gated"))
     assert calls[1] == calls[0]                       # the same run again, not the next
+
+
+def test_a_run_recorded_with_other_settings_is_not_reused(tmp_path, monkeypatch):
+    """A run folder whose config.json differs from the cell's (here: the corpus) stops the
+    grid with an error naming the field, before anything is read back or trained."""
+    cell = ablation.make_cells("decay_lm", "tiny")[0]
+    config = ablation.cell_config(cell, "tiny", 0)
+    config.data.name = "python"
+    checkpoint.save_config(str(tmp_path / cell.name / "seed0"), config)
+    monkeypatch.setattr(ablation, "_run_cell", lambda *a: pytest.fail("trained over it"))
+    with pytest.raises(ValueError, match="data config of .*name: checkpoint 'python' vs "
+                                         "config 'stdlib'"):
+        ablation.run_grid("decay_lm", str(tmp_path), scale="tiny", progress=False)
+    # Logging fields may differ.
+    config = ablation.cell_config(cell, "tiny", 0)
+    checkpoint.save_config(str(tmp_path / cell.name / "seed0"), config)
+    config.train.log_every = 1
+    ablation.check_recorded_config(str(tmp_path / cell.name / "seed0"), config)

@@ -22,6 +22,7 @@ PARAM_COUNTS = {
     "gated_small": (1_891_392, None),          # + gt_proj, d_model x heads per layer
     "transformer_small": (1_889_088, None),    # FFN widened to match small
     "hybrid_small": (1_663_296, None),
+    "ablation_gpu": (22_291_968, None),        # the gpu-scale ablation grid's RetNet
     "retnet_125m": (124_472_064, 125e6),
     "retnet_350m": (356_697_088, 350e6),
     "retnet_1_3b": (1_323_665_408, 1.3e9),
