@@ -435,17 +435,18 @@ def write_tables(rows: Sequence[dict[str, Any]], out_dir: str, *, grid: str, sca
 # ----------------------------------------------------------------------------- plots
 
 
-def _eval_curve(workdir: str) -> tuple[list[int], list[float]]:
-    """(steps, eval losses) from a run's metrics.jsonl."""
+def _curve(workdir: str, key: str = "eval_loss") -> tuple[list[int], list[float]]:
+    """(steps, values of `key`) from a run's metrics.jsonl: 'eval_loss' at every evaluation,
+    'loss' (training, the mean of each `log_every` window) at every log."""
     steps, losses = [], []
     path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
                 record = json.loads(line)
-                if "eval_loss" in record:
+                if key in record:
                     steps.append(record["step"])
-                    losses.append(record["eval_loss"])
+                    losses.append(record[key])
     return steps, losses
 
 
@@ -455,7 +456,7 @@ def _with_best_eval(row: dict[str, Any], workdir: str) -> dict[str, Any]:
     below the final value means the run overfit (e.g. several epochs of a small corpus)."""
     if row["task"] != "lm":
         return row
-    _, losses = _eval_curve(workdir)
+    _, losses = _curve(workdir)
     return {**row, "best_eval_bits_per_byte": min(losses) / math.log(2)} if losses else row
 
 
@@ -503,19 +504,36 @@ def plot_results(rows: Sequence[dict[str, Any]], out_dir: str, *, grid: str) -> 
     if grid != "decay_mqar":
         fig, ax = plt.subplots(figsize=(6, 4))
         variants = list(dict.fromkeys(row["variant"] for row in rows))
+        plotted = []                                  # every curve's values, for the y range
         for color, variant in enumerate(variants):   # one colour per variant: seeds thin, mean bold
-            curves = [_eval_curve(os.path.join(out_dir, row["cell"], f"seed{row['seed']}"))
-                      for row in rows if row["variant"] == variant]
+            workdirs = [os.path.join(out_dir, row["cell"], f"seed{row['seed']}")
+                        for row in rows if row["variant"] == variant]
+            curves = [_curve(w) for w in workdirs]
             curves = [(steps, np.array(losses) / math.log(2)) for steps, losses in curves if steps]
             for steps, bits in curves:
                 ax.plot(steps, bits, color=f"C{color}", alpha=0.3, linewidth=1)
+                plotted.append(bits)
             if curves and all(steps == curves[0][0] for steps, _ in curves):
                 ax.plot(curves[0][0], np.mean([bits for _, bits in curves], axis=0),
                         color=f"C{color}", marker=".", linewidth=2,
                         label=f"{variant} (mean of {len(curves)})")
+            # Training loss, dashed: its gap to validation shows overfitting. A running mean
+            # over a 30th of the logs (100 steps of 3,000 at gpu scale) keeps it readable.
+            train = [_curve(w, "loss") for w in workdirs]
+            if train and train[0][0] and all(steps == train[0][0] for steps, _ in train):
+                bits = np.mean([losses for _, losses in train], axis=0) / math.log(2)
+                span = max(1, len(bits) // 30)
+                bits = np.convolve(bits, np.ones(span) / span, mode="valid")
+                ax.plot(train[0][0][span - 1:], bits, color=f"C{color}", linestyle="--",
+                        linewidth=1)
+                plotted.append(bits[len(bits) // 10:])  # the first steps would set the scale
+        if plotted:
+            low = min(map(np.min, plotted))
+            high = max(map(np.max, plotted))
+            ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
         ax.set_xlabel("step")
-        ax.set_ylabel("validation bits per byte")
-        ax.set_title(f"{grid}: evaluation curves")
+        ax.set_ylabel("bits per byte")
+        ax.set_title(f"{grid}: validation (solid) and training (dashed)")
         ax.legend(fontsize="small")
         save(fig, f"{grid}_curves.png")
 
