@@ -1,5 +1,5 @@
 """Training-throughput benchmark: RetNet (chunkwise) vs a Transformer with the same parameter
-count (`model.transformer_baseline`, cuDNN flash attention where supported), on all local
+count (`model.transformer_baseline`, cuDNN flash attention where supported), on the first k
 devices with the library's sharded train step (bf16 compute, float32 params and AdamW).
 
 Step time is the median over `--windows` windows of `--steps` steps run back to back (the host
@@ -17,6 +17,7 @@ real text repeats a few bytes thousands of times per batch, which random bytes n
 (the embedding gradient's scatter-add, for one).
 
   python experiments/bench_train.py --config=configs/retnet_1_3b.py --seq_lens=2048,8192
+  python experiments/bench_train.py --config=configs/retnet_1_3b.py --device_counts=1,2
 """
 
 import dataclasses
@@ -37,13 +38,24 @@ from retnet_jax.model import ModelConfig, transformer_baseline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/retnet_1_3b.py", "Model preset.")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "8192"], "Sequence lengths.")
-_TOKENS = flags.DEFINE_integer("tokens_per_step", 16384, "Global batch size in tokens.")
+_TOKENS = flags.DEFINE_integer("tokens_per_step", 16384,
+                               "Tokens per step per device (the global batch grows with the "
+                               "device count: weak scaling).")
+_DEVICE_COUNTS = flags.DEFINE_list("device_counts", None,
+                                   "Time on the first k devices for each k, e.g. 1,2 "
+                                   "(default: all local devices); rows on k > 1 get the "
+                                   "scaling efficiency against k = 1.")
+_MESH_AXIS = flags.DEFINE_enum("mesh_axis", "fsdp", ["data", "fsdp"],
+                               "Mesh axis spanning the devices: FSDP (parameters and "
+                               "optimizer state sharded) or plain data parallelism.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Steps per timed window, run back to back.")
 _WINDOWS = flags.DEFINE_integer("windows", 3, "Timed windows (median step time reported).")
 _MODELS = flags.DEFINE_list("models", ["retnet", "transformer"], "Which models to time.")
 _BUDGET = flags.DEFINE_float("time_budget_s", 1e9, "Stop starting new settings after this.")
 _DATA = flags.DEFINE_enum("data", "random", ["random", "corpus"],
                           "Batch tokens: uniform random bytes or stdlib corpus windows.")
+_MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 8192,
+                                    "n of the [n, n] x [n, n] matmul that measures the peak.")
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
 
 DATASHEET_TFLOPS = 989.0  # H100 SXM dense bf16
@@ -89,67 +101,92 @@ def make_batches(seq_len: int, batch: int, *, vocab_size: int):
     return random_bytes()
 
 
+def time_setting(name: str, model: ModelConfig, seq_len: int, devices: list,
+                 peak: float) -> dict:
+    """One result row: the model trained at `seq_len` on a mesh over `devices` (its
+    `--mesh_axis` spanning them all), `--tokens_per_step` tokens per device per step."""
+    count = len(devices)
+    axes = {"data": 1, "fsdp": 1, _MESH_AXIS.value: count}
+    mesh = sharding.make_mesh(sharding.MeshConfig(**axes), devices)
+    batch = count * max(1, _TOKENS.value // seq_len)
+    model = dataclasses.replace(model, max_seq_len=max(seq_len, model.max_seq_len))
+    trainer = train_lib.make_trainer(run_config(model, seq_len, batch), mesh=mesh)
+    params = trainer.abstract_state.params
+    matmul_params = sum(x.size for x in jax.tree.leaves(params)) - (
+        0 if model.tie_embeddings else model.vocab_size * model.d_model)
+    state = trainer.init()
+    batches = make_batches(seq_len, batch, vocab_size=model.vocab_size)
+
+    def batch_data():
+        return sharding.put_batch(next(batches), mesh)
+    t0 = time.perf_counter()
+    state, metrics = trainer.train_step(state, batch_data())   # compiles
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(_WINDOWS.value):  # steps back to back, as the training loop runs
+        data = [batch_data() for _ in range(_STEPS.value)]
+        jax.block_until_ready(data)
+        t0 = time.perf_counter()
+        for step_data in data:
+            state, metrics = trainer.train_step(state, step_data)
+        jax.block_until_ready(metrics)
+        times.append((time.perf_counter() - t0) / _STEPS.value)
+    step_s = float(np.median(times))
+    tokens_per_s = batch * seq_len / step_s
+    per_device = tokens_per_s * flops_per_token(model, matmul_params, seq_len) / 1e12 / count
+    return dict(model=name, seq_len=seq_len, devices=count, mesh=axes, batch=batch,
+                params=sum(x.size for x in jax.tree.leaves(params)),
+                step_ms=step_s * 1e3, tokens_per_s=tokens_per_s, tflops=per_device,
+                mfu_measured=per_device / peak, mfu_datasheet=per_device / DATASHEET_TFLOPS,
+                loss=float(metrics["loss"]), first_step_s=compile_s, data=_DATA.value,
+                timing=f"median of {_WINDOWS.value} windows of {_STEPS.value} "
+                       "back-to-back steps")
+
+
+def add_scaling_efficiency(results: list[dict]) -> None:
+    """Adds 'scaling_efficiency' = tokens/s on k devices / (k x tokens/s on one) to each row
+    whose model and length were also timed on one device (weak scaling: same batch per
+    device)."""
+    single = {(r["model"], r["seq_len"]): r["tokens_per_s"] for r in results if r["devices"] == 1}
+    for r in results:
+        base = single.get((r["model"], r["seq_len"]))
+        if base and r["devices"] > 1:
+            r["scaling_efficiency"] = r["tokens_per_s"] / (r["devices"] * base)
+
+
 def main(argv):
     del argv
     base = ModelConfig.from_config(_CONFIG.value.model)
     models = {"retnet": base, "transformer": transformer_baseline(base, head_dim=128)}
-    peak = matmul_tflops()
+    peak = matmul_tflops(_MATMUL_SIZE.value)
     devices = jax.devices()
+    counts = [int(c) for c in _DEVICE_COUNTS.value or [len(devices)]]
+    if any(not 1 <= c <= len(devices) for c in counts):
+        raise app.UsageError(f"--device_counts must be in [1, {len(devices)}], got {counts}")
     print(f"{len(devices)} x {devices[0].device_kind}, jax {jax.__version__}, measured bf16 "
           f"matmul {peak:.0f} TFLOP/s")
     results = []
     start_all = time.time()
     for seq_len in (int(s) for s in _SEQ_LENS.value):
-        batch = max(len(devices), _TOKENS.value // seq_len)
         for name in _MODELS.value:
-            if time.time() - start_all > _BUDGET.value:
-                print(f"time budget: skipping {name} at T={seq_len}")
-                continue
-            model = dataclasses.replace(models[name], max_seq_len=max(seq_len,
-                                                                      models[name].max_seq_len))
-            trainer = train_lib.make_trainer(run_config(model, seq_len, batch))
-            params = trainer.abstract_state.params
-            matmul_params = sum(x.size for x in jax.tree.leaves(params)) - (
-                0 if model.tie_embeddings else model.vocab_size * model.d_model)
-            state = trainer.init()
-            batches = make_batches(seq_len, batch, vocab_size=model.vocab_size)
-
-            def batch_data():
-                return sharding.put_batch(next(batches), trainer.mesh)
-            t0 = time.perf_counter()
-            state, metrics = trainer.train_step(state, batch_data())   # compiles
-            jax.block_until_ready(metrics)
-            compile_s = time.perf_counter() - t0
-            times = []
-            for _ in range(_WINDOWS.value):  # steps back to back, as the training loop runs
-                data = [batch_data() for _ in range(_STEPS.value)]
-                jax.block_until_ready(data)
-                t0 = time.perf_counter()
-                for step_data in data:
-                    state, metrics = trainer.train_step(state, step_data)
-                jax.block_until_ready(metrics)
-                times.append((time.perf_counter() - t0) / _STEPS.value)
-            step_s = float(np.median(times))
-            tokens_per_s = batch * seq_len / step_s
-            achieved = tokens_per_s * flops_per_token(model, matmul_params, seq_len) / 1e12
-            row = dict(model=name, seq_len=seq_len, batch=batch,
-                       params=sum(x.size for x in jax.tree.leaves(params)),
-                       step_ms=step_s * 1e3, tokens_per_s=tokens_per_s,
-                       tflops=achieved / len(devices), mfu_measured=achieved / len(devices) / peak,
-                       mfu_datasheet=achieved / len(devices) / DATASHEET_TFLOPS,
-                       loss=float(metrics["loss"]), first_step_s=compile_s, data=_DATA.value,
-                       timing=f"median of {_WINDOWS.value} windows of {_STEPS.value} "
-                              "back-to-back steps")
-            results.append(row)
-            print(json.dumps(row))
-            del state
-    print("\n| model | T | batch | params | step ms | tokens/s | TFLOP/s/GPU | MFU (measured "
-          "peak) | MFU (989) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for count in counts:
+                if time.time() - start_all > _BUDGET.value:
+                    print(f"time budget: skipping {name} at T={seq_len} on {count} devices")
+                    continue
+                results.append(time_setting(name, models[name], seq_len, devices[:count],
+                                            peak))
+                print(json.dumps(results[-1]))
+    add_scaling_efficiency(results)
+    print("\n| model | T | devices | batch | params | step ms | tokens/s | TFLOP/s/device | "
+          "MFU (measured peak) | MFU (989) | scaling efficiency |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['model']} | {r['seq_len']} | {r['batch']} | {r['params'] / 1e9:.2f}B | "
-              f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
-              f"{r['mfu_measured']:.1%} | {r['mfu_datasheet']:.1%} |")
+        efficiency = f"{r['scaling_efficiency']:.1%}" if "scaling_efficiency" in r else "-"
+        print(f"| {r['model']} | {r['seq_len']} | {r['devices']} | {r['batch']} | "
+              f"{r['params'] / 1e9:.2f}B | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['tflops']:.0f} | {r['mfu_measured']:.1%} | {r['mfu_datasheet']:.1%} | "
+              f"{efficiency} |")
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump(dict(device=devices[0].device_kind, jax=jax.__version__,
