@@ -292,7 +292,8 @@ def check_recorded_config(workdir: str, config: ml_collections.ConfigDict) -> No
     checkpoint.check_resumable(train_lib.data_config(saved), train_lib.data_config(config),
                                train_lib.RESUMABLE_DATA_FIELDS,
                                what=f"data config of {workdir}", hint=hint)
-    checkpoint.check_resumable(dict(saved.train), dict(config.train), _LOGGING_FIELDS,
+    train = lambda c: dataclasses.asdict(train_lib.from_section(train_lib.TrainConfig, c.train))
+    checkpoint.check_resumable(train(saved), train(config), _LOGGING_FIELDS,
                                what=f"train config of {workdir}", hint=hint)
 
 
