@@ -1,21 +1,35 @@
 """Benchmark of chunkwise retention against cuDNN flash attention and fla's Triton kernels.
 
-Times forward and forward+backward (median of --runs timed runs after warm-up, each run the
-mean of --calls_per_run back-to-back calls, inputs rotated between two fresh random sets) for
-fixed and gated decay on each shape [B, T, H, D] (D = Dk = Dv, bf16), and in the same process:
-  * `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`,
+Times forward and forward+backward for fixed and gated decay on each shape, bf16, given as
+BxTxHxD (q, k [B, T, H, D] and v [B, T, H, D]) or BxTxHxDkxDv (q, k [B, T, H, Dk], v
+[B, T, H, Dv]: the presets' head shapes, e.g. 2x8192x8x256x512 for 1.3B), and in the same
+process:
+  * `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`, skipped with
+    the reason JAX gives for shapes it refuses (its API needs v shaped like k: Dk = Dv),
   * fla's `chunk_retention` / `chunk_simple_gla` when `fla` imports (torch + triton),
   * the plain scan-over-chunks prototype (`scan_prototype` below).
-Before timing, a correctness check on --check_shape compares each implementation's output and
-gradients with a float32 reference of the same function (`parallel_retention` on upcast
-inputs, highest matmul precision) on the same device, printing relative errors
+The Pallas kernels are skipped, with `kernels.unsupported_reason`'s reason, for head dims or
+chunk sizes they do not take.
+
+Timing: each implementation is called --warmup times after its first (compiling) call, then
+again until --min_warmup_s seconds of warm-up have passed (every call synced; the same for
+every implementation), then --runs timed runs, each the mean of --calls_per_run back-to-back
+calls with one sync, inputs rotated between two fresh random sets. Reported: the median run,
+with every run's time in the JSON row (`runs_ms`) and min-max in the tables.
+
+Before timing, a correctness check on each --check_shape compares each implementation's
+output and gradients with a float32 reference of the same function (`parallel_retention` on
+upcast inputs, highest matmul precision) on the same device, printing relative errors
 RMS(out - ref) / RMS(ref) (fla's metric) and max|out - ref| / max|ref|.
 
-Roofline: bytes of q, k, v, o (forward) plus dq, dk, dv, do (backward) over the measured
-device-to-device copy bandwidth (bytes read + written), as a fraction of the measured time.
+Roofline: bytes of q, k (Dk) and v, o (Dv) for the forward, plus dq, dk (Dk) and dv, do (Dv)
+for the backward, over the measured device-to-device copy bandwidth (bytes read + written),
+as a fraction of the measured time.
 
   python experiments/bench_retention.py                     # full run (GPU)
   python experiments/bench_retention.py --smoke             # tiny shapes, runs on CPU
+  python experiments/bench_retention.py --smoke --shapes=1x64x2x32x64   # --smoke fills in
+                                                            # only the flags not given
 """
 
 from __future__ import annotations
@@ -39,8 +53,9 @@ from retnet_jax import kernels, positions, retention  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["8x2048x16x128", "4x8192x16x128", "1x32768x16x128"],
-                  "Shapes BxTxHxD to time.")
-flags.DEFINE_bool("smoke", False, "Tiny shapes and few runs (checks the script on CPU).")
+                  "Shapes to time: BxTxHxD (Dk = Dv = D) or BxTxHxDkxDv.")
+flags.DEFINE_bool("smoke", False, "Tiny shapes and few runs (checks the script on CPU); "
+                  "flags given on the command line keep their values.")
 flags.DEFINE_list("chunk_sizes", ["64", "128"], "Chunk sizes of ours to time.")
 flags.DEFINE_list("impls", ["ours", "pallas", "autodiff", "scan", "cudnn", "fla"],
                   "ours: chunkwise_retention; pallas: kernels.chunkwise_retention_pallas "
@@ -53,18 +68,37 @@ flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd (forward+backwa
 flags.DEFINE_integer("runs", 20, "Timed runs (median reported).")
 flags.DEFINE_integer("calls_per_run", 5, "Back-to-back calls per timed run.")
 flags.DEFINE_integer("warmup", 3, "Warm-up calls (after compilation).")
-flags.DEFINE_string("check_shape", "2x4096x16x128", "Shape of the correctness check ('' skips).")
+flags.DEFINE_float("min_warmup_s", 2.0, "After the --warmup calls, keep calling (and syncing) "
+                   "each implementation until this many seconds of warm-up have passed.")
+flags.DEFINE_list("check_shape", ["2x4096x16x128"],
+                  "Shapes of the correctness check, BxTxHxD or BxTxHxDkxDv ('' skips).")
 flags.DEFINE_string("out", "", "Write all results as JSON here.")
 flags.DEFINE_string("hlo_dir", "", "Dump optimized HLO of ours (first chunk size, 2nd shape).")
 flags.DEFINE_float("time_budget_s", 1e9, "Skip remaining timings after this many seconds.")
 
 RESULTS: dict = {"env": {}, "bandwidth": {}, "checks": [], "timings": []}
 _START = time.time()
+SMOKE_DEFAULTS = {"shapes": ["2x256x4x32", "1x1024x2x32x64"], "chunk_sizes": ["16", "32"],
+                  "check_shape": ["1x128x2x32x64"], "runs": 3, "calls_per_run": 1,
+                  "warmup": 1, "min_warmup_s": 0.0}
 
 
-def parse_shape(text: str) -> tuple[int, int, int, int]:
-    b, t, h, d = (int(x) for x in text.lower().split("x"))
-    return b, t, h, d
+def parse_shape(text: str, flag: str = "shapes") -> tuple[int, int, int, int, int]:
+    """'BxTxHxD' or 'BxTxHxDkxDv' -> (B, T, H, Dk, Dv); a UsageError naming --flag if
+    `text` is neither."""
+    parts = text.strip().lower().split("x")
+    if len(parts) not in (4, 5) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise app.UsageError(
+            f"--{flag}: {text!r} is not BxTxHxD (Dk = Dv = D) or BxTxHxDkxDv, positive "
+            "integers joined by 'x', e.g. 8x2048x16x128 or 2x8192x8x256x512")
+    dims = [int(p) for p in parts]
+    return tuple(dims if len(dims) == 5 else dims + dims[3:])
+
+
+def shape_fields(shape_text: str) -> dict:
+    """The JSON row fields naming a shape: its text and its key and value head dims."""
+    *_, key_dim, value_dim = parse_shape(shape_text)
+    return {"shape": shape_text, "key_dim": key_dim, "value_dim": value_dim}
 
 
 def save() -> None:
@@ -78,13 +112,14 @@ def save() -> None:
 
 
 def make_inputs(seed: int, shape, gated: bool, dtype=jnp.bfloat16):
-    """q (scaled by D^-0.5), k, v, do [B, T, H, D] in dtype; log_decay [H] or f32 [B, T, H]."""
-    b, t, h, d = shape
+    """For shape (B, T, H, Dk, Dv): q (scaled by Dk^-0.5), k [B, T, H, Dk] and v, do
+    [B, T, H, Dv] in dtype; log_decay float32 [H] (fixed) or [B, T, H] (gated)."""
+    b, t, h, dk, dv = shape
     ks = jax.random.split(jax.random.PRNGKey(seed), 5)
-    q = (jax.random.normal(ks[0], (b, t, h, d)) * d ** -0.5).astype(dtype)
-    k = jax.random.normal(ks[1], (b, t, h, d)).astype(dtype)
-    v = jax.random.normal(ks[2], (b, t, h, d)).astype(dtype)
-    do = jax.random.normal(ks[3], (b, t, h, d)).astype(dtype)
+    q = (jax.random.normal(ks[0], (b, t, h, dk)) * dk ** -0.5).astype(dtype)
+    k = jax.random.normal(ks[1], (b, t, h, dk)).astype(dtype)
+    v = jax.random.normal(ks[2], (b, t, h, dv)).astype(dtype)
+    do = jax.random.normal(ks[3], (b, t, h, dv)).astype(dtype)
     if gated:  # log-sigmoid gates, mostly near 0 with a tail down to ~ -5
         log_decay = jax.nn.log_sigmoid(jax.random.normal(ks[4], (b, t, h)) + 3.0)
     else:
@@ -148,10 +183,21 @@ def scan_prototype(q, k, v, log_decay, *, chunk_size: int = 64, initial_state=No
 # ------------------------------------------------------------------------------ timing
 
 
-def median_ms(call, inputs_list, sync) -> tuple[float, list[float]]:
-    """Median over FLAGS.runs of the mean time of FLAGS.calls_per_run calls, in ms."""
-    for i in range(FLAGS.warmup):
-        sync(call(*inputs_list[i % len(inputs_list)]))
+def warm_up(call, inputs_list, sync) -> dict:
+    """FLAGS.warmup calls, then more until FLAGS.min_warmup_s seconds have passed since the
+    first, each synced. Returns {'warmup_calls': n, 'warmup_s': seconds}."""
+    start = time.perf_counter()
+    calls = 0
+    while calls < FLAGS.warmup or time.perf_counter() - start < FLAGS.min_warmup_s:
+        sync(call(*inputs_list[calls % len(inputs_list)]))
+        calls += 1
+    return {"warmup_calls": calls, "warmup_s": time.perf_counter() - start}
+
+
+def median_ms(call, inputs_list, sync) -> tuple[float, list[float], dict]:
+    """Median over FLAGS.runs of the mean time of FLAGS.calls_per_run calls, in ms, after
+    `warm_up`. Returns (median, every run's ms, warm_up's dict)."""
+    warmup = warm_up(call, inputs_list, sync)
     times = []
     for r in range(FLAGS.runs):
         start = time.perf_counter()
@@ -160,7 +206,7 @@ def median_ms(call, inputs_list, sync) -> tuple[float, list[float]]:
             out = call(*inputs_list[(r * FLAGS.calls_per_run + c) % len(inputs_list)])
         sync(out)
         times.append((time.perf_counter() - start) * 1e3 / FLAGS.calls_per_run)
-    return statistics.median(times), times
+    return statistics.median(times), times, warmup
 
 
 def jax_sync(x):
@@ -185,6 +231,31 @@ def ours_fn(impl: str, chunk_size: int):
 def cudnn_fn():
     return lambda q, k, v, a: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                            implementation="cudnn")
+
+
+def cudnn_unsupported_reason(shape) -> str | None:
+    """Why cuDNN attention cannot run on q, k [B, T, H, Dk], v [B, T, H, Dv] here, or None.
+
+    Asks JAX by tracing the call on abstract bf16 inputs: its API refuses v shaped unlike k
+    (Dk != Dv), its cuDNN path refuses head dims cuDNN lacks, and it raises off a GPU.
+    """
+    b, t, h, dk, dv = shape
+    spec = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.bfloat16)
+    try:
+        jax.eval_shape(cudnn_fn(), spec(b, t, h, dk), spec(b, t, h, dk), spec(b, t, h, dv),
+                       spec(h))
+    except Exception as e:  # noqa: BLE001 - whatever JAX raises is the reason to skip
+        return (f"jax.nn.dot_product_attention(implementation='cudnn') refuses q, k "
+                f"[..., {dk}], v [..., {dv}]: {type(e).__name__}: {str(e)[:200]}")
+    if jax.default_backend() != "gpu":
+        return f"backend {jax.default_backend()!r} is not a GPU"
+    return None
+
+
+def pallas_unsupported_reason(shape, chunk_size: int) -> str | None:
+    """`kernels.unsupported_reason` for this shape's head dims and chunk size, or None."""
+    *_, key_dim, value_dim = shape
+    return kernels.unsupported_reason(key_dim, value_dim, chunk_size)
 
 
 def jax_call(fn, mode: str, gated: bool):
@@ -274,20 +345,20 @@ def measure_bandwidth(fla) -> None:
     n = (1 << 29) if not FLAGS.smoke else (1 << 20)      # 1 GiB of bf16
     x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.bfloat16)
     neg = jax.jit(lambda x: -x)
-    ms, _ = median_ms(neg, [(x,)], jax_sync)
+    ms, _, _ = median_ms(neg, [(x,)], jax_sync)
     RESULTS["bandwidth"]["jax_negate_GBps"] = 2 * x.nbytes / ms / 1e6
     del x
     if fla is not None:
         torch = fla[0]
         src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
         dst = torch.empty_like(src)
-        ms, _ = median_ms(lambda: dst.copy_(src), [()], torch_sync(torch))
+        ms, _, _ = median_ms(lambda: dst.copy_(src), [()], torch_sync(torch))
         RESULTS["bandwidth"]["torch_copy_GBps"] = 2 * src.nbytes / ms / 1e6
         del src, dst
     m = 8192 if not FLAGS.smoke else 256
     a = jax.random.normal(jax.random.PRNGKey(1), (m, m), jnp.bfloat16)
     b = jax.random.normal(jax.random.PRNGKey(2), (m, m), jnp.bfloat16)
-    ms, _ = median_ms(jax.jit(jnp.matmul), [(a, b)], jax_sync)
+    ms, _, _ = median_ms(jax.jit(jnp.matmul), [(a, b)], jax_sync)
     RESULTS["bandwidth"]["jax_bf16_matmul_TFLOPs"] = 2 * m ** 3 / ms / 1e9
     bw = RESULTS["bandwidth"].get("torch_copy_GBps", RESULTS["bandwidth"]["jax_negate_GBps"])
     RESULTS["bandwidth"]["used_GBps"] = bw
@@ -295,9 +366,11 @@ def measure_bandwidth(fla) -> None:
 
 
 def min_bytes(shape, mode: str) -> int:
-    b, t, h, d = shape
-    tensor = b * t * h * d * 2
-    return tensor * (4 if mode == "fwd" else 8)
+    """bf16 bytes of q, k [B, T, H, Dk] and v, o [B, T, H, Dv]; for fwdbwd also dq, dk and
+    dv, do."""
+    b, t, h, dk, dv = shape
+    forward = b * t * h * 2 * (2 * dk + 2 * dv)
+    return forward * (1 if mode == "fwd" else 2)
 
 
 # ------------------------------------------------------------------------- correctness
@@ -312,62 +385,88 @@ def rel_errors(x, ref) -> dict:
     return {"rms_rel": rms, "max_rel": mx, "finite": finite}
 
 
-def check_correctness(fla) -> None:
-    shape = parse_shape(FLAGS.check_shape)
+def check_correctness(fla, shape_text: str) -> None:
+    """Output and gradients of each implementation (first chunk size) against the float32
+    reference on one shape, for each decay kind; a refused or failing one is recorded and
+    the others still run."""
+    shape = parse_shape(shape_text, "check_shape")
     chunk = int(FLAGS.chunk_sizes[0])
     for decay in FLAGS.decays:
         gated = decay == "gated"
         inputs = make_inputs(100 + gated, shape, gated)
         q, k, v, a, do = inputs
-        argnums = (0, 1, 2, 3) if gated else (0, 1, 2)
-        names = ["o", "dq", "dk", "dv"] + (["dlog_decay"] if gated else [])
-
-        def grads_of(fn, q, k, v, a, do):
-            o, pullback = jax.vjp(fn, *(q, k, v, a)[:len(argnums)], *(() if gated else (a,)))
-            return (o,) + tuple(pullback(do)[:len(argnums)])
-
         with jax.default_matmul_precision("highest"):
             f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
             ref_fn = lambda q, k, v, a: retention.parallel_retention(q, k, v, a)
-            ref = jax.jit(lambda q, k, v, a, do: grads_of(ref_fn, q, k, v, a, do))(
+            ref = jax.jit(lambda q, k, v, a, do: _grads_of(ref_fn, gated, q, k, v, a, do))(
                 f32[0], f32[1], f32[2], a, f32[3])
         candidates = {f"ours_c{chunk}": ours_fn("ours", chunk)}
         if "pallas" in FLAGS.impls:
-            candidates[f"pallas_c{chunk}"] = ours_fn("pallas", chunk)
+            reason = pallas_unsupported_reason(shape, chunk)
+            if reason:
+                record_check(f"pallas_c{chunk}", shape_text, decay, "all", {"skipped": reason})
+            else:
+                candidates[f"pallas_c{chunk}"] = ours_fn("pallas", chunk)
         if "scan" in FLAGS.impls:
             candidates[f"scan_c{chunk}"] = ours_fn("scan", chunk)
         for name, fn in candidates.items():
-            starting(f"check {name}", FLAGS.check_shape, decay, "fwdbwd")
-            got = jax.jit(lambda q, k, v, a, do, fn=fn: grads_of(fn, q, k, v, a, do))(
-                q, k, v, a, do)
-            for n, x, r in zip(names, got, ref):
-                record_check(name, decay, n, rel_errors(x, r))
-        if fla is not None and "fla" in FLAGS.impls:
-            torch = fla[0]
-            starting("check fla", FLAGS.check_shape, decay, "fwdbwd")
+            starting(f"check {name}", shape_text, decay, "fwdbwd")
             try:
-                tin = fla_inputs(fla, inputs, "fwdbwd", gated)
-                _, cr, csg, _ = fla
-                o = (csg(*tin[:3], g=tin[3], scale=1.0) if gated
-                     else cr(*tin[:3], scale=1.0))[0]
-                got = [o.detach()]
-                try:
-                    leaves = tin[:3] + ([tin[3]] if gated else [])
-                    got += list(torch.autograd.grad(o, leaves, tin[4]))
-                except Exception as e:  # noqa: BLE001
-                    record_check("fla", decay, "backward", {"error": f"{type(e).__name__}: "
-                                                            f"{str(e)[:120]}"})
-                for n, x, r in zip(names, got, ref):
-                    x = jnp.asarray(x.float().cpu().numpy())
-                    record_check("fla", decay, n, rel_errors(x, r))
-            except Exception as e:  # noqa: BLE001
-                record_check("fla", decay, "forward", {"error": f"{type(e).__name__}: {e}"})
+                got = jax.jit(lambda q, k, v, a, do, fn=fn: _grads_of(fn, gated, q, k, v, a, do))(
+                    q, k, v, a, do)
+            except Exception as e:  # noqa: BLE001 - record it, check the others
+                record_check(name, shape_text, decay, "all", {"error": _error_text(e)})
+                continue
+            for n, x, r in zip(_output_names(gated), got, ref):
+                record_check(name, shape_text, decay, n, rel_errors(x, r))
+        if fla is not None and "fla" in FLAGS.impls:
+            check_fla(fla, shape_text, decay, inputs, ref)
         del inputs, ref
 
 
-def record_check(impl, decay, name, errs) -> None:
-    RESULTS["checks"].append({"impl": impl, "decay": decay, "output": name, **errs})
-    print(f"check {impl:>10} {decay:>5} {name:>10}: " + " ".join(
+def _output_names(gated: bool) -> list[str]:
+    return ["o", "dq", "dk", "dv"] + (["dlog_decay"] if gated else [])
+
+
+def _grads_of(fn, gated: bool, q, k, v, a, do):
+    """(o, dq, dk, dv[, dlog_decay when gated]) of fn(q, k, v, a) against cotangent do."""
+    if gated:
+        o, pullback = jax.vjp(fn, q, k, v, a)
+    else:
+        o, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, a), q, k, v)
+    return (o,) + tuple(pullback(do))
+
+
+def check_fla(fla, shape_text: str, decay: str, inputs, ref) -> None:
+    """fla's output and gradients on `inputs` against the reference outputs `ref`."""
+    torch, chunk_retention, chunk_simple_gla, _ = fla
+    gated = decay == "gated"
+    starting("check fla", shape_text, decay, "fwdbwd")
+    try:
+        tin = fla_inputs(fla, inputs, "fwdbwd", gated)
+        o = (chunk_simple_gla(*tin[:3], g=tin[3], scale=1.0) if gated
+             else chunk_retention(*tin[:3], scale=1.0))[0]
+        got = [o.detach()]
+        try:
+            leaves = tin[:3] + ([tin[3]] if gated else [])
+            got += list(torch.autograd.grad(o, leaves, tin[4]))
+        except Exception as e:  # noqa: BLE001
+            record_check("fla", shape_text, decay, "backward", {"error": _error_text(e, 120)})
+        for n, x, r in zip(_output_names(gated), got, ref):
+            x = jnp.asarray(x.float().cpu().numpy())
+            record_check("fla", shape_text, decay, n, rel_errors(x, r))
+    except Exception as e:  # noqa: BLE001
+        record_check("fla", shape_text, decay, "forward", {"error": _error_text(e)})
+
+
+def _error_text(e: Exception, limit: int = 300) -> str:
+    return f"{type(e).__name__}: {str(e)[:limit]}"
+
+
+def record_check(impl, shape_text, decay, name, errs) -> None:
+    RESULTS["checks"].append({"impl": impl, **shape_fields(shape_text), "decay": decay,
+                              "output": name, **errs})
+    print(f"check {impl:>10} {shape_text} {decay:>5} {name:>10}: " + " ".join(
         f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in errs.items()),
         flush=True)
 
@@ -376,62 +475,92 @@ def record_check(impl, decay, name, errs) -> None:
 
 
 def time_all(fla) -> None:
-    bw = RESULTS["bandwidth"]["used_GBps"]
-    chunks = [int(c) for c in FLAGS.chunk_sizes]
+    """Times every asked implementation on every shape, decay kind and mode."""
     for si, shape_text in enumerate(FLAGS.shapes):
         shape = parse_shape(shape_text)
         for decay in FLAGS.decays:
             gated = decay == "gated"
             sets = [make_inputs(10 * si + s + 1000 * gated, shape, gated) for s in range(2)]
             for mode in FLAGS.modes:
-                variants = []
-                if "ours" in FLAGS.impls:
-                    variants += [(f"ours_c{c}", ours_fn("ours", c)) for c in chunks]
-                if "pallas" in FLAGS.impls:
-                    variants += [(f"pallas_c{c}", ours_fn("pallas", c)) for c in chunks]
-                if "autodiff" in FLAGS.impls and mode == "fwdbwd":
-                    variants.append((f"autodiff_c{chunks[0]}", ours_fn("autodiff", chunks[0])))
-                if "scan" in FLAGS.impls:
-                    variants.append((f"scan_c{chunks[0]}", ours_fn("scan", chunks[0])))
-                if "cudnn" in FLAGS.impls and jax.default_backend() == "gpu" and not gated:
-                    variants.append(("cudnn", cudnn_fn()))
-                for name, fn in variants:
-                    if time.time() - _START > FLAGS.time_budget_s:
-                        print("time budget spent; skipping", name, shape_text, decay, mode)
-                        continue
-                    starting(name, shape_text, decay, mode)
-                    try:
-                        call = jax_call(fn, mode, gated)
-                        if FLAGS.hlo_dir and si == min(1, len(FLAGS.shapes) - 1) and \
-                                name == f"ours_c{chunks[0]}" and not gated:
-                            os.makedirs(FLAGS.hlo_dir, exist_ok=True)
-                            text = call.lower(*sets[0]).compile().as_text()
-                            with open(os.path.join(FLAGS.hlo_dir, f"hlo_{mode}.txt"), "w") as f:
-                                f.write(text)
-                        t0 = time.time()
-                        jax_sync(call(*sets[0]))
-                        compile_s = time.time() - t0
-                        ms, runs = median_ms(call, sets, jax_sync)
-                        record(name, shape_text, decay, mode, ms, runs, bw, compile_s)
-                    except Exception as e:  # noqa: BLE001
-                        record_error(name, shape_text, decay, mode, e)
-                if "fla" in FLAGS.impls and fla is not None:
-                    if time.time() - _START > FLAGS.time_budget_s:
-                        continue
-                    starting("fla", shape_text, decay, mode)
-                    try:
-                        tsets = [fla_inputs(fla, s, mode, gated) for s in sets]
-                        call = fla_call(fla, mode, gated)
-                        t0 = time.time()
-                        call(*tsets[0])
-                        fla[0].cuda.synchronize()
-                        compile_s = time.time() - t0
-                        ms, runs = median_ms(call, tsets, torch_sync(fla[0]))
-                        record("fla", shape_text, decay, mode, ms, runs, bw, compile_s)
-                        del tsets
-                    except Exception as e:  # noqa: BLE001
-                        record_error("fla", shape_text, decay, mode, e)
+                for name, fn in jax_variants(shape, shape_text, decay, mode):
+                    if not over_budget(name, shape_text, decay, mode):
+                        time_jax(name, fn, sets, si, shape_text, decay, mode)
+                if "fla" in FLAGS.impls and fla is not None and not over_budget(
+                        "fla", shape_text, decay, mode):
+                    time_fla(fla, sets, shape_text, decay, mode)
             del sets
+
+
+def jax_variants(shape, shape_text: str, decay: str, mode: str) -> list:
+    """(name, fn) of each JAX implementation to time at this setting; Pallas chunk sizes and
+    cuDNN shapes that are refused are recorded as skipped, with the reason."""
+    chunks = [int(c) for c in FLAGS.chunk_sizes]
+    variants = []
+    if "ours" in FLAGS.impls:
+        variants += [(f"ours_c{c}", ours_fn("ours", c)) for c in chunks]
+    if "pallas" in FLAGS.impls:
+        for c in chunks:
+            reason = pallas_unsupported_reason(shape, c)
+            if reason:
+                record_skip(f"pallas_c{c}", shape_text, decay, mode, reason)
+            else:
+                variants.append((f"pallas_c{c}", ours_fn("pallas", c)))
+    if "autodiff" in FLAGS.impls and mode == "fwdbwd":
+        variants.append((f"autodiff_c{chunks[0]}", ours_fn("autodiff", chunks[0])))
+    if "scan" in FLAGS.impls:
+        variants.append((f"scan_c{chunks[0]}", ours_fn("scan", chunks[0])))
+    if "cudnn" in FLAGS.impls and decay == "fixed":   # attention has no decay: timed once
+        reason = cudnn_unsupported_reason(shape)
+        if reason:
+            record_skip("cudnn", shape_text, decay, mode, reason)
+        else:
+            variants.append(("cudnn", cudnn_fn()))
+    return variants
+
+
+def over_budget(name, shape_text, decay, mode) -> bool:
+    if time.time() - _START <= FLAGS.time_budget_s:
+        return False
+    print("time budget spent; skipping", name, shape_text, decay, mode, flush=True)
+    return True
+
+
+def time_jax(name, fn, sets, si, shape_text, decay, mode) -> None:
+    """Compiles, warms up and times one JAX implementation; records the row or the error."""
+    starting(name, shape_text, decay, mode)
+    try:
+        call = jax_call(fn, mode, decay == "gated")
+        if FLAGS.hlo_dir and si == min(1, len(FLAGS.shapes) - 1) and \
+                name == f"ours_c{int(FLAGS.chunk_sizes[0])}" and decay == "fixed":
+            os.makedirs(FLAGS.hlo_dir, exist_ok=True)
+            text = call.lower(*sets[0]).compile().as_text()
+            with open(os.path.join(FLAGS.hlo_dir, f"hlo_{mode}.txt"), "w") as f:
+                f.write(text)
+        t0 = time.time()
+        jax_sync(call(*sets[0]))
+        compile_s = time.time() - t0
+        ms, runs, warmup = median_ms(call, sets, jax_sync)
+        record(name, shape_text, decay, mode, ms, runs, compile_s, warmup)
+    except Exception as e:  # noqa: BLE001
+        record_error(name, shape_text, decay, mode, e)
+
+
+def time_fla(fla, sets, shape_text, decay, mode) -> None:
+    """The same for fla's Triton kernels (inputs copied to torch tensors first)."""
+    gated = decay == "gated"
+    starting("fla", shape_text, decay, mode)
+    try:
+        tsets = [fla_inputs(fla, s, mode, gated) for s in sets]
+        call = fla_call(fla, mode, gated)
+        t0 = time.time()
+        call(*tsets[0])
+        fla[0].cuda.synchronize()
+        compile_s = time.time() - t0
+        ms, runs, warmup = median_ms(call, tsets, torch_sync(fla[0]))
+        record("fla", shape_text, decay, mode, ms, runs, compile_s, warmup)
+        del tsets
+    except Exception as e:  # noqa: BLE001
+        record_error("fla", shape_text, decay, mode, e)
 
 
 def starting(name, shape, decay, mode) -> None:
@@ -440,21 +569,30 @@ def starting(name, shape, decay, mode) -> None:
     print(f"start {name} {shape} {decay} {mode} at {time.time() - _START:.0f}s", flush=True)
 
 
-def record(name, shape, decay, mode, ms, runs, bw, compile_s) -> None:
-    floor_ms = min_bytes(parse_shape(shape), mode) / bw / 1e6
-    row = {"impl": name, "shape": shape, "decay": decay, "mode": mode, "ms": ms,
-           "runs_ms": runs, "roofline": floor_ms / ms, "first_call_s": compile_s}
+def record(name, shape, decay, mode, ms, runs, compile_s, warmup) -> None:
+    """A timing row: median ms, every run's ms, roofline fraction, first call and warm-up."""
+    floor_ms = min_bytes(parse_shape(shape), mode) / RESULTS["bandwidth"]["used_GBps"] / 1e6
+    row = {"impl": name, **shape_fields(shape), "decay": decay, "mode": mode, "ms": ms,
+           "runs_ms": runs, "roofline": floor_ms / ms, "first_call_s": compile_s, **warmup}
     RESULTS["timings"].append(row)
     save()
     print(f"time {name:>14} {shape:>16} {decay:>5} {mode:>6}: {ms:8.3f} ms "
           f"(spread {min(runs):.3f}-{max(runs):.3f}) roofline {floor_ms / ms:6.1%} "
-          f"first call {compile_s:.1f}s", flush=True)
+          f"first call {compile_s:.1f}s, warm-up {warmup['warmup_calls']} calls in "
+          f"{warmup['warmup_s']:.1f}s", flush=True)
+
+
+def record_skip(name, shape, decay, mode, reason: str) -> None:
+    RESULTS["timings"].append({"impl": name, **shape_fields(shape), "decay": decay,
+                               "mode": mode, "skipped": reason})
+    save()
+    print(f"time {name:>14} {shape:>16} {decay:>5} {mode:>6}: SKIPPED {reason}", flush=True)
 
 
 def record_error(name, shape, decay, mode, e) -> None:
-    msg = f"{type(e).__name__}: {str(e)[:300]}"
-    RESULTS["timings"].append({"impl": name, "shape": shape, "decay": decay, "mode": mode,
-                               "error": msg})
+    msg = _error_text(e)
+    RESULTS["timings"].append({"impl": name, **shape_fields(shape), "decay": decay,
+                               "mode": mode, "error": msg})
     save()
     print(f"time {name:>14} {shape:>16} {decay:>5} {mode:>6}: ERROR {msg}", flush=True)
     if os.environ.get("BENCH_TRACEBACK"):
@@ -462,28 +600,38 @@ def record_error(name, shape, decay, mode, e) -> None:
 
 
 def summary() -> None:
-    """One table: each impl's ms and its ratio to cudnn and fla (same shape/decay/mode)."""
+    """One table: each impl's median ms, its runs' min-max, and its ratio to cudnn and fla
+    (same shape/decay/mode)."""
     rows = [r for r in RESULTS["timings"] if "ms" in r]
     base = {(r["impl"], r["shape"], r["decay"], r["mode"]): r["ms"] for r in rows}
-    print("\nsummary (ms; x = time / baseline time, < 1 is faster than the baseline)")
-    print(f"{'impl':>14} {'shape':>16} {'decay':>5} {'mode':>6} {'ms':>8} {'/cudnn':>7} "
-          f"{'/fla':>7} {'roof':>6}")
+    print("\nsummary (ms: median, min-max of the runs; x = time / baseline time, < 1 is faster "
+          "than the baseline)")
+    print(f"{'impl':>14} {'shape':>18} {'decay':>5} {'mode':>6} {'ms':>8} {'min-max':>17} "
+          f"{'/cudnn':>7} {'/fla':>7} {'roof':>6}")
     for r in rows:
         key = (r["shape"], r["decay"], r["mode"])
         cud = base.get(("cudnn", r["shape"], "fixed", r["mode"]))
         fl = base.get(("fla",) + key)
         fmt = lambda b: f"{r['ms'] / b:7.2f}" if b else f"{'-':>7}"
-        print(f"{r['impl']:>14} {r['shape']:>16} {r['decay']:>5} {r['mode']:>6} "
-              f"{r['ms']:8.3f} {fmt(cud)} {fmt(fl)} {r['roofline']:6.1%}")
+        spread = f"{min(r['runs_ms']):.3f}-{max(r['runs_ms']):.3f}"
+        print(f"{r['impl']:>14} {r['shape']:>18} {r['decay']:>5} {r['mode']:>6} "
+              f"{r['ms']:8.3f} {spread:>17} {fmt(cud)} {fmt(fl)} {r['roofline']:6.1%}")
+
+
+def apply_smoke_defaults() -> None:
+    """--smoke: SMOKE_DEFAULTS for every flag not given on the command line."""
+    for name, value in SMOKE_DEFAULTS.items():
+        if not FLAGS[name].present:
+            setattr(FLAGS, name, value)
 
 
 def main(argv) -> None:
     del argv
     if FLAGS.smoke:
-        FLAGS.shapes = ["2x256x4x32", "1x1024x2x32"]
-        FLAGS.chunk_sizes = ["16", "32"]
-        FLAGS.check_shape = "1x128x2x32"
-        FLAGS.runs, FLAGS.calls_per_run, FLAGS.warmup = 3, 1, 1
+        apply_smoke_defaults()
+    for flag in ("shapes", "check_shape"):   # refuse a malformed shape before any device work
+        for text in getattr(FLAGS, flag):
+            parse_shape(text, flag)
     fla, why = load_fla() if "fla" in FLAGS.impls else (None, "not asked")
     RESULTS["env"] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "jax": jax.__version__,
@@ -498,8 +646,8 @@ def main(argv) -> None:
     print("env:", json.dumps(RESULTS["env"]), flush=True)
     measure_bandwidth(fla)
     save()
-    if FLAGS.check_shape:
-        check_correctness(fla)
+    for shape_text in FLAGS.check_shape:
+        check_correctness(fla, shape_text)
         save()
     time_all(fla)
     save()

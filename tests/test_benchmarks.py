@@ -1,4 +1,7 @@
-"""The benchmark scripts run end to end on the CPU at toy sizes (their numbers are GPU work)."""
+"""The benchmark scripts run end to end on the CPU at toy sizes (their numbers are GPU work).
+
+Every code path a GPU run can take is run here first: a crash on the GPU wastes device time.
+"""
 
 import json
 import os
@@ -6,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+
+from retnet_jax import kernels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,6 +20,14 @@ def get_config():
     return ml_collections.ConfigDict(dict(model=dict(
         vocab_size=259, d_model=32, num_layers=1, num_heads=2, chunk_size=16, max_seq_len=64)))
 """
+
+
+def run_script(name: str, *args: str, env: dict | None = None
+               ) -> subprocess.CompletedProcess:
+    """experiments/<name> run with args from the repo root, its output captured."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "experiments", name), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, **(env or {})})
 
 
 def test_bench_train_weak_scaling_over_device_counts(tmp_path):
@@ -37,3 +50,50 @@ def test_bench_train_weak_scaling_over_device_counts(tmp_path):
     assert rows[1]["scaling_efficiency"] == pytest.approx(
         rows[1]["tokens_per_s"] / (2 * rows[0]["tokens_per_s"]))
     assert "| scaling efficiency |" in process.stdout
+
+
+def test_bench_retention_value_dim_differs_and_warm_up(tmp_path):
+    out = tmp_path / "retention.json"
+    shapes = {"1x64x2x32x64": (32, 64), "1x32x2x8x16": (8, 16)}   # Pallas refuses Dk 8 now
+    process = run_script(
+        "bench_retention.py", "--smoke", f"--shapes={','.join(shapes)}",
+        "--impls=ours,pallas,cudnn", "--chunk_sizes=16", "--modes=fwdbwd",
+        "--check_shape=1x32x2x8x16", "--runs=4", "--warmup=2",
+        "--min_warmup_s=0.2", f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    results = json.loads(out.read_text())
+    rows = results["timings"]
+    assert not [r for r in rows if "error" in r]
+    for shape, (key_dim, value_dim) in shapes.items():
+        by_impl = {(r["impl"], r["decay"]): r for r in rows if r["shape"] == shape}
+        assert {(r["key_dim"], r["value_dim"]) for r in by_impl.values()} == {
+            (key_dim, value_dim)}
+        for decay in ("fixed", "gated"):
+            ours = by_impl[("ours_c16", decay)]
+            assert len(ours["runs_ms"]) == 4 and min(ours["runs_ms"]) <= ours["ms"]
+            assert ours["warmup_calls"] >= 2 and ours["warmup_s"] >= 0.2
+            reason = kernels.unsupported_reason(key_dim, value_dim, 16)
+            pallas = by_impl[("pallas_c16", decay)]
+            assert pallas.get("skipped") == reason
+            assert ("runs_ms" in pallas) == (reason is None)
+        # cuDNN (fixed decay only) is refused: JAX's API wants v shaped like k, and no GPU.
+        assert by_impl[("cudnn", "fixed")]["skipped"].startswith(
+            "jax.nn.dot_product_attention(implementation='cudnn') refuses")
+        assert ("cudnn", "gated") not in by_impl
+    checks = results["checks"]
+    assert not [c for c in checks if "error" in c]
+    reason = kernels.unsupported_reason(8, 16, 16)
+    checked = {"ours_c16"} | (set() if reason else {"pallas_c16"})
+    errors = [c for c in checks if "rms_rel" in c]
+    assert {(c["impl"], c["decay"]) for c in errors} == {
+        (impl, decay) for impl in checked for decay in ("fixed", "gated")}
+    assert all(c["value_dim"] == 16 and c["finite"] and c["rms_rel"] < 2e-2 for c in errors)
+    assert [c["skipped"] for c in checks if "skipped" in c] == ([reason] * 2 if reason else [])
+    assert "min-max" in process.stdout
+
+
+def test_bench_retention_names_the_flag_of_a_malformed_shape():
+    process = run_script("bench_retention.py", "--shapes=8x2048x16")
+    assert process.returncode != 0
+    assert "--shapes: '8x2048x16' is not BxTxHxD (Dk = Dv = D) or BxTxHxDkxDv" in process.stderr
+
