@@ -16,8 +16,15 @@ Batches are uniform random bytes, or windows of the embedded stdlib corpus (`--d
 real text repeats a few bytes thousands of times per batch, which random bytes never show
 (the embedding gradient's scatter-add, for one).
 
+The RetNet is timed once per `--retention_kernels` entry (its `retention_kernel`, e.g. XLA's
+chunkwise form against the fused Pallas kernels), the Transformer once; each row records its
+kernel. With 'pallas' the library runs XLA's form where the kernels cannot (off a GPU, head
+dims they do not take): such rows say so (`pallas_fallback`, the reason) instead of passing
+XLA's time off as the kernel's.
+
   python experiments/bench_train.py --config=configs/retnet_1_3b.py --seq_lens=2048,8192
   python experiments/bench_train.py --config=configs/retnet_1_3b.py --device_counts=1,2
+  python experiments/bench_train.py --config=configs/retnet_1_3b.py --retention_kernels=xla,pallas
 """
 
 import dataclasses
@@ -34,6 +41,7 @@ from ceilings import matmul_tflops
 from retnet_jax import data as data_lib
 from retnet_jax import sharding
 from retnet_jax import train as train_lib
+from retnet_jax.layers import RETENTION_KERNELS
 from retnet_jax.model import ModelConfig, transformer_baseline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/retnet_1_3b.py", "Model preset.")
@@ -51,6 +59,9 @@ _MESH_AXIS = flags.DEFINE_enum("mesh_axis", "fsdp", ["data", "fsdp"],
 _STEPS = flags.DEFINE_integer("steps", 8, "Steps per timed window, run back to back.")
 _WINDOWS = flags.DEFINE_integer("windows", 3, "Timed windows (median step time reported).")
 _MODELS = flags.DEFINE_list("models", ["retnet", "transformer"], "Which models to time.")
+_KERNELS = flags.DEFINE_list("retention_kernels", ["xla"],
+                             f"The RetNet's retention_kernel, one timing each (overrides the "
+                             f"preset's); from {RETENTION_KERNELS}.")
 _BUDGET = flags.DEFINE_float("time_budget_s", 1e9, "Stop starting new settings after this.")
 _DATA = flags.DEFINE_enum("data", "random", ["random", "corpus"],
                           "Batch tokens: uniform random bytes or stdlib corpus windows.")
@@ -101,6 +112,44 @@ def make_batches(seq_len: int, batch: int, *, vocab_size: int):
     return random_bytes()
 
 
+def check_kernels(names: list[str]) -> list[str]:
+    """--retention_kernels, checked against RETENTION_KERNELS (a UsageError otherwise)."""
+    unknown = [n for n in names if n not in RETENTION_KERNELS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise app.UsageError(f"--retention_kernels must be distinct names from "
+                             f"{RETENTION_KERNELS}, got {names}")
+    return names
+
+
+def model_variants(base: ModelConfig, models: list[str], kernels: list[str]) -> list:
+    """(name, retention kernel or None, config) to time: the RetNet once per kernel, the
+    Transformer once (it has no retention: kernel None)."""
+    variants = []
+    for name in models:
+        if name == "retnet":
+            variants += [(name, k, dataclasses.replace(base, retention_kernel=k))
+                         for k in kernels]
+        elif name == "transformer":
+            variants.append((name, None, transformer_baseline(base, head_dim=128)))
+        else:
+            raise app.UsageError(f"--models must be from ['retnet', 'transformer'], got {name!r}")
+    return variants
+
+
+def pallas_fallback(model: ModelConfig) -> str | None:
+    """Why `retention_kernel='pallas'` runs XLA's chunkwise form in this model here, or None:
+    the questions `layers.run_retention` asks before it falls back (with a log warning)."""
+    if model.retention_kernel != "pallas":
+        return None
+    from retnet_jax import kernels   # imports Pallas' Triton backend: only when asked for
+    reason = kernels.unsupported_reason(model.d_model // model.num_heads,
+                                        model.resolved_value_dim // model.num_heads,
+                                        model.chunk_size)
+    if reason is None and jax.default_backend() != "gpu":
+        reason = f"backend {jax.default_backend()!r} is not a GPU"
+    return reason
+
+
 def time_setting(name: str, model: ModelConfig, seq_len: int, devices: list,
                  peak: float) -> dict:
     """One result row: the model trained at `seq_len` on a mesh over `devices` (its
@@ -146,19 +195,48 @@ def time_setting(name: str, model: ModelConfig, seq_len: int, devices: list,
 
 def add_scaling_efficiency(results: list[dict]) -> None:
     """Adds 'scaling_efficiency' = tokens/s on k devices / (k x tokens/s on one) to each row
-    whose model and length were also timed on one device (weak scaling: same batch per
-    device)."""
-    single = {(r["model"], r["seq_len"]): r["tokens_per_s"] for r in results if r["devices"] == 1}
+    whose model, kernel and length were also timed on one device (weak scaling: same batch
+    per device)."""
+    key = lambda r: (r["model"], r["retention_kernel"], r["seq_len"])
+    single = {key(r): r["tokens_per_s"] for r in results if r["devices"] == 1}
     for r in results:
-        base = single.get((r["model"], r["seq_len"]))
+        base = single.get(key(r))
         if base and r["devices"] > 1:
             r["scaling_efficiency"] = r["tokens_per_s"] / (r["devices"] * base)
+
+
+def kernel_label(row: dict) -> str:
+    """The table's kernel column: '-' for no retention, '(XLA fallback)' after a fallback."""
+    kernel = row["retention_kernel"] or "-"
+    return f"{kernel} (XLA fallback)" if row["pallas_fallback"] else kernel
+
+
+def print_table(results: list[dict]) -> None:
+    """The rows as one markdown table, in the order timed."""
+    print("\n| model | kernel | T | devices | batch | params | step ms | tokens/s | "
+          "TFLOP/s/device | MFU (measured peak) | MFU (989) | scaling efficiency |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        efficiency = f"{r['scaling_efficiency']:.1%}" if "scaling_efficiency" in r else "-"
+        print(f"| {r['model']} | {kernel_label(r)} | {r['seq_len']} | {r['devices']} | "
+              f"{r['batch']} | "
+              f"{r['params'] / 1e9:.2f}B | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['tflops']:.0f} | {r['mfu_measured']:.1%} | {r['mfu_datasheet']:.1%} | "
+              f"{efficiency} |")
+
+
+def write_json(device, peak: float, results: list[dict]) -> None:
+    """All rows so far, with the device, jax version and matmul rate, to --out (if given)."""
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump(dict(device=device.device_kind, jax=jax.__version__,
+                           matmul_tflops=peak, results=results), f, indent=2)
 
 
 def main(argv):
     del argv
     base = ModelConfig.from_config(_CONFIG.value.model)
-    models = {"retnet": base, "transformer": transformer_baseline(base, head_dim=128)}
+    variants = model_variants(base, _MODELS.value, check_kernels(_KERNELS.value))
     peak = matmul_tflops(_MATMUL_SIZE.value)
     devices = jax.devices()
     counts = [int(c) for c in _DEVICE_COUNTS.value or [len(devices)]]
@@ -169,28 +247,22 @@ def main(argv):
     results = []
     start_all = time.time()
     for seq_len in (int(s) for s in _SEQ_LENS.value):
-        for name in _MODELS.value:
+        for name, kernel, model in variants:
+            fallback = pallas_fallback(model)
+            if fallback:
+                print(f"{name} retention_kernel={kernel} runs XLA's chunkwise form: {fallback}")
             for count in counts:
                 if time.time() - start_all > _BUDGET.value:
-                    print(f"time budget: skipping {name} at T={seq_len} on {count} devices")
+                    print(f"time budget: skipping {name} ({kernel}) at T={seq_len} on {count} "
+                          "devices")
                     continue
-                results.append(time_setting(name, models[name], seq_len, devices[:count],
-                                            peak))
+                row = time_setting(name, model, seq_len, devices[:count], peak)
+                results.append(dict(row, retention_kernel=kernel, pallas_fallback=fallback))
                 print(json.dumps(results[-1]))
+                write_json(devices[0], peak, results)   # kept if a time limit kills the run
     add_scaling_efficiency(results)
-    print("\n| model | T | devices | batch | params | step ms | tokens/s | TFLOP/s/device | "
-          "MFU (measured peak) | MFU (989) | scaling efficiency |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        efficiency = f"{r['scaling_efficiency']:.1%}" if "scaling_efficiency" in r else "-"
-        print(f"| {r['model']} | {r['seq_len']} | {r['devices']} | {r['batch']} | "
-              f"{r['params'] / 1e9:.2f}B | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['tflops']:.0f} | {r['mfu_measured']:.1%} | {r['mfu_datasheet']:.1%} | "
-              f"{efficiency} |")
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump(dict(device=devices[0].device_kind, jax=jax.__version__,
-                           matmul_tflops=peak, results=results), f, indent=2)
+    print_table(results)
+    write_json(devices[0], peak, results)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,29 @@ def test_bench_train_weak_scaling_over_device_counts(tmp_path):
     assert "| scaling efficiency |" in process.stdout
 
 
+def test_bench_train_times_retnet_per_kernel_and_transformer_once(tmp_path):
+    config = tmp_path / "toy.py"
+    config.write_text(TOY_CONFIG)
+    out = tmp_path / "train.json"
+    process = run_script("bench_train.py", f"--config={config}", "--seq_lens=32",
+                         "--tokens_per_step=64", "--steps=1", "--windows=1",
+                         "--retention_kernels=xla,pallas", "--matmul_size=256", f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["model"], r["retention_kernel"]) for r in rows] == [
+        ("retnet", "xla"), ("retnet", "pallas"), ("transformer", None)]
+    # Off a GPU the library runs XLA's form for 'pallas'; the row says so.
+    assert [bool(r["pallas_fallback"]) for r in rows] == [False, True, False]
+    assert "| retnet | pallas (XLA fallback) | 32 |" in process.stdout
+    assert "| transformer | - | 32 |" in process.stdout
+
+
+def test_bench_train_refuses_an_unknown_kernel():
+    process = run_script("bench_train.py", "--retention_kernels=xla,triton")
+    assert process.returncode != 0
+    assert "--retention_kernels must be distinct names from" in process.stderr
+
+
 def test_bench_retention_value_dim_differs_and_warm_up(tmp_path):
     out = tmp_path / "retention.json"
     shapes = {"1x64x2x32x64": (32, 64), "1x32x2x8x16": (8, 16)}   # Pallas refuses Dk 8 now
