@@ -6,12 +6,17 @@ context length the cache is filled with random values at position = context, the
 `lax.scan` decodes `--new_tokens` greedy tokens; per-token latency is the median over
 `--repeats` runs divided by new_tokens. Also reported: the weight-read floor (weight bytes /
 measured copy bandwidth), decode-state bytes, and XLA's temporary bytes of the decode loop.
+The environment's XLA_FLAGS (e.g. `--xla_gpu_enable_command_buffer=`, which changes how the
+decode loop's kernels are launched) are printed first and recorded in the JSON (`xla_flags`,
+null when unset), so runs with and without them stay apart.
 
   python experiments/bench_decode.py --config=configs/retnet_1_3b.py
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= python experiments/bench_decode.py ...
 """
 
 import dataclasses
 import json
+import os
 import re
 import time
 
@@ -35,6 +40,9 @@ _BUDGET = flags.DEFINE_float("time_budget_s", 1e9, "Stop starting new settings a
 _MEMORY_FRACTION = flags.DEFINE_float("memory_fraction", 0.85,
                                       "Skip settings whose weights + cache exceed this "
                                       "fraction of device memory.")
+_COPY_BYTES = flags.DEFINE_integer("copy_bytes", 1 << 30,
+                                   "Bytes of the copy that measures the bandwidth (small for "
+                                   "CPU smoke runs).")
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
 
 
@@ -144,6 +152,8 @@ def tree_bytes(tree) -> int:
 
 def main(argv):
     del argv
+    xla_flags = os.environ.get("XLA_FLAGS")
+    print(f"XLA_FLAGS={xla_flags!r}", flush=True)
     base = ModelConfig.from_config(_CONFIG.value.model)
     contexts = [int(c) for c in _CONTEXTS.value]
     batches = [int(b) for b in _BATCHES.value]
@@ -154,7 +164,7 @@ def main(argv):
     models = {"retnet": base, "transformer": transformer_baseline(base)}
     device = jax.devices()[0]
     capacity = device.memory_stats().get("bytes_limit", 80e9) if device.platform == "gpu" else 16e9
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(_COPY_BYTES.value)
     print(f"device {device.device_kind}, jax {jax.__version__}, copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s, memory limit {capacity / 2**30:.1f} GiB")
 
@@ -231,7 +241,8 @@ def main(argv):
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump(dict(device=device.device_kind, jax=jax.__version__,
-                           copy_bandwidth=bandwidth, results=results), f, indent=2)
+                           xla_flags=xla_flags, copy_bandwidth=bandwidth, results=results),
+                      f, indent=2)
 
 
 if __name__ == "__main__":

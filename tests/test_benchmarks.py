@@ -120,3 +120,17 @@ def test_bench_retention_names_the_flag_of_a_malformed_shape():
     assert process.returncode != 0
     assert "--shapes: '8x2048x16' is not BxTxHxD (Dk = Dv = D) or BxTxHxDkxDv" in process.stderr
 
+
+def test_bench_decode_records_xla_flags(tmp_path):
+    config = tmp_path / "toy.py"
+    config.write_text(TOY_CONFIG)
+    out = tmp_path / "decode.json"
+    flags = "--xla_gpu_enable_command_buffer="
+    process = run_script("bench_decode.py", f"--config={config}", "--contexts=16",
+                         "--batches=1", "--new_tokens=2", "--repeats=1",
+                         "--copy_bytes=1048576", f"--out={out}", env={"XLA_FLAGS": flags})
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.startswith(f"XLA_FLAGS={flags!r}")
+    result = json.loads(out.read_text())
+    assert result["xla_flags"] == flags
+    assert {r["model"] for r in result["results"]} == {"retnet", "transformer"}
