@@ -15,7 +15,7 @@ import pytest
 from jaxprs import equations
 from retnet_jax import retention
 from retnet_jax.kernels import chunk_grads, chunk_output, chunk_states, chunkwise_retention_pallas
-from retnet_jax.kernels.common import column_block
+from retnet_jax.kernels.common import column_group, pieces
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -65,6 +65,7 @@ def kernel_from_xla_residuals(q, k, v, log_decay, initial_state, chunk_size, blo
     (False, 16, 16, 32, 16),
     (True, 32, 32, 16, 64),     # block_v > Dv: one block of Dv
     (False, 64, 16, 16, 64),    # one chunk longer than T (T padded)
+    (True, 16, 48, 432, 64),    # 9 groups of 48 value columns (pieces 32 + 16), 2 key pieces
 ])
 def test_chunk_output_matches_xla(dtype, gated, chunk_size, key_dim, value_dim, block_v):
     q, k, v, log_decay, s0 = random_inputs(0, time=37, key_dim=key_dim, value_dim=value_dim,
@@ -106,17 +107,20 @@ def test_short_sequence_uses_a_power_of_two_chunk():
 
 # Mostly weak decays (log decay in [-0.2, 0)): with strong ones a state barely survives a
 # chunk, and errors in the terms that carry it (through the chunk, to its end) would not show.
-@pytest.mark.parametrize("dtype, gated, time, chunk_size, with_state, value_dim, min_log_decay", [
-    (jnp.float32, True, 40, 16, True, 32, -0.2),
-    (jnp.float32, False, 50, 32, False, 32, -0.2),
-    (jnp.bfloat16, True, 50, 16, False, 32, -3.0),
-    (jnp.bfloat16, False, 40, 16, True, 32, -0.2),
-    (jnp.float32, True, 20, 16, True, 48, -0.2),   # Dv = 48: chunk_grads cannot; XLA einsums
-])
-def test_gradients_match_xla(dtype, gated, time, chunk_size, with_state, value_dim,
+@pytest.mark.parametrize(
+    "dtype, gated, time, chunk_size, with_state, key_dim, value_dim, min_log_decay", [
+        (jnp.float32, True, 40, 16, True, 16, 32, -0.2),
+        (jnp.float32, False, 50, 32, False, 16, 32, -0.2),
+        (jnp.bfloat16, True, 50, 16, False, 16, 32, -3.0),
+        (jnp.bfloat16, False, 40, 16, True, 16, 32, -0.2),
+        (jnp.float32, True, 20, 16, True, 16, 48, -0.2),   # Dv = 48: pieces of 32 and 16
+        (jnp.bfloat16, False, 40, 16, True, 256, 432, -0.2),   # the presets' head dims
+    ])
+def test_gradients_match_xla(dtype, gated, time, chunk_size, with_state, key_dim, value_dim,
                              min_log_decay):
-    q, k, v, log_decay, s0 = random_inputs(3, time=time, gated=gated, value_dim=value_dim,
-                                           dtype=dtype, min_log_decay=min_log_decay)
+    q, k, v, log_decay, s0 = random_inputs(3, time=time, gated=gated, key_dim=key_dim,
+                                           value_dim=value_dim, dtype=dtype,
+                                           min_log_decay=min_log_decay)
     ks = jax.random.split(jax.random.key(4), 2)
     do = jax.random.normal(ks[0], v.shape)
     d_state = jax.random.normal(ks[1], s0.shape)
@@ -211,6 +215,8 @@ def chunk_grads_reference(q, k, v, do, b, states, d_kv):
     (jnp.float32, False, 16, 16, 32),
     (jnp.float32, True, 32, 32, 16),
     (jnp.bfloat16, False, 16, 32, 16),
+    (jnp.float32, False, 16, 48, 80),      # key pieces 32 + 16, value pieces 64 + 16
+    (jnp.bfloat16, True, 16, 256, 432),    # the presets' heads: 2 x 128; 3 x 128 + 32 + 16
 ])
 def test_chunk_grads_matches_xla_einsums(dtype, shared_decay, chunk, key_dim, value_dim):
     args = random_chunk_grads_args(7, 2, 2, 3, chunk, key_dim, value_dim, shared_decay, dtype)
@@ -248,6 +254,7 @@ def chunk_states_reference(x, y, b, x0, reverse):
     (jnp.float32, True, 80, 16, 32, 48, 16, 64),    # 2 key blocks x 3 value blocks of 16
     (jnp.float32, False, 64, 32, 16, 32, 64, 64),   # one block each
     (jnp.bfloat16, True, 48, 16, 32, 32, 32, 16),
+    (jnp.float32, True, 32, 16, 48, 432, 64, 64),   # groups of 48 columns: 2 x 2 pieces
 ])
 def test_chunk_states_matches_retention(reverse, dtype, gated, time, chunk, key_dim, value_dim,
                                         block_k, block_v):
@@ -302,6 +309,13 @@ def test_kernels_lower_for_the_triton_gpu_backend(chunk, dtype, batch_decay):
              (functools.partial(chunk_states, reverse=True), (act(128), act(128), b, carry)),
              (chunk_output, (act(128), act(128), act(128), b, matrix)),
              (chunk_grads, (act(128), act(128), act(128), act(128), b, matrix, matrix))]
+    # The presets' heads (Dk 256, Dv 432): the kernels walk them in pieces of up to 128.
+    wide = jax.ShapeDtypeStruct((batch, heads, chunks, 256, 432), dtype)
+    calls += [(chunk_output, (act(256), act(256), act(432), b, wide)),
+              (chunk_grads, (act(256), act(256), act(432), act(432), b, wide, wide)),
+              (functools.partial(chunk_states, reverse=False),
+               (act(256), act(432), b, jax.ShapeDtypeStruct((batch, heads, 256, 432),
+                                                            jnp.float32)))]
     for kernel, args in calls:
         text = _lower_for_cuda(kernel, *args)
         assert "triton" in text.lower()
@@ -334,10 +348,19 @@ def kernel_args(chunk=16, key_dim=16, value_dim=32):
             "block_v": 32}
 
 
-@pytest.mark.parametrize("dim, most, block", [
-    (128, 64, 64), (48, 64, 16), (432, 64, 16), (32, 64, 32), (24, 64, None), (64, 8, None)])
-def test_column_block_is_the_largest_power_of_two_divisor(dim, most, block):
-    assert column_block(dim, most) == block
+@pytest.mark.parametrize("dim, most, group", [
+    (128, 64, 64), (48, 64, 48), (432, 64, 48), (432, 256, 144), (432, 512, 432),
+    (32, 64, 32), (24, 64, None), (64, 8, None)])
+def test_column_group_is_the_widest_divisor_in_multiples_of_16(dim, most, group):
+    assert column_group(dim, most) == group
+
+
+@pytest.mark.parametrize("width, sizes", [
+    (128, [128]), (16, [16]), (48, [32, 16]), (256, [128, 128]), (432, [128, 128, 128, 32, 16])])
+def test_pieces_are_power_of_two_tiles_covering_the_width(width, sizes):
+    slices = pieces(width)
+    assert [s.size for s in slices] == sizes
+    assert [s.start for s in slices] == list(np.cumsum([0] + sizes[:-1]))
 
 
 @pytest.mark.parametrize("shape, change, match", [
@@ -345,8 +368,8 @@ def test_column_block_is_the_largest_power_of_two_divisor(dim, most, block):
     ({}, {"block_v": 8}, "block_v"),                            # below a Triton dot tile
     ({"chunk": 8}, {}, "chunk size"),                           # C < 16
     ({"chunk": 24}, {}, "chunk size"),                          # not a power of two
-    ({"key_dim": 24}, {}, "key head dim 24"),
-    ({"value_dim": 24}, {}, "value head dim 24"),               # no power-of-two block >= 16
+    ({"key_dim": 24}, {}, "key head dim 24"),                   # not a multiple of 16
+    ({"value_dim": 24}, {}, "value head dim 24"),
     ({}, {"b": -jnp.ones((1, 1, 2, 16), jnp.bfloat16)}, "b must be float32"),
     ({}, {"b": -jnp.ones((2, 1, 2, 16))}, "b must have shape"),  # G = 2 > B = 1
     ({}, {"b": -jnp.ones((1, 1, 3, 16))}, "must equal the padded time"),  # N * C != Tp
@@ -364,8 +387,8 @@ def test_chunk_output_rejects_bad_arguments(shape, change, match):
 @pytest.mark.parametrize("change, match", [
     ({"chunk": 8}, "chunk size"),                           # C < 16
     ({"key_dim": 8}, "key dim"),                            # below a Triton dot tile
-    ({"key_dim": 256}, "key dim"),                          # above one program's tile
-    ({"value_dim": 48}, "value dim"),                       # not a power of two
+    ({"key_dim": 24}, "key dim Dk .* = 24"),                # no power-of-two block >= 16
+    ({"value_dim": 40}, "value dim Dv .* = 40"),
     ({"do": jnp.ones((1, 32, 1, 16))}, "do must have shape"),
     ({"d_kv": jnp.ones((1, 1, 2, 32, 16))}, "d_kv must have shape"),
     ({"d_kv": jnp.ones((1, 1, 2, 16, 32), jnp.bfloat16)}, "d_kv must have q's dtype"),
@@ -390,7 +413,7 @@ def test_chunk_grads_rejects_bad_arguments(change, match):
     ({"block_k": 8}, "key dim"),                             # no block >= 16
     ({"block_v": 24}, "block_v"),                            # not a power of two
     ({"y": jnp.ones((1, 32, 1, 24)), "x0": jnp.ones((1, 1, 16, 24))},
-     "value dim"),                                           # no power-of-two divisor >= 16
+     "value dim"),                                           # not a multiple of 16
     ({"x0": jnp.ones((1, 1, 16, 32), jnp.bfloat16)}, "x0 must be float32"),
     ({"x0": jnp.ones((1, 1, 32, 16))}, "x0 must be float32"),
     ({"y": jnp.ones((1, 32, 1, 32), jnp.bfloat16)}, "y must have x's dtype"),
@@ -410,14 +433,14 @@ def test_chunkwise_retention_pallas_rejects_bad_chunk_size():
             chunkwise_retention_pallas(q, k, v, log_decay, chunk_size=chunk_size, interpret=True)
 
 
-@pytest.mark.parametrize("preset, forward, backward", [
-    ("small", False, False),              # value head dim 108
-    ("retnet_125m", False, False),        # Dk 256 > MAX_HEAD_DIM
-    ("retnet_1_3b", False, False),
-    ("retnet_2_7b", False, False),
-    ("retnet_6_7b", False, False),
+@pytest.mark.parametrize("preset, supported", [
+    ("small", False),              # value head dim 108: not a multiple of 16
+    ("retnet_125m", True),         # Dk 256, Dv 432 (torchscale's 27/16 d_model per head)
+    ("retnet_1_3b", True),
+    ("retnet_2_7b", False),        # Dv 428
+    ("retnet_6_7b", True),
 ])
-def test_which_presets_the_kernels_take(preset, forward, backward):
+def test_which_presets_the_kernels_take(preset, supported):
     import pathlib
     import runpy
 
@@ -427,14 +450,12 @@ def test_which_presets_the_kernels_take(preset, forward, backward):
     config = ModelConfig.from_config(runpy.run_path(str(path))["get_config"]().model)
     key_dim = config.d_model // config.num_heads
     value_dim = config.resolved_value_dim // config.num_heads
-    assert (kernels.unsupported_reason(key_dim, value_dim, config.chunk_size) is None) == forward
-    assert (kernels.backward_unsupported_reason(key_dim, value_dim) is None) == backward
+    assert (kernels.unsupported_reason(key_dim, value_dim, config.chunk_size) is None) == supported
 
 
-def test_the_gpu_ablation_model_gets_the_forward_kernels():
+def test_the_gpu_ablation_model_gets_the_kernels():
     from retnet_jax import ablation, kernels
     model = ablation.SCALES["gpu"].model                          # Dk 128, Dv 256
     key_dim, value_dim = (model["d_model"] // model["num_heads"],
                           model["value_dim"] // model["num_heads"])
     assert kernels.unsupported_reason(key_dim, value_dim, model["chunk_size"]) is None
-    assert "value head dim 256" in kernels.backward_unsupported_reason(key_dim, value_dim)

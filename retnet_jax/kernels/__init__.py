@@ -15,14 +15,16 @@ needed): the kernels index one chunk of the time axis directly, never a transpos
 * `chunkwise_retention_pallas`   `retention.chunkwise_retention` from these kernels; same
                                  arguments and results.
 * `unsupported_reason`           why given head dims / chunk size cannot use the kernels
-                                 at all (then `run_retention` uses XLA);
-  `backward_unsupported_reason`  why `chunk_grads` cannot take them (then the backward pass
-                                 uses retention.py's einsums; the forward kernels still run).
+                                 (then `run_retention` uses XLA).
 
-Sizes: the output and gradient kernels hold whole key heads, Dk a power of two in
-[16, 128] (fla's usual 128; the sizes compiled and checked on an H100); `chunk_grads` holds
-whole value heads too, Dv a power of two in [16, 128]; `chunk_output` splits Dv into
-power-of-two column blocks. The 125M-6.7B presets (torchscale widths: Dk 256) use XLA.
+Sizes: Dk and Dv multiples of 16 (Triton's smallest dot tile). A program works on at most
+128 columns of a head at a time (`common.MAX_BLOCK`: the tiles compiled and timed on an
+H100 at Dk = Dv = 128, fla's usual size); wider or odd widths are walked in power-of-two
+pieces (`common.pieces`: 432 -> 3 x 128 + 32 + 16). Grid axes that split a head
+(`chunk_output`'s value columns, `chunk_states`' key and value columns) use groups of a
+multiple of 16 columns dividing it (`common.column_group`). So the 125M, 350M, 1.3B and
+6.7B presets (torchscale widths: Dk 256, Dv 432) run on the kernels too; the 2.7B (Dv 428)
+uses XLA. Only Dk = Dv = 128 has been timed on a GPU.
 
 Models select them with `ModelConfig.retention_kernel` ('pallas'; see `layers.run_retention`,
 which falls back to the XLA path off GPU or for unsupported sizes, and on a multi-device
@@ -32,10 +34,9 @@ Written for the Pallas Triton GPU backend; pass `interpret=True` to run anywhere
 """
 
 from retnet_jax.kernels.chunk_grads import chunk_grads
-from retnet_jax.kernels.chunk_grads import unsupported_reason as backward_unsupported_reason
 from retnet_jax.kernels.chunk_output import (
     chunk_output, chunkwise_retention_pallas, unsupported_reason)
 from retnet_jax.kernels.chunk_states import chunk_states
 
-__all__ = ["backward_unsupported_reason", "chunk_grads", "chunk_output", "chunk_states",
-           "chunkwise_retention_pallas", "unsupported_reason"]
+__all__ = ["chunk_grads", "chunk_output", "chunk_states", "chunkwise_retention_pallas",
+           "unsupported_reason"]

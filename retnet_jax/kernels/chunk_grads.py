@@ -22,12 +22,15 @@ decays, S and dU, and writes only dq, dk, dv (in the same layout) and db. The st
 their gradients dU are chunk recurrences (`chunk_states`); `chunkwise_retention_pallas`
 (chunk_output.py) wires them up.
 
-Written for the Pallas Triton backend (GPU) and run with `interpret=True` elsewhere (tests on
-CPU): every block dimension is a power of two, matmuls are 2-D `jnp.dot`/`lax.dot_general`
-with each dimension >= 16 and float32 accumulation, shapes are static.
+Written for the Pallas Triton backend (GPU) and run with `interpret=True` elsewhere (tests
+on CPU): every loaded tile is a power of two wide (`common.pieces`), matmuls are 2-D
+`jnp.dot`/`lax.dot_general` with each dimension >= 16 and float32 accumulation, shapes are
+static.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from retnet_jax.kernels.common import (
-    MAX_HEAD_DIM, MIN_DOT_DIM, check_time_major, decay_index, default_num_warps,
-    is_power_of_two)
+    MIN_DOT_DIM, check_time_major, decay_index, default_num_warps, pieces)
 
 Array = jax.Array
 
@@ -59,47 +61,63 @@ def _chunk_grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, du_ref,
     """One (batch, head, chunk) tile.
 
     Refs: q, k [C, Dk]; v, do [C, Dv]; b float32 [C]; s, du [Dk, Dv] (all but b in the compute
-    dtype). Outputs: dq, dk [C, Dk]; dv [C, Dv] (compute dtype); db float32 [C].
+    dtype). Outputs: dq, dk [C, Dk]; dv [C, Dv] (compute dtype); db float32 [C]. Heads are
+    walked in power-of-two pieces (`pieces`; one piece for heads of up to 128 that are powers
+    of two): the [C, C] products sum over pieces, and each gradient is formed and stored one
+    piece of its columns at a time.
     """
-    q, k, v, do, du = q_ref[...], k_ref[...], v_ref[...], do_ref[...], du_ref[...]
     b = b_ref[...]
-    dtype = q.dtype
+    dtype = q_ref.dtype
     f32 = jnp.float32
-    chunk = q.shape[0]
+    chunk = b.shape[0]
+    keys, values = pieces(q_ref.shape[1]), pieces(v_ref.shape[1])
     positions = jnp.arange(chunk)
     last = positions == chunk - 1
     g = jnp.sum(jnp.where(last, b, 0.0))                               # b_{C-1}, exactly
     causal = positions[:, None] >= positions[None, :]
     # Above the diagonal b_i - b_j >= 0 can be large: zero it before exp, mask after.
     decay = jnp.exp(jnp.where(causal, b[:, None] - b[None, :], 0.0))   # [C, C]
+    end_decay = jnp.exp(g - b)[:, None]                                # [C, 1]
+    start_decay = jnp.exp(b)[:, None]                                  # [C, 1]
 
     # The forward's weights and their cotangent are cast to the compute dtype before their
     # matmuls exactly as retention.py does (so bf16 runs the same bf16 products). Partial
-    # products stay float32 on chip and are summed in float32. Each gradient is stored (and
-    # reduced into db) before the next is formed, so fewer [C, D] float32 tiles are live at
-    # once in registers.
-    end_decay = jnp.exp(g - b)[:, None]                                         # [C, 1]
-    weights = jnp.where(causal, _dot(q, k, 1, 1) * decay, 0.0).astype(dtype)     # [C, C]
-    k_to_end = (k * end_decay).astype(dtype)                                    # [C, Dk]
-    dv = _dot(weights, do, 0, 0) + _dot(k_to_end, du, 1, 0)                     # [C, Dv]
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    # products stay float32 on chip and are summed in float32.
+    scores = functools.reduce(jnp.add, (_dot(q_ref[:, c], k_ref[:, c], 1, 1) for c in keys))
+    weights = jnp.where(causal, scores * decay, 0.0).astype(dtype)              # [C, C]
+    d_weights = functools.reduce(jnp.add,
+                                 (_dot(do_ref[:, c], v_ref[:, c], 1, 1) for c in values))
+    d_scores = jnp.where(causal, d_weights * decay, 0.0).astype(dtype)          # [C, C]
 
-    d_scores = jnp.where(causal, _dot(do, v, 1, 1) * decay, 0.0).astype(dtype)   # [C, C]
-    do_decayed = (do * jnp.exp(b)[:, None]).astype(dtype)                       # [C, Dv]
-    s = s_ref[...]
-    dq = _dot(d_scores, k, 1, 0) + _dot(do_decayed, s, 1, 1)                    # [C, Dk]
-    dq_ref[...] = dq.astype(dq_ref.dtype)
+    for vcols in values:
+        dv = _dot(weights, do_ref[:, vcols], 0, 0)                              # [C, BV]
+        for kcols in keys:
+            k_to_end = (k_ref[:, kcols] * end_decay).astype(dtype)              # [C, BK]
+            dv += _dot(k_to_end, du_ref[kcols, vcols], 1, 0)
+        dv_ref[:, vcols] = dv.astype(dv_ref.dtype)
 
     # dL/db: q.dq - k.dk per position; the chunk total g = b_{C-1} adds the entering state's
     # path through the chunk and the keys' path to the chunk end.
-    db = jnp.sum(q.astype(f32) * dq, axis=1)
-    through = jnp.exp(g) * jnp.sum(s.astype(f32) * du.astype(f32))
-    kf = k.astype(f32)
-    dk_inter = end_decay * _dot(v, du, 1, 1)                                    # [C, Dk]
-    dk = _dot(d_scores, q, 0, 0) + dk_inter                                     # [C, Dk]
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    chunk_end = through + jnp.sum(kf * dk_inter)
-    db_ref[...] = db - jnp.sum(kf * dk, axis=1) + jnp.where(last, chunk_end, 0.0)
+    db = jnp.zeros((chunk,), f32)
+    chunk_end = jnp.zeros((), f32)
+    for kcols in keys:
+        q, k = q_ref[:, kcols], k_ref[:, kcols]
+        dq = _dot(d_scores, k, 1, 0)                                            # [C, BK]
+        dk_inter = jnp.zeros(dq.shape, f32)                                     # [C, BK]
+        for vcols in values:
+            s, du = s_ref[kcols, vcols], du_ref[kcols, vcols]
+            do_decayed = (do_ref[:, vcols] * start_decay).astype(dtype)         # [C, BV]
+            dq += _dot(do_decayed, s, 1, 1)
+            dk_inter += _dot(v_ref[:, vcols], du, 1, 1)
+            chunk_end += jnp.exp(g) * jnp.sum(s.astype(f32) * du.astype(f32))
+        dq_ref[:, kcols] = dq.astype(dq_ref.dtype)
+        dk_inter = end_decay * dk_inter
+        dk = _dot(d_scores, q, 0, 0) + dk_inter                                 # [C, BK]
+        dk_ref[:, kcols] = dk.astype(dk_ref.dtype)
+        kf = k.astype(f32)
+        db += jnp.sum(q.astype(f32) * dq, axis=1) - jnp.sum(kf * dk, axis=1)
+        chunk_end += jnp.sum(kf * dk_inter)
+    db_ref[...] = db + jnp.where(last, chunk_end, 0.0)
 
 
 def _check_chunk_grads_args(q, k, v, do, b, states, d_kv) -> tuple[int, ...]:
@@ -109,23 +127,9 @@ def _check_chunk_grads_args(q, k, v, do, b, states, d_kv) -> tuple[int, ...]:
     *_, key_dim, value_dim = dims
     for what, dim in (("key dim Dk (q.shape[3])", key_dim),
                       ("value dim Dv (v.shape[3])", value_dim)):
-        if not _fits(dim):
-            raise ValueError(f"the {what} must be a power of two in [{MIN_DOT_DIM}, "
-                             f"{MAX_HEAD_DIM}], got {dim}")
+        if dim % MIN_DOT_DIM:
+            raise ValueError(f"the {what} = {dim} is not a multiple of {MIN_DOT_DIM}")
     return dims
-
-
-def _fits(head_dim: int) -> bool:
-    return is_power_of_two(head_dim) and MIN_DOT_DIM <= head_dim <= MAX_HEAD_DIM
-
-
-def unsupported_reason(key_dim: int, value_dim: int) -> str | None:
-    """Why `chunk_grads` cannot take these head dims (chunk sizes as `chunk_output`), or None."""
-    for what, dim in (("key", key_dim), ("value", value_dim)):
-        if not _fits(dim):
-            return (f"{what} head dim {dim} is not a power of two in "
-                    f"[{MIN_DOT_DIM}, {MAX_HEAD_DIM}]")
-    return None
 
 
 def chunk_grads(q: Array, k: Array, v: Array, do: Array, b: Array, states: Array,
@@ -149,8 +153,9 @@ def chunk_grads(q: Array, k: Array, v: Array, do: Array, b: Array, states: Array
       states: [B, H, N, Dk, Dv] state entering each chunk.
       d_kv: [B, H, N, Dk, Dv] gradient of the state leaving each chunk (`chunk_states` with
         reverse=True).
-      All but b share one floating dtype (the compute dtype); Dk and Dv are powers of two in
-      [16, 128] (each program holds a whole [C, Dk] and [C, Dv] tile and two [Dk, Dv] tiles).
+      All but b share one floating dtype (the compute dtype); Dk and Dv are multiples of 16
+      (each program walks them in power-of-two pieces of at most 128 columns, `pieces`:
+      256 -> 128 + 128, 432 -> 3 x 128 + 32 + 16).
       num_warps: Triton warps per program; None picks 4 for small tiles, 8 otherwise.
       interpret: run the kernel in Pallas interpret mode (any backend, e.g. CPU tests).
     Returns:

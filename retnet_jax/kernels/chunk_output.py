@@ -16,9 +16,10 @@ relayout of any activation: `chunk_states` runs the state recurrence, `chunk_out
 output; its backward pass runs `chunk_states` in reverse for the state gradients and
 `chunk_grads` for dq, dk, dv and the decay gradient. Only the (small) decays go through XLA.
 
-Written for the Pallas Triton backend (GPU) and run with `interpret=True` elsewhere (tests on
-CPU): every block dimension is a power of two, matmuls are 2-D `jnp.dot`/`lax.dot_general`
-with each dimension >= 16 and float32 accumulation, shapes are static.
+Written for the Pallas Triton backend (GPU) and run with `interpret=True` elsewhere (tests
+on CPU): every loaded tile is a power of two wide (`common.pieces`), matmuls are 2-D
+`jnp.dot`/`lax.dot_general` with each dimension >= 16 and float32 accumulation, shapes are
+static.
 """
 
 from __future__ import annotations
@@ -34,11 +35,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from retnet_jax import retention
 from retnet_jax.kernels.chunk_grads import chunk_grads
-from retnet_jax.kernels.chunk_grads import unsupported_reason as grads_unsupported_reason
 from retnet_jax.kernels.chunk_states import chunk_states
 from retnet_jax.kernels.common import (
-    MAX_HEAD_DIM, MIN_DOT_DIM, check_block_arg, check_time_major, column_block, decay_index,
-    default_num_warps, is_power_of_two)
+    MIN_DOT_DIM, check_block_arg, check_time_major, column_group, decay_index,
+    default_num_warps, is_power_of_two, pieces)
 
 Array = jax.Array
 
@@ -48,30 +48,37 @@ __all__ = ["chunk_output", "chunkwise_retention_pallas", "unsupported_reason"]
 
 
 def _chunk_output_kernel(q_ref, k_ref, v_ref, b_ref, s_ref, o_ref):
-    """One (batch, head, chunk, value block) tile.
+    """One (batch, head, chunk, value group) tile.
 
-    Refs: q, k [C, Dk]; v [C, BV]; b float32 [C]; s [Dk, BV]; o [C, BV].
+    Refs: q, k [C, Dk]; v [C, BV]; b float32 [C]; s [Dk, BV]; o [C, BV]. Columns are walked in
+    power-of-two pieces (`pieces`; one piece for heads and groups of up to 128 that are
+    powers of two): q k^T sums over key pieces, and o is formed one value piece at a time.
     """
-    q = q_ref[...]
     b = b_ref[...]
-    chunk = q.shape[0]
+    chunk = b.shape[0]
     f32 = jnp.float32
+    key_pieces = pieces(q_ref.shape[1])
     # scores[i, j] = q_i . k_j (contracting both on Dk: k is used transposed).
-    scores = lax.dot_general(q, k_ref[...], (((1,), (1,)), ((), ())),
-                             preferred_element_type=f32)               # [C, C]
+    scores = functools.reduce(jnp.add, (
+        lax.dot_general(q_ref[:, kc], k_ref[:, kc], (((1,), (1,)), ((), ())),
+                        preferred_element_type=f32) for kc in key_pieces))          # [C, C]
     positions = jnp.arange(chunk)
     causal = positions[:, None] >= positions[None, :]
     # Above the diagonal b_i - b_j >= 0 can be large: zero it before exp, mask after.
     decay = jnp.exp(jnp.where(causal, b[:, None] - b[None, :], 0.0))
-    weights = jnp.where(causal, scores * decay, 0.0).astype(q.dtype)
-    o = jnp.dot(weights, v_ref[...], preferred_element_type=f32)       # [C, BV]
-    o += jnp.exp(b)[:, None] * jnp.dot(q, s_ref[...], preferred_element_type=f32)
-    o_ref[...] = o.astype(o_ref.dtype)
+    weights = jnp.where(causal, scores * decay, 0.0).astype(q_ref.dtype)
+    start_decay = jnp.exp(b)[:, None]                                  # [C, 1]
+    for vc in pieces(o_ref.shape[1]):
+        inter = functools.reduce(jnp.add, (
+            jnp.dot(q_ref[:, kc], s_ref[kc, vc], preferred_element_type=f32)
+            for kc in key_pieces))                                                  # [C, bv]
+        o = jnp.dot(weights, v_ref[:, vc], preferred_element_type=f32) + start_decay * inter
+        o_ref[:, vc] = o.astype(o_ref.dtype)
 
 
 def _check_chunk_output_args(q, k, v, b, states, block_v) -> tuple[int, ...]:
     """Raises ValueError naming the bad argument; returns (B, Tp, H, N, C, Dk, Dv, value
-    block size)."""
+    group size)."""
     dims = check_time_major(b, keys={"q": q, "k": k}, values={"v": v},
                             matrices={"states": states})
     *_, chunk, key_dim, value_dim = dims
@@ -79,7 +86,7 @@ def _check_chunk_output_args(q, k, v, b, states, block_v) -> tuple[int, ...]:
     reason = unsupported_reason(key_dim, value_dim, chunk, block_v=block_v)
     if reason:
         raise ValueError(reason)
-    return (*dims, column_block(value_dim, block_v))
+    return (*dims, column_group(value_dim, block_v))
 
 
 def chunk_output(q: Array, k: Array, v: Array, b: Array, states: Array, *,
@@ -94,15 +101,16 @@ def chunk_output(q: Array, k: Array, v: Array, b: Array, states: Array, *,
 
     Args:
       q, k: [B, Tp, H, Dk] queries and keys, Tp = N * C (time padded to whole chunks); Dk a
-        power of two in [16, 128] (`common.MAX_HEAD_DIM`).
+        multiple of 16 (products over Dk are summed over power-of-two pieces, `pieces`).
       v: [B, Tp, H, Dv] values, same dtype as q.
       b: float32 [G, H, N, C], G in {1, B}: within-chunk inclusive cumulative log decay
         (G = 1: fixed per-head decay shared by the batch), entries <= 0; C a power of two
         >= 16.
       states: [B, H, N, Dk, Dv] state entering each chunk, same dtype as q.
-      block_v: the most value columns per program (a power of two): each program takes the
-        largest power of two <= block_v dividing Dv (`column_block`), which must be >= 16.
-        Fewer columns per program means the chunk's q k^T is recomputed more often.
+      block_v: the most value columns per program (a power of two >= 16): each program
+        takes the widest multiple of 16 <= block_v dividing Dv (`column_group`: Dv 128 at 64
+        -> 2 programs of 64; Dv 432 at 64 -> 9 of 48, at 512 -> 1 of 432). Fewer columns per
+        program means the chunk's q k^T is recomputed more often.
       num_warps: Triton warps per program; None picks 4 for small tiles, 8 otherwise.
       interpret: run the kernel in Pallas interpret mode (any backend, e.g. CPU tests).
     Returns:
@@ -137,13 +145,15 @@ def chunk_output(q: Array, k: Array, v: Array, b: Array, states: Array, *,
 
 def unsupported_reason(key_dim: int, value_dim: int, chunk_size: int, *,
                        block_v: int = 64) -> str | None:
-    """Why `chunk_output` / `chunkwise_retention_pallas` cannot take these sizes, or None."""
-    if not is_power_of_two(key_dim) or not MIN_DOT_DIM <= key_dim <= MAX_HEAD_DIM:
-        return (f"key head dim {key_dim} is not a power of two in "
-                f"[{MIN_DOT_DIM}, {MAX_HEAD_DIM}]")
-    if column_block(value_dim, block_v) is None:
-        return (f"value head dim {value_dim} has no power-of-two divisor in "
-                f"[{MIN_DOT_DIM}, block_v={block_v}]")
+    """Why the kernels (`chunk_output`, `chunk_grads`, `chunkwise_retention_pallas`) cannot
+    take these sizes, or None. Head dims must be multiples of 16 (Triton's smallest dot tile;
+    wider ones are walked in power-of-two pieces up to 128), and chunk_output splits Dv over
+    programs in groups of a multiple of 16 columns dividing Dv, at most block_v."""
+    if key_dim % MIN_DOT_DIM:
+        return f"key head dim {key_dim} is not a multiple of {MIN_DOT_DIM}"
+    if column_group(value_dim, block_v) is None:
+        return (f"value head dim {value_dim} has no divisor that is a multiple of "
+                f"{MIN_DOT_DIM} and <= block_v={block_v}")
     if not is_power_of_two(chunk_size) or chunk_size < MIN_DOT_DIM:
         return f"chunk_size {chunk_size} is not a power of two >= {MIN_DOT_DIM}"
     return None
@@ -183,25 +193,12 @@ def _chunkwise_pallas_fwd(q, k, v, log_decay, initial_state, chunk_size, block_v
 
 def _chunkwise_pallas_bwd(chunk_size, block_v, interpret, residuals, cotangents):
     """The backward pass: state gradients from `chunk_states` run in reverse, per-chunk
-    gradients from `chunk_grads`, the log-decay gradient through the within-chunk cumsum.
-
-    Head dims `chunk_grads` cannot hold (`backward_unsupported_reason`) take retention.py's
-    einsum backward on chunked copies instead.
-    """
+    gradients from `chunk_grads`, the log-decay gradient through the within-chunk cumsum."""
     q, k, v, states, b, shapes = residuals
     q_aval, k_aval, v_aval, decay_aval, state_aval = shapes
     do, d_final = cotangents
-    _, padded, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
+    _, padded, heads, _ = q.shape
     time = q_aval.shape[1]
-    if grads_unsupported_reason(key_dim, value_dim) is not None:
-        # retention.py's backward, with the [C, C] weights and k_to_end recomputed as
-        # _chunkwise_forward makes them (q, k, v are already padded to whole chunks).
-        qc, kc, vc = (retention._to_chunks(x, chunk_size) for x in (q, k, v))
-        weights, k_to_end = retention._chunk_weights(qc, kc, b)
-        return retention._chunkwise_backward(
-            chunk_size, True, (qc, kc, vc, weights, k_to_end, states, b, shapes), cotangents)
-
     do = retention._pad_time(do.astype(q.dtype), padded - time)
     d_kv, d_initial = chunk_states(q, do, b, d_final.astype(jnp.float32), reverse=True,
                                    block_v=block_v, interpret=interpret)
@@ -236,15 +233,14 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
     throughout (zero-padded along time to whole chunks only when T is not a multiple of
     the chunk length). The backward pass (`jax.custom_vjp`, reverse mode only) takes the
     state gradients from `chunk_states` run in reverse and dq, dk, dv and the log-decay
-    gradient from `chunk_grads` when Dk and Dv are powers of two <= 128, else from
-    retention.py's einsums. The chunk length used is min(chunk_size, max(16, next power of
+    gradient from `chunk_grads`. The chunk length used is min(chunk_size, max(16, next power of
     two >= T)): the kernels need a power of two >= 16 (outputs are unchanged by padding).
 
     Args:
       q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; any float dtype (computed in their common
         dtype, accumulated in float32; the states entering each chunk are kept in that
-        dtype, as in retention.py). Dk a power of two in [16, 128]; Dv with a power-of-two
-        divisor in [16, block_v] (`column_block`).
+        dtype, as in retention.py). Dk a multiple of 16; Dv with a divisor that is a
+        multiple of 16 and <= block_v (`column_group`): e.g. the presets' Dk 256, Dv 432.
       log_decay: float [H] (fixed) or [B, T, H] (gated), entries <= 0.
       chunk_size: tokens per chunk, a power of two >= 16.
       initial_state: optional float32 [B, H, Dk, Dv]; zeros when None.

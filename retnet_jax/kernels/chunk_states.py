@@ -13,15 +13,16 @@ runs the same recurrence from the end with queries and output cotangents,
 
 `retention._chunk_states` computes these as batched matmuls over chunked [B, H, N, C, D]
 copies. `chunk_states` reads [B, Tp, H, D] activations where they lie: each program owns one
-(batch, head, key block, value block), keeps its [BK, BV] slice of the state in float32
-registers and loops over the chunks in order, loading one chunk's [C, BK] and [C, BV] tiles
-per step; it writes the state at every chunk boundary (in the compute dtype, for the output
-and gradient kernels' matmuls) and the float32 state past the last chunk.
+(batch, head, key group, value group), keeps its [BK, BV] slice of the state in float32
+registers (as power-of-two tiles) and loops over the chunks in order, loading one chunk's
+[C, BK] and [C, BV] columns per step; it writes the state at every chunk boundary (in the
+compute dtype, for the output and gradient kernels' matmuls) and the float32 state past the
+last chunk.
 
-Written for the Pallas Triton backend (GPU) and run with `interpret=True` elsewhere (tests on
-CPU): block dimensions are powers of two, the matmul is a 2-D `lax.dot_general` with each
-dimension >= 16 and float32 accumulation, the loop is a `lax.fori_loop` (an scf.for), shapes
-are static.
+Written for the Pallas Triton backend (GPU) and run with `interpret=True` elsewhere (tests
+on CPU): every loaded tile is a power of two wide, the matmul is a 2-D `lax.dot_general`
+with each dimension >= 16 and float32 accumulation, the loop is a `lax.fori_loop` (an
+scf.for), shapes are static.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from retnet_jax.kernels.common import (
-    MIN_DOT_DIM, check_block_arg, check_time_major, column_block, decay_index)
+    MIN_DOT_DIM, check_block_arg, check_time_major, column_group, decay_index, pieces)
 
 Array = jax.Array
 
@@ -43,30 +44,41 @@ __all__ = ["chunk_states"]
 
 
 def _chunk_states_kernel(x_ref, y_ref, b_ref, x0_ref, out_ref, final_ref, *, reverse: bool):
-    """One (batch, head, key block, value block) program.
+    """One (batch, head, key group, value group) program.
 
     Refs: x [Tp, BK]; y [Tp, BV] (compute dtype); b float32 [N, C]; x0 float32 [BK, BV].
     Outputs: out [N, BK, BV] (compute dtype), out[n] the carry just before chunk n is folded
     in; final float32 [BK, BV], the carry after the loop's last chunk (N-1, or 0 in reverse).
+    The carry is held as power-of-two tiles (`pieces`: one tile for groups of up to 128
+    columns that are powers of two).
     """
     chunks, chunk = b_ref.shape
     dtype = x_ref.dtype
     last = jnp.arange(chunk) == chunk - 1
+    key_pieces, value_pieces = pieces(x_ref.shape[1]), pieces(y_ref.shape[1])
+    tiles = [(i, j) for i in range(len(key_pieces)) for j in range(len(value_pieces))]
 
     def step(i, carry):
         n = chunks - 1 - i if reverse else i
-        out_ref[n] = carry.astype(out_ref.dtype)
         rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
         b = b_ref[n]                                                    # [C]
         g = jnp.sum(jnp.where(last, b, 0.0))                            # b[C-1], exactly
         # Decays to the chunk's end (forward) or from its start (reverse): exponents <= 0.
-        decay = jnp.exp(b) if reverse else jnp.exp(g - b)               # [C]
-        x = (x_ref[rows, :] * decay[:, None]).astype(dtype)             # [C, BK]
-        update = lax.dot_general(x, y_ref[rows, :], (((0,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)    # [BK, BV]
-        return jnp.exp(g) * carry + update
+        decay = (jnp.exp(b) if reverse else jnp.exp(g - b))[:, None]    # [C, 1]
+        xs = [(x_ref[rows, kc] * decay).astype(dtype) for kc in key_pieces]   # [C, bk] each
+        ys = [y_ref[rows, vc] for vc in value_pieces]                         # [C, bv] each
+        updated = []
+        for (i, j), tile in zip(tiles, carry, strict=True):
+            out_ref[n, key_pieces[i], value_pieces[j]] = tile.astype(out_ref.dtype)
+            update = lax.dot_general(xs[i], ys[j], (((0,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)  # [bk, bv]
+            updated.append(jnp.exp(g) * tile + update)
+        return tuple(updated)
 
-    final_ref[...] = lax.fori_loop(0, chunks, step, x0_ref[...])
+    final = lax.fori_loop(0, chunks, step,
+                          tuple(x0_ref[key_pieces[i], value_pieces[j]] for i, j in tiles))
+    for (i, j), tile in zip(tiles, final, strict=True):
+        final_ref[key_pieces[i], value_pieces[j]] = tile
 
 
 def chunk_states(x: Array, y: Array, b: Array, x0: Array, *, reverse: bool,
@@ -82,17 +94,17 @@ def chunk_states(x: Array, y: Array, b: Array, x0: Array, *, reverse: bool,
     dtype before its matmul (as retention.py does); the carry stays float32.
 
     Args:
-      x: [B, Tp, H, Dk], Tp = N * C; Dk with a power-of-two divisor in [16, block_k].
-      y: [B, Tp, H, Dv], x's dtype (the compute dtype); Dv with a power-of-two divisor in
-        [16, block_v].
+      x: [B, Tp, H, Dk], Tp = N * C; Dk a multiple of 16.
+      y: [B, Tp, H, Dv], x's dtype (the compute dtype); Dv a multiple of 16.
       b: float32 [G, H, N, C], G in {1, B}: within-chunk inclusive cumulative log decay
         (G = 1: fixed per-head decay shared by the batch), entries <= 0; C a power of two
         >= 16.
       x0: float32 [B, H, Dk, Dv], the carry before the first step (the initial state
         forward, the final state's cotangent in reverse).
       reverse: run the recurrence from the last chunk to the first, with the reverse decays.
-      block_k, block_v: the most key / value columns per program (powers of two): each
-        program takes the largest power of two dividing Dk / Dv up to these (`column_block`).
+      block_k, block_v: the most key / value columns per program (powers of two >= 16): each
+        program takes the widest multiple of 16 dividing Dk / Dv up to these (`column_group`;
+        Dv = 432 at 64 -> 48 columns, held as tiles of 32 and 16).
       num_warps, num_stages: Triton warps per program and software-pipelining stages of the
         chunk loop's loads.
       interpret: run the kernel in Pallas interpret mode (any backend, e.g. CPU tests).
@@ -105,13 +117,13 @@ def chunk_states(x: Array, y: Array, b: Array, x0: Array, *, reverse: bool,
     if x0.shape != (batch, heads, key_dim, value_dim) or x0.dtype != jnp.float32:
         raise ValueError(f"x0 must be float32 {(batch, heads, key_dim, value_dim)} "
                          f"[B, H, Dk, Dv], got {x0.dtype} {x0.shape}")
-    bk = column_block(key_dim, check_block_arg("block_k", block_k))
-    bv = column_block(value_dim, check_block_arg("block_v", block_v))
+    bk = column_group(key_dim, check_block_arg("block_k", block_k))
+    bv = column_group(value_dim, check_block_arg("block_v", block_v))
     for what, dim, most, block in (("key dim Dk (x.shape[3])", key_dim, block_k, bk),
                                    ("value dim Dv (y.shape[3])", value_dim, block_v, bv)):
         if block is None:
-            raise ValueError(f"the {what} = {dim} has no power-of-two divisor in "
-                             f"[{MIN_DOT_DIM}, {most}]")
+            raise ValueError(f"the {what} = {dim} has no divisor that is a multiple of "
+                             f"{MIN_DOT_DIM} and <= {most}")
     shared = b.shape[0] == 1
 
     return pl.pallas_call(

@@ -1,4 +1,5 @@
-"""What the retention kernels share: Triton's tile limits, column blocks, argument checks.
+"""What the retention kernels share: Triton's tile limits, column groups and pieces,
+argument checks.
 
 The kernels take activations as they come, [B, Tp, H, D] (Tp = N * C: the time axis padded to
 whole chunks of C tokens), and index one chunk by its BlockSpec or a `pl.ds` slice of the time
@@ -10,26 +11,43 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 Array = jax.Array
 
 MIN_DOT_DIM = 16  # Triton's smallest matmul tile dimension
-# The largest key head dim (and, for `chunk_grads`, value head dim) a program holds whole:
-# the sizes compiled and checked on an H100; larger tiles risk spilling or a failed compile.
-MAX_HEAD_DIM = 128
+# The widest tile of a head's columns a program works on at once ([C, 128] operands and
+# float32 accumulators: the size compiled and timed on an H100). Wider or odd widths (the
+# presets' Dk 256, Dv 432) are walked in power-of-two pieces up to this (`pieces`).
+MAX_BLOCK = 128
 
 
 def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def column_block(dim: int, most: int = 64) -> int | None:
-    """Columns per program: the largest power of two <= most that divides dim, or None if
-    that is below MIN_DOT_DIM (e.g. dim = 432 -> 16; dim = 24 -> None)."""
-    block = 1 << (max(1, min(most, dim)).bit_length() - 1)
-    while block >= MIN_DOT_DIM and dim % block:
-        block //= 2
-    return block if block >= MIN_DOT_DIM else None
+def column_group(dim: int, most: int) -> int | None:
+    """Columns per program when a grid axis splits a head of dim columns: the largest divisor
+    of dim that is a multiple of MIN_DOT_DIM and <= most, or None if there is none (dim not a
+    multiple of 16). E.g. (128, 64) -> 64; (432, 64) -> 48; (432, 256) -> 144; (24, 64) -> None."""
+    if dim % MIN_DOT_DIM:
+        return None
+    for width in range(min(most, dim) // MIN_DOT_DIM * MIN_DOT_DIM, 0, -MIN_DOT_DIM):
+        if dim % width == 0:
+            return width
+    return None
+
+
+def pieces(width: int, most: int = MAX_BLOCK) -> list[pl.Slice]:
+    """Static slices covering `width` columns (a multiple of MIN_DOT_DIM) in power-of-two
+    tiles Triton can load and multiply, largest first, each in [16, most]:
+    128 -> [128]; 48 -> [32, 16]; 432 -> [128, 128, 128, 32, 16]."""
+    slices, start = [], 0
+    while start < width:
+        size = min(most, 1 << ((width - start).bit_length() - 1))
+        slices.append(pl.ds(start, size))
+        start += size
+    return slices
 
 
 def check_block_arg(name: str, block: object) -> int:
@@ -97,6 +115,8 @@ def decay_index(shared: bool, batch_index):
     return 0 if shared else batch_index
 
 
-def default_num_warps(chunk: int, *dims: int) -> int:
-    """Triton warps per program for [chunk, max(chunk, *dims)] tiles: 4 up to 64 x 64, else 8."""
-    return 4 if chunk * max(chunk, *dims) <= 64 * 64 else 8
+def default_num_warps(chunk: int, *widths: int) -> int:
+    """Triton warps per program for [chunk, max(chunk, widest piece of the widths)] tiles: 4 up
+    to 64 x 64, else 8."""
+    widest = max(min(width, MAX_BLOCK) for width in widths)
+    return 4 if chunk * max(chunk, widest) <= 64 * 64 else 8
