@@ -82,19 +82,21 @@ def _chunk_grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, du_ref,
 
     # The forward's weights and their cotangent are cast to the compute dtype before their
     # matmuls exactly as retention.py does (so bf16 runs the same bf16 products). Partial
-    # products stay float32 on chip and are summed in float32.
+    # products stay float32 on chip and are summed in float32. dv is stored before the
+    # weights' cotangent is formed, and each gradient piece before the next, so few tiles
+    # are live at once in registers.
     scores = functools.reduce(jnp.add, (_dot(q_ref[:, c], k_ref[:, c], 1, 1) for c in keys))
     weights = jnp.where(causal, scores * decay, 0.0).astype(dtype)              # [C, C]
+    for vcols in values:
+        dv = _dot(weights, do_ref[:, vcols], 0, 0)                              # [C, bv]
+        for kcols in keys:
+            k_to_end = (k_ref[:, kcols] * end_decay).astype(dtype)              # [C, bk]
+            dv += _dot(k_to_end, du_ref[kcols, vcols], 1, 0)
+        dv_ref[:, vcols] = dv.astype(dv_ref.dtype)
+
     d_weights = functools.reduce(jnp.add,
                                  (_dot(do_ref[:, c], v_ref[:, c], 1, 1) for c in values))
     d_scores = jnp.where(causal, d_weights * decay, 0.0).astype(dtype)          # [C, C]
-
-    for vcols in values:
-        dv = _dot(weights, do_ref[:, vcols], 0, 0)                              # [C, BV]
-        for kcols in keys:
-            k_to_end = (k_ref[:, kcols] * end_decay).astype(dtype)              # [C, BK]
-            dv += _dot(k_to_end, du_ref[kcols, vcols], 1, 0)
-        dv_ref[:, vcols] = dv.astype(dv_ref.dtype)
 
     # dL/db: q.dq - k.dk per position; the chunk total g = b_{C-1} adds the entering state's
     # path through the chunk and the keys' path to the chunk end.
@@ -102,20 +104,23 @@ def _chunk_grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, du_ref,
     chunk_end = jnp.zeros((), f32)
     for kcols in keys:
         q, k = q_ref[:, kcols], k_ref[:, kcols]
-        dq = _dot(d_scores, k, 1, 0)                                            # [C, BK]
-        dk_inter = jnp.zeros(dq.shape, f32)                                     # [C, BK]
+        dq = _dot(d_scores, k, 1, 0)                                            # [C, bk]
         for vcols in values:
-            s, du = s_ref[kcols, vcols], du_ref[kcols, vcols]
-            do_decayed = (do_ref[:, vcols] * start_decay).astype(dtype)         # [C, BV]
-            dq += _dot(do_decayed, s, 1, 1)
-            dk_inter += _dot(v_ref[:, vcols], du, 1, 1)
-            chunk_end += jnp.exp(g) * jnp.sum(s.astype(f32) * du.astype(f32))
+            do_decayed = (do_ref[:, vcols] * start_decay).astype(dtype)         # [C, bv]
+            dq += _dot(do_decayed, s_ref[kcols, vcols], 1, 1)
         dq_ref[:, kcols] = dq.astype(dq_ref.dtype)
+        db += jnp.sum(q.astype(f32) * dq, axis=1)
+
+        dk_inter = jnp.zeros(dq.shape, f32)                                     # [C, bk]
+        for vcols in values:
+            du = du_ref[kcols, vcols]
+            dk_inter += _dot(v_ref[:, vcols], du, 1, 1)
+            chunk_end += jnp.exp(g) * jnp.sum(s_ref[kcols, vcols].astype(f32) * du.astype(f32))
         dk_inter = end_decay * dk_inter
-        dk = _dot(d_scores, q, 0, 0) + dk_inter                                 # [C, BK]
+        dk = _dot(d_scores, q, 0, 0) + dk_inter                                 # [C, bk]
         dk_ref[:, kcols] = dk.astype(dk_ref.dtype)
         kf = k.astype(f32)
-        db += jnp.sum(q.astype(f32) * dq, axis=1) - jnp.sum(kf * dk, axis=1)
+        db -= jnp.sum(kf * dk, axis=1)
         chunk_end += jnp.sum(kf * dk_inter)
     db_ref[...] = db + jnp.where(last, chunk_end, 0.0)
 
