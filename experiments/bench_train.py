@@ -20,7 +20,8 @@ The RetNet is timed once per `--retention_kernels` entry (its `retention_kernel`
 chunkwise form against the fused Pallas kernels), the Transformer once; each row records its
 kernel. With 'pallas' the library runs XLA's form where the kernels cannot (off a GPU, head
 dims they do not take): such rows say so (`pallas_fallback`, the reason) instead of passing
-XLA's time off as the kernel's.
+XLA's time off as the kernel's. A setting that raises (a kernel that fails to compile, say)
+becomes a row with its `error`, and the others are still timed.
 
   python experiments/bench_train.py --config=configs/retnet_1_3b.py --seq_lens=2048,8192
   python experiments/bench_train.py --config=configs/retnet_1_3b.py --device_counts=1,2
@@ -198,8 +199,9 @@ def add_scaling_efficiency(results: list[dict]) -> None:
     whose model, kernel and length were also timed on one device (weak scaling: same batch
     per device)."""
     key = lambda r: (r["model"], r["retention_kernel"], r["seq_len"])
-    single = {key(r): r["tokens_per_s"] for r in results if r["devices"] == 1}
-    for r in results:
+    timed = [r for r in results if "error" not in r]
+    single = {key(r): r["tokens_per_s"] for r in timed if r["devices"] == 1}
+    for r in timed:
         base = single.get(key(r))
         if base and r["devices"] > 1:
             r["scaling_efficiency"] = r["tokens_per_s"] / (r["devices"] * base)
@@ -212,11 +214,15 @@ def kernel_label(row: dict) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    """The rows as one markdown table, in the order timed."""
+    """The rows as one markdown table, in the order timed (a failed one shows its error)."""
     print("\n| model | kernel | T | devices | batch | params | step ms | tokens/s | "
           "TFLOP/s/device | MFU (measured peak) | MFU (989) | scaling efficiency |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
+        if "error" in r:
+            print(f"| {r['model']} | {kernel_label(r)} | {r['seq_len']} | {r['devices']} | "
+                  f"error: {r['error'][:120]} |")
+            continue
         efficiency = f"{r['scaling_efficiency']:.1%}" if "scaling_efficiency" in r else "-"
         print(f"| {r['model']} | {kernel_label(r)} | {r['seq_len']} | {r['devices']} | "
               f"{r['batch']} | "
@@ -256,7 +262,11 @@ def main(argv):
                     print(f"time budget: skipping {name} ({kernel}) at T={seq_len} on {count} "
                           "devices")
                     continue
-                row = time_setting(name, model, seq_len, devices[:count], peak)
+                try:
+                    row = time_setting(name, model, seq_len, devices[:count], peak)
+                except Exception as e:  # noqa: BLE001 - record it and time the others
+                    row = dict(model=name, seq_len=seq_len, devices=count,
+                               error=f"{type(e).__name__}: {str(e)[:300]}")
                 results.append(dict(row, retention_kernel=kernel, pallas_fallback=fallback))
                 print(json.dumps(results[-1]))
                 write_json(devices[0], peak, results)   # kept if a time limit kills the run

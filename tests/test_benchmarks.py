@@ -69,6 +69,23 @@ def test_bench_train_times_retnet_per_kernel_and_transformer_once(tmp_path):
     assert "| transformer | - | 32 |" in process.stdout
 
 
+def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
+    config = tmp_path / "toy_dk8.py"      # key head dim 8, value head dim 16
+    config.write_text(TOY_CONFIG.replace("num_heads=2", "num_heads=4"))
+    out = tmp_path / "train.json"
+    process = run_script("bench_train.py", f"--config={config}", "--seq_lens=32",
+                         "--tokens_per_step=64", "--steps=1", "--windows=1",
+                         "--retention_kernels=pallas_interpret", "--matmul_size=256",
+                         f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [r["model"] for r in rows] == ["retnet", "transformer"]
+    reason = kernels.unsupported_reason(8, 16, 16)   # 'pallas_interpret' raises on it
+    assert rows[0].get("error") == (f"ValueError: retention_kernel='pallas_interpret': {reason}"
+                                    if reason else None)
+    assert "tokens_per_s" in rows[1]
+
+
 def test_bench_train_refuses_an_unknown_kernel():
     process = run_script("bench_train.py", "--retention_kernels=xla,triton")
     assert process.returncode != 0
