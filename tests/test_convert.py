@@ -130,14 +130,19 @@ def test_export_round_trips_into_torchscale(name):
     original = decoder.state_dict()
     assert set(exported) == set(original)
     for key, value in original.items():
-        np.testing.assert_allclose(exported[key], value.numpy(), rtol=1e-6, atol=1e-7,
-                                   err_msg=key)
-    # ...and torchscale accepts it (strict) and computes the same logits.
+        if key in convert._BUFFERS:
+            # Recomputed from the config: the float64 formula rounded once to float32, where
+            # torchscale computes in float32 (its xPos angles are off by up to 6 ulps).
+            np.testing.assert_allclose(exported[key], value.numpy(), rtol=1e-6, err_msg=key)
+        else:  # learned parameters come back bit for bit
+            np.testing.assert_array_equal(exported[key], value.numpy(), err_msg=key)
+    # ...and torchscale accepts it (strict) and computes the same logits, to float32
+    # accuracy: those few-ulp angle differences move them by ~1e-6 relative.
     _, other = torchscale_decoder(CONFIGS[name], seed=99)
     other.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()})
     tokens = np.random.default_rng(1).integers(0, VOCAB, (1, 9))
     np.testing.assert_allclose(torchscale_parallel(other, tokens),
-                               torchscale_parallel(decoder, tokens), rtol=1e-6, atol=1e-6)
+                               torchscale_parallel(decoder, tokens), rtol=1e-5, atol=1e-6)
 
 
 def test_config_mapping():
