@@ -42,7 +42,7 @@ from ceilings import matmul_tflops
 from retnet_jax import data as data_lib
 from retnet_jax import sharding
 from retnet_jax import train as train_lib
-from retnet_jax.layers import RETENTION_KERNELS
+from retnet_jax.layers import RETENTION_KERNELS, pallas_fallback_reason
 from retnet_jax.model import ModelConfig, transformer_baseline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/retnet_1_3b.py", "Model preset.")
@@ -138,17 +138,12 @@ def model_variants(base: ModelConfig, models: list[str], kernels: list[str]) -> 
 
 
 def pallas_fallback(model: ModelConfig) -> str | None:
-    """Why `retention_kernel='pallas'` runs XLA's chunkwise form in this model here, or None:
-    the questions `layers.run_retention` asks before it falls back (with a log warning)."""
+    """Why `retention_kernel='pallas'` runs XLA's chunkwise form in this model here, or None
+    (`layers.pallas_fallback_reason`, which the library asks before it falls back)."""
     if model.retention_kernel != "pallas":
         return None
-    from retnet_jax import kernels   # imports Pallas' Triton backend: only when asked for
-    reason = kernels.unsupported_reason(model.d_model // model.num_heads,
-                                        model.resolved_value_dim // model.num_heads,
-                                        model.chunk_size)
-    if reason is None and jax.default_backend() != "gpu":
-        reason = f"backend {jax.default_backend()!r} is not a GPU"
-    return reason
+    return pallas_fallback_reason(model.d_model // model.num_heads,
+                                  model.resolved_value_dim // model.num_heads, model.chunk_size)
 
 
 def time_setting(name: str, model: ModelConfig, seq_len: int, devices: list,

@@ -175,20 +175,29 @@ def _warn_fallback(reason: str) -> None:
                                         reason)
 
 
+def pallas_fallback_reason(key_dim: int, value_dim: int, chunk_size: int) -> str | None:
+    """Why retention_kernel='pallas' runs XLA's chunkwise form for these head dims and chunk
+    size on this backend (sizes the kernels do not take, or no GPU), or None."""
+    from retnet_jax import kernels   # only when asked for: it imports Pallas' Triton backend
+    reason = kernels.unsupported_reason(key_dim, value_dim, chunk_size)
+    if reason is None and jax.default_backend() != "gpu":
+        reason = f"backend {jax.default_backend()!r} is not a GPU"
+    return reason
+
+
 def _pallas_or_fallback(kernel: str, q: Array, v: Array, chunk_size: int) -> dict | None:
     """kwargs for `kernels.chunkwise_retention_pallas`, or None to use the XLA path."""
     if kernel == "xla":
         return None
-    from retnet_jax import kernels   # only when asked for: it imports Pallas' Triton backend
-    reason = kernels.unsupported_reason(q.shape[-1], v.shape[-1], chunk_size)
     if kernel == "pallas_interpret":
+        from retnet_jax import kernels
+        reason = kernels.unsupported_reason(q.shape[-1], v.shape[-1], chunk_size)
         if reason:
             raise ValueError(f"retention_kernel='pallas_interpret': {reason}")
         return {"interpret": True}
     if kernel != "pallas":
         raise ValueError(f"kernel must be one of {RETENTION_KERNELS}, got {kernel!r}")
-    reason = reason or (None if jax.default_backend() == "gpu"
-                        else f"backend {jax.default_backend()!r} is not a GPU")
+    reason = pallas_fallback_reason(q.shape[-1], v.shape[-1], chunk_size)
     if reason:
         _warn_fallback(reason)
         return None
