@@ -86,10 +86,16 @@ def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
     assert "tokens_per_s" in rows[1]
 
 
-def test_bench_train_refuses_an_unknown_kernel():
-    process = run_script("bench_train.py", "--retention_kernels=xla,triton")
+@pytest.mark.parametrize("script, flag, message", [
+    ("bench_train.py", "--retention_kernels=xla,triton",
+     "--retention_kernels must be distinct names from"),
+    ("bench_retention.py", "--shapes=8x2048x16",
+     "--shapes: '8x2048x16' is not BxTxHxD (Dk = Dv = D) or BxTxHxDkxDv"),
+])
+def test_bad_flags_are_refused_by_name(script, flag, message):
+    process = run_script(script, flag)
     assert process.returncode != 0
-    assert "--retention_kernels must be distinct names from" in process.stderr
+    assert message in process.stderr
 
 
 def test_bench_retention_value_dim_differs_and_warm_up(tmp_path):
@@ -130,12 +136,6 @@ def test_bench_retention_value_dim_differs_and_warm_up(tmp_path):
     assert all(c["value_dim"] == 16 and c["finite"] and c["rms_rel"] < 2e-2 for c in errors)
     assert [c["skipped"] for c in checks if "skipped" in c] == ([reason] * 2 if reason else [])
     assert "min-max" in process.stdout
-
-
-def test_bench_retention_names_the_flag_of_a_malformed_shape():
-    process = run_script("bench_retention.py", "--shapes=8x2048x16")
-    assert process.returncode != 0
-    assert "--shapes: '8x2048x16' is not BxTxHxD (Dk = Dv = D) or BxTxHxDkxDv" in process.stderr
 
 
 def test_bench_decode_records_xla_flags(tmp_path):

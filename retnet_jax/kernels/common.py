@@ -116,7 +116,7 @@ def decay_index(shared: bool, batch_index):
 
 
 def default_num_warps(chunk: int, *widths: int) -> int:
-    """Triton warps per program for [chunk, max(chunk, widest piece of the widths)] tiles: 4 up
-    to 64 x 64, else 8."""
+    """Triton warps per program for [chunk, max(chunk, min(width, MAX_BLOCK))] tiles over the
+    given widths: 4 up to 64 x 64, else 8."""
     widest = max(min(width, MAX_BLOCK) for width in widths)
     return 4 if chunk * max(chunk, widest) <= 64 * 64 else 8
