@@ -75,6 +75,10 @@ flags.DEFINE_list("check_shape", ["2x4096x16x128"],
 flags.DEFINE_string("out", "", "Write all results as JSON here.")
 flags.DEFINE_string("hlo_dir", "", "Dump optimized HLO of ours (first chunk size, 2nd shape).")
 flags.DEFINE_float("time_budget_s", 1e9, "Skip remaining timings after this many seconds.")
+flags.DEFINE_string("triton_cache_dir", "", "Keep Triton's compiled kernels and fla's autotuning "
+                    "results in this folder (TRITON_CACHE_DIR, TRITON_CACHE_AUTOTUNING=1), so a "
+                    "later process on a fresh machine that is given the folder skips fla's "
+                    "minutes of autotuning; '' leaves Triton's defaults.")
 
 RESULTS: dict = {"env": {}, "bandwidth": {}, "checks": [], "timings": []}
 _START = time.time()
@@ -278,6 +282,17 @@ def jax_call(fn, mode: str, gated: bool):
 
 
 # --------------------------------------------------------------------------------- fla
+
+
+def use_triton_cache(folder: str) -> int:
+    """Points Triton's cache and its autotuning cache at folder (before torch / fla import)
+    and returns how many autotuning results it already holds (0: fla will autotune)."""
+    folder = os.path.abspath(os.path.expanduser(folder))
+    os.makedirs(folder, exist_ok=True)
+    os.environ["TRITON_CACHE_DIR"] = folder
+    os.environ["TRITON_CACHE_AUTOTUNING"] = "1"
+    return sum(name.endswith(".autotune.json")
+               for _, _, names in os.walk(folder) for name in names)
 
 
 def load_fla():
@@ -632,6 +647,7 @@ def main(argv) -> None:
     for flag in ("shapes", "check_shape"):   # refuse a malformed shape before any device work
         for text in getattr(FLAGS, flag):
             parse_shape(text, flag)
+    cached = use_triton_cache(FLAGS.triton_cache_dir) if FLAGS.triton_cache_dir else None
     fla, why = load_fla() if "fla" in FLAGS.impls else (None, "not asked")
     RESULTS["env"] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "jax": jax.__version__,
@@ -639,6 +655,8 @@ def main(argv) -> None:
         "device_kind": jax.devices()[0].device_kind, "python": platform.python_version(),
         "argv": sys.argv, "fla": fla[3] if fla else f"unavailable ({why})",
         "torch": fla[0].__version__ if fla else None,
+        "triton_cache_dir": FLAGS.triton_cache_dir or None,
+        "cached_autotune_results": cached,
     }
     if fla:
         import triton

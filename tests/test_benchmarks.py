@@ -151,3 +151,18 @@ def test_bench_decode_records_xla_flags(tmp_path):
     result = json.loads(out.read_text())
     assert result["xla_flags"] == flags
     assert {r["model"] for r in result["results"]} == {"retnet", "transformer"}
+
+
+def test_bench_retention_records_the_triton_cache_it_was_given(tmp_path):
+    cache = tmp_path / "triton"
+    (cache / "abc").mkdir(parents=True)
+    (cache / "abc" / "chunk_fwd.autotune.json").write_text("{}")   # one earlier fla autotune
+    (cache / "abc" / "chunk_fwd.cubin").write_text("")
+    out = tmp_path / "retention.json"
+    process = run_script("bench_retention.py", "--smoke", "--impls=ours", "--check_shape=",
+                         "--modes=fwd", "--decays=fixed", f"--triton_cache_dir={cache}",
+                         f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    env = json.loads(out.read_text())["env"]
+    assert env["triton_cache_dir"] == str(cache)
+    assert env["cached_autotune_results"] == 1
