@@ -91,7 +91,8 @@ class ModelConfig:
       retention_kernel: chunkwise implementation, 'xla' (default), 'pallas' (the fused
         `kernels` for the chunk states, the output and the per-chunk gradients, on GPU, per
         device shard under `shard_map` on a mesh; XLA elsewhere or for sizes they do not
-        take) or 'pallas_interpret' (interpreted, any backend; tests).
+        take; faster than 'xla' at head dims of 128, 2x slower at the presets' 256 / 432:
+        BENCHMARKS.md) or 'pallas_interpret' (interpreted, any backend; tests).
     Attention:
       attention_impl: None (cuDNN on GPU for bf16, else XLA), 'xla' or 'cudnn'; used by the
         full-sequence forward (cached prefill/decoding always use XLA with an explicit mask).

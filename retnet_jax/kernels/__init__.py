@@ -24,7 +24,8 @@ pieces (`common.pieces`: 432 -> 3 x 128 + 32 + 16). Grid axes that split a head
 (`chunk_output`'s value columns, `chunk_states`' key and value columns) use groups of a
 multiple of 16 columns dividing it (`common.column_group`). So the 125M, 350M, 1.3B and
 6.7B presets (torchscale widths: Dk 256, Dv 432) run on the kernels too; the 2.7B (Dv 428)
-uses XLA. Only Dk = Dv = 128 has been timed on a GPU.
+uses XLA. Timed on GPUs (BENCHMARKS.md): at Dk = Dv = 128 they take 0.65x the XLA path's
+forward time; at Dk 256 / Dv 432 (H200) they are correct but 2x slower than XLA.
 
 Models select them with `ModelConfig.retention_kernel` ('pallas'; see `layers.run_retention`,
 which falls back to the XLA path off GPU or for unsupported sizes, and on a multi-device
