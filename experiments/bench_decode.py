@@ -14,6 +14,7 @@ null when unset), so runs with and without them stay apart.
   XLA_FLAGS=--xla_gpu_enable_command_buffer= python experiments/bench_decode.py ...
 """
 
+import collections
 import dataclasses
 import json
 import os
@@ -44,6 +45,9 @@ _COPY_BYTES = flags.DEFINE_integer("copy_bytes", 1 << 30,
                                    "Bytes of the copy that measures the bandwidth (small for "
                                    "CPU smoke runs).")
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled decode loop's optimized "
+                               "HLO here (<model>_batch<B>_context<T>.txt), e.g. to see how "
+                               "XLA lowers batch 1's matmuls against batch 8's.")
 
 
 def build(config: ModelConfig):
@@ -111,12 +115,14 @@ def _opcode(line: str) -> str | None:
     return match.group(1) if match else None
 
 
-def hlo_kernels(hlo_text: str) -> int:
-    """Kernel launches per decoded token, read from a compiled module's text: the
+def hlo_launches(hlo_text: str) -> collections.Counter:
+    """Kernel launches per decoded token by kind, read from a compiled module's text: the
     instructions of the entry computation and of the computations it runs as code (while
     bodies, calls, conditional branches; not fusion bodies, reducers or loop conditions),
     each while body counted once, without those that launch nothing (`_NO_KERNEL`). Each
-    fusion, library call (a cuBLAS custom-call) and unfused op is one launch."""
+    fusion, library call and unfused op is one launch, keyed 'fusion:<kind>' (kLoop,
+    kInput: reductions, kCustom: e.g. Triton GEMMs), 'custom-call:<target>' (e.g.
+    '__cublas$gemm') or the op's name."""
     bodies: dict[str, list[str]] = {}
     entry, name = None, None
     for line in hlo_text.splitlines():
@@ -126,7 +132,7 @@ def hlo_kernels(hlo_text: str) -> int:
             bodies[name] = []
         elif name is not None and line.strip() and line.strip() != "}":
             bodies[name].append(line)
-    count, seen, todo = 0, set(), [entry]
+    launches, seen, todo = collections.Counter(), set(), [entry]
     while todo:
         name = todo.pop()
         if name in seen or name not in bodies:
@@ -136,14 +142,26 @@ def hlo_kernels(hlo_text: str) -> int:
             op = _opcode(line)
             if op is None:
                 continue
-            count += op not in _NO_KERNEL
+            if op not in _NO_KERNEL:
+                launches[_launch_kind(op, line)] += 1
             if op in ("while", "call", "conditional"):
                 todo += re.findall(r"(?:body|to_apply|true_computation|false_computation)"
                                    r"=%?([\w.-]+)", line)
                 branches = re.search(r"branch_computations=\{([^}]*)\}", line)
                 if branches:
                     todo += [c.strip().lstrip("%") for c in branches.group(1).split(",")]
-    return count
+    return launches
+
+
+def _launch_kind(op: str, line: str) -> str:
+    """'fusion:<kind>', 'custom-call:<target>' or op, for one launching instruction line."""
+    if op == "fusion":
+        kind = re.search(r"kind=(k\w+)", line)
+        return f"fusion:{kind.group(1) if kind else '?'}"
+    if op == "custom-call":
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        return f"custom-call:{target.group(1) if target else '?'}"
+    return op
 
 
 def tree_bytes(tree) -> int:
@@ -206,7 +224,14 @@ def main(argv):
                     key = (batch, str(jax.tree.map(lambda x: x.shape, cache)))
                     if key not in m["executables"]:
                         m["executables"][key] = m["run"].lower(m["params"], cache, tokens).compile()
+                        if _HLO_DIR.value:
+                            os.makedirs(_HLO_DIR.value, exist_ok=True)
+                            path = os.path.join(_HLO_DIR.value,
+                                                f"{name}_batch{batch}_context{context}.txt")
+                            with open(path, "w") as f:
+                                f.write(m["executables"][key].as_text())
                     compiled = m["executables"][key]
+                    launches = hlo_launches(compiled.as_text())
                     tokens, cache = compiled(m["params"], cache, tokens)          # warm-up
                     jax.block_until_ready(tokens)
                     times = []
@@ -218,7 +243,8 @@ def main(argv):
                     ms = float(np.median(times)) / new * 1e3
                     temp = compiled.memory_analysis().temp_size_in_bytes
                     row.update(ms_per_token=ms, tokens_per_s=batch / ms * 1e3,
-                               hlo_kernels_per_token=hlo_kernels(compiled.as_text()),
+                               hlo_kernels_per_token=sum(launches.values()),
+                               hlo_launch_kinds=dict(launches.most_common()),
                                temp_gib=temp / 2**30,
                                total_gib=(m["weight_bytes"] + state_bytes + temp) / 2**30,
                                floor_ratio=ms / m["floor_ms"])

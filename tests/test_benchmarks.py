@@ -166,3 +166,20 @@ def test_bench_retention_records_the_triton_cache_it_was_given(tmp_path):
     env = json.loads(out.read_text())["env"]
     assert env["triton_cache_dir"] == str(cache)
     assert env["cached_autotune_results"] == 1
+
+
+def test_bench_decode_dumps_hlo_and_counts_launches_by_kind(tmp_path):
+    config = tmp_path / "toy.py"
+    config.write_text(TOY_CONFIG)
+    out, hlo = tmp_path / "decode.json", tmp_path / "hlo"
+    process = run_script("bench_decode.py", f"--config={config}", "--contexts=16",
+                         "--batches=1,2", "--new_tokens=2", "--repeats=1",
+                         "--copy_bytes=1048576", f"--out={out}", f"--hlo_dir={hlo}")
+    assert process.returncode == 0, process.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert sorted(os.listdir(hlo)) == sorted(
+        f"{m}_batch{b}_context16.txt" for m in ("retnet", "transformer") for b in (1, 2))
+    for row in rows:
+        kinds = row["hlo_launch_kinds"]
+        assert sum(kinds.values()) == row["hlo_kernels_per_token"] > 0
+        assert any(k.startswith("fusion:k") for k in kinds), kinds
