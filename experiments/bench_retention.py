@@ -50,6 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from retnet_jax import kernels, positions, retention  # noqa: E402
+from retnet_jax.kernels.common import is_power_of_two  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["8x2048x16x128", "4x8192x16x128", "1x32768x16x128"],
@@ -62,7 +63,9 @@ flags.DEFINE_list("impls", ["ours", "pallas", "autodiff", "scan", "cudnn", "fla"
                   "(fused output and gradient kernels; interpreted off GPU); autodiff: ours' forward with "
                   "JAX autodiff (fwd+bwd only, first chunk size); scan: the prototype (first "
                   "chunk size); cudnn: jax.nn.dot_product_attention; fla: fla's Triton kernels.")
-flags.DEFINE_integer("pallas_block_v", 64, "Value columns per program of the Pallas kernel.")
+flags.DEFINE_list("pallas_block_v", ["64"], "Most value columns per program of the Pallas "
+                  "output kernel (powers of two); several are timed side by side, named "
+                  "pallas_c<C>_bv<block_v>.")
 flags.DEFINE_list("decays", ["fixed", "gated"], "Decay kinds.")
 flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd (forward+backward).")
 flags.DEFINE_integer("runs", 20, "Timed runs (median reported).")
@@ -217,7 +220,7 @@ def jax_sync(x):
     jax.block_until_ready(x)
 
 
-def ours_fn(impl: str, chunk_size: int):
+def ours_fn(impl: str, chunk_size: int, block_v: int = 64):
     if impl == "scan":
         return lambda q, k, v, a: scan_prototype(q, k, v, a, chunk_size=chunk_size)[0]
     if impl == "autodiff":
@@ -226,7 +229,7 @@ def ours_fn(impl: str, chunk_size: int):
             chunk_size, False)[0]
     if impl == "pallas":
         return lambda q, k, v, a: kernels.chunkwise_retention_pallas(
-            q, k, v, a, chunk_size=chunk_size, block_v=FLAGS.pallas_block_v,
+            q, k, v, a, chunk_size=chunk_size, block_v=block_v,
             interpret=jax.default_backend() != "gpu")[0]
     return lambda q, k, v, a: retention.chunkwise_retention(q, k, v, a,
                                                             chunk_size=chunk_size)[0]
@@ -256,10 +259,14 @@ def cudnn_unsupported_reason(shape) -> str | None:
     return None
 
 
-def pallas_unsupported_reason(shape, chunk_size: int) -> str | None:
-    """`kernels.unsupported_reason` for this shape's head dims and chunk size, or None."""
+def pallas_variants(shape, chunk_size: int) -> list[tuple[str, str | None, int]]:
+    """(name, why the kernels refuse it or None, block_v) for each --pallas_block_v at this
+    shape's head dims and chunk size; named pallas_c<C>, plus _bv<block_v> when several."""
     *_, key_dim, value_dim = shape
-    return kernels.unsupported_reason(key_dim, value_dim, chunk_size)
+    blocks = [int(b) for b in FLAGS.pallas_block_v]
+    return [(f"pallas_c{chunk_size}" + (f"_bv{block}" if len(blocks) > 1 else ""),
+             kernels.unsupported_reason(key_dim, value_dim, chunk_size, block_v=block), block)
+            for block in blocks]
 
 
 def jax_call(fn, mode: str, gated: bool):
@@ -416,12 +423,12 @@ def check_correctness(fla, shape_text: str) -> None:
             ref = jax.jit(lambda q, k, v, a, do: _grads_of(ref_fn, gated, q, k, v, a, do))(
                 f32[0], f32[1], f32[2], a, f32[3])
         candidates = {f"ours_c{chunk}": ours_fn("ours", chunk)}
-        if "pallas" in FLAGS.impls:
-            reason = pallas_unsupported_reason(shape, chunk)
+        pallas = pallas_variants(shape, chunk) if "pallas" in FLAGS.impls else []
+        for name, reason, block in pallas:
             if reason:
-                record_check(f"pallas_c{chunk}", shape_text, decay, "all", {"skipped": reason})
+                record_check(name, shape_text, decay, "all", {"skipped": reason})
             else:
-                candidates[f"pallas_c{chunk}"] = ours_fn("pallas", chunk)
+                candidates[name] = ours_fn("pallas", chunk, block)
         if "scan" in FLAGS.impls:
             candidates[f"scan_c{chunk}"] = ours_fn("scan", chunk)
         for name, fn in candidates.items():
@@ -515,11 +522,11 @@ def jax_variants(shape, shape_text: str, decay: str, mode: str) -> list:
         variants += [(f"ours_c{c}", ours_fn("ours", c)) for c in chunks]
     if "pallas" in FLAGS.impls:
         for c in chunks:
-            reason = pallas_unsupported_reason(shape, c)
-            if reason:
-                record_skip(f"pallas_c{c}", shape_text, decay, mode, reason)
-            else:
-                variants.append((f"pallas_c{c}", ours_fn("pallas", c)))
+            for name, reason, block in pallas_variants(shape, c):
+                if reason:
+                    record_skip(name, shape_text, decay, mode, reason)
+                else:
+                    variants.append((name, ours_fn("pallas", c, block)))
     if "autodiff" in FLAGS.impls and mode == "fwdbwd":
         variants.append((f"autodiff_c{chunks[0]}", ours_fn("autodiff", chunks[0])))
     if "scan" in FLAGS.impls:
@@ -647,6 +654,9 @@ def main(argv) -> None:
     for flag in ("shapes", "check_shape"):   # refuse a malformed shape before any device work
         for text in getattr(FLAGS, flag):
             parse_shape(text, flag)
+    for text in FLAGS.pallas_block_v:
+        if not (text.isdigit() and is_power_of_two(int(text))):
+            raise app.UsageError(f"--pallas_block_v: {text!r} is not a power of two")
     cached = use_triton_cache(FLAGS.triton_cache_dir) if FLAGS.triton_cache_dir else None
     fla, why = load_fla() if "fla" in FLAGS.impls else (None, "not asked")
     RESULTS["env"] = {

@@ -91,6 +91,7 @@ def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
      "--retention_kernels must be distinct names from"),
     ("bench_retention.py", "--shapes=8x2048x16",
      "--shapes: '8x2048x16' is not BxTxHxD (Dk = Dv = D) or BxTxHxDkxDv"),
+    ("bench_retention.py", "--pallas_block_v=64,48", "--pallas_block_v: '48' is not a power of two"),
 ])
 def test_bad_flags_are_refused_by_name(script, flag, message):
     process = run_script(script, flag)
@@ -183,3 +184,17 @@ def test_bench_decode_dumps_hlo_and_counts_launches_by_kind(tmp_path):
         kinds = row["hlo_launch_kinds"]
         assert sum(kinds.values()) == row["hlo_kernels_per_token"] > 0
         assert any(k.startswith("fusion:k") for k in kinds), kinds
+
+
+def test_bench_retention_times_each_pallas_block_v_side_by_side(tmp_path):
+    out = tmp_path / "retention.json"
+    process = run_script("bench_retention.py", "--smoke", "--shapes=1x64x2x16x64",
+                         "--impls=pallas", "--chunk_sizes=16", "--pallas_block_v=16,64",
+                         "--modes=fwd", "--decays=fixed", "--check_shape=1x32x2x16x64",
+                         f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    results = json.loads(out.read_text())
+    assert {r["impl"] for r in results["timings"] if "ms" in r} == {
+        "pallas_c16_bv16", "pallas_c16_bv64"}
+    assert {c["impl"] for c in results["checks"] if "rms_rel" in c} == {
+        "ours_c16", "pallas_c16_bv16", "pallas_c16_bv64"}
