@@ -8,10 +8,14 @@ context length the cache is filled with random values at position = context, the
 measured copy bandwidth), decode-state bytes, and XLA's temporary bytes of the decode loop.
 The environment's XLA_FLAGS (e.g. `--xla_gpu_enable_command_buffer=`, which changes how the
 decode loop's kernels are launched) are printed first and recorded in the JSON (`xla_flags`,
-null when unset), so runs with and without them stay apart.
+null when unset), so runs with and without them stay apart. `--compiler_options` compiles
+the decode loop again with other XLA options (per compile, same process), timed beside the
+defaults; `--hlo_dir` keeps each compiled loop's HLO, and every row counts its kernel
+launches per token by kind.
 
   python experiments/bench_decode.py --config=configs/retnet_1_3b.py
   XLA_FLAGS=--xla_gpu_enable_command_buffer= python experiments/bench_decode.py ...
+  python experiments/bench_decode.py --batches=1,8 --compiler_options=xla_gpu_enable_triton_gemm=false
 """
 
 import collections
@@ -45,6 +49,11 @@ _COPY_BYTES = flags.DEFINE_integer("copy_bytes", 1 << 30,
                                    "Bytes of the copy that measures the bandwidth (small for "
                                    "CPU smoke runs).")
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
+_COMPILER_OPTIONS = flags.DEFINE_multi_string(
+    "compiler_options", [], "An XLA option set to time beside the defaults, "
+    "'name=value[,name=value]' (e.g. xla_gpu_enable_triton_gemm=false), applied to the decode "
+    "loop's compile only (jax's `compile(compiler_options=...)`); repeat the flag for more "
+    "sets. Rows record theirs; one XLA refuses is an error row.")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled decode loop's optimized "
                                "HLO here (<model>_batch<B>_context<T>.txt), e.g. to see how "
                                "XLA lowers batch 1's matmuls against batch 8's.")
@@ -171,6 +180,7 @@ def tree_bytes(tree) -> int:
 def main(argv):
     del argv
     xla_flags = os.environ.get("XLA_FLAGS")
+    option_sets = [{}] + [parse_compiler_options(text) for text in _COMPILER_OPTIONS.value]
     print(f"XLA_FLAGS={xla_flags!r}", flush=True)
     base = ModelConfig.from_config(_CONFIG.value.model)
     contexts = [int(c) for c in _CONTEXTS.value]
@@ -204,71 +214,103 @@ def main(argv):
     results = []
     for context in contexts:
         for batch in batches:
-            for name, m in built.items():
-                max_len = context + max_len_extra
-                cache_shape = jax.eval_shape(
-                    lambda: nnx.merge(*m["shape"]).init_cache(batch, max_len))
-                state_bytes = tree_bytes(cache_shape)
-                row = dict(model=name, batch=batch, context=context,
-                           weight_gib=m["weight_bytes"] / 2**30, state_gib=state_bytes / 2**30,
-                           floor_ms=m["floor_ms"])
-                if time.time() - start_all > _BUDGET.value:
-                    row["skipped"] = "time budget"
-                elif all_weights + state_bytes > _MEMORY_FRACTION.value * capacity:
-                    row["skipped"] = "does not fit"
-                else:
-                    cache = random_cache(m["shape"], batch, max_len, context,
-                                         seed=batch + context)
-                    tokens = jnp.zeros((batch,), jnp.int32) + 65
-                    # One compile per distinct cache shape (RetNet's does not grow with context).
-                    key = (batch, str(jax.tree.map(lambda x: x.shape, cache)))
-                    if key not in m["executables"]:
-                        m["executables"][key] = m["run"].lower(m["params"], cache, tokens).compile()
-                        if _HLO_DIR.value:
-                            os.makedirs(_HLO_DIR.value, exist_ok=True)
-                            path = os.path.join(_HLO_DIR.value,
-                                                f"{name}_batch{batch}_context{context}.txt")
-                            with open(path, "w") as f:
-                                f.write(m["executables"][key].as_text())
-                    compiled = m["executables"][key]
-                    launches = hlo_launches(compiled.as_text())
-                    tokens, cache = compiled(m["params"], cache, tokens)          # warm-up
-                    jax.block_until_ready(tokens)
-                    times = []
-                    for _ in range(repeats):
-                        t0 = time.perf_counter()
-                        tokens, cache = compiled(m["params"], cache, tokens)
-                        jax.block_until_ready(tokens)
-                        times.append(time.perf_counter() - t0)
-                    ms = float(np.median(times)) / new * 1e3
-                    temp = compiled.memory_analysis().temp_size_in_bytes
-                    row.update(ms_per_token=ms, tokens_per_s=batch / ms * 1e3,
-                               hlo_kernels_per_token=sum(launches.values()),
-                               hlo_launch_kinds=dict(launches.most_common()),
-                               temp_gib=temp / 2**30,
-                               total_gib=(m["weight_bytes"] + state_bytes + temp) / 2**30,
-                               floor_ratio=ms / m["floor_ms"])
-                    del cache
-                results.append(row)
-                print(json.dumps(row))
-
-    print("\n| model | batch | context | ms/token | tokens/s | x floor | kernels/token | "
-          "state GiB | weights+state+temp GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        if "skipped" in r:
-            print(f"| {r['model']} | {r['batch']} | {r['context']} | {r['skipped']} | | | | "
-                  f"{r['state_gib']:.2f} | |")
-        else:
-            print(f"| {r['model']} | {r['batch']} | {r['context']} | {r['ms_per_token']:.3f} | "
-                  f"{r['tokens_per_s']:,.0f} | {r['floor_ratio']:.2f} | "
-                  f"{r['hlo_kernels_per_token']} | {r['state_gib']:.3f} | "
-                  f"{r['total_gib']:.2f} |")
+            for options in option_sets:
+                for name, m in built.items():
+                    max_len = context + max_len_extra
+                    cache_shape = jax.eval_shape(
+                        lambda: nnx.merge(*m["shape"]).init_cache(batch, max_len))
+                    state_bytes = tree_bytes(cache_shape)
+                    row = dict(model=name, batch=batch, context=context, compiler_options=options,
+                               weight_gib=m["weight_bytes"] / 2**30,
+                               state_gib=state_bytes / 2**30, floor_ms=m["floor_ms"])
+                    if time.time() - start_all > _BUDGET.value:
+                        row["skipped"] = "time budget"
+                    elif all_weights + state_bytes > _MEMORY_FRACTION.value * capacity:
+                        row["skipped"] = "does not fit"
+                    else:
+                        row.update(time_decode(m, name, batch, context, max_len, options,
+                                               new, repeats, state_bytes))
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+    print_table(results)
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump(dict(device=device.device_kind, jax=jax.__version__,
                            xla_flags=xla_flags, copy_bandwidth=bandwidth, results=results),
                       f, indent=2)
+
+
+def parse_compiler_options(text: str) -> dict:
+    """'name=value[,name=value]' -> {name: value} with true/false as bools and numbers as
+    numbers; a UsageError naming --compiler_options for a malformed entry."""
+    options = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise app.UsageError(f"--compiler_options: {item!r} is not name=value")
+        if value.lower() in ("true", "false"):
+            options[name] = value.lower() == "true"
+        else:
+            try:
+                options[name] = int(value)
+            except ValueError:
+                options[name] = value
+    return options
+
+
+def time_decode(m: dict, name: str, batch: int, context: int, max_len: int, options: dict,
+                new: int, repeats: int, state_bytes: int) -> dict:
+    """Compiles (once per cache shape and option set) and times one model's decode loop at
+    this batch and context: ms per token, launches per token by kind, memory. A compile
+    that XLA refuses (e.g. an option this version lacks) is returned as {'error': ...}."""
+    cache = random_cache(m["shape"], batch, max_len, context, seed=batch + context)
+    tokens = jnp.zeros((batch,), jnp.int32) + 65
+    # One compile per distinct cache shape (RetNet's does not grow with context).
+    key = (batch, str(jax.tree.map(lambda x: x.shape, cache)), str(sorted(options.items())))
+    if key not in m["executables"]:
+        try:
+            m["executables"][key] = m["run"].lower(m["params"], cache, tokens).compile(
+                compiler_options=options or None)
+        except Exception as e:  # noqa: BLE001 - recorded as the row's result
+            return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        if _HLO_DIR.value:
+            os.makedirs(_HLO_DIR.value, exist_ok=True)
+            suffix = "".join(f"_{k}={v}" for k, v in sorted(options.items()))
+            path = os.path.join(_HLO_DIR.value, f"{name}_batch{batch}_context{context}{suffix}.txt")
+            with open(path, "w") as f:
+                f.write(m["executables"][key].as_text())
+    compiled = m["executables"][key]
+    launches = hlo_launches(compiled.as_text())
+    tokens, cache = compiled(m["params"], cache, tokens)          # warm-up
+    jax.block_until_ready(tokens)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tokens, cache = compiled(m["params"], cache, tokens)
+        jax.block_until_ready(tokens)
+        times.append(time.perf_counter() - t0)
+    ms = float(np.median(times)) / new * 1e3
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    return dict(ms_per_token=ms, tokens_per_s=batch / ms * 1e3,
+                hlo_kernels_per_token=sum(launches.values()),
+                hlo_launch_kinds=dict(launches.most_common()), temp_gib=temp / 2**30,
+                total_gib=(m["weight_bytes"] + state_bytes + temp) / 2**30,
+                floor_ratio=ms / m["floor_ms"])
+
+
+def print_table(results: list[dict]) -> None:
+    print("\n| model | batch | context | compiler options | ms/token | tokens/s | x floor | "
+          "kernels/token | state GiB | weights+state+temp GiB |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        options = ", ".join(f"{k}={v}" for k, v in r["compiler_options"].items()) or "default"
+        head = f"| {r['model']} | {r['batch']} | {r['context']} | {options} |"
+        if "skipped" in r or "error" in r:
+            print(f"{head} {r.get('skipped') or r['error'][:60]} | | | | {r['state_gib']:.2f} | |")
+        else:
+            print(f"{head} {r['ms_per_token']:.3f} | {r['tokens_per_s']:,.0f} | "
+                  f"{r['floor_ratio']:.2f} | {r['hlo_kernels_per_token']} | "
+                  f"{r['state_gib']:.3f} | {r['total_gib']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,8 @@ def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
     ("bench_retention.py", "--shapes=8x2048x16",
      "--shapes: '8x2048x16' is not BxTxHxD (Dk = Dv = D) or BxTxHxDkxDv"),
     ("bench_retention.py", "--pallas_block_v=64,48", "--pallas_block_v: '48' is not a power of two"),
+    ("bench_decode.py", "--compiler_options=xla_gpu_enable_triton_gemm",
+     "--compiler_options: 'xla_gpu_enable_triton_gemm' is not name=value"),
 ])
 def test_bad_flags_are_refused_by_name(script, flag, message):
     process = run_script(script, flag)
@@ -169,18 +171,27 @@ def test_bench_retention_records_the_triton_cache_it_was_given(tmp_path):
     assert env["cached_autotune_results"] == 1
 
 
-def test_bench_decode_dumps_hlo_and_counts_launches_by_kind(tmp_path):
+def test_bench_decode_dumps_hlo_counts_launches_and_tries_compiler_options(tmp_path):
     config = tmp_path / "toy.py"
     config.write_text(TOY_CONFIG)
     out, hlo = tmp_path / "decode.json", tmp_path / "hlo"
     process = run_script("bench_decode.py", f"--config={config}", "--contexts=16",
                          "--batches=1,2", "--new_tokens=2", "--repeats=1",
-                         "--copy_bytes=1048576", f"--out={out}", f"--hlo_dir={hlo}")
+                         "--copy_bytes=1048576", f"--out={out}", f"--hlo_dir={hlo}",
+                         "--compiler_options=xla_backend_optimization_level=1",
+                         "--compiler_options=xla_no_such_option=true")
     assert process.returncode == 0, process.stderr
     rows = json.loads(out.read_text())["results"]
     assert sorted(os.listdir(hlo)) == sorted(
-        f"{m}_batch{b}_context16.txt" for m in ("retnet", "transformer") for b in (1, 2))
+        f"{m}_batch{b}_context16{s}.txt" for m in ("retnet", "transformer") for b in (1, 2)
+        for s in ("", "_xla_backend_optimization_level=1"))
+    options = [{}, {"xla_backend_optimization_level": 1}, {"xla_no_such_option": True}]
+    assert [(r["batch"], r["compiler_options"], r["model"]) for r in rows] == [
+        (b, o, m) for b in (1, 2) for o in options for m in ("retnet", "transformer")]
     for row in rows:
+        if row["compiler_options"] == options[2]:      # XLA refuses it: an error row
+            assert "xla_no_such_option" in row["error"]
+            continue
         kinds = row["hlo_launch_kinds"]
         assert sum(kinds.values()) == row["hlo_kernels_per_token"] > 0
         assert any(k.startswith("fusion:k") for k in kinds), kinds
