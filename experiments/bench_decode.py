@@ -241,8 +241,9 @@ def main(argv):
 
 
 def parse_compiler_options(text: str) -> dict:
-    """'name=value[,name=value]' -> {name: value} with true/false as bools and numbers as
-    numbers; a UsageError naming --compiler_options for a malformed entry."""
+    """'name=value[,name=value]' -> {name: value} with true/false as bools, integers as ints
+    and anything else as a string; a UsageError naming --compiler_options for a malformed
+    entry."""
     options = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, value = item.partition("=")
@@ -269,18 +270,19 @@ def time_decode(m: dict, name: str, batch: int, context: int, max_len: int, opti
     key = (batch, str(jax.tree.map(lambda x: x.shape, cache)), str(sorted(options.items())))
     if key not in m["executables"]:
         try:
-            m["executables"][key] = m["run"].lower(m["params"], cache, tokens).compile(
+            compiled = m["run"].lower(m["params"], cache, tokens).compile(
                 compiler_options=options or None)
         except Exception as e:  # noqa: BLE001 - recorded as the row's result
             return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        hlo_text = compiled.as_text()
         if _HLO_DIR.value:
             os.makedirs(_HLO_DIR.value, exist_ok=True)
             suffix = "".join(f"_{k}={v}" for k, v in sorted(options.items()))
             path = os.path.join(_HLO_DIR.value, f"{name}_batch{batch}_context{context}{suffix}.txt")
             with open(path, "w") as f:
-                f.write(m["executables"][key].as_text())
-    compiled = m["executables"][key]
-    launches = hlo_launches(compiled.as_text())
+                f.write(hlo_text)
+        m["executables"][key] = (compiled, hlo_launches(hlo_text))
+    compiled, launches = m["executables"][key]
     tokens, cache = compiled(m["params"], cache, tokens)          # warm-up
     jax.block_until_ready(tokens)
     times = []
