@@ -30,18 +30,21 @@ def run_script(name: str, *args: str, env: dict | None = None
                           env={**os.environ, **(env or {})})
 
 
-def test_bench_train_weak_scaling_over_device_counts(tmp_path):
+@pytest.fixture
+def toy_config(tmp_path):
+    """TOY_CONFIG written to a config file; its path."""
     config = tmp_path / "toy.py"
     config.write_text(TOY_CONFIG)
+    return config
+
+
+def test_bench_train_weak_scaling_over_device_counts(tmp_path, toy_config):
     out = tmp_path / "train.json"
-    process = subprocess.run(
-        [sys.executable, os.path.join(REPO, "experiments", "bench_train.py"),
-         f"--config={config}", "--seq_lens=32", "--tokens_per_step=128", "--steps=2",
-         "--windows=2", "--device_counts=1,2", "--models=retnet", "--data=corpus",
-         "--matmul_size=256",
-         f"--out={out}"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-        env={**os.environ, "JAX_NUM_CPU_DEVICES": "2"})
+    process = run_script("bench_train.py", f"--config={toy_config}", "--seq_lens=32",
+                         "--tokens_per_step=128", "--steps=2", "--windows=2",
+                         "--device_counts=1,2", "--models=retnet", "--data=corpus",
+                         "--matmul_size=256", f"--out={out}",
+                         env={"JAX_NUM_CPU_DEVICES": "2"})
     assert process.returncode == 0, process.stderr
     rows = json.loads(out.read_text())["results"]
     assert [(r["devices"], r["batch"]) for r in rows] == [(1, 4), (2, 8)]  # 128 tokens/device
@@ -52,11 +55,9 @@ def test_bench_train_weak_scaling_over_device_counts(tmp_path):
     assert "| scaling efficiency |" in process.stdout
 
 
-def test_bench_train_times_retnet_per_kernel_and_transformer_once(tmp_path):
-    config = tmp_path / "toy.py"
-    config.write_text(TOY_CONFIG)
+def test_bench_train_times_retnet_per_kernel_and_transformer_once(tmp_path, toy_config):
     out = tmp_path / "train.json"
-    process = run_script("bench_train.py", f"--config={config}", "--seq_lens=32",
+    process = run_script("bench_train.py", f"--config={toy_config}", "--seq_lens=32",
                          "--tokens_per_step=64", "--steps=1", "--windows=1",
                          "--retention_kernels=xla,pallas", "--matmul_size=256", f"--out={out}")
     assert process.returncode == 0, process.stderr
@@ -141,12 +142,10 @@ def test_bench_retention_value_dim_differs_and_warm_up(tmp_path):
     assert "min-max" in process.stdout
 
 
-def test_bench_decode_records_xla_flags(tmp_path):
-    config = tmp_path / "toy.py"
-    config.write_text(TOY_CONFIG)
+def test_bench_decode_records_xla_flags(tmp_path, toy_config):
     out = tmp_path / "decode.json"
     flags = "--xla_gpu_enable_command_buffer="
-    process = run_script("bench_decode.py", f"--config={config}", "--contexts=16",
+    process = run_script("bench_decode.py", f"--config={toy_config}", "--contexts=16",
                          "--batches=1", "--new_tokens=2", "--repeats=1",
                          "--copy_bytes=1048576", f"--out={out}", env={"XLA_FLAGS": flags})
     assert process.returncode == 0, process.stderr
@@ -171,11 +170,9 @@ def test_bench_retention_records_the_triton_cache_it_was_given(tmp_path):
     assert env["cached_autotune_results"] == 1
 
 
-def test_bench_decode_dumps_hlo_counts_launches_and_tries_compiler_options(tmp_path):
-    config = tmp_path / "toy.py"
-    config.write_text(TOY_CONFIG)
+def test_bench_decode_dumps_hlo_counts_launches_and_tries_compiler_options(tmp_path, toy_config):
     out, hlo = tmp_path / "decode.json", tmp_path / "hlo"
-    process = run_script("bench_decode.py", f"--config={config}", "--contexts=16",
+    process = run_script("bench_decode.py", f"--config={toy_config}", "--contexts=16",
                          "--batches=1,2", "--new_tokens=2", "--repeats=1",
                          "--copy_bytes=1048576", f"--out={out}", f"--hlo_dir={hlo}",
                          "--compiler_options=xla_backend_optimization_level=1",
