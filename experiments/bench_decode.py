@@ -232,7 +232,13 @@ def main(argv):
                                                new, repeats, state_bytes))
                     results.append(row)
                     print(json.dumps(row), flush=True)
+                    write_json(device, xla_flags, bandwidth, results)   # kept if killed
     print_table(results)
+
+
+def write_json(device, xla_flags: str | None, bandwidth: float, results: list[dict]) -> None:
+    """All rows so far, with the device, jax version, XLA_FLAGS and copy bandwidth, to --out
+    (if given)."""
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump(dict(device=device.device_kind, jax=jax.__version__,
