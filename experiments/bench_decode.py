@@ -55,8 +55,8 @@ _COMPILER_OPTIONS = flags.DEFINE_multi_string(
     "loop's compile only (jax's `compile(compiler_options=...)`); repeat the flag for more "
     "sets. Rows record theirs; one XLA refuses is an error row.")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled decode loop's optimized "
-                               "HLO here (<model>_batch<B>_context<T>.txt), e.g. to see how "
-                               "XLA lowers batch 1's matmuls against batch 8's.")
+                               "HLO here (<model>_batch<B>_context<T>[_<option>-<value>].txt), "
+                               "e.g. to see how XLA lowers batch 1's matmuls against batch 8's.")
 
 
 def build(config: ModelConfig):
@@ -283,7 +283,8 @@ def time_decode(m: dict, name: str, batch: int, context: int, max_len: int, opti
         hlo_text = compiled.as_text()
         if _HLO_DIR.value:
             os.makedirs(_HLO_DIR.value, exist_ok=True)
-            suffix = "".join(f"_{k}={v}" for k, v in sorted(options.items()))
+            # name-value, not name=value: file names of letters, digits, '.', '_', '-' only
+            suffix = "".join(f"_{k}-{v}" for k, v in sorted(options.items()))
             path = os.path.join(_HLO_DIR.value, f"{name}_batch{batch}_context{context}{suffix}.txt")
             with open(path, "w") as f:
                 f.write(hlo_text)

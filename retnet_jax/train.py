@@ -655,6 +655,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer = MetricsWriter(workdir, tensorboard=train_config.tensorboard)
     try:
         state = _resume_or_init(trainer, checkpointer, datasets.train, config, workdir)
+        finished = _finished_summary(workdir, int(state.step), train_config.num_steps)
+        if finished is not None:
+            _print(f"{workdir} finished at step {finished['step']}; its summary is kept",
+                   *_summary_lines(finished))
+            return finished
         with StopSignal() as stop:
             loop = _Loop(trainer, datasets, checkpointer, writer, stop, train_config,
                          checkpoint_config.save_every,
@@ -670,6 +675,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             json.dump(summary, f, indent=2)
     _print(*_summary_lines(summary))
     return summary
+
+
+def _finished_summary(workdir: str, step: int, num_steps: int) -> dict[str, Any] | None:
+    """The summary.json of a run already trained to `num_steps` (resumed at `step`), or None.
+
+    A caller stopped after training but before using the result (e.g. an ablation grid
+    killed during its extra evaluations) gets the same summary back, throughput included.
+    """
+    path = os.path.join(workdir, "summary.json")
+    if step < num_steps or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    return summary if summary.get("completed") and summary.get("step") == step else None
 
 
 def _check_vocab(model_vocab: int, datasets: data_lib.Datasets) -> None:
@@ -742,6 +761,10 @@ class _Loop:
             mark = time.time()
         bar.close()
         self.completed = step >= config.num_steps
+        if self.completed and not self.last_eval:
+            # Resumed from the final checkpoint without its summary: evaluate it (not logged
+            # again), so the summary still has the final evaluation.
+            self.last_eval = evaluate(self.trainer, state.params, self.datasets.make_eval())
         return state
 
     def _evaluate_and_sample(self, state: TrainState, step: int) -> dict[str, float]:

@@ -181,7 +181,7 @@ def test_bench_decode_dumps_hlo_counts_launches_and_tries_compiler_options(tmp_p
     rows = json.loads(out.read_text())["results"]
     assert sorted(os.listdir(hlo)) == sorted(
         f"{m}_batch{b}_context16{s}.txt" for m in ("retnet", "transformer") for b in (1, 2)
-        for s in ("", "_xla_backend_optimization_level=1"))
+        for s in ("", "_xla_backend_optimization_level-1"))
     options = [{}, {"xla_backend_optimization_level": 1}, {"xla_no_such_option": True}]
     assert [(r["batch"], r["compiler_options"], r["model"]) for r in rows] == [
         (b, o, m) for b in (1, 2) for o in options for m in ("retnet", "transformer")]

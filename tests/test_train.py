@@ -357,6 +357,21 @@ def test_run_outputs(runs):
     assert sorted(os.listdir(os.path.join(whole, "checkpoints"))) == ["6", "8"]
 
 
+def test_rerun_of_a_finished_run_returns_its_summary(runs, tmp_path):
+    whole, _, summaries = runs
+    again = str(tmp_path / "again")
+    shutil.copytree(whole, again)
+    metrics_path = os.path.join(again, "metrics.jsonl")
+    records = _read_jsonl(metrics_path)
+    assert train.train_and_evaluate(tiny_config(), again) == summaries["whole"]
+    # Stopped between its last checkpoint and its summary: the final state is evaluated again.
+    os.remove(os.path.join(again, "summary.json"))
+    summary = train.train_and_evaluate(tiny_config(), again)
+    assert summary["completed"] and summary["step"] == 8
+    assert summary["eval_loss"] == pytest.approx(summaries["whole"]["eval_loss"], rel=1e-6)
+    assert _read_jsonl(metrics_path) == records  # nothing logged twice
+
+
 def test_evaluate_and_sample_from_workdir(runs):
     whole, _, summaries = runs
     metrics = train.evaluate_checkpoint(whole)
