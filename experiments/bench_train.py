@@ -131,7 +131,9 @@ def model_variants(base: ModelConfig, models: list[str], kernels: list[str]) -> 
             variants += [(name, k, dataclasses.replace(base, retention_kernel=k))
                          for k in kernels]
         elif name == "transformer":
-            variants.append((name, None, transformer_baseline(base, head_dim=128)))
+            # FFN width a multiple of the GEMM tiles: 5544 (multiple=8) made XLA pad and
+            # concatenate the FFN weights in every step.
+            variants.append((name, None, transformer_baseline(base, head_dim=128, multiple=128)))
         else:
             raise app.UsageError(f"--models must be from ['retnet', 'transformer'], got {name!r}")
     return variants
