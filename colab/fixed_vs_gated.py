@@ -18,10 +18,11 @@
 #
 # RetNet decays its state by a fixed factor per head, `gamma_h = 1 - 2^(-5-h)`. Gated
 # retention (gRet, YOCO) learns a decay per token and head, `logsigmoid(x W) / 16`, so it can
-# choose what to keep. This notebook trains four models of the same size with
+# choose what to keep. This notebook trains five models of the same size with
 # `retnet_jax.ablation` and compares them:
 #
-# * **retnet**: fixed multi-scale decay; **gated**: data-dependent decay;
+# * **retnet**: fixed multi-scale decay; **gated**: data-dependent decay (YOCO's gate);
+# * **gated_bias3**: the same with a learned gate bias starting at 3 (a long initial memory);
 # * **transformer**: softmax attention with RoPE (the baseline);
 # * **hybrid**: gated retention with attention in every 4th block.
 #

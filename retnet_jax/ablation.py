@@ -8,9 +8,10 @@ are the same run in every grid (the plain RetNet '@lm' cell is in decay_lm and p
 grids that share an output folder train it once.
 
 Grids (see `GRIDS`):
-  decay_mqar     fixed RetNet vs gated RetNet vs Transformer vs hybrid on multi-query
-                 associative recall at several sequence lengths and key-value counts (accuracy)
-  decay_lm       the same four on Python source, nothing to download (validation bits per
+  decay_mqar     fixed RetNet vs gated RetNet (YOCO's gate, and with a learned gate bias
+                 starting at 3) vs Transformer vs hybrid on multi-query associative recall at
+                 several sequence lengths and key-value counts (accuracy)
+  decay_lm       the same five on Python source, nothing to download (validation bits per
                  byte, loss curves) and their length extrapolation: trained at L, evaluated at
                  L, 2L, 4L, 8L
   paper          the RetNet paper's ablations as config switches: without swish gate, without
@@ -168,8 +169,7 @@ VARIANTS: dict[str, Callable[[dict], dict]] = {
     "head_dim/2": lambda model: {"num_heads": 2 * model["num_heads"]},
 }
 
-DECAY_VARIANTS = ("retnet", "gated", "transformer", "hybrid")
-MQAR_VARIANTS = DECAY_VARIANTS + ("gated_bias3",)
+DECAY_VARIANTS = ("retnet", "gated", "gated_bias3", "transformer", "hybrid")
 PAPER_VARIANTS = ("retnet", "-swish_gate", "-head_norm", "single_scale", "no_decay",
                   "head_dim/2")
 
@@ -197,7 +197,7 @@ class Cell:
 def _decay_mqar(scale: Scale) -> list[Cell]:
     return [Cell(f"{v}@mqar-T{t}-kv{kv}", v, "mqar", f"T={t}, kv={kv}",
                  {"name": "mqar", "seq_len": t, "num_kv_pairs": kv, **scale.mqar_data})
-            for t, kv in scale.mqar for v in MQAR_VARIANTS]
+            for t, kv in scale.mqar for v in DECAY_VARIANTS]
 
 
 def _lm_cells(scale: Scale, variants: Sequence[str]) -> list[Cell]:
