@@ -626,7 +626,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     Logs to `<workdir>/metrics.jsonl` (and TensorBoard), evaluates and samples every
     `train.eval_every` steps and at the end, checkpoints (see `checkpoint`), and writes
-    `<workdir>/summary.json`. SIGTERM saves a checkpoint and returns early.
+    `<workdir>/summary.json`. SIGTERM saves a checkpoint and returns early. Called again on
+    a run that already finished, it returns the run's summary.json unchanged (or, if none
+    was written, evaluates the final checkpoint).
 
     Args:
         config: run config with sections model, data, train, mesh, checkpoint.
