@@ -224,6 +224,7 @@ def main(argv):
                         lambda: nnx.merge(*m["shape"]).init_cache(batch, max_len))
                     state_bytes = tree_bytes(cache_shape)
                     row = dict(model=name, batch=batch, context=context, compiler_options=options,
+                               ffn_dim=models[name].resolved_ffn_dim,
                                weight_gib=m["weight_bytes"] / 2**30,
                                state_gib=state_bytes / 2**30, floor_ms=m["floor_ms"])
                     if time.time() - start_all > _BUDGET.value:
@@ -286,8 +287,9 @@ def time_decode(m: dict, name: str, batch: int, context: int, max_len: int, opti
         hlo_text = compiled.as_text()
         if _HLO_DIR.value:
             os.makedirs(_HLO_DIR.value, exist_ok=True)
-            # name-value, not name=value: file names of letters, digits, '.', '_', '-' only
-            suffix = "".join(f"_{k}-{v}" for k, v in sorted(options.items()))
+            # name-value, other characters as '_': file names of letters, digits, '.', '_', '-'
+            suffix = "".join("_" + re.sub(r"[^\w.-]", "_", f"{k}-{v}", flags=re.ASCII)
+                             for k, v in sorted(options.items()))
             path = os.path.join(_HLO_DIR.value, f"{name}_batch{batch}_context{context}{suffix}.txt")
             with open(path, "w") as f:
                 f.write(hlo_text)

@@ -69,6 +69,7 @@ RESUMABLE_MODEL_FIELDS = frozenset(
      "attention_impl", "logit_soft_cap"})
 # Data config fields that may change when resuming: they leave the training stream as it was.
 RESUMABLE_DATA_FIELDS = frozenset({"eval_batches"})
+SUMMARY_FILE = "summary.json"  # in the workdir: `train_and_evaluate`'s return value
 
 
 # ----------------------------------------------------------------------------- config
@@ -594,6 +595,9 @@ def _resume_or_init(trainer: Trainer, checkpointer: Checkpointer,
     step = checkpointer.latest_step()
     if step is None:
         save_config(workdir, config)
+        # A summary left by a run whose checkpoints were deleted must not outlive them.
+        if jax.process_index() == 0 and os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
+            os.remove(os.path.join(workdir, SUMMARY_FILE))
         return trainer.init()
     saved_config = load_config(workdir)
     saved = dataclasses.asdict(model_lib.ModelConfig.from_config(saved_config.model))
@@ -672,9 +676,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         checkpointer.close()
         writer.close()
     summary = loop.summary(state, time.time() - wall_start)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
+    if jax.process_index() == 0:  # whole or absent, never half-written: a rerun reads it
+        path = os.path.join(workdir, SUMMARY_FILE)
+        with open(path + ".tmp", "w") as f:
             json.dump(summary, f, indent=2)
+        os.replace(path + ".tmp", path)
     _print(*_summary_lines(summary))
     return summary
 
@@ -684,8 +690,10 @@ def _finished_summary(workdir: str, step: int, num_steps: int) -> dict[str, Any]
 
     A caller stopped after training but before using the result (e.g. an ablation grid
     killed during its extra evaluations) gets the same summary back, throughput included.
+    The workdir is shared by all processes (as Orbax's checkpoints need), so every process
+    reads the same file and takes the same branch.
     """
-    path = os.path.join(workdir, "summary.json")
+    path = os.path.join(workdir, SUMMARY_FILE)
     if step < num_steps or not os.path.exists(path):
         return None
     with open(path) as f:
@@ -794,7 +802,9 @@ class _Loop:
                 "epochs": (int(state.step) * self.tokens_per_step / corpus_tokens
                            if corpus_tokens else None),
                 "wall_time_s": wall_seconds, "train_time_s": self.train_seconds,
-                "tokens_per_s": self.train_tokens / max(self.train_seconds, 1e-9),
+                # None when this call timed no step (e.g. it resumed at the end)
+                "tokens_per_s": (self.train_tokens / max(self.train_seconds, 1e-9)
+                                 if self.train_tokens else None),
                 "unigram_entropy_bits": self.datasets.metadata.get("unigram_entropy_bits"),
                 **self.last_eval, "sample": self.last_sample}
 
@@ -806,14 +816,16 @@ def _every(step: int, interval: int) -> bool:
 def _summary_lines(summary: Mapping[str, Any]) -> list[str]:
     lines = [f"run summary: step {summary['step']}"
              f"{'' if summary['completed'] else ' (stopped early)'}, wall time "
-             f"{summary['wall_time_s']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s"]
+             f"{summary['wall_time_s']:.0f} s, "
+             + (f"{summary['tokens_per_s']:,.0f} tokens/s" if summary.get("tokens_per_s")
+                else "no step timed")]
     if "eval_loss" in summary:
         entropy = summary["unigram_entropy_bits"]
         baseline = f" vs unigram entropy {entropy:.3f} bits/byte" if entropy else ""
         lines.append(f"validation: {summary['eval_bits_per_byte']:.3f} bits/byte{baseline}, "
                      f"loss {summary['eval_loss']:.4f}, perplexity "
                      f"{summary['eval_perplexity']:.2f}")
-    if summary["epochs"] and summary["epochs"] > 1:
+    if (summary.get("epochs") or 0) > 1:
         lines.append(f"note: training saw its corpus {summary['epochs']:.1f} times; compare "
                      "validation with training loss for overfitting")
     if summary["sample"]:

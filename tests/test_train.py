@@ -357,19 +357,29 @@ def test_run_outputs(runs):
     assert sorted(os.listdir(os.path.join(whole, "checkpoints"))) == ["6", "8"]
 
 
-def test_rerun_of_a_finished_run_returns_its_summary(runs, tmp_path):
+def test_rerun_of_a_finished_run_returns_its_summary(runs, tmp_path, monkeypatch):
     whole, _, summaries = runs
     again = str(tmp_path / "again")
     shutil.copytree(whole, again)
     metrics_path = os.path.join(again, "metrics.jsonl")
     records = _read_jsonl(metrics_path)
     assert train.train_and_evaluate(tiny_config(), again) == summaries["whole"]
-    # Stopped between its last checkpoint and its summary: the final state is evaluated again.
-    os.remove(os.path.join(again, "summary.json"))
+    # Stopped between its last checkpoint and its summary: the final state is evaluated again,
+    # and no throughput is made up for a call that trained nothing.
+    os.remove(os.path.join(again, train.SUMMARY_FILE))
     summary = train.train_and_evaluate(tiny_config(), again)
-    assert summary["completed"] and summary["step"] == 8
+    assert summary["completed"] and summary["step"] == 8 and summary["tokens_per_s"] is None
     assert summary["eval_loss"] == pytest.approx(summaries["whole"]["eval_loss"], rel=1e-6)
     assert _read_jsonl(metrics_path) == records  # nothing logged twice
+    # Checkpoints deleted to retrain: the old summary goes with them, so a retrain that dies
+    # before writing its own leaves none behind for a rerun to mistake for its result.
+    shutil.rmtree(os.path.join(again, "checkpoints"))
+    def crash(*args):
+        raise RuntimeError("stopped before the summary")
+    monkeypatch.setattr(train._Loop, "summary", crash)
+    with pytest.raises(RuntimeError, match="before the summary"):
+        train.train_and_evaluate(tiny_config(), again)
+    assert not os.path.exists(os.path.join(again, train.SUMMARY_FILE))
 
 
 def test_evaluate_and_sample_from_workdir(runs):
