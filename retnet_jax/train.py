@@ -789,9 +789,8 @@ class _Loop:
                 rng=jax.random.fold_in(state.rng, step))[0]
             record["sample"] = self.last_sample
         self.writer.write(step, record)
-        _print(f"step {step}: eval loss {self.last_eval['eval_loss']:.4f}, "
-               f"{self.last_eval['eval_bits_per_byte']:.3f} bits/byte, perplexity "
-               f"{self.last_eval['eval_perplexity']:.2f}",
+        entropy = self.datasets.metadata.get("unigram_entropy_bits")
+        _print(f"step {step}: eval {_eval_line(self.last_eval, entropy)}",
                *([f"sample: {self.last_sample!r}"] if self.last_sample else []))
         return {BEST_METRIC: self.last_eval["eval_loss"]}
 
@@ -813,6 +812,15 @@ def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
+def _eval_line(metrics: Mapping[str, Any], entropy: float | None) -> str:
+    """An evaluation's numbers: for byte-level text (which has a unigram `entropy`) loss,
+    bits/byte against that baseline and perplexity; for tasks (None) loss and accuracy."""
+    if entropy is None:
+        return f"loss {metrics['eval_loss']:.4f}, accuracy {metrics['eval_accuracy']:.4f}"
+    return (f"loss {metrics['eval_loss']:.4f}, {metrics['eval_bits_per_byte']:.3f} bits/byte "
+            f"vs unigram entropy {entropy:.3f}, perplexity {metrics['eval_perplexity']:.2f}")
+
+
 def _summary_lines(summary: Mapping[str, Any]) -> list[str]:
     lines = [f"run summary: step {summary['step']}"
              f"{'' if summary['completed'] else ' (stopped early)'}, wall time "
@@ -820,11 +828,7 @@ def _summary_lines(summary: Mapping[str, Any]) -> list[str]:
              + (f"{summary['tokens_per_s']:,.0f} tokens/s" if summary.get("tokens_per_s")
                 else "no step timed")]
     if "eval_loss" in summary:
-        entropy = summary["unigram_entropy_bits"]
-        baseline = f" vs unigram entropy {entropy:.3f} bits/byte" if entropy else ""
-        lines.append(f"validation: {summary['eval_bits_per_byte']:.3f} bits/byte{baseline}, "
-                     f"loss {summary['eval_loss']:.4f}, perplexity "
-                     f"{summary['eval_perplexity']:.2f}")
+        lines.append(f"validation: {_eval_line(summary, summary.get('unigram_entropy_bits'))}")
     if (summary.get("epochs") or 0) > 1:
         lines.append(f"note: training saw its corpus {summary['epochs']:.1f} times; compare "
                      "validation with training loss for overfitting")

@@ -382,6 +382,14 @@ def test_rerun_of_a_finished_run_returns_its_summary(runs, tmp_path, monkeypatch
     assert not os.path.exists(os.path.join(again, train.SUMMARY_FILE))
 
 
+def test_eval_line_says_bits_per_byte_for_text_and_accuracy_for_tasks():
+    metrics = {"eval_loss": 0.5, "eval_bits_per_byte": 0.7213, "eval_perplexity": 1.6487,
+               "eval_accuracy": 0.25}
+    assert train._eval_line(metrics, 4.4) == (
+        "loss 0.5000, 0.721 bits/byte vs unigram entropy 4.400, perplexity 1.65")
+    assert train._eval_line(metrics, None) == "loss 0.5000, accuracy 0.2500"   # e.g. MQAR
+
+
 def test_evaluate_and_sample_from_workdir(runs):
     whole, _, summaries = runs
     metrics = train.evaluate_checkpoint(whole)
