@@ -596,8 +596,9 @@ def _resume_or_init(trainer: Trainer, checkpointer: Checkpointer,
     if step is None:
         save_config(workdir, config)
         # A summary left by a run whose checkpoints were deleted must not outlive them.
-        if jax.process_index() == 0 and os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
-            os.remove(os.path.join(workdir, SUMMARY_FILE))
+        stale = os.path.join(workdir, SUMMARY_FILE)
+        if jax.process_index() == 0 and os.path.exists(stale):
+            os.remove(stale)
         return trainer.init()
     saved_config = load_config(workdir)
     saved = dataclasses.asdict(model_lib.ModelConfig.from_config(saved_config.model))
