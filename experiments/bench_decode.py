@@ -8,9 +8,11 @@ context length the cache is filled with random values at position = context, the
 measured copy bandwidth), decode-state bytes, and XLA's temporary bytes of the decode loop.
 The environment's XLA_FLAGS (e.g. `--xla_gpu_enable_command_buffer=`, which changes how the
 decode loop's kernels are launched) are printed first and recorded in the JSON (`xla_flags`,
-null when unset), so runs with and without them stay apart. `--compiler_options` compiles
-the decode loop again with other XLA options (per compile, same process), timed beside the
-defaults; `--hlo_dir` keeps each compiled loop's HLO, and every row counts its kernel
+null when unset), so runs with and without them stay apart. The decode loop compiles with the
+options `generate` uses at that batch (`generate.decode_compiler_options`: at batch 1 on a GPU,
+XLA's dot strength reduction off), or XLA's defaults with `--xla_defaults`; `--compiler_options`
+compiles it again with other XLA options (per compile, same process), timed beside;
+`--hlo_dir` keeps each compiled loop's HLO, and every row counts its kernel
 launches per token by kind.
 
   python experiments/bench_decode.py --config=configs/retnet_1_3b.py
@@ -33,6 +35,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from ceilings import copy_bandwidth
+from retnet_jax.generate import decode_compiler_options
 from retnet_jax.model import ModelConfig, RetNetLM, transformer_baseline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/retnet_1_3b.py", "Model preset.")
@@ -50,10 +53,13 @@ _COPY_BYTES = flags.DEFINE_integer("copy_bytes", 1 << 30,
                                    "CPU smoke runs).")
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
 _COMPILER_OPTIONS = flags.DEFINE_multi_string(
-    "compiler_options", [], "An XLA option set to time beside the defaults, "
+    "compiler_options", [], "An XLA option set to time beside generate's, "
     "'name=value[,name=value]' (e.g. xla_gpu_enable_triton_gemm=false), applied to the decode "
     "loop's compile only (jax's `compile(compiler_options=...)`); repeat the flag for more "
     "sets. Rows record theirs; one XLA refuses is an error row.")
+_XLA_DEFAULTS = flags.DEFINE_bool(
+    "xla_defaults", False, "Compile the first option set with XLA's defaults instead of the "
+    "options generate uses at each batch (generate.decode_compiler_options).")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled decode loop's optimized "
                                "HLO here (<model>_batch<B>_context<T>[_<option>-<value>].txt), "
                                "e.g. to see how XLA lowers batch 1's matmuls against batch 8's.")
@@ -180,7 +186,7 @@ def tree_bytes(tree) -> int:
 def main(argv):
     del argv
     xla_flags = os.environ.get("XLA_FLAGS")
-    option_sets = [{}] + [parse_compiler_options(text) for text in _COMPILER_OPTIONS.value]
+    extra_option_sets = [parse_compiler_options(text) for text in _COMPILER_OPTIONS.value]
     print(f"XLA_FLAGS={xla_flags!r}", flush=True)
     base = ModelConfig.from_config(_CONFIG.value.model)
     contexts = [int(c) for c in _CONTEXTS.value]
@@ -217,6 +223,8 @@ def main(argv):
     results = []
     for context in contexts:
         for batch in batches:
+            first = {} if _XLA_DEFAULTS.value else decode_compiler_options(batch, device.platform)
+            option_sets = [first] + [o for o in extra_option_sets if o != first]
             for options in option_sets:
                 for name, m in built.items():
                     max_len = context + max_len_extra

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from retnet_jax.generate import generate, sample_tokens
+from retnet_jax import generate as generate_module
+from retnet_jax.generate import decode_compiler_options, generate, sample_tokens
 from retnet_jax.model import RetNetLM
 from test_model import SCHEDULES, VOCAB, forward, make_model, prefill, small_config
 
@@ -51,6 +52,27 @@ def test_greedy_decoding_equals_parallel_argmax(model):
     sequence = np.concatenate([start, generated])
     logits = forward(model, jnp.asarray(sequence)[None], "parallel")[0]
     np.testing.assert_array_equal(np.argmax(logits[len(start) - 1:-1], axis=-1), generated)
+
+
+def test_batch_one_on_gpu_switches_dot_strength_reduction_off():
+    assert decode_compiler_options(1, "gpu") == {"xla_disable_hlo_passes": "dot-strength-reduction"}
+    assert decode_compiler_options(2, "gpu") == {}
+    assert decode_compiler_options(1, "cpu") == {} == decode_compiler_options(1, "tpu")
+
+
+def test_gpu_batch_one_options_reach_the_compile_and_keep_the_tokens(monkeypatch):
+    """generate compiles with the GPU's batch-1 options (XLA accepts them on the CPU, where the
+    pass does not exist) and decodes the same tokens."""
+    model = make_model(small_config(SCHEDULES["retention"]), seed=11)
+    start = prompt(5, 7)
+    expected = generate(model, [start], max_new_tokens=NEW)[0]
+    used = []
+    jitted = generate_module._jitted_generate
+    monkeypatch.setattr(generate_module.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(generate_module, "_jitted_generate",
+                        lambda options: used.append(options) or jitted(options))
+    np.testing.assert_array_equal(generate(model, [start], max_new_tokens=NEW)[0], expected)
+    assert used == [(("xla_disable_hlo_passes", "dot-strength-reduction"),)]
 
 
 def test_batched_prompts_equal_single_prompts():
