@@ -53,7 +53,8 @@ print(jax.devices(), "scale:", SCALE)
 # %% [markdown]
 # ## Associative recall (MQAR)
 # Key-value pairs, then queries of those keys; accuracy counts only the query positions.
-# Harder settings have more pairs to remember in a longer sequence.
+# As in Zoology, each model trains once (on short sequences with few pairs, or a mixture of
+# settings) and is tested at each setting on its own, up to longer sequences with more pairs.
 
 # %%
 mqar = ablation.run_grid("decay_mqar", f"{OUT}/decay_mqar", scale=SCALE, variants=VARIANTS)

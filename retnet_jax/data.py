@@ -9,7 +9,8 @@ Contents, top to bottom:
   `load_hf_corpus` (optional Hugging Face `datasets`, imported only when called);
   `unigram_entropy_bits` as a baseline.
 - Samplers, each drawing one global batch from a numpy Generator: `RandomWindows` (language
-  modelling), `MQAR` and `SelectiveCopy` (synthetic recall tasks for decay ablations).
+  modelling), `MQAR`, `MQARMixture` (MQAR rows of several settings, Zoology's training data)
+  and `SelectiveCopy` (synthetic recall tasks for decay ablations).
 - `BatchIterator`: infinite, deterministic, resumable, per-host sharded stream of batches.
 - `EvalWindows`: finite, deterministic pass over validation tokens, last batch padded.
 - `masked_accuracy`, and `make_datasets(config)`, the one factory the training loop calls.
@@ -40,7 +41,7 @@ __all__ = [
     "Corpus", "is_validation", "split_documents", "stdlib_files", "load_stdlib_corpus",
     "python_files", "load_python_corpus", "load_text_files", "load_hf_corpus",
     "unigram_entropy_bits",
-    "Sampler", "RandomWindows", "MQAR", "SelectiveCopy",
+    "Sampler", "RandomWindows", "MQAR", "MQARMixture", "SelectiveCopy",
     "BatchIterator", "EvalWindows", "masked_accuracy",
     "Datasets", "make_datasets", "load_corpus", "make_task",
 ]
@@ -408,6 +409,82 @@ class MQAR:
         return _batch(seq[:, :-1], seq[:, 1:], mask)
 
 
+@dataclasses.dataclass(frozen=True)
+class MQARMixture:
+    """MQAR rows of several settings in every batch: Zoology's training data.
+
+    Each row picks setting i with probability `weights[i] / sum(weights)`, is sampled by that
+    setting's `MQAR`, and is right-padded to `seq_len` with token 0 (inputs and targets) and
+    loss_mask 0, so every batch is [B, seq_len] however the rows were drawn. Zoology trains
+    one model on ((64, 4), (128, 8), (256, 16), (256, 32), (256, 64)) with weights (0.5,
+    0.125, 0.125, 0.125, 0.125), then tests it at each setting on its own (`MQAR`).
+
+    Attributes:
+        seq_len: T, the padded row length: at least every setting's seq_len (normally the
+            longest; more only costs compute).
+        settings: (seq_len, num_kv_pairs) of each setting, each valid for `MQAR`.
+        vocab_size: shared by all settings (see `MQAR`).
+        weights: one positive weight per setting (normalised to sum to 1); None for equal
+            weights. Lists (e.g. from a JSON config) are stored as tuples.
+    """
+
+    seq_len: int
+    settings: tuple[tuple[int, int], ...]
+    vocab_size: int
+    weights: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        _check_positive(seq_len=self.seq_len)
+        if not isinstance(self.settings, (tuple, list)) or not self.settings:
+            raise ValueError("settings must be a non-empty sequence of (seq_len, "
+                             f"num_kv_pairs) pairs, got {self.settings!r}")
+        tasks = tuple(self._task(i, setting) for i, setting in enumerate(self.settings))
+        object.__setattr__(self, "settings", tuple((t.seq_len, t.num_kv_pairs) for t in tasks))
+        object.__setattr__(self, "weights", _mixture_weights(self.weights, len(tasks)))
+        object.__setattr__(self, "_tasks", tasks)  # not a field: asdict and repr leave it out
+
+    def _task(self, index: int, setting: Any) -> MQAR:
+        """The MQAR of `settings[index]`; ValueError naming it if invalid or too long."""
+        if not isinstance(setting, (tuple, list)) or len(setting) != 2:
+            raise ValueError(f"settings[{index}]={setting!r} must be a (seq_len, "
+                             "num_kv_pairs) pair")
+        try:
+            task = MQAR(seq_len=setting[0], num_kv_pairs=setting[1],
+                        vocab_size=self.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"settings[{index}]={tuple(setting)}: {e}") from e
+        if task.seq_len > self.seq_len:
+            raise ValueError(f"settings[{index}]={tuple(setting)} is longer than "
+                             f"seq_len={self.seq_len}, the padded row length")
+        return task
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
+        """A batch of `batch_size` rows, each from one setting; see the class docstring."""
+        weights = np.asarray(self.weights)
+        choice = rng.choice(len(weights), size=batch_size, p=weights / weights.sum())
+        zeros = np.zeros((batch_size, self.seq_len))
+        batch = _batch(zeros, zeros, zeros)
+        for i, task in enumerate(self._tasks):
+            rows = np.flatnonzero(choice == i)
+            if rows.size:
+                for key, value in task.sample(rng, rows.size).items():
+                    batch[key][rows, :task.seq_len] = value
+        return batch
+
+
+def _mixture_weights(weights: Any, count: int) -> tuple[float, ...]:
+    """`weights` as a tuple of `count` positive floats (all 1.0 if None); else ValueError."""
+    if weights is None:
+        return (1.0,) * count
+    if not isinstance(weights, (tuple, list)) or len(weights) != count:
+        raise ValueError(f"weights={weights!r} must have one entry per setting ({count})")
+    for i, w in enumerate(weights):
+        if (not isinstance(w, (int, float, np.integer, np.floating)) or isinstance(w, bool)
+                or not 0 < w < math.inf):
+            raise ValueError(f"weights[{i}]={w!r} must be a positive number")
+    return tuple(float(w) for w in weights)
+
+
 SELECTIVE_COPY_BLANK = 0
 SELECTIVE_COPY_SEPARATOR = 1
 
@@ -622,7 +699,7 @@ class Datasets:
 
 
 TEXT_SOURCES = ("stdlib", "python", "files", "hf")
-TASKS = ("mqar", "selective_copy")
+TASKS = ("mqar", "mqar_mixture", "selective_copy")
 
 
 def make_datasets(config: Any, *, process_index: int = 0, process_count: int = 1) -> Datasets:
@@ -630,8 +707,8 @@ def make_datasets(config: Any, *, process_index: int = 0, process_count: int = 1
 
     Config fields (missing ones take the default; `seq_len` and `batch_size` are required):
         name: 'stdlib' (default, `load_stdlib_corpus`), 'python' (`load_python_corpus`),
-            'files', 'hf', 'mqar' or 'selective_copy'.
-        seq_len: T, tokens per row.
+            'files', 'hf', 'mqar', 'mqar_mixture' or 'selective_copy'.
+        seq_len: T, tokens per row (for 'mqar_mixture' the padded length).
         batch_size: global batch size B, divisible by `process_count`.
         seed: 0; seeds the training stream (and the synthetic evaluation stream).
         eval_batches: cap on evaluation batches; default None (text: the whole validation
@@ -642,6 +719,8 @@ def make_datasets(config: Any, *, process_index: int = 0, process_count: int = 1
             path: 'files': recursive glob such as 'docs/**/*.txt'; 'hf': dataset name or path.
             hf_subset: None, hf_split: 'train', text_field: 'text' ('hf' only).
         'mqar': num_kv_pairs: 8, vocab_size: 8192 (see `MQAR`).
+        'mqar_mixture': settings (required): ((seq_len, num_kv_pairs), ...); weights: None
+            (equal), else one per setting; vocab_size: 8192 (see `MQARMixture`).
         'selective_copy': num_tokens: 16, vocab_size: 16 (see `SelectiveCopy`).
 
     Args:
@@ -683,13 +762,17 @@ def load_corpus(config: Any) -> Corpus:
     raise ValueError(f"name={name!r} is not one of {TEXT_SOURCES}")
 
 
-def make_task(config: Any) -> MQAR | SelectiveCopy:
+def make_task(config: Any) -> MQAR | MQARMixture | SelectiveCopy:
     """The synthetic task named by a task config; fields as in `make_datasets`."""
     name = _field(config, "name", None)
     seq_len = _required(config, "seq_len")
     if name == "mqar":
         return MQAR(seq_len=seq_len, num_kv_pairs=_field(config, "num_kv_pairs", 8),
                     vocab_size=_field(config, "vocab_size", 8192))
+    if name == "mqar_mixture":
+        return MQARMixture(seq_len=seq_len, settings=_required(config, "settings"),
+                           weights=_field(config, "weights", None),
+                           vocab_size=_field(config, "vocab_size", 8192))
     if name == "selective_copy":
         return SelectiveCopy(seq_len=seq_len, num_tokens=_field(config, "num_tokens", 16),
                              vocab_size=_field(config, "vocab_size", 16))
@@ -715,7 +798,7 @@ def _text_datasets(config: Any, corpus: Corpus, *, process_index: int,
                     metadata=metadata)
 
 
-def _task_datasets(config: Any, task: MQAR | SelectiveCopy, *, process_index: int,
+def _task_datasets(config: Any, task: MQAR | MQARMixture | SelectiveCopy, *, process_index: int,
                    process_count: int) -> Datasets:
     """Training stream 0 and a fixed evaluation set from stream 1 of the task's batches."""
     batching = {"batch_size": _required(config, "batch_size"),

@@ -17,7 +17,8 @@ def test_every_grid_builds_valid_configs_at_every_scale():
             for cell in cells:
                 config = ablation.cell_config(cell, scale, seed=0)
                 model = ModelConfig.from_config(config.model)  # validates
-                assert model.max_seq_len >= max((cell.data["seq_len"], *cell.evaluate_lengths))
+                assert model.max_seq_len >= max((cell.data["seq_len"], *cell.evaluate_lengths,
+                                                 *(t for t, _ in cell.evaluate_settings)))
 
 
 def test_variants_change_what_they_say():
@@ -40,6 +41,33 @@ def test_mqar_cells_use_the_scales_recall_model():
     assert ablation.cell_config(mqar, "gpu", 0).model.num_layers == 2
     assert ablation.cell_config(mqar, "gpu", 0).model.d_model == 256
     assert ablation.cell_config(lm, "gpu", 0).model.num_layers == 6
+
+
+@pytest.mark.parametrize("scale", sorted(ablation.SCALES))
+def test_mqar_trains_one_model_per_variant_on_the_mixture(scale):
+    from retnet_jax import data
+    sizes = ablation.SCALES[scale]
+    cells = ablation.make_cells("decay_mqar", scale)
+    assert [c.variant for c in cells] == list(ablation.DECAY_VARIANTS)
+    for cell in cells:
+        config = ablation.cell_config(cell, scale, 0)
+        task = data.make_task(config.data)
+        assert isinstance(task, data.MQARMixture)
+        assert task.seq_len == max(t for t, _ in task.settings)   # padded to the longest
+        assert cell.evaluate_settings == sizes.mqar_test
+        assert config.model.max_seq_len == max(t for t, _ in (*task.settings, *sizes.mqar_test))
+        for t, kv in sizes.mqar_test:   # every test setting is a valid MQAR for the model
+            data.MQAR(seq_len=t, num_kv_pairs=kv, vocab_size=config.model.vocab_size)
+
+
+def test_gpu_mqar_is_zoologys_mixture():
+    gpu = ablation.SCALES["gpu"]
+    assert gpu.mqar_data["settings"] == ((64, 4), (128, 8), (256, 16), (256, 32), (256, 64))
+    assert gpu.mqar_data["weights"] == (0.5, 0.125, 0.125, 0.125, 0.125)
+    assert gpu.mqar_data["vocab_size"] == 8192
+    assert max(t for t, _ in gpu.mqar_test) == 1024     # length generalisation to 4x
+    for cell in ablation.make_cells("decay_mqar", "gpu"):
+        assert ablation.cell_config(cell, "gpu", 0).model.tie_embeddings   # as in Zoology
 
 
 def test_gpu_language_models_train_under_one_epoch_of_the_python_corpus():
@@ -105,6 +133,24 @@ def test_transformer_variant_is_parameter_matched(grid, scale):
         assert abs(counts[variant] - counts["retnet"]) / counts["retnet"] < 0.01, variant
 
 
+def test_mqar_grid_reports_accuracy_per_test_setting(tmp_path):
+    out = str(tmp_path)
+    rows = ablation.run_grid("decay_mqar", out, scale="tiny", progress=False,
+                             variants=("retnet", "transformer"))
+    keys = ["acc@T16-kv2", "acc@T32-kv4", "acc@T64-kv8"]    # T=64: twice the training length
+    assert [r["variant"] for r in rows] == ["retnet", "transformer"]
+    for row in rows:
+        assert row["setting"] == "T16-kv2 + T32-kv4"
+        assert all(0 <= row[k] <= 1 for k in keys)
+    with open(os.path.join(out, "decay_mqar.csv")) as f:
+        header = next(csv.reader(f))
+    assert set(keys) <= set(header)
+    table = open(os.path.join(out, "decay_mqar.md")).read()
+    assert "| eval_accuracy | eval_loss | " + " | ".join(keys) + " |" in table
+    assert "| transformer | T16-kv2 + T32-kv4 |" in table
+    assert os.path.getsize(os.path.join(out, "decay_mqar.png")) > 1000
+
+
 def test_shards_split_the_runs_seed_by_seed(tmp_path, monkeypatch):
     ran = []
     def fake_run(cell, scale, seed, workdir):
@@ -112,7 +158,7 @@ def test_shards_split_the_runs_seed_by_seed(tmp_path, monkeypatch):
         os.makedirs(workdir)
         return {"cell": cell.name, "variant": cell.variant, "task": cell.task,
                 "setting": cell.setting, "seed": seed, "num_params": 1, "eval_loss": 1.0,
-                "eval_accuracy": 0.5, "eval_bits_per_byte": 1.0}
+                "eval_accuracy": 0.5, "eval_bits_per_byte": 1.0, "acc@T32-kv4": 0.5}
     monkeypatch.setattr(ablation, "_run_cell", fake_run)
     for i in range(2):
         ablation.run_grid("decay_mqar", str(tmp_path), seeds=(0, 1), shard=(i, 2),

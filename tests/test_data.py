@@ -289,24 +289,32 @@ def test_batching_errors_name_the_field():
 # ----------------------------------------------------------------------------- tasks
 
 
+def assert_mqar_row(inputs, targets, mask, *, seq_len, num_kv_pairs, vocab_size):
+    """One row (arrays [seq_len]) of `MQAR(seq_len, num_kv_pairs, vocab_size)`."""
+    k, num_keys = num_kv_pairs, (vocab_size - 1) // 2
+    assert mask.sum() == k
+    np.testing.assert_array_equal(inputs[1:], targets[:-1])
+    keys, values = inputs[0:2 * k:2], inputs[1:2 * k:2]
+    assert len(set(keys)) == k and len(set(values)) == k
+    assert keys.min() >= 1 and keys.max() < 1 + num_keys <= values.min()
+    assert values.max() < vocab_size
+    bound = dict(zip(keys, values))
+    queries = np.flatnonzero(mask)
+    assert (queries >= 2 * k).all()
+    assert sorted(inputs[queries]) == sorted(keys)  # each key queried once
+    assert [bound[key] for key in inputs[queries]] == list(targets[queries])
+    rest = np.setdiff1d(np.arange(2 * k, seq_len), np.concatenate([queries, queries + 1]))
+    assert (inputs[rest] == 0).all()
+
+
 def test_mqar_targets_are_the_bound_values():
     task = data.MQAR(seq_len=64, num_kv_pairs=8, vocab_size=40)
     batch = task.sample(np.random.default_rng(0), 16)
     inputs, targets, mask = batch["inputs"], batch["targets"], batch["loss_mask"]
     assert inputs.shape == targets.shape == mask.shape == (16, 64)
-    assert (mask.sum(axis=1) == 8).all()
-    np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
     for row in range(16):
-        keys, values = inputs[row, 0:16:2], inputs[row, 1:16:2]
-        assert len(set(keys)) == 8 and len(set(values)) == 8
-        assert keys.min() >= 1 and keys.max() < 1 + 19 <= values.min() and values.max() < 40
-        bound = dict(zip(keys, values))
-        queries = np.flatnonzero(mask[row])
-        assert (queries >= 16).all()
-        assert sorted(inputs[row, queries]) == sorted(keys)  # each key queried once
-        assert [bound[k] for k in inputs[row, queries]] == list(targets[row, queries])
-        rest = np.setdiff1d(np.arange(16, 64), np.concatenate([queries, queries + 1]))
-        assert (inputs[row, rest] == 0).all()
+        assert_mqar_row(inputs[row], targets[row], mask[row], seq_len=64, num_kv_pairs=8,
+                        vocab_size=40)
 
 
 @pytest.mark.parametrize("rows,n,k", [(128, 4096, 16), (64, 448, 128), (9, 7, 7), (5, 3, 1)])
@@ -322,6 +330,61 @@ def test_mqar_fills_the_sequence_at_the_tightest_length():
     batch = data.MQAR(seq_len=16, num_kv_pairs=4, vocab_size=9).sample(
         np.random.default_rng(1), 32)
     assert (batch["loss_mask"].sum(axis=1) == 4).all()
+
+
+def test_mqar_mixture_rows_are_padded_rows_of_one_setting():
+    settings = ((16, 2), (32, 4), (48, 8))
+    task = data.MQARMixture(seq_len=64, settings=settings, vocab_size=40)
+    batch = task.sample(np.random.default_rng(0), 64)
+    inputs, targets, mask = batch["inputs"], batch["targets"], batch["loss_mask"]
+    assert inputs.shape == targets.shape == mask.shape == (64, 64)
+    assert inputs.dtype == targets.dtype == np.int32 and mask.dtype == np.float32
+    length_of = {kv: t for t, kv in settings}
+    seen = set()
+    for row in range(64):
+        kv = int(mask[row].sum())          # the row's setting, by its number of queries
+        t = length_of[kv]
+        seen.add(kv)
+        assert_mqar_row(inputs[row, :t], targets[row, :t], mask[row, :t], seq_len=t,
+                        num_kv_pairs=kv, vocab_size=40)
+        for array in (inputs, targets, mask):   # right padding: token 0, not counted
+            np.testing.assert_array_equal(array[row, t:], 0)
+    assert seen == {2, 4, 8}
+
+
+def test_mqar_mixture_draws_settings_by_weight_and_seed():
+    task = data.MQARMixture(seq_len=32, settings=[[16, 2], [32, 4]], weights=[3, 1],
+                            vocab_size=20)             # lists, as a JSON config gives them
+    assert task.settings == ((16, 2), (32, 4)) and task.weights == (3.0, 1.0)
+    batch = task.sample(np.random.default_rng(0), 4000)
+    assert abs(np.mean(batch["loss_mask"].sum(axis=1) == 2) - 0.75) < 0.03
+    again = task.sample(np.random.default_rng(0), 4000)
+    other = task.sample(np.random.default_rng(1), 4000)
+    for key in batch:
+        np.testing.assert_array_equal(batch[key], again[key])
+    assert not np.array_equal(batch["inputs"], other["inputs"])
+    equal = data.MQARMixture(seq_len=32, settings=((16, 2), (32, 4)), vocab_size=20)
+    assert equal.weights == (1.0, 1.0)
+    assert abs(np.mean(equal.sample(np.random.default_rng(0), 4000)["loss_mask"].sum(axis=1)
+                       == 2) - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"settings": ()}, "settings must be a non-empty sequence"),
+    ({"settings": 16}, "settings must be a non-empty sequence"),
+    ({"settings": ((16, 2), 32)}, r"settings\[1\]=32 must be a \(seq_len, num_kv_pairs\) pair"),
+    ({"settings": ((16, 2), (15, 4))}, r"settings\[1\]=\(15, 4\): seq_len=15 must be >= 4"),
+    ({"settings": ((16, 2), (16, 0))}, r"settings\[1\]=\(16, 0\): num_kv_pairs must be"),
+    ({"settings": ((64, 4),)}, r"settings\[0\]=\(64, 4\) is longer than seq_len=32"),
+    ({"settings": ((16, 2), (32, 4)), "weights": (1.0,)}, r"one entry per setting \(2\)"),
+    ({"settings": ((16, 2), (32, 4)), "weights": (1.0, 0.0)}, r"weights\[1\]=0.0 must be"),
+    ({"settings": ((16, 2), (32, 4)), "weights": (1.0, -2)}, r"weights\[1\]=-2 must be"),
+    ({"settings": ((16, 2), (32, 4)), "weights": (1.0, "a")}, r"weights\[1\]='a' must be"),
+    ({"settings": ((16, 2),), "vocab_size": 4}, r"settings\[0\].*vocab_size=4"),
+])
+def test_mqar_mixture_errors_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        data.MQARMixture(**{"seq_len": 32, "vocab_size": 20, **kwargs})
 
 
 def test_selective_copy_targets_are_the_data_in_order():
@@ -401,13 +464,17 @@ def test_make_datasets_default_name_plain_dict_and_hosts():
     assert next(out.train)["inputs"].shape == (2, 32)
 
 
-@pytest.mark.parametrize("name, vocab_size", [("mqar", 64), ("selective_copy", 10)])
+@pytest.mark.parametrize("name, vocab_size",
+                         [("mqar", 64), ("mqar_mixture", 64), ("selective_copy", 10)])
 def test_make_datasets_tasks(name, vocab_size):
     config = {"name": name, "seq_len": 32, "batch_size": 4, "num_kv_pairs": 4,
-              "num_tokens": 4, "vocab_size": vocab_size, "eval_batches": 2}
+              "num_tokens": 4, "settings": [[16, 2], [32, 4]], "vocab_size": vocab_size,
+              "eval_batches": 2}
     out = data.make_datasets(config)
     assert out.vocab_size == vocab_size and out.metadata["name"] == name
+    json.dumps(out.metadata)
     train, evaluation = next(out.train), list(out.make_eval())
+    assert train["inputs"].shape == (4, 32)
     assert len(evaluation) == 2 and train["loss_mask"].sum() > 0
     assert not np.array_equal(train["inputs"], evaluation[0]["inputs"])
     np.testing.assert_array_equal(evaluation[1]["inputs"], list(out.make_eval())[1]["inputs"])
@@ -418,6 +485,8 @@ def test_make_datasets_errors_name_the_field(tmp_path):
         data.make_datasets({"name": "wikitext", "seq_len": 8, "batch_size": 2})
     with pytest.raises(ValueError, match="seq_len"):
         data.make_datasets({"name": "mqar", "batch_size": 2})
+    with pytest.raises(ValueError, match="needs the field settings"):
+        data.make_datasets({"name": "mqar_mixture", "seq_len": 32, "batch_size": 2})
     with pytest.raises(ValueError, match="path"):
         data.make_datasets({"name": "files", "seq_len": 8, "batch_size": 2})
     with pytest.raises(ValueError, match="batch_size"):
