@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from retnet_jax import ablation, checkpoint
+from retnet_jax import ablation, checkpoint, data
 from retnet_jax.model import ModelConfig
 
 
@@ -45,7 +45,6 @@ def test_mqar_cells_use_the_scales_recall_model():
 
 @pytest.mark.parametrize("scale", sorted(ablation.SCALES))
 def test_mqar_trains_one_model_per_variant_on_the_mixture(scale):
-    from retnet_jax import data
     sizes = ablation.SCALES[scale]
     cells = ablation.make_cells("decay_mqar", scale)
     assert [c.variant for c in cells] == list(ablation.DECAY_VARIANTS)
