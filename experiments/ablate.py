@@ -6,7 +6,8 @@
 
 Grids: decay_mqar, decay_lm (with length extrapolation), paper (see retnet_jax/ablation.py).
 Finished cells are skipped, so an interrupted grid resumes where it stopped; grids that share
-an --out folder share their common cells.
+an --out folder share their common cells. --tables_only rebuilds the tables and plots from the
+runs already in --out (e.g. copied back from a GPU machine) without training.
 """
 
 import sys
@@ -23,6 +24,9 @@ _VARIANTS = flags.DEFINE_list("variants", None, "Only these model variants (defa
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: results/<scale>/<grid>).")
 _CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/retnet_jax/xla",
                              "Directory of compiled programs reused across runs ('' for none).")
+_TABLES_ONLY = flags.DEFINE_bool("tables_only", False, "Train nothing: write the tables and "
+                                 "plots from the runs already finished in --out, naming the "
+                                 "runs still missing.")
 _SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run only every n-th run starting at i (one "
                              "process per GPU, see ablate_parallel.sh); then rerun without it "
                              "for the complete tables.")
@@ -38,9 +42,11 @@ def main(argv):
     try:
         rows = ablation.run_grid(_GRID.value, out, scale=_SCALE.value,
                                  seeds=[int(s) for s in _SEEDS.value], variants=_VARIANTS.value,
-                                 shard=shard)
+                                 shard=shard, train=not _TABLES_ONLY.value)
     except ablation.GridStopped as stopped:   # SIGTERM: exit non-zero, naming what is left
         sys.exit(str(stopped))
+    if not rows:
+        sys.exit(f"no finished runs of {_GRID.value} in {out}/")
     if shard != (0, 1):
         print(f"shard {_SHARD.value}: {len(rows)} runs in {out}/ (tables come from a run "
               "without --shard)")

@@ -368,10 +368,12 @@ class GridStopped(RuntimeError):
 
 def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[int] = (0,),
              variants: Sequence[str] | None = None, shard: tuple[int, int] = (0, 1),
-             progress: bool = True) -> list[dict[str, Any]]:
+             progress: bool = True, train: bool = True) -> list[dict[str, Any]]:
     """Runs (or resumes) every cell x seed of a grid, then writes tables and plots.
 
     `variants` restricts the grid to those model variants (default: all of the grid's).
+    `train=False` trains nothing: the tables and plots come from the runs already finished
+    (e.g. copied back from a GPU machine) and name the runs still missing.
     Runs go seed by seed (every cell of the first seed first). `shard=(i, n)` runs only
     runs i, i + n, i + 2n, ... so n processes (one per GPU) can split a grid; shards write
     no tables, a last call with the default shard reads every result back and writes them.
@@ -396,7 +398,9 @@ def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[in
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
-    rows = []
+    if not train and shard != (0, 1):
+        raise ValueError("train=False (tables only) reads every run back: give no shard")
+    rows, missing = [], []
     jobs = [(cell, seed) for seed in seeds for cell in cells][index::count]
     for cell, seed in tqdm(jobs, desc=f"{grid} ({scale})", unit="run", disable=not progress):
         workdir = os.path.join(out_dir, cell.name, f"seed{seed}")
@@ -405,6 +409,9 @@ def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[in
         if os.path.exists(result_path):
             with open(result_path) as f:
                 rows.append(_with_best_eval(json.load(f), workdir))
+            continue
+        if not train:
+            missing.append(f"{cell.name} seed {seed}")
             continue
         row = _run_cell(cell, scale, seed, workdir)
         if row is None:  # stopped by SIGTERM: so is the grid (no row, no tables)
@@ -416,7 +423,7 @@ def run_grid(grid: str, out_dir: str, *, scale: str = "tiny", seeds: Sequence[in
         rows.append(_with_best_eval(row, workdir))
     if shard != (0, 1) or not rows:   # shards run side by side: the last, whole call writes
         return rows
-    write_tables(rows, out_dir, grid=grid, scale=scale, seeds=seeds)
+    write_tables(rows, out_dir, grid=grid, scale=scale, missing=missing)
     plot_results(rows, out_dir, grid=grid)
     return rows
 
@@ -455,8 +462,9 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_tables(rows: Sequence[dict[str, Any]], out_dir: str, *, grid: str, scale: str,
-                 seeds: Sequence[int]) -> None:
-    """<grid>.csv (every run) and <grid>.md (mean +- std over seeds) in out_dir."""
+                 missing: Sequence[str] = ()) -> None:
+    """<grid>.csv (every run) and <grid>.md (mean +- std over each cell's seeds, their
+    number in the 'seeds' column; `missing` names runs not finished yet) in out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with open(os.path.join(out_dir, f"{grid}.csv"), "w", newline="") as f:
@@ -465,15 +473,18 @@ def write_tables(rows: Sequence[dict[str, Any]], out_dir: str, *, grid: str, sca
         writer.writerows(rows)
     metrics = _metric_columns(rows)
     metrics.remove("eval_bits_per_byte" if grid == "decay_mqar" else "eval_accuracy")
+    seeds = sorted({row["seed"] for row in rows})
     seeds_note = "mean ± std over seeds" if len(seeds) > 1 else "one seed: no spread"
-    lines = [f"# {grid} ({scale} scale, seeds {list(seeds)}; {seeds_note})", "",
-             "| variant | setting | params | " + " | ".join(metrics) + " |",
-             "|---|---|---:|" + "---:|" * len(metrics)]
+    lines = [f"# {grid} ({scale} scale, seeds {seeds}; {seeds_note})", "",
+             "| variant | setting | params | seeds | " + " | ".join(metrics) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(metrics)]
     for s in summarise(rows):
         cells = [("" if m not in s else f"{s[m]:.4f}" if s["seeds"] == 1
                   else f"{s[m]:.4f} ± {s[m + '_std']:.4f}") for m in metrics]
         lines.append(f"| {s['variant']} | {s['setting']} | {s['num_params']:,} | "
-                     + " | ".join(cells) + " |")
+                     f"{s['seeds']} | " + " | ".join(cells) + " |")
+    if missing:
+        lines += ["", f"Not finished yet ({len(missing)} of {len(rows) + len(missing)} runs): " + ", ".join(missing) + "."]
     with open(os.path.join(out_dir, f"{grid}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

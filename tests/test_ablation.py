@@ -175,6 +175,31 @@ def test_shards_split_the_runs_seed_by_seed(tmp_path, monkeypatch):
         ablation.run_grid("decay_mqar", str(tmp_path), shard=(2, 2))
 
 
+def test_tables_only_reads_finished_runs_and_names_the_missing(tmp_path, monkeypatch):
+    def fake_run(cell, scale, seed, workdir):
+        os.makedirs(workdir)
+        return {"cell": cell.name, "variant": cell.variant, "task": cell.task,
+                "setting": cell.setting, "seed": seed, "num_params": 1, "eval_loss": 1.0,
+                "eval_accuracy": 0.5, "eval_bits_per_byte": 1.0, "acc@T32-kv4": 0.25 + seed / 2}
+    monkeypatch.setattr(ablation, "_run_cell", fake_run)
+    ablation.run_grid("decay_mqar", str(tmp_path), seeds=(0, 1), variants=("retnet",),
+                      progress=False)
+    ablation.run_grid("decay_mqar", str(tmp_path), seeds=(0,), variants=("gated",),
+                      progress=False)
+    monkeypatch.setattr(ablation, "_run_cell", lambda *a: pytest.fail("trained a run"))
+    rows = ablation.run_grid("decay_mqar", str(tmp_path), seeds=(0, 1),
+                             variants=("retnet", "gated"), progress=False, train=False)
+    assert sorted((r["variant"], r["seed"]) for r in rows) == [
+        ("gated", 0), ("retnet", 0), ("retnet", 1)]
+    table = open(tmp_path / "decay_mqar.md").read()
+    assert "| retnet | T16-kv2 + T32-kv4 | 1 | 2 | 0.5000 ± 0.0000 | 1.0000 ± 0.0000 | " \
+           "0.5000 ± 0.2500 |" in table
+    assert "| gated | T16-kv2 + T32-kv4 | 1 | 1 | 0.5000 | 1.0000 | 0.2500 |" in table
+    assert "Not finished yet (1 of 4 runs): gated@mqar-mixture seed 1." in table
+    with pytest.raises(ValueError, match="give no shard"):
+        ablation.run_grid("decay_mqar", str(tmp_path), shard=(0, 2), train=False)
+
+
 def test_a_stopped_run_is_not_recorded_and_stops_the_grid(tmp_path, monkeypatch):
     """SIGTERM mid-run (train_and_evaluate returns completed=False): no result.json for that
     run, no later runs, no tables; the next call resumes that run."""
