@@ -54,7 +54,8 @@ _COPY_BYTES = flags.DEFINE_integer("copy_bytes", 1 << 30,
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
 _COMPILER_OPTIONS = flags.DEFINE_multi_string(
     "compiler_options", [], "An XLA option set to time beside generate's, "
-    "'name=value[,name=value]' (e.g. xla_gpu_enable_triton_gemm=false), applied to the decode "
+    "'name=value[,name=value]' (e.g. xla_gpu_enable_triton_gemm=false; a list value goes "
+    "comma-separated: xla_gpu_enable_command_buffer=FUSION,WHILE), applied to the decode "
     "loop's compile only (jax's `compile(compiler_options=...)`); repeat the flag for more "
     "sets. Rows record theirs; one XLA refuses is an error row.")
 _XLA_DEFAULTS = flags.DEFINE_bool(
@@ -260,10 +261,17 @@ def write_json(device, xla_flags: str | None, bandwidth: float, results: list[di
 
 def parse_compiler_options(text: str) -> dict:
     """'name=value[,name=value]' -> {name: value} with true/false as bools, integers as ints
-    and anything else as a string; a UsageError naming --compiler_options for a malformed
-    entry."""
+    and anything else as a string. A piece without '=' continues the previous value, for
+    list-valued options: 'xla_gpu_enable_command_buffer=FUSION,WHILE' -> 'FUSION,WHILE'.
+    A UsageError naming --compiler_options for a malformed entry."""
+    items: list[str] = []
+    for part in filter(None, (part.strip() for part in text.split(","))):
+        if "=" not in part and items:
+            items[-1] += "," + part
+        else:
+            items.append(part)
     options = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name or not value:
             raise app.UsageError(f"--compiler_options: {item!r} is not name=value")

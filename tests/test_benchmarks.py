@@ -176,18 +176,30 @@ def test_bench_decode_dumps_hlo_counts_launches_and_tries_compiler_options(tmp_p
                          "--batches=1,2", "--new_tokens=2", "--repeats=1",
                          "--copy_bytes=1048576", f"--out={out}", f"--hlo_dir={hlo}",
                          "--compiler_options=xla_backend_optimization_level=1",
-                         "--compiler_options=xla_no_such_option=true")
+                         "--compiler_options=xla_no_such_option=true",
+                         "--compiler_options=xla_gpu_graph_min_graph_size=2,"
+                         "xla_gpu_enable_command_buffer=FUSION,WHILE")
     assert process.returncode == 0, process.stderr
     rows = json.loads(out.read_text())["results"]
+    options = [{}, {"xla_backend_optimization_level": 1}, {"xla_no_such_option": True},
+               {"xla_gpu_graph_min_graph_size": 2,
+                "xla_gpu_enable_command_buffer": "FUSION,WHILE"}]
+    # The list-valued set compiles where this jaxlib takes it per compile (an error row if not).
+    list_valued_compiled = all("error" not in r for r in rows
+                               if r["compiler_options"] == options[3])
+    suffixes = ["", "_xla_backend_optimization_level-1"] + list_valued_compiled * [
+        "_xla_gpu_enable_command_buffer-FUSION_WHILE_xla_gpu_graph_min_graph_size-2"]
     assert sorted(os.listdir(hlo)) == sorted(
         f"{m}_batch{b}_context16{s}.txt" for m in ("retnet", "transformer") for b in (1, 2)
-        for s in ("", "_xla_backend_optimization_level-1"))
-    options = [{}, {"xla_backend_optimization_level": 1}, {"xla_no_such_option": True}]
+        for s in suffixes)
     assert [(r["batch"], r["compiler_options"], r["model"]) for r in rows] == [
         (b, o, m) for b in (1, 2) for o in options for m in ("retnet", "transformer")]
     for row in rows:
         if row["compiler_options"] == options[2]:      # XLA refuses it: an error row
             assert "xla_no_such_option" in row["error"]
+            continue
+        if "error" in row:        # a list-valued option this jaxlib cannot take per compile
+            assert row["compiler_options"] == options[3], row
             continue
         kinds = row["hlo_launch_kinds"]
         assert sum(kinds.values()) == row["hlo_kernels_per_token"] > 0
