@@ -484,7 +484,8 @@ def write_tables(rows: Sequence[dict[str, Any]], out_dir: str, *, grid: str, sca
         lines.append(f"| {s['variant']} | {s['setting']} | {s['num_params']:,} | "
                      f"{s['seeds']} | " + " | ".join(cells) + " |")
     if missing:
-        lines += ["", f"Not finished yet ({len(missing)} of {len(rows) + len(missing)} runs): " + ", ".join(missing) + "."]
+        lines += ["", f"Not finished yet ({len(missing)} of {len(rows) + len(missing)} runs): "
+                  + ", ".join(missing) + "."]
     with open(os.path.join(out_dir, f"{grid}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
