@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -540,13 +541,15 @@ def plot_results(rows: Sequence[dict[str, Any]], out_dir: str, *, grid: str) -> 
         for s in summary:
             ax.errorbar(range(len(keys)), [s.get(k, np.nan) for k in keys],
                         yerr=[s.get(k + "_std", np.nan) for k in keys], marker="o",
-                        capsize=3, label=s["variant"])
+                        capsize=3, label=f"{s['variant']} ({s['seeds']} seed"
+                                         + "s" * (s["seeds"] > 1) + ")")
         ax.set_xticks(range(len(keys)), [k.removeprefix("acc@").replace("-", "\n")
                                          for k in keys])
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("test setting: sequence length, key-value pairs")
         ax.set_ylabel("query accuracy")
-        ax.set_title(f"{grid}: trained on {summary[0]['setting']}")
+        ax.set_title(textwrap.fill(f"{grid}: trained on {summary[0]['setting']}", 70),
+                     fontsize="medium")
         ax.legend(fontsize="small")
         save(fig, f"{grid}.png")
         return paths
