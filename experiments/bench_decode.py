@@ -13,11 +13,13 @@ options `generate` uses at that batch (`generate.decode_compiler_options`: at ba
 XLA's dot strength reduction off), or XLA's defaults with `--xla_defaults`; `--compiler_options`
 compiles it again with other XLA options (per compile, same process), timed beside;
 `--hlo_dir` keeps each compiled loop's HLO, and every row counts its kernel
-launches per token by kind.
+launches per token by kind. `--retention_kernels=xla,pallas` times the RetNet's decode step
+with XLA's kernels and with the fused Pallas step (one pass over the state fewer) side by side.
 
   python experiments/bench_decode.py --config=configs/retnet_1_3b.py
   XLA_FLAGS=--xla_gpu_enable_command_buffer= python experiments/bench_decode.py ...
   python experiments/bench_decode.py --batches=1,8 --compiler_options=xla_gpu_enable_triton_gemm=false
+  python experiments/bench_decode.py --contexts=8192 --retention_kernels=xla,pallas
 """
 
 import collections
@@ -36,6 +38,7 @@ from ml_collections import config_flags
 
 from ceilings import copy_bandwidth
 from retnet_jax.generate import decode_compiler_options
+from retnet_jax.layers import RETENTION_KERNELS
 from retnet_jax.model import ModelConfig, RetNetLM, transformer_baseline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/retnet_1_3b.py", "Model preset.")
@@ -61,6 +64,15 @@ _COMPILER_OPTIONS = flags.DEFINE_multi_string(
 _XLA_DEFAULTS = flags.DEFINE_bool(
     "xla_defaults", False, "Compile the first option set with XLA's defaults instead of the "
     "options generate uses at each batch (generate.decode_compiler_options).")
+_KERNELS = flags.DEFINE_list(
+    "retention_kernels", ["xla"], f"The RetNet's retention_kernel, one RetNet row each (from "
+    f"{RETENTION_KERNELS}; 'pallas' decodes each token's retention with the fused step kernel "
+    f"`kernels.retention_step_pallas`); rows 'retnet' (xla) and 'retnet-<kernel>'.")
+flags.register_validator(
+    "retention_kernels",
+    lambda names: bool(names) and len(set(names)) == len(names)
+    and set(names) <= set(RETENTION_KERNELS),
+    message=f"--retention_kernels must be distinct names from {RETENTION_KERNELS}")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled decode loop's optimized "
                                "HLO here (<model>_batch<B>_context<T>[_<option>-<value>].txt), "
                                "e.g. to see how XLA lowers batch 1's matmuls against batch 8's.")
@@ -198,8 +210,9 @@ def main(argv):
                                max_seq_len=max(contexts) + max_len_extra)
     # Head dim and FFN as bench_train's baseline; FFN width a multiple of the GEMM tiles:
     # 5544 (multiple=8) made XLA concatenate both FFN input weights in every decode step.
-    models = {"retnet": base,
-              "transformer": transformer_baseline(base, head_dim=128, multiple=128)}
+    models = {("retnet" if kernel == "xla" else f"retnet-{kernel}"):
+              dataclasses.replace(base, retention_kernel=kernel) for kernel in _KERNELS.value}
+    models["transformer"] = transformer_baseline(base, head_dim=128, multiple=128)
     device = jax.devices()[0]
     capacity = device.memory_stats().get("bytes_limit", 80e9) if device.platform == "gpu" else 16e9
     bandwidth = copy_bandwidth(_COPY_BYTES.value)

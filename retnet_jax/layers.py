@@ -227,25 +227,36 @@ def retention_kernel_specs(mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh,
     return P(batch, None, heads, None), decay, P(batch, heads, None, None)
 
 
-def _sharded_pallas(mesh: jax.sharding.AbstractMesh, q: Array, k: Array, v: Array,
+def _pallas_decode_step(q: Array, k: Array, v: Array, log_decay: Array, *,
+                        initial_state: Array | None, interpret: bool) -> tuple[Array, Array]:
+    """One token, [B, 1, H, D] in and out, through `kernels.retention_step_pallas`."""
+    from retnet_jax import kernels
+    batch, _, heads, key_dim = q.shape
+    if initial_state is None:
+        initial_state = retention.zero_state(batch, heads, key_dim, v.shape[-1])
+    o, state = kernels.retention_step_pallas(
+        q[:, 0], k[:, 0], v[:, 0], log_decay if log_decay.ndim == 1 else log_decay[:, 0],
+        initial_state, interpret=interpret)
+    return o[:, None], state
+
+
+def _sharded_pallas(mesh: jax.sharding.AbstractMesh, kernel, q: Array, k: Array, v: Array,
                     log_decay: Array, initial_state: Array | None, **kwargs
                     ) -> tuple[Array, Array]:
-    """`kernels.chunkwise_retention_pallas` run by `jax.shard_map` on each device's
-    [B_local, T, H_local, D] block: retention is independent per sequence and per head, so
-    no collectives are needed (a pallas_call has no SPMD partitioning rule; without this,
-    XLA would gather its inputs and run the whole batch on every device). The backward
-    pass of a fixed [H] decay, shared by the batch, is summed over the batch axes by
-    shard_map's transpose.
+    """A Pallas retention `kernel` (`kernels.chunkwise_retention_pallas` or
+    `_pallas_decode_step`) run by `jax.shard_map` on each device's [B_local, T, H_local, D]
+    block: retention is independent per sequence and per head, so no collectives are needed
+    (a pallas_call has no SPMD partitioning rule; without this, XLA would gather its inputs
+    and run the whole batch on every device). The backward pass of a fixed [H] decay, shared
+    by the batch, is summed over the batch axes by shard_map's transpose.
 
-    Arrays and kwargs as `kernels.chunkwise_retention_pallas`; returns (o, final state).
+    Arrays and kwargs as the kernel's; returns (o, final state).
     """
-    from retnet_jax import kernels
     act, decay, state = retention_kernel_specs(mesh, q.shape, log_decay.ndim)
 
     def local(q, k, v, log_decay, *initial_state):
-        return kernels.chunkwise_retention_pallas(
-            q, k, v, log_decay, initial_state=initial_state[0] if initial_state else None,
-            **kwargs)
+        return kernel(q, k, v, log_decay,
+                      initial_state=initial_state[0] if initial_state else None, **kwargs)
 
     args = (q, k, v, log_decay) + (() if initial_state is None else (initial_state,))
     in_specs = (act, act, act, decay) + (() if initial_state is None else (state,))
@@ -267,8 +278,10 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
       chunk_size: chunk length of the chunkwise form.
       initial_state: float32 [batch, heads, key_dim, value_dim] or None (zeros); the
         parallel form has no state and accepts only None.
-      kernel: the chunkwise implementation, one of RETENTION_KERNELS ('pallas' falls back to
-        'xla', with one warning per reason, off GPU or for sizes the kernel does not take).
+      kernel: one of RETENTION_KERNELS: the implementation of the chunkwise form and of
+        single-token recurrent steps (decoding; `kernels.retention_step_pallas`); longer
+        recurrent inputs always use XLA's scan. 'pallas' falls back to 'xla', with one
+        warning per reason, off GPU or for sizes the kernels do not take.
         With a multi-device mesh in context (`jax.set_mesh`, or
         `jax.sharding.use_abstract_mesh` inside jit, as `train.Trainer` does), the Pallas
         kernels run per shard under `jax.shard_map` (`retention_kernel_specs`).
@@ -280,21 +293,26 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
             raise ValueError("mode='parallel' cannot continue from a state; use 'chunkwise' "
                              "or 'recurrent' with a cache")
         return retention.parallel_retention(q, k, v, log_decay), None
-    if mode == "chunkwise":
+    if mode not in ("chunkwise", "recurrent"):
+        raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}")
+    # Pallas: the chunkwise form, and the recurrent form one token at a time (decoding).
+    pallas = None
+    if mode == "chunkwise" or q.shape[1] == 1:
         pallas = _pallas_or_fallback(kernel, q, v, chunk_size)
-        if pallas is not None:
-            mesh = sharding.mesh_in_context()
-            if mesh is not None:
-                return _sharded_pallas(mesh, q, k, v, log_decay, initial_state,
-                                       chunk_size=chunk_size, **pallas)
-            from retnet_jax import kernels
-            return kernels.chunkwise_retention_pallas(q, k, v, log_decay, chunk_size=chunk_size,
-                                                      initial_state=initial_state, **pallas)
+    if pallas is not None:
+        from retnet_jax import kernels
+        fused = (kernels.chunkwise_retention_pallas if mode == "chunkwise"
+                 else _pallas_decode_step)
+        if mode == "chunkwise":
+            pallas["chunk_size"] = chunk_size
+        mesh = sharding.mesh_in_context()
+        if mesh is not None:
+            return _sharded_pallas(mesh, fused, q, k, v, log_decay, initial_state, **pallas)
+        return fused(q, k, v, log_decay, initial_state=initial_state, **pallas)
+    if mode == "chunkwise":
         return retention.chunkwise_retention(q, k, v, log_decay, chunk_size=chunk_size,
                                              initial_state=initial_state)
-    if mode == "recurrent":
-        return retention.recurrent_retention(q, k, v, log_decay, initial_state=initial_state)
-    raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}")
+    return retention.recurrent_retention(q, k, v, log_decay, initial_state=initial_state)
 
 
 class RetentionBase(nnx.Module):

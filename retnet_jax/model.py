@@ -88,11 +88,14 @@ class ModelConfig:
       gate_bias: c, None (YOCO's bias-free gate) or the initial value of a learned per-head
         bias: the initial memory of gated retention (see `layers.GatedRetention`).
       chunk_size: chunk length of the chunkwise form.
-      retention_kernel: chunkwise implementation, 'xla' (default), 'pallas' (the fused
-        `kernels` for the chunk states, the output and the per-chunk gradients, on GPU, per
-        device shard under `shard_map` on a mesh; XLA elsewhere or for sizes they do not
-        take; faster than 'xla' at head dims of 128, 2x slower at the presets' 256 / 432:
-        BENCHMARKS.md) or 'pallas_interpret' (interpreted, any backend; tests).
+      retention_kernel: chunkwise and decoding implementation, 'xla' (default), 'pallas'
+        (the fused `kernels` for the chunk states, the output and the per-chunk gradients,
+        and for each decoded token's state update and read-out, on GPU, per device shard
+        under `shard_map` on a mesh; XLA elsewhere or for sizes they do not take; chunkwise
+        faster than 'xla' at head dims of 128, 2x slower at the presets' 256 / 432:
+        BENCHMARKS.md; the decoding step not timed yet) or 'pallas_interpret'
+        (interpreted, any backend; tests). It changes no parameter: a model trained with
+        one can decode with another.
     Attention:
       attention_impl: None (cuDNN on GPU for bf16, else XLA), 'xla' or 'cudnn'; used by the
         full-sequence forward (cached prefill/decoding always use XLA with an explicit mask).

@@ -87,6 +87,14 @@ def _check_state(state, q, v) -> None:
                          f"key_dim, value_dim], got {state.shape}")
 
 
+def _check_step_inputs(q, k, v, log_decay, state) -> None:
+    """Raises ValueError unless `retention_step`'s q, k [B, H, Dk], v [B, H, Dv], log_decay
+    [H] or [B, H] and state [B, H, Dk, Dv] agree."""
+    _check_qkv(q, k, v, time_axis=False)
+    _check_log_decay(log_decay, q.shape[0], None, q.shape[1])
+    _check_state(state, q, v)
+
+
 def _per_token_log_decay(log_decay: Array, batch: int, time: int, heads: int) -> Array:
     """[H] or [B, T, H] -> float32 [B, T, H]."""
     return jnp.broadcast_to(log_decay.astype(jnp.float32), (batch, time, heads))
@@ -165,9 +173,7 @@ def retention_step(q: Array, k: Array, v: Array, log_decay: Array,
     Returns:
       (o [B, H, Dv] in v's dtype, new state float32 [B, H, Dk, Dv]).
     """
-    _check_qkv(q, k, v, time_axis=False)
-    _check_log_decay(log_decay, q.shape[0], None, q.shape[1])
-    _check_state(state, q, v)
+    _check_step_inputs(q, k, v, log_decay, state)
     return _step(q, k, v, log_decay, state.astype(jnp.float32))
 
 

@@ -93,6 +93,8 @@ def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
     ("bench_retention.py", "--shapes=8x2048x16",
      "--shapes: '8x2048x16' is not BxTxHxD (Dk = Dv = D) or BxTxHxDkxDv"),
     ("bench_retention.py", "--pallas_block_v=64,48", "--pallas_block_v: '48' is not a power of two"),
+    ("bench_decode.py", "--retention_kernels=xla,triton",
+     "--retention_kernels must be distinct names from"),
     ("bench_decode.py", "--compiler_options=xla_gpu_enable_triton_gemm",
      "--compiler_options: 'xla_gpu_enable_triton_gemm' is not name=value"),
 ])
@@ -153,6 +155,19 @@ def test_bench_decode_records_xla_flags(tmp_path, toy_config):
     result = json.loads(out.read_text())
     assert result["xla_flags"] == flags
     assert {r["model"] for r in result["results"]} == {"retnet", "transformer"}
+
+
+def test_bench_decode_times_each_retention_kernel(tmp_path, toy_config):
+    out = tmp_path / "decode.json"
+    process = run_script("bench_decode.py", f"--config={toy_config}", "--contexts=16",
+                         "--batches=1,2", "--new_tokens=2", "--repeats=1",
+                         "--copy_bytes=1048576", "--retention_kernels=xla,pallas_interpret",
+                         f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["batch"], r["model"]) for r in rows] == [
+        (b, m) for b in (1, 2) for m in ("retnet", "retnet-pallas_interpret", "transformer")]
+    assert all(r["ms_per_token"] > 0 and "error" not in r for r in rows)
 
 
 def test_bench_retention_records_the_triton_cache_it_was_given(tmp_path):

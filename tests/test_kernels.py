@@ -14,7 +14,8 @@ import pytest
 
 from jaxprs import equations
 from retnet_jax import retention
-from retnet_jax.kernels import chunk_grads, chunk_output, chunk_states, chunkwise_retention_pallas
+from retnet_jax.kernels import (
+    chunk_grads, chunk_output, chunk_states, chunkwise_retention_pallas, retention_step_pallas)
 from retnet_jax.kernels.common import column_group, pieces
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -316,9 +317,72 @@ def test_kernels_lower_for_the_triton_gpu_backend(chunk, dtype, batch_decay):
               (functools.partial(chunk_states, reverse=False),
                (act(256), act(432), b, jax.ShapeDtypeStruct((batch, heads, 256, 432),
                                                             jnp.float32)))]
+    # The decoding step at Dk = Dv = 128 and at the presets' heads.
+    for key_dim, value_dim in ((128, 128), (256, 432)):
+        qk = jax.ShapeDtypeStruct((batch, heads, key_dim), dtype)
+        decay = jax.ShapeDtypeStruct((batch, heads) if batch_decay > 1 else (heads,), jnp.float32)
+        calls.append((retention_step_pallas,
+                      (qk, qk, jax.ShapeDtypeStruct((batch, heads, value_dim), dtype), decay,
+                       jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32))))
     for kernel, args in calls:
         text = _lower_for_cuda(kernel, *args)
         assert "triton" in text.lower()
+
+
+def step_inputs(seed, batch, heads, key_dim, value_dim, gated, dtype):
+    """Random q, k [B, H, Dk], v [B, H, Dv] (in dtype), log decays in [-3, 0) ([B, H] gated,
+    [H] fixed) and a float32 state [B, H, Dk, Dv]."""
+    ks = jax.random.split(jax.random.key(seed), 5)
+    q, k = (jax.random.normal(key, (batch, heads, key_dim)).astype(dtype) for key in ks[:2])
+    v = jax.random.normal(ks[2], (batch, heads, value_dim)).astype(dtype)
+    log_decay = jax.random.uniform(ks[3], (batch, heads) if gated else (heads,), minval=-3.0,
+                                   maxval=-1e-3)
+    state = jax.random.normal(ks[4], (batch, heads, key_dim, value_dim))
+    return q, k, v, log_decay, state
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("key_dim, value_dim, block_v", [
+    (16, 32, 64), (48, 80, 32),        # pieces of 32 + 16 keys; 80 -> 5 groups of 16
+    (256, 432, 64),                    # the presets' heads: 9 groups of 48 (tiles 32 + 16)
+])
+def test_retention_step_pallas_matches_float64(dtype, gated, key_dim, value_dim, block_v):
+    """S' = exp(log_decay) S + k^T v and o = q S', against float64 numpy and retention.py."""
+    q, k, v, log_decay, state = step_inputs(7, 3, 2, key_dim, value_dim, gated, dtype)
+    o, new_state = retention_step_pallas(q, k, v, log_decay, state, block_v=block_v,
+                                         interpret=True)
+    assert o.dtype == v.dtype and o.shape == v.shape
+    assert new_state.dtype == jnp.float32 and new_state.shape == state.shape
+    q64, k64, v64, state64 = (np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+                              for x in (q, k, v, state))
+    decay = np.exp(np.broadcast_to(np.asarray(log_decay, np.float64), (3, 2)))[..., None, None]
+    ref_state = decay * state64 + k64[..., :, None] * v64[..., None, :]
+    ref_o = np.einsum("bhd,bhde->bhe", q64, ref_state)
+    assert rel_err(new_state, ref_state) <= 1e-6          # float32 arithmetic on either dtype
+    assert rel_err(o, ref_o) <= TOLERANCE[dtype]           # o rounded to v's dtype
+    with jax.default_matmul_precision("highest"):
+        xla_o, xla_state = retention.retention_step(q, k, v, log_decay, state)
+    assert rel_err(new_state, xla_state) <= 1e-6
+    assert rel_err(o, xla_o) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"q": jnp.ones((1, 2, 24)), "k": jnp.ones((1, 2, 24)), "state": jnp.ones((1, 2, 24, 32))},
+     "key dim Dk .* = 24 must be a multiple of 16"),
+    ({"v": jnp.ones((1, 2, 40)), "state": jnp.ones((1, 2, 16, 40))},
+     "value dim Dv .* = 40 must be a multiple of 16"),
+    ({"block_v": 48}, "block_v must be a power of two"),
+    ({"state": jnp.ones((1, 2, 32, 16))}, "state must have shape"),
+    ({"log_decay": -jnp.ones((3,))}, "log_decay must have shape"),
+    ({"log_decay": jnp.ones((2,))}, "log_decay must be <= 0"),
+    ({"k": jnp.ones((1, 2, 32))}, "q and k must have the same shape"),
+])
+def test_retention_step_pallas_rejects_bad_arguments(change, match):
+    args = {"q": jnp.ones((1, 2, 16)), "k": jnp.ones((1, 2, 16)), "v": jnp.ones((1, 2, 32)),
+            "log_decay": -jnp.ones((2,)), "state": jnp.ones((1, 2, 16, 32))} | change
+    with pytest.raises(ValueError, match=match):
+        retention_step_pallas(**args, interpret=True)
 
 
 def test_pallas_path_never_transposes_activations():

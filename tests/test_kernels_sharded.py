@@ -181,6 +181,34 @@ def test_indivisible_batch_or_heads_give_the_xla_result(mesh, batch, heads, gate
     assert rel_error(grads, grads1) <= 1e-5
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_sharded_decode_step_matches_xla(mesh, gated):
+    """One decoding token (recurrent form, T = 1) through the Pallas step kernel under the
+    mesh: a shard_map of [B / 4, 1, H / 2, D] blocks, same output and state as XLA's step."""
+    keys = jax.random.split(jax.random.PRNGKey(3), 5)
+    q, k, v = (jax.random.normal(key, (B, 1, H, D)) for key in keys[:3])
+    log_decay = (jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, 1, H)) + 2) / 4 if gated
+                 else jnp.log1p(-(2.0 ** -jnp.arange(5, 5 + H, dtype=jnp.float32))))
+    state = jax.random.normal(keys[4], (B, H, D, D))
+
+    def step(kernel, *args):
+        return layers.run_retention("recurrent", *args[:4], chunk_size=16,
+                                    initial_state=args[4], kernel=kernel)
+
+    def sharded(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step("pallas_interpret", *args)
+
+    args = (q, k, v, log_decay, state)
+    traced = jax.jit(sharded, in_shardings=NamedSharding(mesh, P())).trace(*args)
+    bodies = shard_map_bodies(traced.jaxpr.jaxpr)
+    assert [v.aval.shape for v in bodies[0].invars][0] == (B // 4, 1, H // 2, D)
+    with jax.default_matmul_precision("highest"):
+        o, final = traced.lower().compile()(*args)
+        o1, final1 = jax.jit(step, static_argnums=0)("xla", *args)
+    assert rel_error((o, final), (o1, final1)) <= 1e-6
+
+
 def test_without_a_mesh_in_context_the_kernel_inputs_are_gathered(mesh):
     """What the shard_map avoids: XLA cannot split a pallas_call, so on sharded inputs it
     gathers [B, T, H, D] activations (this is what makes the HLO check above meaningful)."""

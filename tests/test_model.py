@@ -393,6 +393,32 @@ def test_pallas_retention_kernel_gives_the_same_logits_and_gradients():
         assert_same_loss_and_gradients(plain, fused, random_tokens(9, 2, 37))
 
 
+def test_pallas_decode_step_gives_the_same_logits_and_states(monkeypatch):
+    """Decoding through kernels.retention_step_pallas (interpreted) against XLA's step, for
+    fixed and gated retention, from a prefilled cache of uneven lengths."""
+    from retnet_jax import kernels
+    calls = []
+    step_kernel = kernels.retention_step_pallas
+    monkeypatch.setattr(kernels, "retention_step_pallas",
+                        lambda *a, **k: calls.append(1) or step_kernel(*a, **k))
+    plain = make_model(small_config(SCHEDULES["hybrid"], d_model=64, value_dim=64,
+                                    chunk_size=16), 11)
+    fused = with_config(plain, retention_kernel="pallas_interpret")
+    cache = plain.init_cache(2, 16)
+    _, cache = prefill(plain, random_tokens(11, 2, 5), jnp.asarray([5, 3]), cache)
+    cache_plain = cache_fused = cache
+    with jax.default_matmul_precision("highest"):
+        for step in range(3):
+            tokens = random_tokens(12 + step, 2, 1)[:, 0]
+            logits_plain, cache_plain = decode_step(plain, tokens, cache_plain)
+            logits_fused, cache_fused = decode_step(fused, tokens, cache_fused)
+            assert rel_err(logits_fused, logits_plain) <= RTOL, step
+    assert len(calls) == 2          # traced once: the retention and gated retention blocks
+    for a, b in zip(cache_fused.layers, cache_plain.layers, strict=True):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            assert rel_err(x, y) <= RTOL
+
+
 @pytest.mark.parametrize("sizes, reason", [
     (dict(d_model=64, value_dim=64, chunk_size=16), "backend 'cpu' is not a GPU"),
     (dict(), "value head dim 24 has no divisor that is a multiple of 16"),    # 48 / 2 heads

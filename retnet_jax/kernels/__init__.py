@@ -14,6 +14,9 @@ needed): the kernels index one chunk of the time axis directly, never a transpos
                                  states and state gradients).
 * `chunkwise_retention_pallas`   `retention.chunkwise_retention` from these kernels; same
                                  arguments and results.
+* `retention_step_pallas`        `retention.retention_step` (one decoding token) in one
+                                 kernel that reads and writes the float32 state once (XLA's
+                                 update and read-out pass over it three times).
 * `unsupported_reason`           why given head dims / chunk size cannot use the kernels
                                  (then `run_retention` uses XLA).
 
@@ -27,7 +30,8 @@ multiple of 16 columns dividing it (`common.column_group`). So the 125M, 350M, 1
 uses XLA. Timed on GPUs (BENCHMARKS.md): at Dk = Dv = 128 they take 0.65x the XLA path's
 forward time; at Dk 256 / Dv 432 (H200) they are correct but 2x slower than XLA.
 
-Models select them with `ModelConfig.retention_kernel` ('pallas'; see `layers.run_retention`,
+Models select them with `ModelConfig.retention_kernel` ('pallas': the chunkwise form and
+single-token decoding steps; see `layers.run_retention`,
 which falls back to the XLA path off GPU or for unsupported sizes, and on a multi-device
 mesh runs them per device shard under `jax.shard_map`).
 
@@ -38,6 +42,7 @@ from retnet_jax.kernels.chunk_grads import chunk_grads
 from retnet_jax.kernels.chunk_output import (
     chunk_output, chunkwise_retention_pallas, unsupported_reason)
 from retnet_jax.kernels.chunk_states import chunk_states
+from retnet_jax.kernels.decode_step import retention_step_pallas
 
 __all__ = ["chunk_grads", "chunk_output", "chunk_states", "chunkwise_retention_pallas",
-           "unsupported_reason"]
+           "retention_step_pallas", "unsupported_reason"]
