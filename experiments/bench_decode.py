@@ -222,6 +222,8 @@ def main(argv):
     built = {}
     for name, config in models.items():
         graphdef, params = build(config)
+        if name.startswith("retnet-"):   # retention_kernel changes no weight: share retnet's
+            params = built[next(iter(built))]["params"]
         weight_bytes = tree_bytes(params)
         floor_ms = weight_bytes / bandwidth * 1e3
         print(f"{name}: {sum(x.size for x in jax.tree.leaves(params)):,} params, weights "
@@ -232,7 +234,11 @@ def main(argv):
 
     # Settings in the order given (put the most important first: a time budget cuts the
     # tail); both models at each setting, so a cut never leaves one model without numbers.
-    all_weights = sum(m["weight_bytes"] for m in built.values())   # both stay on the device
+    kernel_checks = [check_against_xla(built["retnet"], built[name], name, min(contexts), new)
+                     for name in built if name.startswith("retnet-")]
+    # Every model's weights stay on the device; the RetNets share one copy.
+    all_weights = sum(m["weight_bytes"] for name, m in built.items()
+                      if not name.startswith("retnet-"))
     start_all = time.time()
     results = []
     for context in contexts:
@@ -258,17 +264,44 @@ def main(argv):
                                                new, repeats, state_bytes))
                     results.append(row)
                     print(json.dumps(row), flush=True)
-                    write_json(device, xla_flags, bandwidth, results)   # kept if killed
+                    write_json(device, xla_flags, bandwidth, results,
+                               kernel_checks)   # kept if killed
     print_table(results)
 
 
-def write_json(device, xla_flags: str | None, bandwidth: float, results: list[dict]) -> None:
+def check_against_xla(reference: dict, m: dict, name: str, context: int, new: int,
+                      tolerance: float = 2e-2) -> dict:
+    """Correctness before timing: the same random batch-2 cache at `context` decoded `new`
+    greedy tokens by
+    the XLA RetNet and by `m` (same weights, another retention_kernel). Returns the final
+    states' largest relative error and whether the tokens agree; exits (UsageError) when the
+    error exceeds `tolerance` (bf16 compute), so a wrong kernel is never timed."""
+    outputs = []
+    for model in (reference, m):
+        cache = random_cache(model["shape"], 2, context + new, context, seed=1)
+        tokens, cache = model["run"](model["params"], cache, jnp.asarray([65, 66], jnp.int32))
+        outputs.append((np.asarray(tokens), [np.asarray(x, np.float64) for x in
+                                             jax.tree.leaves(cache.layers)]))
+    (tokens_a, states_a), (tokens_b, states_b) = outputs
+    error = max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
+                for a, b in zip(states_a, states_b, strict=True))
+    check = dict(model=name, state_rel_err=error, tokens_equal=bool((tokens_a == tokens_b).all()))
+    print(f"{name} against retnet (xla), batch 2, {new} tokens: {check}", flush=True)
+    if error > tolerance:
+        raise app.UsageError(f"{name} decodes a state {error:.3g} away from XLA's "
+                             f"(> {tolerance}): not timed")
+    return check
+
+
+def write_json(device, xla_flags: str | None, bandwidth: float, results: list[dict],
+               kernel_checks: list[dict]) -> None:
     """All rows so far, with the device, jax version, XLA_FLAGS and copy bandwidth, to --out
     (if given)."""
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump(dict(device=device.device_kind, jax=jax.__version__,
-                           xla_flags=xla_flags, copy_bandwidth=bandwidth, results=results),
+                           xla_flags=xla_flags, copy_bandwidth=bandwidth,
+                           kernel_checks=kernel_checks, results=results),
                       f, indent=2)
 
 

@@ -164,10 +164,15 @@ def test_bench_decode_times_each_retention_kernel(tmp_path, toy_config):
                          "--copy_bytes=1048576", "--retention_kernels=xla,pallas_interpret",
                          f"--out={out}")
     assert process.returncode == 0, process.stderr
-    rows = json.loads(out.read_text())["results"]
+    result = json.loads(out.read_text())
+    rows = result["results"]
     assert [(r["batch"], r["model"]) for r in rows] == [
         (b, m) for b in (1, 2) for m in ("retnet", "retnet-pallas_interpret", "transformer")]
     assert all(r["ms_per_token"] > 0 and "error" not in r for r in rows)
+    # Checked against XLA's step before timing (same weights, the same random cache).
+    [check] = result["kernel_checks"]
+    assert check["model"] == "retnet-pallas_interpret" and check["tokens_equal"]
+    assert 0 <= check["state_rel_err"] < 2e-2
 
 
 def test_bench_retention_records_the_triton_cache_it_was_given(tmp_path):
