@@ -272,10 +272,10 @@ def main(argv):
 def check_against_xla(reference: dict, m: dict, name: str, context: int, new: int,
                       tolerance: float = 2e-2) -> dict:
     """Correctness before timing: the same random batch-2 cache at `context` decoded `new`
-    greedy tokens by
-    the XLA RetNet and by `m` (same weights, another retention_kernel). Returns the final
-    states' largest relative error and whether the tokens agree; exits (UsageError) when the
-    error exceeds `tolerance` (bf16 compute), so a wrong kernel is never timed."""
+    greedy tokens by the XLA RetNet and by `m` (same weights, another retention_kernel).
+    Returns the final states' largest relative error and whether the tokens agree; exits
+    (UsageError) when the error exceeds `tolerance` (bf16 compute), so a wrong kernel is
+    never timed."""
     outputs = []
     for model in (reference, m):
         cache = random_cache(model["shape"], 2, context + new, context, seed=1)
