@@ -58,7 +58,9 @@ def _decode_step_kernel(q_ref, k_ref, v_ref, decay_ref, state_ref, o_ref, new_st
 def retention_step_pallas(q: Array, k: Array, v: Array, log_decay: Array, state: Array, *,
                           block_v: int = 64, num_warps: int = 4,
                           interpret: bool = False) -> tuple[Array, Array]:
-    """`retention.retention_step` as one kernel; same arguments and results.
+    """`retention.retention_step` as one kernel; same arguments and results. Forward only,
+    for decoding: differentiating it raises (JAX's NotImplementedError); gradients come from
+    the chunkwise form.
 
     Args:
       q, k: [B, H, Dk], Dk a multiple of 16.
