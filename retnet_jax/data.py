@@ -21,6 +21,7 @@ Every batch is a dict of numpy arrays `{'inputs': int32 [B, T], 'targets': int32
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import glob
 import itertools
@@ -37,7 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 __all__ = [
-    "BOS", "EOS", "PAD", "VOCAB_SIZE", "Batch", "encode", "decode",
+    "BOS", "EOS", "PAD", "VOCAB_SIZE", "DEFAULT_PREFETCH", "Batch", "encode", "decode",
     "Corpus", "is_validation", "split_documents", "stdlib_files", "load_stdlib_corpus",
     "python_files", "load_python_corpus", "load_text_files", "load_hf_corpus",
     "unigram_entropy_bits",
@@ -51,6 +52,7 @@ EOS = 257
 PAD = 258
 VOCAB_SIZE = 259
 TOKEN_DTYPE = np.uint16  # storage dtype of corpus token streams; batches are int32
+DEFAULT_PREFETCH = 4     # batches drawn ahead on threads (`BatchIterator`, `make_datasets`)
 
 Batch = dict[str, np.ndarray]
 
@@ -563,23 +565,40 @@ class BatchIterator:
     and keeps rows [process_index * b, (process_index + 1) * b), b = batch_size // process_count,
     so the hosts' rows are disjoint and concatenate, in process order, to the global batch.
     `stream` separates independent streams of one seed (0 for training, 1 for evaluation).
+
+    `prefetch` > 0 draws the next `prefetch` batches on as many threads while the caller uses
+    the current one (numpy releases the GIL in the heavy parts): the gpu-scale MQAR mixture's
+    batches of 128 took 17.4 ms one after another and 11.1 ms each on 2 threads of a 2-core
+    CPU, while the GPU's step on that small model is shorter. The batches are the same.
     """
 
     def __init__(self, sampler: Sampler, *, batch_size: int, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1, stream: int = 0):
-        _check_non_negative(seed=seed, stream=stream)
+                 process_index: int = 0, process_count: int = 1, stream: int = 0,
+                 prefetch: int = 0):
+        _check_non_negative(seed=seed, stream=stream, prefetch=prefetch)
         self.sampler = sampler
         self.batch_size = batch_size
         self._rows = _host_rows(batch_size, process_index, process_count)
         self._stream = stream
         self._seed = seed
         self._step = 0
+        self._prefetch = prefetch
+        self._pool = (concurrent.futures.ThreadPoolExecutor(prefetch, "batches")
+                      if prefetch else None)
+        self._ahead: dict[int, concurrent.futures.Future] = {}   # step -> its batch, drawing
 
     def __iter__(self) -> BatchIterator:
         return self
 
     def __next__(self) -> Batch:
-        batch = self.batch_at(self._step)
+        step = self._step
+        if self._pool is None:
+            batch = self.batch_at(step)
+        else:
+            for ahead in range(step, step + self._prefetch + 1):
+                if ahead not in self._ahead:
+                    self._ahead[ahead] = self._pool.submit(self.batch_at, ahead)
+            batch = self._ahead.pop(step).result()
         self._step += 1
         return batch
 
@@ -597,6 +616,9 @@ class BatchIterator:
         """Resumes from `get_state()`'s result; the next batch is global batch `state['step']`."""
         _check_non_negative(seed=state["seed"], step=state["step"])
         self._seed, self._step = int(state["seed"]), int(state["step"])
+        for future in self._ahead.values():      # drawn for the old position or seed
+            future.cancel()
+        self._ahead.clear()
 
 
 class EvalWindows:
@@ -713,6 +735,9 @@ def make_datasets(config: Any, *, process_index: int = 0, process_count: int = 1
         seed: 0; seeds the training stream (and the synthetic evaluation stream).
         eval_batches: cap on evaluation batches; default None (text: the whole validation
             split) or 8 (tasks).
+        prefetch: DEFAULT_PREFETCH; training (and task evaluation) batches drawn ahead on
+            that many threads (`BatchIterator`); 0 draws each when it is asked for. Changes
+            no batch.
         Text sources:
             max_bytes: None; cap on tokens loaded over both splits (e.g. 4_000_000 on CPU).
             val_fraction: 0.03; share of documents (by stable hash of their key) for validation.
@@ -785,8 +810,8 @@ def _text_datasets(config: Any, corpus: Corpus, *, process_index: int,
     seq_len, batch_size = _required(config, "seq_len"), _required(config, "batch_size")
     batching = {"batch_size": batch_size, "process_index": process_index,
                 "process_count": process_count}
-    train = BatchIterator(RandomWindows(corpus.train, seq_len),
-                          seed=_field(config, "seed", 0), **batching)
+    train = BatchIterator(RandomWindows(corpus.train, seq_len), seed=_field(config, "seed", 0),
+                          prefetch=_field(config, "prefetch", DEFAULT_PREFETCH), **batching)
     evaluation = EvalWindows(corpus.validation, seq_len=seq_len,
                              max_batches=_field(config, "eval_batches", None), **batching)
     metadata = {"name": _field(config, "name", "stdlib"),
@@ -803,6 +828,7 @@ def _task_datasets(config: Any, task: MQAR | MQARMixture | SelectiveCopy, *, pro
     """Training stream 0 and a fixed evaluation set from stream 1 of the task's batches."""
     batching = {"batch_size": _required(config, "batch_size"),
                 "seed": _field(config, "seed", 0),
+                "prefetch": _field(config, "prefetch", DEFAULT_PREFETCH),
                 "process_index": process_index, "process_count": process_count}
     eval_batches = _field(config, "eval_batches", 8)
     _check_positive(eval_batches=eval_batches)

@@ -68,7 +68,7 @@ RESUMABLE_MODEL_FIELDS = frozenset(
     {"dtype", "remat", "scan_layers", "chunk_size", "retention_kernel", "max_seq_len",
      "attention_impl", "logit_soft_cap"})
 # Data config fields that may change when resuming: they leave the training stream as it was.
-RESUMABLE_DATA_FIELDS = frozenset({"eval_batches"})
+RESUMABLE_DATA_FIELDS = frozenset({"eval_batches", "prefetch"})
 SUMMARY_FILE = "summary.json"  # in the workdir: `train_and_evaluate`'s return value
 
 

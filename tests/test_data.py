@@ -203,6 +203,7 @@ def test_lm_batches_from_corpus(stdlib_corpus):
 @pytest.mark.parametrize("make", [
     lambda: lm_iterator(np.arange(5000, dtype=np.uint16)),
     lambda: data.BatchIterator(data.MQAR(64, 4, 32), batch_size=4, seed=1),
+    lambda: data.BatchIterator(data.MQAR(64, 4, 32), batch_size=4, seed=1, prefetch=3),
 ])
 def test_resume_is_exact(make):
     uninterrupted = make()
@@ -218,6 +219,26 @@ def test_resume_is_exact(make):
         got = next(resumed)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_prefetching_draws_the_same_batches():
+    """Batches drawn ahead on threads are the ones drawn on demand, also after set_state moves
+    the stream (back, or to another seed) with batches of the old position in flight."""
+    mixture = data.MQARMixture(64, ((16, 2), (64, 8)), vocab_size=64, weights=(3, 1))
+    plain = data.BatchIterator(mixture, batch_size=8, seed=2)
+    ahead = data.BatchIterator(mixture, batch_size=8, seed=2, prefetch=3)
+    def same(a, b):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    for _ in range(6):
+        same(next(ahead), next(plain))
+    for state in ({"seed": 2, "step": 1}, {"seed": 7, "step": 4}):
+        ahead.set_state(state)
+        for step in range(state["step"], state["step"] + 4):
+            same(next(ahead), data.BatchIterator(mixture, batch_size=8,
+                                                 seed=state["seed"]).batch_at(step))
+    with pytest.raises(ValueError, match="prefetch must be a non-negative integer"):
+        data.BatchIterator(mixture, batch_size=8, prefetch=-1)
 
 
 def test_different_seeds_and_steps_differ():
