@@ -132,9 +132,9 @@ SCALES: dict[str, Scale] = {
         # rows of T=64 with 4 pairs; accuracy 0.15 at step 600), a tied one at 0.21 (1/pairs).
         # Zoology also puts a short convolution before every sequence mixer, which these models
         # lack. Cost: 8,000 steps x 128 rows = 1.0M sequences (Zoology: 180K x 32 epochs = 5.8M) =
-        # 262M padded tokens: ~45-65 s of GPU at the 4-6M tokens/s measured at T=256-1,024, while
-        # the host draws each batch alongside in ~19 ms (2-core CPU of this workplace): ~2.5 min per
-        # run.
+        # 262M padded tokens; measured on an H200 (session 9): 124-139 s per run at 2.2-2.7M
+        # tokens/s, paced by the host drawing each batch (~17 ms on one core), which is why
+        # `data.BatchIterator` now draws batches ahead on threads (not yet timed on the GPU).
         mqar_model=dict(num_layers=2, d_model=256, num_heads=2, value_dim=512, ffn_dim=512,
                         num_attention_heads=4, tie_embeddings=True),
         mqar_train=dict(num_steps=8000, warmup_steps=400, learning_rate=3e-3,
