@@ -735,9 +735,8 @@ def make_datasets(config: Any, *, process_index: int = 0, process_count: int = 1
         seed: 0; seeds the training stream (and the synthetic evaluation stream).
         eval_batches: cap on evaluation batches; default None (text: the whole validation
             split) or 8 (tasks).
-        prefetch: DEFAULT_PREFETCH; training (and task evaluation) batches drawn ahead on
-            that many threads (`BatchIterator`); 0 draws each when it is asked for. Changes
-            no batch.
+        prefetch: DEFAULT_PREFETCH; training batches drawn ahead on that many threads
+            (`BatchIterator`); 0 draws each when it is asked for. Changes no batch.
         Text sources:
             max_bytes: None; cap on tokens loaded over both splits (e.g. 4_000_000 on CPU).
             val_fraction: 0.03; share of documents (by stable hash of their key) for validation.
@@ -828,13 +827,13 @@ def _task_datasets(config: Any, task: MQAR | MQARMixture | SelectiveCopy, *, pro
     """Training stream 0 and a fixed evaluation set from stream 1 of the task's batches."""
     batching = {"batch_size": _required(config, "batch_size"),
                 "seed": _field(config, "seed", 0),
-                "prefetch": _field(config, "prefetch", DEFAULT_PREFETCH),
                 "process_index": process_index, "process_count": process_count}
     eval_batches = _field(config, "eval_batches", 8)
     _check_positive(eval_batches=eval_batches)
-    train = BatchIterator(task, stream=0, **batching)
+    train = BatchIterator(task, stream=0,
+                          prefetch=_field(config, "prefetch", DEFAULT_PREFETCH), **batching)
 
-    def make_eval() -> Iterator[Batch]:
+    def make_eval() -> Iterator[Batch]:   # drawn on demand: a few batches, none wasted
         return itertools.islice(BatchIterator(task, stream=1, **batching), eval_batches)
 
     metadata = {"name": _field(config, "name", None), **dataclasses.asdict(task)}
