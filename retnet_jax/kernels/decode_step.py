@@ -4,12 +4,13 @@
 
     S' = exp(log_decay) S + k^T v,        o = q S'                  (S float32 [Dk, Dv])
 
-as XLA kernels that pass over the float32 state three times (the update reads S and writes
-S', the read-out reads S' again); at decoding batch 8-32 of the 1.3B preset those passes are
-most of the step's memory traffic (BENCHMARKS.md, "Decoding"). `retention_step_pallas` does
-both in one kernel: each program owns one (batch, head, value group), loads its [Dk, BV]
-columns of S as power-of-two tiles, updates them in registers, accumulates o from the updated
-tiles and writes them back: one read and one write of the state.
+`retention_step_pallas` does both in one kernel: each program owns one (batch, head, value
+group), loads its [Dk, BV] columns of S as power-of-two tiles, updates them in registers,
+accumulates o from the updated tiles and writes them back: one read and one write of the
+state. Inside a model, XLA fuses the update and the read-out into one kernel per block that
+also reads and writes the state once; at the 1.3B preset on an H200 this kernel is 1-4 %
+slower than that fusion (BENCHMARKS.md,
+"Decoding", session 10); it is used only with `retention_kernel='pallas'`.
 
 Elementwise work only (an outer product and a column sum per tile), so no dot-tile limits
 beyond Triton's power-of-two loads; Dk and Dv multiples of 16 as the other kernels.
