@@ -242,3 +242,45 @@ def test_bench_retention_times_each_pallas_block_v_side_by_side(tmp_path):
         "pallas_c16_bv16", "pallas_c16_bv64"}
     assert {c["impl"] for c in results["checks"] if "rms_rel" in c} == {
         "ours_c16", "pallas_c16_bv16", "pallas_c16_bv64"}
+
+
+def test_bench_decode_step_checks_then_times_each_tile_setting(tmp_path):
+    out = tmp_path / "step.json"
+    process = run_script("bench_decode_step.py", "--heads=2", "--key_dim=16", "--value_dim=48",
+                         "--batches=1,2", "--block_v=16,24", "--num_warps=4", "--steps=3",
+                         "--repeats=2", "--copy_bytes=1048576", f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["batch"], r["decay"], r["impl"]) for r in rows] == [
+        (b, d, i) for b in (1, 2) for d in ("fixed", "gated")
+        for i in ("xla", "pallas bv16 w4", "pallas bv24 w4")]
+    timed = [r for r in rows if r["impl"] != "pallas bv24 w4"]
+    assert all(r["us_per_step"] > 0 and r["state_rel_err"] < 1e-4 and r["o_rel_err"] < 2e-2
+               for r in timed)
+    refused = [r for r in rows if r["impl"] == "pallas bv24 w4"]
+    assert all("power of two" in r["error"] and "us_per_step" not in r for r in refused)
+    assert "| pallas bv16 w4 | gated | 2 |" in process.stdout
+
+
+def test_bench_decode_step_does_not_time_a_kernel_that_differs(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "experiments"))
+    import bench_decode_step
+    from absl import flags
+
+    kernel = kernels.retention_step_pallas
+
+    def off_by_a_little(*args, **kwargs):
+        o, state = kernel(*args, **kwargs)
+        return o, state * (1 + 1e-3)
+
+    monkeypatch.setattr(bench_decode_step.kernels, "retention_step_pallas", off_by_a_little)
+    flags.FLAGS(["bench", "--heads=2", "--key_dim=16", "--value_dim=32", "--block_v=16",
+                 "--num_warps=4", "--steps=2", "--repeats=1"])
+    try:
+        rows = bench_decode_step.measure(1, "gated", bandwidth=1e9, interpret=True)
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert [r["impl"] for r in rows] == ["xla", "pallas bv16 w4"]
+    assert "us_per_step" in rows[0]
+    assert rows[1]["error"] == "differs from XLA's retention_step"
+    assert 5e-4 < rows[1]["state_rel_err"] < 2e-3 and "us_per_step" not in rows[1]

@@ -1,0 +1,178 @@
+"""One decoding step of retention alone: XLA's `retention_step` against
+`kernels.retention_step_pallas` at each tile setting (issue 5 part 3).
+
+`bench_decode.py` times whole models; this isolates the step that dominates their time at
+batch 8-32, to choose the kernel's `block_v` and `num_warps`. Each timed call runs `--steps`
+tokens in one jitted `lax.scan` with the state donated (the kernel then updates it in
+place, as in the model's decode loop), so host dispatch is shared by `--steps` tokens.
+Before timing, every Pallas setting's outputs and final state are checked against XLA's on
+the same inputs; a setting that fails the check or does not compile is recorded, not timed.
+
+  python3 experiments/bench_decode_step.py --batches=1,8,32 --block_v=64,128,256 --num_warps=4,8 --out=$OUT/decode_step.json
+
+Defaults: the 1.3B preset's heads (8 heads, Dk 256, Dv 432), bf16 q, k, v, float32 state.
+Reports microseconds per step, the state's read+write rate (2 x state bytes / time) and its
+fraction of the copy bandwidth measured in the same run.
+"""
+
+import functools
+import json
+import statistics
+import sys
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ceilings import copy_bandwidth
+from retnet_jax import kernels, retention
+
+_HEADS = flags.DEFINE_integer("heads", 8, "Retention heads H.")
+_KEY_DIM = flags.DEFINE_integer("key_dim", 256, "Key dim Dk.")
+_VALUE_DIM = flags.DEFINE_integer("value_dim", 432, "Value dim Dv.")
+_BATCHES = flags.DEFINE_list("batches", ["1", "8", "32"], "Batch sizes.")
+_DECAYS = flags.DEFINE_list("decays", ["fixed", "gated"], "fixed ([H] decay) and/or gated "
+                            "([B, H] per token).")
+_BLOCK_V = flags.DEFINE_list("block_v", ["64", "128", "256"], "Pallas block_v values.")
+_NUM_WARPS = flags.DEFINE_list("num_warps", ["4", "8"], "Pallas num_warps values.")
+_STEPS = flags.DEFINE_integer("steps", 32, "Tokens per timed call (one lax.scan).")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per setting (median reported).")
+_INPUT_SETS = flags.DEFINE_integer("input_sets", 4, "Random input sets the timed calls cycle "
+                                   "through.")
+_COPY_BYTES = flags.DEFINE_integer("copy_bytes", 1 << 30, "Bytes of the copy-bandwidth probe.")
+_OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
+
+# Largest relative errors accepted against XLA's step after --steps tokens: the state is
+# float32 in both (the same products, summed in another order), o is rounded to bf16.
+STATE_TOLERANCE = 1e-4
+OUTPUT_TOLERANCE = 2e-2
+
+
+def random_inputs(key, steps: int, batch: int, gated: bool) -> tuple:
+    """(q, k [steps, B, H, Dk], v [steps, B, H, Dv] bf16, log_decay [H] or [steps, B, H])."""
+    kq, kk, kv, kd = jax.random.split(key, 4)
+    heads, key_dim, value_dim = _HEADS.value, _KEY_DIM.value, _VALUE_DIM.value
+    scale = key_dim ** -0.5
+    q = (jax.random.normal(kq, (steps, batch, heads, key_dim)) * scale).astype(jnp.bfloat16)
+    k = (jax.random.normal(kk, (steps, batch, heads, key_dim)) * scale).astype(jnp.bfloat16)
+    v = jax.random.normal(kv, (steps, batch, heads, value_dim)).astype(jnp.bfloat16)
+    if gated:   # YOCO's gate: log sigmoid(x) / 16
+        log_decay = jax.nn.log_sigmoid(jax.random.normal(kd, (steps, batch, heads))) / 16
+    else:       # RetNet's fixed multi-scale decay, 1 - 2^(-5 - h)
+        log_decay = jnp.log1p(-2.0 ** (-5.0 - jnp.arange(heads, dtype=jnp.float32)))
+    return q, k, v, log_decay
+
+
+def decode_steps(step, inputs: tuple, state):
+    """`step` over the tokens of `inputs` (one lax.scan); returns (o [steps, B, H, Dv], state)."""
+    q, k, v, log_decay = inputs
+    per_token = log_decay.ndim == 3      # gated: one [B, H] decay per token; fixed: [H]
+
+    def body(state, xs):
+        o, state = step(*xs[:3], xs[3] if per_token else log_decay, state)
+        return state, o
+
+    state, o = jax.lax.scan(body, state, (q, k, v) + ((log_decay,) if per_token else ()))
+    return o, state
+
+
+def relative_error(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def time_step(step, input_sets: list, state) -> float:
+    """Median seconds per token of `decode_steps(step, ...)`, state donated, after a warm-up."""
+    run = jax.jit(functools.partial(decode_steps, step), donate_argnums=1)
+    _, state = run(input_sets[0], state)
+    jax.block_until_ready(state)
+    times = []
+    for r in range(_REPEATS.value):
+        start = time.perf_counter()
+        _, state = run(input_sets[r % len(input_sets)], state)
+        jax.block_until_ready(state)
+        times.append((time.perf_counter() - start) / _STEPS.value)
+    return statistics.median(times)
+
+
+def steps_to_time(interpret: bool) -> list[tuple[str, object]]:
+    """(name, step function) for XLA and each Pallas setting of the flags."""
+    settings = [("xla", retention.retention_step)]
+    for block_v in _BLOCK_V.value:
+        for num_warps in _NUM_WARPS.value:
+            settings.append((f"pallas bv{block_v} w{num_warps}", functools.partial(
+                kernels.retention_step_pallas, block_v=int(block_v),
+                num_warps=int(num_warps), interpret=interpret)))
+    return settings
+
+
+def measure(batch: int, decay: str, bandwidth: float, interpret: bool) -> list[dict]:
+    """Rows for one (batch, decay): XLA first, then each Pallas setting checked and timed."""
+    keys = jax.random.split(jax.random.key(batch), _INPUT_SETS.value + 1)
+    input_sets = [random_inputs(key, _STEPS.value, batch, decay == "gated") for key in keys[1:]]
+    shape = (batch, _HEADS.value, _KEY_DIM.value, _VALUE_DIM.value)
+    state0 = jax.random.normal(keys[0], shape, jnp.float32)
+    state_bytes = 4 * int(np.prod(shape))
+    want_o, want_state = jax.jit(functools.partial(decode_steps, retention.retention_step))(
+        input_sets[0], state0)
+    rows = []
+    for name, step in steps_to_time(interpret):
+        row = {"impl": name, "decay": decay, "batch": batch, "state_bytes": state_bytes}
+        try:
+            o, state = jax.jit(functools.partial(decode_steps, step))(input_sets[0], state0)
+            row["state_rel_err"] = relative_error(state, want_state)
+            row["o_rel_err"] = relative_error(o, want_o)
+            if row["state_rel_err"] > STATE_TOLERANCE or row["o_rel_err"] > OUTPUT_TOLERANCE:
+                row["error"] = "differs from XLA's retention_step"
+            else:
+                seconds = time_step(step, input_sets, state0 + 0)   # a copy: it is donated
+                row.update(us_per_step=seconds * 1e6,
+                           state_GBps=2 * state_bytes / seconds / 1e9,
+                           fraction_of_copy_bandwidth=2 * state_bytes / seconds / bandwidth)
+        except Exception as error:   # a setting that does not compile: record it, go on
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| impl | decay | batch | us/step | state r+w GB/s | of copy bandwidth | "
+          "check: state / o rel err |\n|---|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        check = (f"{r['state_rel_err']:.1e} / {r['o_rel_err']:.1e}"
+                 if "state_rel_err" in r else "")
+        if "us_per_step" in r:
+            print(f"| {r['impl']} | {r['decay']} | {r['batch']} | {r['us_per_step']:.1f} | "
+                  f"{r['state_GBps']:,.0f} | {r['fraction_of_copy_bandwidth']:.0%} | {check} |")
+        else:
+            print(f"| {r['impl']} | {r['decay']} | {r['batch']} | | | | "
+                  f"{check} {r['error']} |".replace("|  ", "| "))
+
+
+def main(argv):
+    del argv
+    for decay in _DECAYS.value:
+        if decay not in ("fixed", "gated"):
+            raise app.UsageError(f"--decays takes fixed and/or gated, got {decay!r}")
+    interpret = jax.default_backend() != "gpu"
+    device = jax.devices()[0]
+    bandwidth = copy_bandwidth(_COPY_BYTES.value)
+    print(f"device {device.device_kind}, jax {jax.__version__}, copy bandwidth "
+          f"{bandwidth / 1e12:.2f} TB/s, Pallas {'interpreted' if interpret else 'on GPU'}")
+    rows = [row for batch in _BATCHES.value for decay in _DECAYS.value
+            for row in measure(int(batch), decay, bandwidth, interpret)]
+    print_table(rows)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump({"device": device.device_kind, "jax": jax.__version__,
+                       "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                       "copy_bandwidth": bandwidth, "interpret": interpret,
+                       "argv": sys.argv,
+                       "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
