@@ -148,8 +148,8 @@ def print_table(rows: list[dict]) -> None:
             print(f"| {r['impl']} | {r['decay']} | {r['batch']} | {r['us_per_step']:.1f} | "
                   f"{r['state_GBps']:,.0f} | {r['fraction_of_copy_bandwidth']:.0%} | {check} |")
         else:
-            print(f"| {r['impl']} | {r['decay']} | {r['batch']} | | | | "
-                  f"{check} {r['error']} |".replace("|  ", "| "))
+            note = " ".join(part for part in (check, r["error"]) if part)
+            print(f"| {r['impl']} | {r['decay']} | {r['batch']} | | | | {note} |")
 
 
 def main(argv):

@@ -7,10 +7,11 @@
 `retention_step_pallas` does both in one kernel: each program owns one (batch, head, value
 group), loads its [Dk, BV] columns of S as power-of-two tiles, updates them in registers,
 accumulates o from the updated tiles and writes them back: one read and one write of the
-state. Inside a model, XLA fuses the update and the read-out into one kernel per block that
-also reads and writes the state once; at the 1.3B preset on an H200 this kernel is 1-4 %
-slower than that fusion (BENCHMARKS.md,
-"Decoding", session 10); it is used only with `retention_kernel='pallas'`.
+state. Inside a model at batch 8-32, XLA already fuses the update and the read-out into
+one kernel per block that reads and writes the state once (at batch 1 it makes a third
+pass, over a small state), and at the 1.3B preset on an H200 this kernel is 1-4 % slower
+than XLA's step (BENCHMARKS.md, "Decoding", session 10). It is used only with
+`retention_kernel='pallas'`.
 
 Elementwise work only (an outer product and a column sum per tile), so no dot-tile limits
 beyond Triton's power-of-two loads; Dk and Dv multiples of 16 as the other kernels.
