@@ -124,7 +124,9 @@ def measure(batch: int, decay: str, bandwidth: float, interpret: bool) -> list[d
             o, state = jax.jit(functools.partial(decode_steps, step))(input_sets[0], state0)
             row["state_rel_err"] = relative_error(state, want_state)
             row["o_rel_err"] = relative_error(o, want_o)
-            if row["state_rel_err"] > STATE_TOLERANCE or row["o_rel_err"] > OUTPUT_TOLERANCE:
+            # `not <=`: a NaN error fails the check too
+            if not (row["state_rel_err"] <= STATE_TOLERANCE
+                    and row["o_rel_err"] <= OUTPUT_TOLERANCE):
                 row["error"] = "differs from XLA's retention_step"
             else:
                 seconds = time_step(step, input_sets, state0 + 0)   # a copy: it is donated
