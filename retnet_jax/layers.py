@@ -280,8 +280,8 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
         parallel form has no state and accepts only None.
       kernel: one of RETENTION_KERNELS: the implementation of the chunkwise form and of
         single-token recurrent steps (decoding; `kernels.retention_step_pallas`, forward
-        only); longer recurrent inputs always use XLA's scan. 'pallas' falls back to 'xla', with one
-        warning per reason, off GPU or for sizes the kernels do not take.
+        only); longer recurrent inputs always use XLA's scan. 'pallas' falls back to 'xla',
+        with one warning per reason, off GPU or for sizes the kernels do not take.
         With a multi-device mesh in context (`jax.set_mesh`, or
         `jax.sharding.use_abstract_mesh` inside jit, as `train.Trainer` does), the Pallas
         kernels run per shard under `jax.shard_map` (`retention_kernel_specs`).

@@ -15,8 +15,9 @@ needed): the kernels index one chunk of the time axis directly, never a transpos
 * `chunkwise_retention_pallas`   `retention.chunkwise_retention` from these kernels; same
                                  arguments and results.
 * `retention_step_pallas`        `retention.retention_step` (one decoding token) in one
-                                 kernel that reads and writes the float32 state once (XLA's
-                                 update and read-out pass over it three times).
+                                 kernel that reads and writes the float32 state once (as
+                                 XLA's fused step does at batch 8-32; 1-4 % slower than it,
+                                 BENCHMARKS.md).
 * `unsupported_reason`           why given head dims / chunk size cannot use the kernels
                                  (then `run_retention` uses XLA).
 
