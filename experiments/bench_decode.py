@@ -14,7 +14,8 @@ XLA's dot strength reduction off), or XLA's defaults with `--xla_defaults`; `--c
 compiles it again with other XLA options (per compile, same process), timed beside;
 `--hlo_dir` keeps each compiled loop's HLO, and every row counts its kernel
 launches per token by kind. `--retention_kernels=xla,pallas` times the RetNet's decode step
-with XLA's kernels and with the fused Pallas step (one pass over the state fewer) side by side.
+with XLA's kernels and with the fused Pallas step (`kernels.retention_step_pallas`) side by
+side.
 
   python experiments/bench_decode.py --config=configs/retnet_1_3b.py
   XLA_FLAGS=--xla_gpu_enable_command_buffer= python experiments/bench_decode.py ...
