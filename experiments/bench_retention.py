@@ -34,6 +34,7 @@ as a fraction of the measured time.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -63,9 +64,13 @@ flags.DEFINE_list("impls", ["ours", "pallas", "autodiff", "scan", "cudnn", "fla"
                   "(fused output and gradient kernels; interpreted off GPU); autodiff: ours' forward with "
                   "JAX autodiff (fwd+bwd only, first chunk size); scan: the prototype (first "
                   "chunk size); cudnn: jax.nn.dot_product_attention; fla: fla's Triton kernels.")
-flags.DEFINE_list("pallas_block_v", ["64"], "Most value columns per program of the Pallas "
+flags.DEFINE_list("pallas_block_v", ["256"], "Most value columns per program of the Pallas "
                   "output kernel (powers of two); several are timed side by side, named "
                   "pallas_c<C>_bv<block_v>.")
+flags.DEFINE_list("pallas_state_block_v", ["256"], "Most value columns per program of the "
+                  "Pallas state kernel (powers of two); several: named ..._sbv<value>.")
+flags.DEFINE_list("pallas_segments", ["auto"], "Segments of the Pallas state kernel's chunk "
+                  "loop ('auto': kernels' choice, or a number); several: named ..._seg<value>.")
 flags.DEFINE_list("decays", ["fixed", "gated"], "Decay kinds.")
 flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd (forward+backward).")
 flags.DEFINE_integer("runs", 20, "Timed runs (median reported).")
@@ -220,7 +225,7 @@ def jax_sync(x):
     jax.block_until_ready(x)
 
 
-def ours_fn(impl: str, chunk_size: int, block_v: int = 64):
+def ours_fn(impl: str, chunk_size: int, tiling: dict | None = None):
     if impl == "scan":
         return lambda q, k, v, a: scan_prototype(q, k, v, a, chunk_size=chunk_size)[0]
     if impl == "autodiff":
@@ -229,8 +234,8 @@ def ours_fn(impl: str, chunk_size: int, block_v: int = 64):
             chunk_size, False)[0]
     if impl == "pallas":
         return lambda q, k, v, a: kernels.chunkwise_retention_pallas(
-            q, k, v, a, chunk_size=chunk_size, block_v=block_v,
-            interpret=jax.default_backend() != "gpu")[0]
+            q, k, v, a, chunk_size=chunk_size, interpret=jax.default_backend() != "gpu",
+            **(tiling or {}))[0]
     return lambda q, k, v, a: retention.chunkwise_retention(q, k, v, a,
                                                             chunk_size=chunk_size)[0]
 
@@ -259,14 +264,24 @@ def cudnn_unsupported_reason(shape) -> str | None:
     return None
 
 
-def pallas_variants(shape, chunk_size: int) -> list[tuple[str, str | None, int]]:
-    """(name, why the kernels refuse it or None, block_v) for each --pallas_block_v at this
-    shape's head dims and chunk size; named pallas_c<C>, plus _bv<block_v> when several."""
+def pallas_variants(shape, chunk_size: int) -> list[tuple[str, str | None, dict]]:
+    """(name, why the kernels refuse it or None, tiling kwargs) for each combination of
+    --pallas_block_v, --pallas_state_block_v and --pallas_segments at this shape's head dims
+    and chunk size; named pallas_c<C>, plus _bv / _sbv / _seg<value> for each flag with
+    several values."""
     *_, key_dim, value_dim = shape
-    blocks = [int(b) for b in FLAGS.pallas_block_v]
-    return [(f"pallas_c{chunk_size}" + (f"_bv{block}" if len(blocks) > 1 else ""),
-             kernels.unsupported_reason(key_dim, value_dim, chunk_size, block_v=block), block)
-            for block in blocks]
+    axes = [("bv", "block_v", [int(b) for b in FLAGS.pallas_block_v]),
+            ("sbv", "state_block_v", [int(b) for b in FLAGS.pallas_state_block_v]),
+            ("seg", "segments", [None if s == "auto" else int(s) for s in FLAGS.pallas_segments])]
+    variants = []
+    for values in itertools.product(*(choices for _, _, choices in axes)):
+        tiling = {arg: value for (_, arg, _), value in zip(axes, values)}
+        name = f"pallas_c{chunk_size}" + "".join(
+            f"_{tag}{'auto' if value is None else value}"
+            for (tag, _, choices), value in zip(axes, values) if len(choices) > 1)
+        variants.append((name, kernels.unsupported_reason(
+            key_dim, value_dim, chunk_size, block_v=tiling["block_v"]), tiling))
+    return variants
 
 
 def jax_call(fn, mode: str, gated: bool):
@@ -424,11 +439,11 @@ def check_correctness(fla, shape_text: str) -> None:
                 f32[0], f32[1], f32[2], a, f32[3])
         candidates = {f"ours_c{chunk}": ours_fn("ours", chunk)}
         pallas = pallas_variants(shape, chunk) if "pallas" in FLAGS.impls else []
-        for name, reason, block in pallas:
+        for name, reason, tiling in pallas:
             if reason:
                 record_check(name, shape_text, decay, "all", {"skipped": reason})
             else:
-                candidates[name] = ours_fn("pallas", chunk, block)
+                candidates[name] = ours_fn("pallas", chunk, tiling)
         if "scan" in FLAGS.impls:
             candidates[f"scan_c{chunk}"] = ours_fn("scan", chunk)
         for name, fn in candidates.items():
@@ -522,11 +537,11 @@ def jax_variants(shape, shape_text: str, decay: str, mode: str) -> list:
         variants += [(f"ours_c{c}", ours_fn("ours", c)) for c in chunks]
     if "pallas" in FLAGS.impls:
         for c in chunks:
-            for name, reason, block in pallas_variants(shape, c):
+            for name, reason, tiling in pallas_variants(shape, c):
                 if reason:
                     record_skip(name, shape_text, decay, mode, reason)
                 else:
-                    variants.append((name, ours_fn("pallas", c, block)))
+                    variants.append((name, ours_fn("pallas", c, tiling)))
     if "autodiff" in FLAGS.impls and mode == "fwdbwd":
         variants.append((f"autodiff_c{chunks[0]}", ours_fn("autodiff", chunks[0])))
     if "scan" in FLAGS.impls:
@@ -654,9 +669,14 @@ def main(argv) -> None:
     for flag in ("shapes", "check_shape"):   # refuse a malformed shape before any device work
         for text in getattr(FLAGS, flag):
             parse_shape(text, flag)
-    for text in FLAGS.pallas_block_v:
-        if not (text.isdigit() and is_power_of_two(int(text))):
-            raise app.UsageError(f"--pallas_block_v: {text!r} is not a power of two")
+    for flag in ("pallas_block_v", "pallas_state_block_v"):
+        for text in getattr(FLAGS, flag):
+            if not (text.isdigit() and is_power_of_two(int(text))):
+                raise app.UsageError(f"--{flag}: {text!r} is not a power of two")
+    for text in FLAGS.pallas_segments:
+        if text != "auto" and not (text.isdigit() and int(text) >= 1):
+            raise app.UsageError(f"--pallas_segments: {text!r} is neither 'auto' nor a "
+                                 f"positive number")
     cached = use_triton_cache(FLAGS.triton_cache_dir) if FLAGS.triton_cache_dir else None
     fla, why = load_fla() if "fla" in FLAGS.impls else (None, "not asked")
     RESULTS["env"] = {

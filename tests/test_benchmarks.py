@@ -93,6 +93,10 @@ def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
     ("bench_retention.py", "--shapes=8x2048x16",
      "--shapes: '8x2048x16' is not BxTxHxD (Dk = Dv = D) or BxTxHxDkxDv"),
     ("bench_retention.py", "--pallas_block_v=64,48", "--pallas_block_v: '48' is not a power of two"),
+    ("bench_retention.py", "--pallas_state_block_v=24",
+     "--pallas_state_block_v: '24' is not a power of two"),
+    ("bench_retention.py", "--pallas_segments=auto,0",
+     "--pallas_segments: '0' is neither 'auto' nor a positive number"),
     ("bench_decode.py", "--retention_kernels=xla,triton",
      "--retention_kernels must be distinct names from"),
     ("bench_decode.py", "--compiler_options=xla_gpu_enable_triton_gemm",
@@ -230,18 +234,17 @@ def test_bench_decode_dumps_hlo_counts_launches_and_tries_compiler_options(tmp_p
         assert any(k.startswith("fusion:k") for k in kinds), kinds
 
 
-def test_bench_retention_times_each_pallas_block_v_side_by_side(tmp_path):
+def test_bench_retention_times_each_pallas_tiling_side_by_side(tmp_path):
     out = tmp_path / "retention.json"
     process = run_script("bench_retention.py", "--smoke", "--shapes=1x64x2x16x64",
                          "--impls=pallas", "--chunk_sizes=16", "--pallas_block_v=16,64",
-                         "--modes=fwd", "--decays=fixed", "--check_shape=1x32x2x16x64",
-                         f"--out={out}")
+                         "--pallas_segments=auto,2", "--modes=fwd", "--decays=fixed",
+                         "--check_shape=1x32x2x16x64", f"--out={out}")
     assert process.returncode == 0, process.stderr
     results = json.loads(out.read_text())
-    assert {r["impl"] for r in results["timings"] if "ms" in r} == {
-        "pallas_c16_bv16", "pallas_c16_bv64"}
-    assert {c["impl"] for c in results["checks"] if "rms_rel" in c} == {
-        "ours_c16", "pallas_c16_bv16", "pallas_c16_bv64"}
+    names = {f"pallas_c16_bv{b}_seg{s}" for b in (16, 64) for s in ("auto", 2)}
+    assert {r["impl"] for r in results["timings"] if "ms" in r} == names
+    assert {c["impl"] for c in results["checks"] if "rms_rel" in c} == {"ours_c16"} | names
 
 
 def test_bench_decode_step_checks_then_times_each_tile_setting(tmp_path):

@@ -16,6 +16,7 @@ from jaxprs import equations
 from retnet_jax import retention
 from retnet_jax.kernels import (
     chunk_grads, chunk_output, chunk_states, chunkwise_retention_pallas, retention_step_pallas)
+from retnet_jax.kernels.chunk_states import state_segments
 from retnet_jax.kernels.common import column_group, pieces
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -109,16 +110,18 @@ def test_short_sequence_uses_a_power_of_two_chunk():
 # Mostly weak decays (log decay in [-0.2, 0)): with strong ones a state barely survives a
 # chunk, and errors in the terms that carry it (through the chunk, to its end) would not show.
 @pytest.mark.parametrize(
-    "dtype, gated, time, chunk_size, with_state, key_dim, value_dim, min_log_decay", [
-        (jnp.float32, True, 40, 16, True, 16, 32, -0.2),
-        (jnp.float32, False, 50, 32, False, 16, 32, -0.2),
-        (jnp.bfloat16, True, 50, 16, False, 16, 32, -3.0),
-        (jnp.bfloat16, False, 40, 16, True, 16, 32, -0.2),
-        (jnp.float32, True, 20, 16, True, 16, 48, -0.2),   # Dv = 48: pieces of 32 and 16
-        (jnp.bfloat16, False, 40, 16, True, 256, 432, -0.2),   # the presets' head dims
+    "dtype, gated, time, chunk_size, with_state, key_dim, value_dim, min_log_decay, segments", [
+        (jnp.float32, True, 40, 16, True, 16, 32, -0.2, 1),
+        (jnp.float32, False, 50, 32, False, 16, 32, -0.2, 1),
+        (jnp.bfloat16, True, 50, 16, False, 16, 32, -3.0, 1),
+        (jnp.bfloat16, False, 40, 16, True, 16, 32, -0.2, 1),
+        (jnp.float32, True, 20, 16, True, 16, 48, -0.2, 1),   # Dv = 48: pieces of 32 and 16
+        (jnp.bfloat16, False, 40, 16, True, 256, 432, -0.2, 1),   # the presets' head dims
+        (jnp.float32, True, 60, 16, True, 16, 32, -0.2, 2),   # state loops in 2 segments
+        (jnp.float32, False, 64, 16, True, 16, 32, -0.2, 4),   # ... and in 4 of one chunk
     ])
 def test_gradients_match_xla(dtype, gated, time, chunk_size, with_state, key_dim, value_dim,
-                             min_log_decay):
+                             min_log_decay, segments):
     q, k, v, log_decay, s0 = random_inputs(3, time=time, gated=gated, key_dim=key_dim,
                                            value_dim=value_dim, dtype=dtype,
                                            min_log_decay=min_log_decay)
@@ -132,7 +135,8 @@ def test_gradients_match_xla(dtype, gated, time, chunk_size, with_state, key_dim
         o, state = fn(q, k, v, log_decay, chunk_size=chunk_size, initial_state=initial_state)
         return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(state * d_state)
 
-    pallas = functools.partial(chunkwise_retention_pallas, interpret=True, block_v=16)
+    pallas = functools.partial(chunkwise_retention_pallas, interpret=True, block_v=16,
+                               segments=segments)
     with jax.default_matmul_precision("highest"):
         grads, ref = (jax.jit(jax.grad(functools.partial(loss, fn), argnums=argnums))(*args)
                       for fn in (pallas, retention.chunkwise_retention))
@@ -279,6 +283,38 @@ def test_chunk_states_matches_retention(reverse, dtype, gated, time, chunk, key_
     # retention.py rounds each chunk's update to the compute dtype; the kernel does not.
     assert rel_err(out, ref_out) <= TOLERANCE[dtype]
     assert rel_err(final, ref_final) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("gated, segments", [(True, 2), (False, 3), (True, 6)])
+def test_chunk_states_in_segments_match_one_loop(reverse, gated, segments):
+    # 6 chunks looped over in `segments` runs from zero carries, joined in XLA: the same
+    # states and final carry as one loop, from a random (nonzero) initial carry.
+    q, k, v, log_decay, x0 = random_inputs(10, time=96, key_dim=16, value_dim=32, gated=gated,
+                                           min_log_decay=-0.2)
+    b = retention._chunk_cumulative_log_decay(log_decay, 96, 2, 16)
+    x, y = (q, v) if reverse else (k, v)
+    with jax.default_matmul_precision("highest"):
+        one = chunk_states(x, y, b, x0, reverse=reverse, interpret=True)
+        split = jax.jit(functools.partial(chunk_states, reverse=reverse, segments=segments,
+                                          interpret=True))(x, y, b, x0)
+        ref = jax.jit(chunk_states_reference, static_argnums=4)(x, y, b, x0, reverse)
+    for got, single, want in zip(split, one, ref):
+        assert got.shape == single.shape and got.dtype == single.dtype
+        assert rel_err(got, single) <= 1e-5 and rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("batch, heads, chunks, segments", [
+    (1, 16, 256, 4),    # the issue's [1, 32768, 16, 128] at C = 128: 64 programs -> 256
+    (4, 16, 64, 1),     # [4, 8192, 16, 128]: 256 programs already
+    (1, 16, 64, 4),     # [1, 8192, 16, 128]: segments of 16 chunks
+    (1, 16, 48, 2),     # 4 segments would be 12 chunks long, under 16
+    (1, 2, 1024, 32),   # 8 programs: 32 segments fill 256, 64 would be 512
+    (1, 16, 255, 1),    # an odd number of chunks cannot be split evenly
+])
+def test_state_segments_fill_the_grid(batch, heads, chunks, segments):
+    # Dk = Dv = 128 in blocks of 64: 4 programs per (batch, head) without segments.
+    assert state_segments(batch, heads, 128, 128, chunks) == segments
 
 
 def _lower_for_cuda(kernel, *args):
@@ -482,6 +518,8 @@ def test_chunk_grads_rejects_bad_arguments(change, match):
     ({"x0": jnp.ones((1, 1, 32, 16))}, "x0 must be float32"),
     ({"y": jnp.ones((1, 32, 1, 32), jnp.bfloat16)}, "y must have x's dtype"),
     ({"b": -jnp.ones((1, 1, 4, 16))}, "must equal the padded time"),
+    ({"segments": 3}, "segments must be a positive divisor"),   # N = 2 chunks
+    ({"segments": 0}, "segments must be a positive divisor"),
 ])
 def test_chunk_states_rejects_bad_arguments(change, match):
     args = {"x": jnp.ones((1, 32, 1, 16)), "y": jnp.ones((1, 32, 1, 32)),
@@ -495,6 +533,9 @@ def test_chunkwise_retention_pallas_rejects_bad_chunk_size():
     for chunk_size in (8, 24, 0, 16.0):
         with pytest.raises(ValueError, match="chunk_size"):
             chunkwise_retention_pallas(q, k, v, log_decay, chunk_size=chunk_size, interpret=True)
+    with pytest.raises(ValueError, match="segments must be a positive divisor"):   # N = 2
+        chunkwise_retention_pallas(q, k, v, log_decay, chunk_size=16, segments=4,
+                                   interpret=True)
 
 
 @pytest.mark.parametrize("preset, supported", [

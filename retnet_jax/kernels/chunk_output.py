@@ -25,6 +25,7 @@ static.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from retnet_jax import retention
 from retnet_jax.kernels.chunk_grads import chunk_grads
-from retnet_jax.kernels.chunk_states import chunk_states
+from retnet_jax.kernels.chunk_states import chunk_states, state_segments
 from retnet_jax.kernels.common import (
     MIN_DOT_DIM, check_block_arg, check_time_major, column_group, decay_index,
     default_num_warps, is_power_of_two, pieces)
@@ -90,7 +91,7 @@ def _check_chunk_output_args(q, k, v, b, states, block_v) -> tuple[int, ...]:
 
 
 def chunk_output(q: Array, k: Array, v: Array, b: Array, states: Array, *,
-                 block_v: int = 64, num_warps: int | None = None,
+                 block_v: int = 256, num_warps: int | None = None,
                  interpret: bool = False) -> Array:
     """Chunkwise retention's output, intra-chunk and inter-chunk terms, in one kernel.
 
@@ -162,7 +163,20 @@ def unsupported_reason(key_dim: int, value_dim: int, chunk_size: int, *,
 # --------------------------------------------------------------------------- full retention
 
 
-def _forward(q, k, v, log_decay, initial_state, chunk_size, block_v, interpret):
+class _Tiling(NamedTuple):
+    """Static kernel settings of one `chunkwise_retention_pallas` call."""
+    block_v: int          # most value columns per `chunk_output` program
+    state_block_v: int    # most value columns per `chunk_states` program
+    segments: int         # `chunk_states`' segments (a divisor of the number of chunks)
+    interpret: bool
+
+
+def _run_states(x, y, b, x0, tiling: _Tiling, reverse: bool):
+    return chunk_states(x, y, b, x0, reverse=reverse, block_v=tiling.state_block_v,
+                        segments=tiling.segments, interpret=tiling.interpret)
+
+
+def _forward(q, k, v, log_decay, initial_state, chunk_size, tiling):
     """Outputs (o, final_state) and the backward's residuals (q, k, v padded to whole chunks
     in the compute dtype, the states entering each chunk, the cumulative decays)."""
     _, time, heads, _ = q.shape
@@ -171,27 +185,25 @@ def _forward(q, k, v, log_decay, initial_state, chunk_size, block_v, interpret):
     padding = -time % chunk_size
     q, k, v = (retention._pad_time(x.astype(dtype), padding) for x in (q, k, v))
     b = retention._chunk_cumulative_log_decay(log_decay, time, heads, chunk_size)
-    states, final_state = chunk_states(k, v, b, initial_state, reverse=False,
-                                       block_v=block_v, interpret=interpret)
-    o = chunk_output(q, k, v, b, states, block_v=block_v, interpret=interpret)
+    states, final_state = _run_states(k, v, b, initial_state, tiling, reverse=False)
+    o = chunk_output(q, k, v, b, states, block_v=tiling.block_v, interpret=tiling.interpret)
     return (o[:, :time].astype(out_dtype), final_state), (q, k, v, states, b)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _chunkwise_pallas(q, k, v, log_decay, initial_state, chunk_size, block_v, interpret):
-    outputs, _ = _forward(q, k, v, log_decay, initial_state, chunk_size, block_v, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _chunkwise_pallas(q, k, v, log_decay, initial_state, chunk_size, tiling):
+    outputs, _ = _forward(q, k, v, log_decay, initial_state, chunk_size, tiling)
     return outputs
 
 
-def _chunkwise_pallas_fwd(q, k, v, log_decay, initial_state, chunk_size, block_v, interpret):
-    outputs, residuals = _forward(q, k, v, log_decay, initial_state, chunk_size, block_v,
-                                  interpret)
+def _chunkwise_pallas_fwd(q, k, v, log_decay, initial_state, chunk_size, tiling):
+    outputs, residuals = _forward(q, k, v, log_decay, initial_state, chunk_size, tiling)
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype)
                    for x in (q, k, v, log_decay, initial_state))
     return outputs, residuals + (shapes,)
 
 
-def _chunkwise_pallas_bwd(chunk_size, block_v, interpret, residuals, cotangents):
+def _chunkwise_pallas_bwd(chunk_size, tiling, residuals, cotangents):
     """The backward pass: state gradients from `chunk_states` run in reverse, per-chunk
     gradients from `chunk_grads`, the log-decay gradient through the within-chunk cumsum."""
     q, k, v, states, b, shapes = residuals
@@ -200,9 +212,8 @@ def _chunkwise_pallas_bwd(chunk_size, block_v, interpret, residuals, cotangents)
     _, padded, heads, _ = q.shape
     time = q_aval.shape[1]
     do = retention._pad_time(do.astype(q.dtype), padded - time)
-    d_kv, d_initial = chunk_states(q, do, b, d_final.astype(jnp.float32), reverse=True,
-                                   block_v=block_v, interpret=interpret)
-    dq, dk, dv, db = chunk_grads(q, k, v, do, b, states, d_kv, interpret=interpret)
+    d_kv, d_initial = _run_states(q, do, b, d_final.astype(jnp.float32), tiling, reverse=True)
+    dq, dk, dv, db = chunk_grads(q, k, v, do, b, states, d_kv, interpret=tiling.interpret)
 
     # b = within-chunk cumsum of log_decay (shared by the batch when fixed): the transpose of
     # that linear map takes dL/db to dL/d log_decay (reverse cumsum inside each chunk, padding
@@ -225,8 +236,9 @@ _chunkwise_pallas.defvjp(_chunkwise_pallas_fwd, _chunkwise_pallas_bwd)
 
 def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *,
                                chunk_size: int = 64, initial_state: Array | None = None,
-                               interpret: bool = False,
-                               block_v: int = 64) -> tuple[Array, Array]:
+                               interpret: bool = False, block_v: int = 256,
+                               state_block_v: int = 256,
+                               segments: int | None = None) -> tuple[Array, Array]:
     """`retention.chunkwise_retention` from the `chunk_states` and `chunk_output` kernels.
 
     Same maths, arguments and results. Activations stay in their [B, T, H, D] layout
@@ -239,13 +251,20 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
     Args:
       q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; any float dtype (computed in their common
         dtype, accumulated in float32; the states entering each chunk are kept in that
-        dtype, as in retention.py). Dk a multiple of 16; Dv with a divisor that is a
-        multiple of 16 and <= block_v (`column_group`): e.g. the presets' Dk 256, Dv 432.
+        dtype, as in retention.py). Dk and Dv multiples of 16: e.g. the presets' Dk 256,
+        Dv 432.
       log_decay: float [H] (fixed) or [B, T, H] (gated), entries <= 0.
       chunk_size: tokens per chunk, a power of two >= 16.
       initial_state: optional float32 [B, H, Dk, Dv]; zeros when None.
       interpret: run the kernels in Pallas interpret mode (CPU tests).
-      block_v: the most value columns per kernel program (see `chunk_output`).
+      block_v: the most value columns per `chunk_output` program (a power of two; the
+        default 256 gives Dv 128 one program of 128 and Dv 432 three of 144, the fastest
+        measured on an H200, BENCHMARKS.md).
+      state_block_v: the most value columns per `chunk_states` program (a power of two;
+        at Dv 128 the widths 64 to 256 are within 5 % of each other on an H200, at Dv 432
+        256 makes the forward 1.4x faster than 64).
+      segments: `chunk_states`' segments (a divisor of the number of chunks); None picks
+        `state_segments` (more than 1 only for long sequences with few batch x heads).
     Returns:
       (o [B, T, H, Dv] in v's dtype, final state float32 [B, H, Dk, Dv]).
     """
@@ -258,12 +277,21 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
         raise ValueError(f"chunk_size must be a power of two >= {MIN_DOT_DIM}, "
                          f"got {chunk_size!r}")
     block_v = check_block_arg("block_v", block_v)
+    state_block_v = check_block_arg("state_block_v", state_block_v)
     chunk = min(int(chunk_size), max(MIN_DOT_DIM, pl.next_power_of_2(time)))
     reason = unsupported_reason(key_dim, value_dim, chunk, block_v=block_v)
     if reason:
         raise ValueError(reason)
+    chunks = -(-time // chunk)
+    if segments is None:
+        segments = state_segments(batch, heads, key_dim, value_dim, chunks,
+                                  block_v=state_block_v)
+    elif not isinstance(segments, (int, np.integer)) or segments < 1 or chunks % segments:
+        raise ValueError(f"segments must be a positive divisor of the number of chunks "
+                         f"ceil(T / C) = {chunks}, got {segments!r}")
     if initial_state is None:
         initial_state = retention.zero_state(batch, heads, key_dim, value_dim)
     retention._check_state(initial_state, q, v)
+    tiling = _Tiling(block_v, state_block_v, int(segments), bool(interpret))
     return _chunkwise_pallas(q, k, v, log_decay, initial_state.astype(jnp.float32), chunk,
-                             block_v, bool(interpret))
+                             tiling)

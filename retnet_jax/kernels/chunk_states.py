@@ -31,6 +31,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -40,7 +41,12 @@ from retnet_jax.kernels.common import (
 
 Array = jax.Array
 
-__all__ = ["chunk_states"]
+__all__ = ["chunk_states", "state_segments"]
+
+# `state_segments`: split the chunk loop until the grid has about this many programs (~2 per
+# SM of a 132-SM H100/H200), keeping each segment at least MIN_SEGMENT_CHUNKS chunks long.
+SEGMENT_PROGRAMS = 256
+MIN_SEGMENT_CHUNKS = 16
 
 
 def _chunk_states_kernel(x_ref, y_ref, b_ref, x0_ref, out_ref, final_ref, *, reverse: bool):
@@ -82,7 +88,7 @@ def _chunk_states_kernel(x_ref, y_ref, b_ref, x0_ref, out_ref, final_ref, *, rev
 
 
 def chunk_states(x: Array, y: Array, b: Array, x0: Array, *, reverse: bool,
-                 block_k: int = 64, block_v: int = 64, num_warps: int = 4,
+                 block_k: int = 64, block_v: int = 64, segments: int = 1, num_warps: int = 4,
                  num_stages: int = 2, interpret: bool = False) -> tuple[Array, Array]:
     """The chunk recurrence S <- exp(g_n) S + (x_n * decay_n[:, None])^T y_n, one kernel.
 
@@ -105,6 +111,10 @@ def chunk_states(x: Array, y: Array, b: Array, x0: Array, *, reverse: bool,
       block_k, block_v: the most key / value columns per program (powers of two >= 16): each
         program takes the widest multiple of 16 dividing Dk / Dv up to these (`column_group`;
         Dv = 432 at 64 -> 48 columns, held as tiles of 32 and 16).
+      segments: split the N chunks into this many runs of N / segments (it must divide N),
+        each looped over by its own programs from a zero carry, then joined in XLA
+        (`_join_segments`): the kernel's sequential loop is N / segments steps long, for
+        long sequences with few (batch, head) pairs (`state_segments` picks it).
       num_warps, num_stages: Triton warps per program and software-pipelining stages of the
         chunk loop's loads.
       interpret: run the kernel in Pallas interpret mode (any backend, e.g. CPU tests).
@@ -124,10 +134,97 @@ def chunk_states(x: Array, y: Array, b: Array, x0: Array, *, reverse: bool,
         if block is None:
             raise ValueError(f"the {what} = {dim} has no divisor that is a multiple of "
                              f"{MIN_DOT_DIM} and <= {most}")
+    if not isinstance(segments, (int, np.integer)) or segments < 1 or chunks % segments:
+        raise ValueError(f"segments must be a positive divisor of the number of chunks "
+                         f"N = {chunks}, got {segments!r}")
+    run = functools.partial(_recurrence, reverse=bool(reverse), block_k=bk, block_v=bv,
+                            num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    if segments == 1:
+        return run(x, y, b, x0)
+    return _segmented(run, x, y, b, x0, int(segments), bool(reverse))
+
+
+def state_segments(batch: int, heads: int, key_dim: int, value_dim: int, chunks: int, *,
+                   block_k: int = 64, block_v: int = 64) -> int:
+    """How many segments `chunk_states` should split N chunks into: the largest power of two
+    S dividing N that keeps S x (its programs without segments) <= SEGMENT_PROGRAMS and each
+    segment >= MIN_SEGMENT_CHUNKS long (1 when the grid is already that large). E.g. the
+    issue's [1, 32768, 16, 128] at C = 128 (N = 256, 64 programs) -> 4; [4, 8192, 16, 128]
+    (256 programs) -> 1."""
+    programs = (batch * heads * (key_dim // (column_group(key_dim, block_k) or key_dim))
+                * (value_dim // (column_group(value_dim, block_v) or value_dim)))
+    segments = 1
+    while (chunks % (2 * segments) == 0 and chunks // (2 * segments) >= MIN_SEGMENT_CHUNKS
+           and programs * 2 * segments <= SEGMENT_PROGRAMS):
+        segments *= 2
+    return segments
+
+
+def _segmented(run, x: Array, y: Array, b: Array, x0: Array, segments: int,
+               reverse: bool) -> tuple[Array, Array]:
+    """`run` (the kernel) on `segments` runs of chunks folded into the batch axis, each from
+    a zero carry, then `_join_segments`. Shapes as `chunk_states`'."""
+    batch, padded, heads, _ = x.shape
+    chunks, chunk = b.shape[2:]
+
+    def fold(a):   # [B, S * L * C, H, D] -> [B * S, L * C, H, D], no copy
+        return a.reshape(batch * segments, padded // segments, *a.shape[2:])
+
+    b = jnp.broadcast_to(b, (batch, *b.shape[1:])).reshape(
+        batch, heads, segments, chunks // segments, chunk)
+    local_b = jnp.swapaxes(b, 1, 2).reshape(batch * segments, heads, chunks // segments, chunk)
+    zeros = jnp.zeros((batch * segments, *x0.shape[1:]), jnp.float32)
+    local, local_final = run(fold(x), fold(y), local_b, zeros)
+    return _join_segments(local.reshape(batch, segments, *local.shape[1:]),
+                          local_final.reshape(batch, segments, *x0.shape[1:]),
+                          b[..., -1], x0, reverse, x.dtype)
+
+
+def _join_segments(local: Array, local_final: Array, g: Array, x0: Array, reverse: bool,
+                   dtype) -> tuple[Array, Array]:
+    """The whole recurrence from its segments' parts, float32, in XLA.
+
+    Args:
+      local: [B, S, H, L, Dk, Dv] each segment's carries from a zero start (`out`).
+      local_final: float32 [B, S, H, Dk, Dv] each segment's carry after its last step.
+      g: float32 [B, H, S, L] each chunk's total log decay.
+      x0: float32 [B, H, Dk, Dv] the carry before the first step.
+    Returns:
+      (out [B, H, S * L, Dk, Dv] in dtype, final float32 [B, H, Dk, Dv]), as `chunk_states`.
+    """
+    segments = g.shape[2]
+    g = jnp.swapaxes(g, 1, 2)                                     # [B, S, H, L]
+    # The carry entering segment s (from the right in reverse) and the decay from it to each
+    # chunk's out: the sum of the g's folded in between (exclusive cumsum; all exponents <= 0).
+    between = _exclusive_cumsum(g[..., ::-1])[..., ::-1] if reverse else _exclusive_cumsum(g)
+    totals = jnp.exp(jnp.sum(g, axis=-1))[..., None, None]       # [B, S, H, 1, 1]
+    carries, carry = [None] * segments, x0
+    for s in (reversed(range(segments)) if reverse else range(segments)):
+        carries[s] = carry
+        carry = totals[:, s] * carry + local_final[:, s]
+    entering = jnp.stack(carries, axis=1)[:, :, :, None]         # [B, S, H, 1, Dk, Dv]
+    out = local.astype(jnp.float32) + jnp.exp(between)[..., None, None] * entering
+    out = jnp.swapaxes(out, 1, 2)                                 # [B, H, S, L, Dk, Dv]
+    return out.reshape(*out.shape[:2], -1, *out.shape[4:]).astype(dtype), carry
+
+
+def _exclusive_cumsum(a: Array) -> Array:
+    """[..., L] -> [..., L]: sums of the entries before each position (0 first)."""
+    return jnp.cumsum(jnp.pad(a[..., :-1], [(0, 0)] * (a.ndim - 1) + [(1, 0)]), axis=-1)
+
+
+def _recurrence(x, y, b, x0, *, reverse: bool, block_k: int, block_v: int, num_warps: int,
+                num_stages: int, interpret: bool) -> tuple[Array, Array]:
+    """The pallas_call of `chunk_states` (arguments checked there; block_k / block_v are the
+    column groups)."""
+    batch, padded, heads, key_dim = x.shape
+    value_dim = y.shape[-1]
+    chunks, chunk = b.shape[2:]
+    bk, bv = block_k, block_v
     shared = b.shape[0] == 1
 
     return pl.pallas_call(
-        functools.partial(_chunk_states_kernel, reverse=bool(reverse)),
+        functools.partial(_chunk_states_kernel, reverse=reverse),
         grid=(batch, heads, key_dim // bk, value_dim // bv),
         in_specs=[
             pl.BlockSpec((None, padded, None, bk), lambda i, h, p, j: (i, 0, h, p)),

@@ -9,8 +9,10 @@ group), loads its [Dk, BV] columns of S as power-of-two tiles, updates them in r
 accumulates o from the updated tiles and writes them back: one read and one write of the
 state. Inside a model at batch 8-32, XLA already fuses the update and the read-out into
 one kernel per block that reads and writes the state once (at batch 1 it makes a third
-pass, over a small state), and at the 1.3B preset on an H200 this kernel is 1-4 % slower
-than XLA's step (BENCHMARKS.md, "Decoding", session 10). It is used only with
+pass, over a small state). At the 1.3B preset's heads on an H200, the step alone
+(`experiments/bench_decode_step.py`, BENCHMARKS.md "Decoding", session 11) takes 0.83-0.87x
+XLA's time at batch 32 with the default tiles (groups of 144 value columns, 4 warps), but
+1.07-1.35x it at batch 8 and 1.09-1.49x at batch 1, where the state is small. It is used only with
 `retention_kernel='pallas'`.
 
 Elementwise work only (an outer product and a column sum per tile), so no dot-tile limits
@@ -58,7 +60,7 @@ def _decode_step_kernel(q_ref, k_ref, v_ref, decay_ref, state_ref, o_ref, new_st
 
 
 def retention_step_pallas(q: Array, k: Array, v: Array, log_decay: Array, state: Array, *,
-                          block_v: int = 64, num_warps: int = 4,
+                          block_v: int = 256, num_warps: int = 4,
                           interpret: bool = False) -> tuple[Array, Array]:
     """`retention.retention_step` as one kernel; same arguments and results. Forward only,
     for decoding: differentiating it raises (JAX's NotImplementedError); gradients come from
@@ -70,7 +72,8 @@ def retention_step_pallas(q: Array, k: Array, v: Array, log_decay: Array, state:
       log_decay: float [H] (fixed) or [B, H] (gated), entries <= 0.
       state: float32 [B, H, Dk, Dv], the state after the previous token.
       block_v: the most value columns per program (a power of two >= 16): each program takes
-        the widest multiple of 16 dividing Dv up to it (Dv = 432 at 64 -> 48 columns).
+        the widest multiple of 16 dividing Dv up to it (Dv = 432 at 256 -> 144 columns, at
+        64 -> 48).
       num_warps: Triton warps per program.
       interpret: run in Pallas interpret mode (any backend, e.g. CPU tests).
     Returns:
