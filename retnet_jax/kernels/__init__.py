@@ -6,7 +6,9 @@ needed): the kernels index one chunk of the time axis directly, never a transpos
 * `chunk_states`                 the chunk recurrence of the states (forward) and of their
                                  gradients (reverse): one program per (batch, head, key
                                  block, value block) loops over the chunks, carrying its
-                                 block of the state in registers.
+                                 block of the state in registers; long sequences with few
+                                 (batch, head) pairs loop in segments joined in XLA
+                                 (`state_segments` picks how many).
 * `chunk_output`                 one kernel for chunkwise retention's output (intra-chunk
                                  weights and the entering-state term).
 * `chunk_grads`                  one kernel for the per-chunk part of its backward pass (dq,
@@ -16,8 +18,8 @@ needed): the kernels index one chunk of the time axis directly, never a transpos
                                  arguments and results.
 * `retention_step_pallas`        `retention.retention_step` (one decoding token) in one
                                  kernel that reads and writes the float32 state once (as
-                                 XLA's fused step does at batch 8-32; 1-4 % slower than it,
-                                 BENCHMARKS.md).
+                                 XLA's fused step does at batch 8-32; faster than it only
+                                 at batch 32, BENCHMARKS.md).
 * `unsupported_reason`           why given head dims / chunk size cannot use the kernels
                                  (then `run_retention` uses XLA).
 
@@ -28,8 +30,9 @@ pieces (`common.pieces`: 432 -> 3 x 128 + 32 + 16). Grid axes that split a head
 (`chunk_output`'s value columns, `chunk_states`' key and value columns) use groups of a
 multiple of 16 columns dividing it (`common.column_group`). So the 125M, 350M, 1.3B and
 6.7B presets (torchscale widths: Dk 256, Dv 432) run on the kernels too; the 2.7B (Dv 428)
-uses XLA. Timed on GPUs (BENCHMARKS.md): at Dk = Dv = 128 they take 0.65x the XLA path's
-forward time; at Dk 256 / Dv 432 (H200) they are correct but 2x slower than XLA.
+uses XLA. Timed on an H200 (BENCHMARKS.md, session 11): at Dk = Dv = 128 the forward takes
+0.44-0.54x the XLA path's time and the forward+backward 0.47-0.66x (0.72-0.94x fla's); at
+Dk 256 / Dv 432 the forward takes 0.91x XLA's but the forward+backward 1.49x.
 
 Models select them with `ModelConfig.retention_kernel` ('pallas': the chunkwise form and
 single-token decoding steps; see `layers.run_retention`,
