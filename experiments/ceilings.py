@@ -24,9 +24,21 @@ def median_seconds(fn, *args, repeats: int = 10, calls: int = 1) -> float:
     return float(np.median(times))
 
 
+# Element types of the copy probe. On an H200, JAX's bf16 negate moved 3.1 TB/s where torch's
+# copy_ moved 4.2 (BENCHMARKS.md, session 11); wider elements are the candidate remedy.
+COPY_DTYPES = (jnp.bfloat16, jnp.float32)
+
+
 def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
-    """Device-to-device bandwidth in bytes/s, counting bytes read plus bytes written."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (num_bytes // 2,), jnp.bfloat16)
+    """Device-to-device bandwidth in bytes/s, counting bytes read plus bytes written: the
+    fastest jitted negate of num_bytes of each of COPY_DTYPES."""
+    return max(negate_bandwidth(num_bytes, dtype) for dtype in COPY_DTYPES)
+
+
+def negate_bandwidth(num_bytes: int, dtype) -> float:
+    """Read + write bytes/s of a jitted negate over num_bytes of random dtype elements."""
+    size = num_bytes // jnp.dtype(dtype).itemsize
+    x = jax.random.normal(jax.random.PRNGKey(0), (size,), dtype)
     seconds = median_seconds(jax.jit(lambda x: -x), x, calls=10)
     return 2 * x.nbytes / seconds
 
