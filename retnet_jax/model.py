@@ -92,11 +92,10 @@ class ModelConfig:
         (the fused `kernels` for the chunk states, the output and the per-chunk gradients,
         and for each decoded token's state update and read-out, on GPU, per device shard
         under `shard_map` on a mesh; XLA elsewhere or for sizes they do not take; chunkwise
-        about 2x faster than 'xla' at head dims of 128, forward+backward 1.5x slower at the
-        presets' 256 / 432; the decoding step faster at batch 32 only: BENCHMARKS.md) or
-        'pallas_interpret'
-        (interpreted, any backend; tests). It changes no parameter: a model trained with
-        one can decode with another.
+        forward ~2x and forward+backward 1.5-2.1x faster than 'xla' at head dims of 128,
+        forward+backward 1.5x slower at the presets' 256 / 432; the decoding step faster at
+        batch 32 only: BENCHMARKS.md) or 'pallas_interpret' (interpreted, any backend;
+        tests). It changes no parameter: a model trained with one can decode with another.
     Attention:
       attention_impl: None (cuDNN on GPU for bf16, else XLA), 'xla' or 'cudnn'; used by the
         full-sequence forward (cached prefill/decoding always use XLA with an explicit mask).

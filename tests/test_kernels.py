@@ -304,17 +304,19 @@ def test_chunk_states_in_segments_match_one_loop(reverse, gated, segments):
         assert rel_err(got, single) <= 1e-5 and rel_err(got, want) <= 1e-5
 
 
-@pytest.mark.parametrize("batch, heads, chunks, segments", [
-    (1, 16, 256, 4),    # the issue's [1, 32768, 16, 128] at C = 128: 64 programs -> 256
-    (4, 16, 64, 1),     # [4, 8192, 16, 128]: 256 programs already
-    (1, 16, 64, 4),     # [1, 8192, 16, 128]: segments of 16 chunks
-    (1, 16, 48, 2),     # 4 segments would be 12 chunks long, under 16
-    (1, 2, 1024, 32),   # 8 programs: 32 segments fill 256, 64 would be 512
-    (1, 16, 255, 1),    # an odd number of chunks cannot be split evenly
+@pytest.mark.parametrize("batch, heads, chunks, block_v, segments", [
+    (1, 16, 256, 64, 4),    # the issue's [1, 32768, 16, 128] at C = 128: 64 programs -> 256
+    (1, 16, 256, 256, 8),   # ... 32 programs with one value group per head -> 256
+    (4, 16, 64, 64, 1),     # [4, 8192, 16, 128]: 256 programs already
+    (4, 16, 64, 256, 2),    # ... or 128
+    (1, 16, 64, 64, 4),     # [1, 8192, 16, 128]: segments of 16 chunks
+    (1, 16, 48, 64, 2),     # 4 segments would be 12 chunks long, under 16
+    (1, 2, 1024, 64, 32),   # 8 programs: 32 segments fill 256, 64 would be 512
+    (1, 16, 255, 64, 1),    # an odd number of chunks cannot be split evenly
 ])
-def test_state_segments_fill_the_grid(batch, heads, chunks, segments):
-    # Dk = Dv = 128 in blocks of 64: 4 programs per (batch, head) without segments.
-    assert state_segments(batch, heads, 128, 128, chunks) == segments
+def test_state_segments_fill_the_grid(batch, heads, chunks, block_v, segments):
+    # Dk = Dv = 128, keys in blocks of 64: 2 x (128 / block_v) programs per (batch, head).
+    assert state_segments(batch, heads, 128, 128, chunks, block_v=block_v) == segments
 
 
 def _lower_for_cuda(kernel, *args):

@@ -258,10 +258,11 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
       initial_state: optional float32 [B, H, Dk, Dv]; zeros when None.
       interpret: run the kernels in Pallas interpret mode (CPU tests).
       block_v: the most value columns per `chunk_output` program (a power of two; the
-        default 256 gives Dv 128 one program of 128 and Dv 432 three of 144, the fastest
-        measured on an H200, BENCHMARKS.md).
+        default 256 gives Dv 128 one program of 128 and Dv 432 three of 144: forwards up
+        to 1.5x (Dv 128) and 2.1x (Dv 432) faster than at 64 on an H200, BENCHMARKS.md
+        runs 7 and 9).
       state_block_v: the most value columns per `chunk_states` program (a power of two;
-        at Dv 128 the widths 64 to 256 are within 5 % of each other on an H200, at Dv 432
+        at Dv 128 the widths 64 to 256 are within 8 % of each other on an H200, at Dv 432
         256 makes the forward 1.4x faster than 64).
       segments: `chunk_states`' segments (a divisor of the number of chunks); None picks
         `state_segments` (more than 1 only for long sequences with few batch x heads).

@@ -149,8 +149,9 @@ def state_segments(batch: int, heads: int, key_dim: int, value_dim: int, chunks:
     """How many segments `chunk_states` should split N chunks into: the largest power of two
     S dividing N that keeps S x (its programs without segments) <= SEGMENT_PROGRAMS and each
     segment >= MIN_SEGMENT_CHUNKS long (1 when the grid is already that large). E.g. the
-    issue's [1, 32768, 16, 128] at C = 128 (N = 256, 64 programs) -> 4; [4, 8192, 16, 128]
-    (256 programs) -> 1."""
+    issue's [1, 32768, 16, 128] at C = 128 (N = 256): 64 programs at block_v 64 -> 4, 32 at
+    block_v 256 (`chunkwise_retention_pallas`' default) -> 8; [4, 8192, 16, 128]: 256
+    programs -> 1, 128 -> 2."""
     programs = (batch * heads * (key_dim // (column_group(key_dim, block_k) or key_dim))
                 * (value_dim // (column_group(value_dim, block_v) or value_dim)))
     segments = 1

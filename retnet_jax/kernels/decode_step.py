@@ -12,7 +12,7 @@ one kernel per block that reads and writes the state once (at batch 1 it makes a
 pass, over a small state). At the 1.3B preset's heads on an H200, the step alone
 (`experiments/bench_decode_step.py`, BENCHMARKS.md "Decoding", session 11) takes 0.83-0.87x
 XLA's time at batch 32 with the default tiles (groups of 144 value columns, 4 warps), but
-1.07-1.35x it at batch 8 and 1.09-1.49x at batch 1, where the state is small. It is used only with
+1.08-1.35x it at batch 8 and 1.09-1.49x at batch 1, where the state is small. It is used only with
 `retention_kernel='pallas'`.
 
 Elementwise work only (an outer product and a column sum per tile), so no dot-tile limits
