@@ -70,6 +70,9 @@ flags.DEFINE_list("pallas_block_v", ["256"], "Most value columns per program of 
                   "pallas_c<C>_bv<block_v>.")
 flags.DEFINE_list("pallas_state_block_v", ["256"], "Most value columns per program of the "
                   "Pallas state kernel (powers of two); several: named ..._sbv<value>.")
+flags.DEFINE_list("pallas_num_warps", ["auto"], "Triton warps per program of the Pallas "
+                  "output kernel ('auto': its default, or a power of two); several: named "
+                  "..._w<value>.")
 flags.DEFINE_list("pallas_segments", ["auto"], "Segments of the Pallas state kernel's chunk "
                   "loop ('auto': kernels' choice, or a number); several: named ..._seg<value>.")
 flags.DEFINE_list("decays", ["fixed", "gated"], "Decay kinds.")
@@ -267,13 +270,14 @@ def cudnn_unsupported_reason(shape) -> str | None:
 
 def pallas_variants(shape, chunk_size: int) -> list[tuple[str, str | None, dict]]:
     """(name, why the kernels refuse it or None, tiling kwargs) for each combination of
-    --pallas_block_v, --pallas_state_block_v and --pallas_segments at this shape's head dims
-    and chunk size; named pallas_c<C>, plus _bv / _sbv / _seg<value> for each flag with
-    several values."""
+    --pallas_block_v, --pallas_state_block_v, --pallas_segments and --pallas_num_warps at this
+    shape's head dims and chunk size; named pallas_c<C>, plus _bv / _sbv / _seg / _w<value>
+    for each flag with several values."""
     *_, key_dim, value_dim = shape
     axes = [("bv", "block_v", [int(b) for b in FLAGS.pallas_block_v]),
             ("sbv", "state_block_v", [int(b) for b in FLAGS.pallas_state_block_v]),
-            ("seg", "segments", [None if s == "auto" else int(s) for s in FLAGS.pallas_segments])]
+            ("seg", "segments", [None if s == "auto" else int(s) for s in FLAGS.pallas_segments]),
+            ("w", "num_warps", [None if w == "auto" else int(w) for w in FLAGS.pallas_num_warps])]
     variants = []
     for values in itertools.product(*(choices for _, _, choices in axes)):
         tiling = {arg: value for (_, arg, _), value in zip(axes, values)}
@@ -682,6 +686,10 @@ def main(argv) -> None:
         if text != "auto" and not (text.isdigit() and int(text) >= 1):
             raise app.UsageError(f"--pallas_segments: {text!r} is neither 'auto' nor a "
                                  f"positive number")
+    for text in FLAGS.pallas_num_warps:
+        if text != "auto" and not (text.isdigit() and is_power_of_two(int(text))):
+            raise app.UsageError(f"--pallas_num_warps: {text!r} is neither 'auto' nor a "
+                                 f"power of two")
     cached = use_triton_cache(FLAGS.triton_cache_dir) if FLAGS.triton_cache_dir else None
     fla, why = load_fla() if "fla" in FLAGS.impls else (None, "not asked")
     RESULTS["env"] = {

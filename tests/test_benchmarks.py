@@ -97,6 +97,8 @@ def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
      "--pallas_state_block_v: '24' is not a power of two"),
     ("bench_retention.py", "--pallas_segments=auto,0",
      "--pallas_segments: '0' is neither 'auto' nor a positive number"),
+    ("bench_retention.py", "--pallas_num_warps=4,6",
+     "--pallas_num_warps: '6' is neither 'auto' nor a power of two"),
     ("bench_decode.py", "--retention_kernels=xla,triton",
      "--retention_kernels must be distinct names from"),
     ("bench_decode.py", "--compiler_options=xla_gpu_enable_triton_gemm",
@@ -238,7 +240,8 @@ def test_bench_retention_times_each_pallas_tiling_side_by_side(tmp_path):
     out = tmp_path / "retention.json"
     process = run_script("bench_retention.py", "--smoke", "--shapes=1x64x2x16x64",
                          "--impls=pallas", "--chunk_sizes=16", "--pallas_block_v=16,64",
-                         "--pallas_segments=auto,2", "--modes=fwd", "--decays=fixed",
+                         "--pallas_segments=auto,2", "--pallas_num_warps=4",
+                         "--modes=fwd", "--decays=fixed",
                          "--check_shape=1x32x2x16x64", f"--out={out}")
     assert process.returncode == 0, process.stderr
     results = json.loads(out.read_text())

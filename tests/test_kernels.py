@@ -530,7 +530,7 @@ def test_chunk_states_rejects_bad_arguments(change, match):
         chunk_states(**(args | change), interpret=True)
 
 
-def test_chunkwise_retention_pallas_rejects_bad_chunk_size():
+def test_chunkwise_retention_pallas_rejects_bad_settings():
     q, k, v, log_decay, _ = random_inputs(6, time=20)
     for chunk_size in (8, 24, 0, 16.0):
         with pytest.raises(ValueError, match="chunk_size"):
@@ -538,6 +538,8 @@ def test_chunkwise_retention_pallas_rejects_bad_chunk_size():
     with pytest.raises(ValueError, match="segments must be a positive divisor"):   # N = 2
         chunkwise_retention_pallas(q, k, v, log_decay, chunk_size=16, segments=4,
                                    interpret=True)
+    with pytest.raises(ValueError, match="num_warps must be a power of two"):
+        chunkwise_retention_pallas(q, k, v, log_decay, num_warps=6, interpret=True)
 
 
 @pytest.mark.parametrize("preset, supported", [

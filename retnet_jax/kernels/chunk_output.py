@@ -168,6 +168,7 @@ class _Tiling(NamedTuple):
     block_v: int          # most value columns per `chunk_output` program
     state_block_v: int    # most value columns per `chunk_states` program
     segments: int         # `chunk_states`' segments (a divisor of the number of chunks)
+    num_warps: int | None  # Triton warps per `chunk_output` program (None: its default)
     interpret: bool
 
 
@@ -186,7 +187,8 @@ def _forward(q, k, v, log_decay, initial_state, chunk_size, tiling):
     q, k, v = (retention._pad_time(x.astype(dtype), padding) for x in (q, k, v))
     b = retention._chunk_cumulative_log_decay(log_decay, time, heads, chunk_size)
     states, final_state = _run_states(k, v, b, initial_state, tiling, reverse=False)
-    o = chunk_output(q, k, v, b, states, block_v=tiling.block_v, interpret=tiling.interpret)
+    o = chunk_output(q, k, v, b, states, block_v=tiling.block_v, num_warps=tiling.num_warps,
+                     interpret=tiling.interpret)
     return (o[:, :time].astype(out_dtype), final_state), (q, k, v, states, b)
 
 
@@ -237,8 +239,8 @@ _chunkwise_pallas.defvjp(_chunkwise_pallas_fwd, _chunkwise_pallas_bwd)
 def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *,
                                chunk_size: int = 64, initial_state: Array | None = None,
                                interpret: bool = False, block_v: int = 256,
-                               state_block_v: int = 256,
-                               segments: int | None = None) -> tuple[Array, Array]:
+                               state_block_v: int = 256, segments: int | None = None,
+                               num_warps: int | None = None) -> tuple[Array, Array]:
     """`retention.chunkwise_retention` from the `chunk_states` and `chunk_output` kernels.
 
     Same maths, arguments and results. Activations stay in their [B, T, H, D] layout
@@ -266,6 +268,7 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
         256 makes the forward 1.4x faster than 64).
       segments: `chunk_states`' segments (a divisor of the number of chunks); None picks
         `state_segments` (more than 1 only for long sequences with few batch x heads).
+      num_warps: Triton warps per `chunk_output` program; None: its default (8 at C = 128).
     Returns:
       (o [B, T, H, Dv] in v's dtype, final state float32 [B, H, Dk, Dv]).
     """
@@ -293,6 +296,10 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
     if initial_state is None:
         initial_state = retention.zero_state(batch, heads, key_dim, value_dim)
     retention._check_state(initial_state, q, v)
-    tiling = _Tiling(block_v, state_block_v, int(segments), bool(interpret))
+    if num_warps is not None and not (isinstance(num_warps, (int, np.integer))
+                                      and is_power_of_two(int(num_warps))):
+        raise ValueError(f"num_warps must be a power of two, got {num_warps!r}")
+    tiling = _Tiling(block_v, state_block_v, int(segments),
+                     None if num_warps is None else int(num_warps), bool(interpret))
     return _chunkwise_pallas(q, k, v, log_decay, initial_state.astype(jnp.float32), chunk,
                              tiling)
