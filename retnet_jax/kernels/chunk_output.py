@@ -286,20 +286,16 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
     reason = unsupported_reason(key_dim, value_dim, chunk, block_v=block_v)
     if reason:
         raise ValueError(reason)
-    chunks = -(-time // chunk)
-    if segments is None:
-        segments = state_segments(batch, heads, key_dim, value_dim, chunks,
-                                  block_v=state_block_v)
-    elif not isinstance(segments, (int, np.integer)) or segments < 1 or chunks % segments:
-        raise ValueError(f"segments must be a positive divisor of the number of chunks "
-                         f"ceil(T / C) = {chunks}, got {segments!r}")
-    if initial_state is None:
-        initial_state = retention.zero_state(batch, heads, key_dim, value_dim)
-    retention._check_state(initial_state, q, v)
     if num_warps is not None and not (isinstance(num_warps, (int, np.integer))
                                       and is_power_of_two(int(num_warps))):
         raise ValueError(f"num_warps must be a power of two, got {num_warps!r}")
-    tiling = _Tiling(block_v, state_block_v, int(segments),
+    if segments is None:   # an explicit count is checked by chunk_states
+        segments = state_segments(batch, heads, key_dim, value_dim, -(-time // chunk),
+                                  block_v=state_block_v)
+    if initial_state is None:
+        initial_state = retention.zero_state(batch, heads, key_dim, value_dim)
+    retention._check_state(initial_state, q, v)
+    tiling = _Tiling(block_v, state_block_v, segments,
                      None if num_warps is None else int(num_warps), bool(interpret))
     return _chunkwise_pallas(q, k, v, log_decay, initial_state.astype(jnp.float32), chunk,
                              tiling)
