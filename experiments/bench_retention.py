@@ -51,8 +51,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from retnet_jax import kernels, positions, retention  # noqa: E402
+from retnet_jax import kernels, retention  # noqa: E402
 from retnet_jax.kernels.common import is_power_of_two  # noqa: E402
+from retention_inputs import make_inputs, parse_shape  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["8x2048x16x128", "4x8192x16x128", "1x32768x16x128"],
@@ -99,18 +100,6 @@ SMOKE_DEFAULTS = {"shapes": ["2x256x4x32", "1x1024x2x32x64"], "chunk_sizes": ["1
                   "warmup": 1, "min_warmup_s": 0.0}
 
 
-def parse_shape(text: str, flag: str = "shapes") -> tuple[int, int, int, int, int]:
-    """'BxTxHxD' or 'BxTxHxDkxDv' -> (B, T, H, Dk, Dv); a UsageError naming --flag if
-    `text` is neither."""
-    parts = text.strip().lower().split("x")
-    if len(parts) not in (4, 5) or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise app.UsageError(
-            f"--{flag}: {text!r} is not BxTxHxD (Dk = Dv = D) or BxTxHxDkxDv, positive "
-            "integers joined by 'x', e.g. 8x2048x16x128 or 2x8192x8x256x512")
-    dims = [int(p) for p in parts]
-    return tuple(dims if len(dims) == 5 else dims + dims[3:])
-
-
 def shape_fields(shape_text: str) -> dict:
     """The JSON row fields naming a shape: its text and its key and value head dims."""
     *_, key_dim, value_dim = parse_shape(shape_text)
@@ -125,22 +114,6 @@ def save() -> None:
 
 
 # ------------------------------------------------------------------------------- inputs
-
-
-def make_inputs(seed: int, shape, gated: bool, dtype=jnp.bfloat16):
-    """For shape (B, T, H, Dk, Dv): q (scaled by Dk^-0.5), k [B, T, H, Dk] and v, do
-    [B, T, H, Dv] in dtype; log_decay float32 [H] (fixed) or [B, T, H] (gated)."""
-    b, t, h, dk, dv = shape
-    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
-    q = (jax.random.normal(ks[0], (b, t, h, dk)) * dk ** -0.5).astype(dtype)
-    k = jax.random.normal(ks[1], (b, t, h, dk)).astype(dtype)
-    v = jax.random.normal(ks[2], (b, t, h, dv)).astype(dtype)
-    do = jax.random.normal(ks[3], (b, t, h, dv)).astype(dtype)
-    if gated:  # log-sigmoid gates, mostly near 0 with a tail down to ~ -5
-        log_decay = jax.nn.log_sigmoid(jax.random.normal(ks[4], (b, t, h)) + 3.0)
-    else:
-        log_decay = positions.decay_log_gammas(h)  # = fla's chunk_retention decays
-    return q, k, v, log_decay, do
 
 
 # ------------------------------------------------------------------------------ prototype

@@ -297,3 +297,26 @@ def test_bench_decode_step_does_not_time_a_kernel_that_differs(monkeypatch, brok
     assert "us_per_step" not in rows[1]
     if error_range:
         assert error_range[0] < rows[1]["state_rel_err"] < error_range[1]
+
+
+def test_bench_forward_parts_times_every_part_per_setting(tmp_path):
+    out = tmp_path / "parts.json"
+    process = run_script("bench_forward_parts.py", "--smoke", "--shapes=1x64x2x16x32",
+                         "--decays=gated", "--segments=1,2,3", "--state_num_warps=4,8",
+                         "--output_num_warps=auto,4", f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["part"], r.get("segments")) for r in rows] == [
+        ("decays", None), ("output", None), ("output", None),
+        ("states_local", 1), ("states_local", 1), ("forward", 1), ("forward_train", 1),
+        ("states_local", 2), ("states_local", 2), ("join", 2), ("output_fused", 2),
+        ("forward", 2), ("forward_train", 2)]        # 3 does not divide the 4 chunks
+    assert [r["state_num_warps"] for r in rows if r["part"] == "states_local"] == [4, 8] * 2
+    assert all(r["ms"] > 0 and r["bytes"] > 0 for r in rows)
+    assert "does not divide N = 4" in process.stdout
+
+
+def test_bench_forward_parts_refuses_a_bad_setting():
+    process = run_script("bench_forward_parts.py", "--smoke", "--state_num_warps=6")
+    assert process.returncode != 0
+    assert "--state_num_warps: '6' is not valid" in process.stderr

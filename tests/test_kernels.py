@@ -16,7 +16,8 @@ from jaxprs import equations
 from retnet_jax import retention
 from retnet_jax.kernels import (
     chunk_grads, chunk_output, chunk_states, chunkwise_retention_pallas, retention_step_pallas)
-from retnet_jax.kernels.chunk_states import state_segments
+from retnet_jax.kernels.chunk_states import (
+    SegmentedStates, chunk_state_segments, join_segments, state_segments)
 from retnet_jax.kernels.common import column_group, pieces
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -80,17 +81,22 @@ def test_chunk_output_matches_xla(dtype, gated, chunk_size, key_dim, value_dim, 
     assert rel_err(o, pad_to_chunks(ref, chunk_size)) <= TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("dtype, gated, time, chunk_size, with_state", [
-    (jnp.float32, True, 50, 16, True),
-    (jnp.float32, False, 64, 32, False),
-    (jnp.bfloat16, True, 64, 32, False),
-    (jnp.bfloat16, False, 50, 16, True),
+@pytest.mark.parametrize("dtype, gated, time, chunk_size, with_state, segments", [
+    (jnp.float32, True, 50, 16, True, 1),
+    (jnp.float32, False, 64, 32, False, 1),
+    (jnp.bfloat16, True, 64, 32, False, 1),
+    (jnp.bfloat16, False, 50, 16, True, 1),
+    (jnp.float32, True, 64, 16, True, 2),    # segments joined inside the output kernel
+    (jnp.float32, False, 64, 16, True, 4),
+    (jnp.bfloat16, True, 50, 16, True, 4),
 ])
-def test_chunkwise_retention_pallas_matches_xla(dtype, gated, time, chunk_size, with_state):
-    q, k, v, log_decay, s0 = random_inputs(1, time=time, gated=gated, dtype=dtype)
+def test_chunkwise_retention_pallas_matches_xla(dtype, gated, time, chunk_size, with_state,
+                                                segments):
+    q, k, v, log_decay, s0 = random_inputs(1, time=time, gated=gated, dtype=dtype,
+                                           min_log_decay=-0.2)
     s0 = s0 if with_state else None
     o, state = jax.jit(functools.partial(chunkwise_retention_pallas, chunk_size=chunk_size,
-                                         interpret=True, block_v=16))(
+                                         interpret=True, block_v=16, segments=segments))(
         q, k, v, log_decay, initial_state=s0)
     ref_o, ref_state = xla_retention(q, k, v, log_decay, chunk_size, s0)
     assert o.dtype == dtype and o.shape == ref_o.shape
@@ -304,6 +310,29 @@ def test_chunk_states_in_segments_match_one_loop(reverse, gated, segments):
         assert rel_err(got, single) <= 1e-5 and rel_err(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("gated, segments", [(True, 1), (False, 2), (True, 3)])
+def test_chunk_output_joins_segments_as_it_reads(gated, segments):
+    # The output kernel given a recurrence's segments (local carries, entering carries,
+    # offsets) computes what it computes from the joined states, and those are the one-loop
+    # states: the join inside the kernel is join_segments' sum.
+    q, k, v, log_decay, x0 = random_inputs(11, time=96, key_dim=16, value_dim=32, gated=gated,
+                                           min_log_decay=-0.2)
+    b = retention._chunk_cumulative_log_decay(log_decay, 96, 2, 16)
+    with jax.default_matmul_precision("highest"):
+        parts = jax.jit(functools.partial(chunk_state_segments, reverse=False,
+                                          segments=segments, interpret=True))(k, v, b, x0)
+        states, final = chunk_states(k, v, b, x0, reverse=False, interpret=True)
+        output = jax.jit(functools.partial(chunk_output, block_v=16, interpret=True))
+        fused, joined = output(q, k, v, b, parts), output(q, k, v, b, join_segments(parts))
+        ref, _ = xla_retention(q, k, v, log_decay, 16, x0)
+    assert parts.local.shape == (2, segments, 2, 6 // segments, 16, 32)
+    assert parts.offsets.shape == (1 if not gated else 2, 2, 6)
+    assert rel_err(join_segments(parts), states) <= 1e-5
+    assert rel_err(parts.final, final) <= 1e-5
+    assert rel_err(fused, joined) <= 1e-6
+    assert rel_err(fused, ref) <= 1e-5
+
+
 @pytest.mark.parametrize("batch, heads, chunks, block_v, segments", [
     (1, 16, 256, 64, 4),    # the issue's [1, 32768, 16, 128] at C = 128: 64 programs -> 256
     (1, 16, 256, 256, 8),   # ... 32 programs with one value group per head -> 256
@@ -347,6 +376,10 @@ def test_kernels_lower_for_the_triton_gpu_backend(chunk, dtype, batch_decay):
     calls = [(functools.partial(chunk_states, reverse=False), (act(128), act(128), b, carry)),
              (functools.partial(chunk_states, reverse=True), (act(128), act(128), b, carry)),
              (chunk_output, (act(128), act(128), act(128), b, matrix)),
+             (chunk_output, (act(128), act(128), act(128), b, SegmentedStates(
+                 local=jax.ShapeDtypeStruct((batch, chunks, heads, 1, 128, 128), dtype),
+                 entering=jax.ShapeDtypeStruct((batch, chunks, heads, 128, 128), jnp.float32),
+                 offsets=jax.ShapeDtypeStruct(b.shape[:3], jnp.float32), final=carry))),
              (chunk_grads, (act(128), act(128), act(128), act(128), b, matrix, matrix))]
     # The presets' heads (Dk 256, Dv 432): the kernels walk them in pieces of up to 128.
     wide = jax.ShapeDtypeStruct((batch, heads, chunks, 256, 432), dtype)
@@ -450,6 +483,14 @@ def kernel_args(chunk=16, key_dim=16, value_dim=32):
             "block_v": 32}
 
 
+def segments_of(local=(1, 2, 1, 1, 16, 32), entering=(1, 2, 1, 16, 32), offsets=(1, 1, 2),
+                local_dtype=jnp.float32, entering_dtype=jnp.float32):
+    """`SegmentedStates` for kernel_args' shapes (2 chunks in 2 segments) unless changed."""
+    return SegmentedStates(local=jnp.ones(local, local_dtype),
+                           entering=jnp.ones(entering, entering_dtype),
+                           offsets=-jnp.ones(offsets), final=jnp.ones((1, 1, 16, 32)))
+
+
 @pytest.mark.parametrize("dim, most, group", [
     (128, 64, 64), (48, 64, 48), (432, 64, 48), (432, 256, 144), (432, 512, 432),
     (32, 64, 32), (24, 64, None), (64, 8, None)])
@@ -479,6 +520,14 @@ def test_pieces_are_power_of_two_tiles_covering_the_width(width, sizes):
     ({}, {"states": jnp.ones((1, 1, 2, 32, 16))}, "states must have shape"),
     ({}, {"k": jnp.ones((1, 32, 1, 32))}, "k must have q's shape"),
     ({}, {"v": jnp.ones((1, 16, 1, 32))}, "v must have shape"),
+    ({}, {"states": segments_of(local=(1, 3, 1, 1, 16, 32))}, r"S \* L = N = 2"),
+    ({}, {"states": segments_of(local=(1, 2, 1, 16, 32))}, r"\[B, S, H, L, Dk, Dv\]"),
+    ({}, {"states": segments_of(local_dtype=jnp.bfloat16)}, "states.local must be float32"),
+    ({}, {"states": segments_of(entering_dtype=jnp.bfloat16)},
+     "states.entering must be float32"),
+    ({}, {"states": segments_of(entering=(1, 1, 1, 16, 32))}, "states.entering must be"),
+    ({}, {"states": segments_of(offsets=(1, 1, 3))},
+     r"states.offsets must be float32 \(1, 1, 2\)"),
 ])
 def test_chunk_output_rejects_bad_arguments(shape, change, match):
     args = kernel_args(**shape) | change

@@ -36,7 +36,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from retnet_jax import retention
 from retnet_jax.kernels.chunk_grads import chunk_grads
-from retnet_jax.kernels.chunk_states import chunk_states, state_segments
+from retnet_jax.kernels.chunk_states import (
+    SegmentedStates, chunk_state_segments, chunk_states, state_segments)
 from retnet_jax.kernels.common import (
     MIN_DOT_DIM, check_block_arg, check_time_major, column_group, decay_index,
     default_num_warps, is_power_of_two, pieces)
@@ -48,13 +49,17 @@ __all__ = ["chunk_output", "chunkwise_retention_pallas", "unsupported_reason"]
 # --------------------------------------------------------------------------- kernel
 
 
-def _chunk_output_kernel(q_ref, k_ref, v_ref, b_ref, s_ref, o_ref):
+def _chunk_output_kernel(q_ref, k_ref, v_ref, b_ref, *refs):
     """One (batch, head, chunk, value group) tile.
 
-    Refs: q, k [C, Dk]; v [C, BV]; b float32 [C]; s [Dk, BV]; o [C, BV]. Columns are walked in
+    Refs: q, k [C, Dk]; v [C, BV]; b float32 [C]; then the chunk's state, either s [Dk, BV]
+    or its segment parts (`_segment_state`); last o [C, BV]. Columns are walked in
     power-of-two pieces (`pieces`; one piece for heads and groups of up to 128 that are
     powers of two): q k^T sums over key pieces, and o is formed one value piece at a time.
     """
+    *state_refs, o_ref = refs
+    state = (_segment_state(*state_refs, q_ref.dtype) if len(state_refs) > 1
+             else lambda kc, vc: state_refs[0][kc, vc])
     b = b_ref[...]
     chunk = b.shape[0]
     f32 = jnp.float32
@@ -71,17 +76,29 @@ def _chunk_output_kernel(q_ref, k_ref, v_ref, b_ref, s_ref, o_ref):
     start_decay = jnp.exp(b)[:, None]                                  # [C, 1]
     for vc in pieces(o_ref.shape[1]):
         inter = functools.reduce(jnp.add, (
-            jnp.dot(q_ref[:, kc], s_ref[kc, vc], preferred_element_type=f32)
+            jnp.dot(q_ref[:, kc], state(kc, vc), preferred_element_type=f32)
             for kc in key_pieces))                                                  # [C, bv]
         o = jnp.dot(weights, v_ref[:, vc], preferred_element_type=f32) + start_decay * inter
         o_ref[:, vc] = o.astype(o_ref.dtype)
 
 
+def _segment_state(local_ref, entering_ref, offsets_ref, dtype):
+    """The chunk's state from its segment's parts (`chunk_states.join_segments`' sum, as it
+    is read): local [Dk, BV] + exp(offset) * entering float32 [Dk, BV], in float32, cast to
+    the compute dtype. offsets float32 [N]: this head's offsets; the chunk is grid axis 2."""
+    scale = jnp.exp(offsets_ref[pl.program_id(2)])
+    return lambda kc, vc: (local_ref[kc, vc].astype(jnp.float32)
+                           + scale * entering_ref[kc, vc]).astype(dtype)
+
+
 def _check_chunk_output_args(q, k, v, b, states, block_v) -> tuple[int, ...]:
     """Raises ValueError naming the bad argument; returns (B, Tp, H, N, C, Dk, Dv, value
     group size)."""
+    segmented = isinstance(states, SegmentedStates)
     dims = check_time_major(b, keys={"q": q, "k": k}, values={"v": v},
-                            matrices={"states": states})
+                            matrices={} if segmented else {"states": states})
+    if segmented:
+        _check_segments(states, q.dtype, b.shape[0], *dims)
     *_, chunk, key_dim, value_dim = dims
     block_v = check_block_arg("block_v", block_v)
     reason = unsupported_reason(key_dim, value_dim, chunk, block_v=block_v)
@@ -90,8 +107,28 @@ def _check_chunk_output_args(q, k, v, b, states, block_v) -> tuple[int, ...]:
     return (*dims, column_group(value_dim, block_v))
 
 
-def chunk_output(q: Array, k: Array, v: Array, b: Array, states: Array, *,
-                 block_v: int = 256, num_warps: int | None = None,
+def _check_segments(parts: SegmentedStates, dtype, groups: int, batch, padded, heads, chunks,
+                    chunk, key_dim, value_dim) -> None:
+    """Raises ValueError unless `parts` has the shapes and dtypes `SegmentedStates` names."""
+    segments = parts.local.shape[1] if parts.local.ndim == 6 else 0
+    if not segments or chunks % segments:
+        raise ValueError(f"states.local must be [B, S, H, L, Dk, Dv] with S * L = N = "
+                         f"{chunks}, got shape {parts.local.shape}")
+    expected = {
+        "local": (parts.local, (batch, segments, heads, chunks // segments, key_dim,
+                                value_dim), dtype),
+        "entering": (parts.entering, (batch, segments, heads, key_dim, value_dim),
+                     jnp.float32),
+        "offsets": (parts.offsets, (groups, heads, chunks), jnp.float32),
+    }
+    for name, (a, shape, want) in expected.items():
+        if a.shape != shape or a.dtype != want:
+            raise ValueError(f"states.{name} must be {jnp.dtype(want).name} {shape}, got "
+                             f"{a.dtype} {a.shape}")
+
+
+def chunk_output(q: Array, k: Array, v: Array, b: Array,
+                 states: Array | SegmentedStates, *, block_v: int = 256, num_warps: int | None = None,
                  interpret: bool = False) -> Array:
     """Chunkwise retention's output, intra-chunk and inter-chunk terms, in one kernel.
 
@@ -107,7 +144,10 @@ def chunk_output(q: Array, k: Array, v: Array, b: Array, states: Array, *,
       b: float32 [G, H, N, C], G in {1, B}: within-chunk inclusive cumulative log decay
         (G = 1: fixed per-head decay shared by the batch), entries <= 0; C a power of two
         >= 16.
-      states: [B, H, N, Dk, Dv] state entering each chunk, same dtype as q.
+      states: [B, H, N, Dk, Dv] state entering each chunk, same dtype as q; or those states
+        in segments (`chunk_states.SegmentedStates`, from `chunk_state_segments`), which the
+        kernel joins as it reads them (`join_segments`' float32 sum, cast once), so that the
+        joined states are never written.
       block_v: the most value columns per program (a power of two >= 16): each program
         takes the widest multiple of 16 <= block_v dividing Dv (`column_group`: Dv 128 at 64
         -> 2 programs of 64; Dv 432 at 64 -> 9 of 48, at 512 -> 1 of 432). Fewer columns per
@@ -127,21 +167,33 @@ def chunk_output(q: Array, k: Array, v: Array, b: Array, states: Array, *,
     # Chunk n of head h is rows n*C .. n*C + C-1 of the time axis; j picks value columns.
     qk_block = pl.BlockSpec((None, chunk, None, key_dim), lambda i, h, n, j: (i, n, h, 0))
     v_block = pl.BlockSpec((None, chunk, None, block), lambda i, h, n, j: (i, n, h, j))
+    decay_block = pl.BlockSpec((None, None, None, chunk),
+                               lambda i, h, n, j: (decay_index(shared, i), h, n, 0))
+    if isinstance(states, SegmentedStates):   # chunk n is chunk n % L of segment n // L
+        length = chunks // states.local.shape[1]
+        state_specs = [
+            pl.BlockSpec((None, None, None, None, key_dim, block),
+                         lambda i, h, n, j: (i, n // length, h, n % length, 0, j)),
+            pl.BlockSpec((None, None, None, key_dim, block),
+                         lambda i, h, n, j: (i, n // length, h, 0, j)),
+            pl.BlockSpec((None, None, chunks),
+                         lambda i, h, n, j: (decay_index(shared, i), h, 0)),
+        ]
+        state_args = (states.local, states.entering, states.offsets)
+    else:
+        state_specs = [pl.BlockSpec((None, None, None, key_dim, block),
+                                    lambda i, h, n, j: (i, h, n, 0, j))]
+        state_args = (states,)
     return pl.pallas_call(
         _chunk_output_kernel,
         grid=(batch, heads, chunks, value_dim // block),
-        in_specs=[
-            qk_block, qk_block, v_block,
-            pl.BlockSpec((None, None, None, chunk),
-                         lambda i, h, n, j: (decay_index(shared, i), h, n, 0)),
-            pl.BlockSpec((None, None, None, key_dim, block), lambda i, h, n, j: (i, h, n, 0, j)),
-        ],
+        in_specs=[qk_block, qk_block, v_block, decay_block, *state_specs],
         out_specs=v_block,
         out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="retention_chunk_output",
-    )(q, k, v, b, states)
+    )(q, k, v, b, *state_args)
 
 
 def unsupported_reason(key_dim: int, value_dim: int, chunk_size: int, *,
@@ -177,16 +229,24 @@ def _run_states(x, y, b, x0, tiling: _Tiling, reverse: bool):
                         segments=tiling.segments, interpret=tiling.interpret)
 
 
-def _forward(q, k, v, log_decay, initial_state, chunk_size, tiling):
-    """Outputs (o, final_state) and the backward's residuals (q, k, v padded to whole chunks
-    in the compute dtype, the states entering each chunk, the cumulative decays)."""
+def _forward(q, k, v, log_decay, initial_state, chunk_size, tiling, *, keep_states: bool):
+    """Outputs (o, final_state) and, with keep_states, the backward's residuals (q, k, v
+    padded to whole chunks in the compute dtype, the states entering each chunk, the
+    cumulative decays). Without keep_states the states of a segmented recurrence are joined
+    inside the output kernel and never written."""
     _, time, heads, _ = q.shape
     out_dtype = v.dtype
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     padding = -time % chunk_size
     q, k, v = (retention._pad_time(x.astype(dtype), padding) for x in (q, k, v))
     b = retention._chunk_cumulative_log_decay(log_decay, time, heads, chunk_size)
-    states, final_state = _run_states(k, v, b, initial_state, tiling, reverse=False)
+    if keep_states or tiling.segments == 1:
+        states, final_state = _run_states(k, v, b, initial_state, tiling, reverse=False)
+    else:
+        states = chunk_state_segments(k, v, b, initial_state, reverse=False,
+                                      segments=tiling.segments, block_v=tiling.state_block_v,
+                                      interpret=tiling.interpret)
+        final_state = states.final
     o = chunk_output(q, k, v, b, states, block_v=tiling.block_v, num_warps=tiling.num_warps,
                      interpret=tiling.interpret)
     return (o[:, :time].astype(out_dtype), final_state), (q, k, v, states, b)
@@ -194,12 +254,14 @@ def _forward(q, k, v, log_decay, initial_state, chunk_size, tiling):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _chunkwise_pallas(q, k, v, log_decay, initial_state, chunk_size, tiling):
-    outputs, _ = _forward(q, k, v, log_decay, initial_state, chunk_size, tiling)
+    outputs, _ = _forward(q, k, v, log_decay, initial_state, chunk_size, tiling,
+                          keep_states=False)
     return outputs
 
 
 def _chunkwise_pallas_fwd(q, k, v, log_decay, initial_state, chunk_size, tiling):
-    outputs, residuals = _forward(q, k, v, log_decay, initial_state, chunk_size, tiling)
+    outputs, residuals = _forward(q, k, v, log_decay, initial_state, chunk_size, tiling,
+                                  keep_states=True)
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype)
                    for x in (q, k, v, log_decay, initial_state))
     return outputs, residuals + (shapes,)

@@ -28,6 +28,7 @@ scf.for), shapes are static.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,8 @@ from retnet_jax.kernels.common import (
 
 Array = jax.Array
 
-__all__ = ["chunk_states", "state_segments"]
+__all__ = ["SegmentedStates", "chunk_state_segments", "chunk_states", "join_segments",
+           "state_segments"]
 
 # `state_segments`: split the chunk loop until the grid has about this many programs (~2 per
 # SM of a 132-SM H100/H200), keeping each segment at least MIN_SEGMENT_CHUNKS chunks long.
@@ -113,7 +115,7 @@ def chunk_states(x: Array, y: Array, b: Array, x0: Array, *, reverse: bool,
         Dv = 432 at 64 -> 48 columns, held as tiles of 32 and 16).
       segments: split the N chunks into this many runs of N / segments (it must divide N),
         each looped over by its own programs from a zero carry, then joined in XLA
-        (`_join_segments`): the kernel's sequential loop is N / segments steps long, for
+        (`join_segments`): the kernel's sequential loop is N / segments steps long, for
         long sequences with few (batch, head) pairs (`state_segments` picks it).
       num_warps, num_stages: Triton warps per program and software-pipelining stages of the
         chunk loop's loads.
@@ -122,6 +124,46 @@ def chunk_states(x: Array, y: Array, b: Array, x0: Array, *, reverse: bool,
       (out [B, H, N, Dk, Dv] in x's dtype, final float32 [B, H, Dk, Dv]). Matmuls use the
       default matmul precision (on GPU float32 inputs default to TF32).
     """
+    run = _checked_recurrence(x, y, b, x0, reverse=reverse, block_k=block_k, block_v=block_v,
+                              segments=segments, num_warps=num_warps, num_stages=num_stages,
+                              interpret=interpret)
+    if segments == 1:
+        return run(x, y, b, x0)
+    parts = _segmented(run, x, y, b, x0, int(segments), bool(reverse))
+    return join_segments(parts), parts.final
+
+
+class SegmentedStates(NamedTuple):
+    """A chunk recurrence run in S segments of L = N / S chunks, before they are joined: the
+    carry at chunk n = s * L + l is local[:, s, :, l] + exp(offsets[:, :, n]) * entering[:, s]
+    (`join_segments`)."""
+    local: Array     # [B, S, H, L, Dk, Dv] compute dtype: carries from a zero start at the
+                     # segment's first chunk (its last in reverse)
+    entering: Array  # float32 [B, S, H, Dk, Dv]: the whole recurrence's carry entering
+                     # segment s (from the right in reverse)
+    offsets: Array   # float32 [G, H, N], G as b's: log decay from that entering carry to
+                     # chunk n's (<= 0)
+    final: Array     # float32 [B, H, Dk, Dv]: the carry after the last step
+
+
+def chunk_state_segments(x: Array, y: Array, b: Array, x0: Array, *, reverse: bool,
+                         segments: int, block_k: int = 64, block_v: int = 64,
+                         num_warps: int = 4, num_stages: int = 2,
+                         interpret: bool = False) -> SegmentedStates:
+    """`chunk_states` in segments, returned before the join, for a consumer that reads each
+    chunk's carry once and can join it as it reads (`chunk_output`): the joined [B, H, N, Dk,
+    Dv] states are then never written. Arguments as `chunk_states`' (segments may be 1: one
+    segment from a zero carry, x0 entering it); `join_segments` of the result is its `out`."""
+    run = _checked_recurrence(x, y, b, x0, reverse=reverse, block_k=block_k, block_v=block_v,
+                              segments=segments, num_warps=num_warps, num_stages=num_stages,
+                              interpret=interpret)
+    return _segmented(run, x, y, b, x0, int(segments), bool(reverse))
+
+
+def _checked_recurrence(x, y, b, x0, *, reverse, block_k, block_v, segments, num_warps,
+                        num_stages, interpret):
+    """`chunk_states`' argument checks (ValueError naming the bad one); returns the kernel
+    call, `_recurrence` with its column groups and compiler settings bound."""
     batch, padded, heads, chunks, chunk, key_dim, value_dim = check_time_major(
         b, keys={"x": x}, values={"y": y}, matrices={})
     if x0.shape != (batch, heads, key_dim, value_dim) or x0.dtype != jnp.float32:
@@ -137,11 +179,8 @@ def chunk_states(x: Array, y: Array, b: Array, x0: Array, *, reverse: bool,
     if not isinstance(segments, (int, np.integer)) or segments < 1 or chunks % segments:
         raise ValueError(f"segments must be a positive divisor of the number of chunks "
                          f"N = {chunks}, got {segments!r}")
-    run = functools.partial(_recurrence, reverse=bool(reverse), block_k=bk, block_v=bv,
-                            num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-    if segments == 1:
-        return run(x, y, b, x0)
-    return _segmented(run, x, y, b, x0, int(segments), bool(reverse))
+    return functools.partial(_recurrence, reverse=bool(reverse), block_k=bk, block_v=bv,
+                             num_warps=num_warps, num_stages=num_stages, interpret=interpret)
 
 
 def state_segments(batch: int, heads: int, key_dim: int, value_dim: int, chunks: int, *,
@@ -162,51 +201,51 @@ def state_segments(batch: int, heads: int, key_dim: int, value_dim: int, chunks:
 
 
 def _segmented(run, x: Array, y: Array, b: Array, x0: Array, segments: int,
-               reverse: bool) -> tuple[Array, Array]:
+               reverse: bool) -> SegmentedStates:
     """`run` (the kernel) on `segments` runs of chunks folded into the batch axis, each from
-    a zero carry, then `_join_segments`. Shapes as `chunk_states`'."""
+    a zero carry, and the carries entering the runs, in XLA (a loop over the S segments on
+    float32 [B, H, Dk, Dv] carries). Shapes as `chunk_states`'."""
     batch, padded, heads, _ = x.shape
     chunks, chunk = b.shape[2:]
+    length = chunks // segments
 
     def fold(a):   # [B, S * L * C, H, D] -> [B * S, L * C, H, D], no copy
         return a.reshape(batch * segments, padded // segments, *a.shape[2:])
 
-    b = jnp.broadcast_to(b, (batch, *b.shape[1:])).reshape(
-        batch, heads, segments, chunks // segments, chunk)
-    local_b = jnp.swapaxes(b, 1, 2).reshape(batch * segments, heads, chunks // segments, chunk)
+    local_b = jnp.broadcast_to(b, (batch, *b.shape[1:])).reshape(
+        batch, heads, segments, length, chunk)
+    local_b = jnp.swapaxes(local_b, 1, 2).reshape(batch * segments, heads, length, chunk)
     zeros = jnp.zeros((batch * segments, *x0.shape[1:]), jnp.float32)
     local, local_final = run(fold(x), fold(y), local_b, zeros)
-    return _join_segments(local.reshape(batch, segments, *local.shape[1:]),
-                          local_final.reshape(batch, segments, *x0.shape[1:]),
-                          b[..., -1], x0, reverse, x.dtype)
+    local_final = local_final.reshape(batch, segments, *x0.shape[1:])
 
-
-def _join_segments(local: Array, local_final: Array, g: Array, x0: Array, reverse: bool,
-                   dtype) -> tuple[Array, Array]:
-    """The whole recurrence from its segments' parts, float32, in XLA.
-
-    Args:
-      local: [B, S, H, L, Dk, Dv] each segment's carries from a zero start (`out`).
-      local_final: float32 [B, S, H, Dk, Dv] each segment's carry after its last step.
-      g: float32 [B, H, S, L] each chunk's total log decay.
-      x0: float32 [B, H, Dk, Dv] the carry before the first step.
-    Returns:
-      (out [B, H, S * L, Dk, Dv] in dtype, final float32 [B, H, Dk, Dv]), as `chunk_states`.
-    """
-    segments = g.shape[2]
-    g = jnp.swapaxes(g, 1, 2)                                     # [B, S, H, L]
-    # The carry entering segment s (from the right in reverse) and the decay from it to each
-    # chunk's out: the sum of the g's folded in between (exclusive cumsum; all exponents <= 0).
-    between = _exclusive_cumsum(g[..., ::-1])[..., ::-1] if reverse else _exclusive_cumsum(g)
-    totals = jnp.exp(jnp.sum(g, axis=-1))[..., None, None]       # [B, S, H, 1, 1]
-    carries, carry = [None] * segments, x0
+    g = b[..., -1].reshape(b.shape[0], heads, segments, length)  # [G, H, S, L] chunk totals
+    # Decay from a segment's entering carry to each chunk's: the sum of the g's folded in
+    # between (an exclusive cumsum from the segment's start, or its end in reverse; <= 0).
+    offsets = (_exclusive_cumsum(g[..., ::-1])[..., ::-1] if reverse
+               else _exclusive_cumsum(g))
+    totals = jnp.exp(jnp.sum(g, axis=-1))[..., None, None]     # [G, H, S, 1, 1]
+    entering, carry = [None] * segments, x0
     for s in (reversed(range(segments)) if reverse else range(segments)):
-        carries[s] = carry
-        carry = totals[:, s] * carry + local_final[:, s]
-    entering = jnp.stack(carries, axis=1)[:, :, :, None]         # [B, S, H, 1, Dk, Dv]
-    out = local.astype(jnp.float32) + jnp.exp(between)[..., None, None] * entering
-    out = jnp.swapaxes(out, 1, 2)                                 # [B, H, S, L, Dk, Dv]
-    return out.reshape(*out.shape[:2], -1, *out.shape[4:]).astype(dtype), carry
+        entering[s] = carry
+        carry = totals[:, :, s] * carry + local_final[:, s]
+    return SegmentedStates(
+        local=local.reshape(batch, segments, *local.shape[1:]),
+        entering=jnp.stack(entering, axis=1), offsets=offsets.reshape(*b.shape[:3]),
+        final=carry)
+
+
+def join_segments(parts: SegmentedStates) -> Array:
+    """The carry at every chunk, [B, H, N, Dk, Dv] in the local carries' dtype, from its
+    segments' parts: local + exp(offsets) * entering in float32, in XLA (one pass over the
+    states)."""
+    batch, segments, heads, length = parts.local.shape[:4]
+    offsets = parts.offsets.reshape(-1, heads, segments, length)
+    scale = jnp.exp(jnp.swapaxes(offsets, 1, 2))[..., None, None]      # [G, S, H, L, 1, 1]
+    out = parts.local.astype(jnp.float32) + scale * parts.entering[:, :, :, None]
+    out = jnp.swapaxes(out, 1, 2)                                       # [B, H, S, L, Dk, Dv]
+    return out.reshape(batch, heads, segments * length,
+                       *out.shape[4:]).astype(parts.local.dtype)
 
 
 def _exclusive_cumsum(a: Array) -> Array:

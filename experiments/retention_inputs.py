@@ -1,0 +1,38 @@
+"""Shapes and random inputs of the retention benchmarks (bench_retention, bench_forward_parts).
+
+Imported by the bench_* scripts (they run with experiments/ on sys.path).
+"""
+
+import jax
+import jax.numpy as jnp
+from absl import app
+
+from retnet_jax import positions
+
+
+def parse_shape(text: str, flag: str = "shapes") -> tuple[int, int, int, int, int]:
+    """'BxTxHxD' or 'BxTxHxDkxDv' -> (B, T, H, Dk, Dv); a UsageError naming --flag if
+    `text` is neither."""
+    parts = text.strip().lower().split("x")
+    if len(parts) not in (4, 5) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise app.UsageError(
+            f"--{flag}: {text!r} is not BxTxHxD (Dk = Dv = D) or BxTxHxDkxDv, positive "
+            "integers joined by 'x', e.g. 8x2048x16x128 or 2x8192x8x256x512")
+    dims = [int(p) for p in parts]
+    return tuple(dims if len(dims) == 5 else dims + dims[3:])
+
+
+def make_inputs(seed: int, shape, gated: bool, dtype=jnp.bfloat16):
+    """For shape (B, T, H, Dk, Dv): q (scaled by Dk^-0.5), k [B, T, H, Dk] and v, do
+    [B, T, H, Dv] in dtype; log_decay float32 [H] (fixed) or [B, T, H] (gated)."""
+    b, t, h, dk, dv = shape
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q = (jax.random.normal(ks[0], (b, t, h, dk)) * dk ** -0.5).astype(dtype)
+    k = jax.random.normal(ks[1], (b, t, h, dk)).astype(dtype)
+    v = jax.random.normal(ks[2], (b, t, h, dv)).astype(dtype)
+    do = jax.random.normal(ks[3], (b, t, h, dv)).astype(dtype)
+    if gated:  # log-sigmoid gates, mostly near 0 with a tail down to ~ -5
+        log_decay = jax.nn.log_sigmoid(jax.random.normal(ks[4], (b, t, h)) + 3.0)
+    else:
+        log_decay = positions.decay_log_gammas(h)  # = fla's chunk_retention decays
+    return q, k, v, log_decay, do
