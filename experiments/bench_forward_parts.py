@@ -16,7 +16,8 @@ in one process:
 
 for each --segments (auto: `state_segments`' pick), each --state_num_warps x
 --state_num_stages of the state kernel (`states_local` only) and each --output_num_warps
-(`output`). Each part is one jit, called with fresh random inputs (two sets, rotated);
+(`output`, `output_fused`); `forward` and `forward_train` run the kernels' defaults but for
+the segment count. Each part is one jit, called with fresh random inputs (two sets, rotated);
 median of --runs timings of --calls back-to-back calls after a warm-up call
 (`ceilings.median_seconds`). Each row also gives the part's bytes (its inputs read once
 and outputs written once) over the time, against the copy bandwidth measured in the same
@@ -42,7 +43,8 @@ import jax
 from ceilings import copy_bandwidth, median_seconds
 from retention_inputs import make_inputs, parse_shape
 from retnet_jax import kernels, retention
-from retnet_jax.kernels.chunk_states import chunk_state_segments, join_segments, state_segments
+from retnet_jax.kernels.chunk_states import (
+    STATE_NUM_STAGES, STATE_NUM_WARPS, chunk_state_segments, join_segments, state_segments)
 from retnet_jax.kernels.common import is_power_of_two
 
 FLAGS = flags.FLAGS
@@ -52,9 +54,10 @@ flags.DEFINE_list("decays", ["fixed", "gated"], "Decay kinds.")
 flags.DEFINE_integer("chunk_size", 128, "Chunk size C (a power of two >= 16).")
 flags.DEFINE_list("segments", ["auto"], "State-kernel segment counts ('auto' or divisors "
                   "of the number of chunks).")
-flags.DEFINE_list("state_num_warps", ["4"], "Warps per state-kernel program.")
-flags.DEFINE_list("state_num_stages", ["2"], "Software-pipelining stages of the state "
-                  "kernel's chunk loop.")
+flags.DEFINE_list("state_num_warps", [str(STATE_NUM_WARPS)], "Warps per state-kernel "
+                  "program.")
+flags.DEFINE_list("state_num_stages", [str(STATE_NUM_STAGES)], "Software-pipelining stages "
+                  "of the state kernel's chunk loop.")
 flags.DEFINE_list("output_num_warps", ["auto"], "Warps per output-kernel program ('auto': "
                   "its default).")
 flags.DEFINE_integer("state_block_v", 256, "Most value columns per state-kernel program.")
@@ -153,9 +156,11 @@ def time_shape(shape_text: str, gated: bool, bandwidth: float) -> None:
             segmented = [jax.jit(local)(k, v, b, x0) for q, k, v, b, x0 in with_b]
             time_part("join", join_segments, [(s,) for s in segmented], 2 * states,
                       bandwidth, **seg_fields)
-            time_part("output_fused", output,
-                      [(q, k, v, b, s) for (q, k, v, b, _), s in zip(with_b, segmented)],
-                      qkvo + states + carries, bandwidth, **seg_fields)
+            for warps in FLAGS.output_num_warps:
+                time_part("output_fused", functools.partial(
+                    output, num_warps=None if warps == "auto" else int(warps)),
+                    [(q, k, v, b, s) for (q, k, v, b, _), s in zip(with_b, segmented)],
+                    qkvo + states + carries, bandwidth, **seg_fields, output_num_warps=warps)
             del segmented
         pallas = functools.partial(kernels.chunkwise_retention_pallas, chunk_size=chunk,
                                    segments=segments, block_v=FLAGS.block_v,

@@ -52,6 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from retnet_jax import kernels, retention  # noqa: E402
+from retnet_jax.kernels.chunk_states import STATE_NUM_STAGES, STATE_NUM_WARPS  # noqa: E402
 from retnet_jax.kernels.common import is_power_of_two  # noqa: E402
 from retention_inputs import make_inputs, parse_shape  # noqa: E402
 
@@ -74,6 +75,12 @@ flags.DEFINE_list("pallas_state_block_v", ["256"], "Most value columns per progr
 flags.DEFINE_list("pallas_num_warps", ["auto"], "Triton warps per program of the Pallas "
                   "output kernel ('auto': its default, or a power of two); several: named "
                   "..._w<value>.")
+flags.DEFINE_list("pallas_state_num_warps", [str(STATE_NUM_WARPS)], "Triton warps per "
+                  "program of the Pallas state kernel (powers of two); several: named "
+                  "..._sw<value>.")
+flags.DEFINE_list("pallas_state_num_stages", [str(STATE_NUM_STAGES)], "Software-pipelining "
+                  "stages of the Pallas state kernel's chunk loop; several: named "
+                  "..._ss<value>.")
 flags.DEFINE_list("pallas_segments", ["auto"], "Segments of the Pallas state kernel's chunk "
                   "loop ('auto': kernels' choice, or a number); several: named ..._seg<value>.")
 flags.DEFINE_list("decays", ["fixed", "gated"], "Decay kinds.")
@@ -243,14 +250,17 @@ def cudnn_unsupported_reason(shape) -> str | None:
 
 def pallas_variants(shape, chunk_size: int) -> list[tuple[str, str | None, dict]]:
     """(name, why the kernels refuse it or None, tiling kwargs) for each combination of
-    --pallas_block_v, --pallas_state_block_v, --pallas_segments and --pallas_num_warps at this
-    shape's head dims and chunk size; named pallas_c<C>, plus _bv / _sbv / _seg / _w<value>
-    for each flag with several values."""
+    --pallas_block_v, --pallas_state_block_v, --pallas_segments, --pallas_num_warps,
+    --pallas_state_num_warps and --pallas_state_num_stages at this shape's head dims and chunk
+    size; named pallas_c<C>, plus _bv / _sbv / _seg / _w / _sw / _ss<value> for each flag
+    with several values."""
     *_, key_dim, value_dim = shape
     axes = [("bv", "block_v", [int(b) for b in FLAGS.pallas_block_v]),
             ("sbv", "state_block_v", [int(b) for b in FLAGS.pallas_state_block_v]),
             ("seg", "segments", [None if s == "auto" else int(s) for s in FLAGS.pallas_segments]),
-            ("w", "num_warps", [None if w == "auto" else int(w) for w in FLAGS.pallas_num_warps])]
+            ("w", "num_warps", [None if w == "auto" else int(w) for w in FLAGS.pallas_num_warps]),
+            ("sw", "state_num_warps", [int(w) for w in FLAGS.pallas_state_num_warps]),
+            ("ss", "state_num_stages", [int(n) for n in FLAGS.pallas_state_num_stages])]
     variants = []
     for values in itertools.product(*(choices for _, _, choices in axes)):
         tiling = {arg: value for (_, arg, _), value in zip(axes, values)}
@@ -651,10 +661,14 @@ def main(argv) -> None:
     for flag in ("shapes", "check_shape"):   # refuse a malformed shape before any device work
         for text in getattr(FLAGS, flag):
             parse_shape(text, flag)
-    for flag in ("pallas_block_v", "pallas_state_block_v"):
+    for flag in ("pallas_block_v", "pallas_state_block_v", "pallas_state_num_warps"):
         for text in getattr(FLAGS, flag):
             if not (text.isdigit() and is_power_of_two(int(text))):
                 raise app.UsageError(f"--{flag}: {text!r} is not a power of two")
+    for text in FLAGS.pallas_state_num_stages:
+        if not (text.isdigit() and int(text) >= 1):
+            raise app.UsageError(f"--pallas_state_num_stages: {text!r} is not a positive "
+                                 f"number")
     for text in FLAGS.pallas_segments:
         if text != "auto" and not (text.isdigit() and int(text) >= 1):
             raise app.UsageError(f"--pallas_segments: {text!r} is neither 'auto' nor a "

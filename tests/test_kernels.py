@@ -589,6 +589,10 @@ def test_chunkwise_retention_pallas_rejects_bad_settings():
                                    interpret=True)
     with pytest.raises(ValueError, match="num_warps must be a power of two"):
         chunkwise_retention_pallas(q, k, v, log_decay, num_warps=6, interpret=True)
+    with pytest.raises(ValueError, match="state_num_warps must be a power of two"):
+        chunkwise_retention_pallas(q, k, v, log_decay, state_num_warps=3, interpret=True)
+    with pytest.raises(ValueError, match="state_num_stages must be a positive integer"):
+        chunkwise_retention_pallas(q, k, v, log_decay, state_num_stages=0, interpret=True)
 
 
 @pytest.mark.parametrize("preset, supported", [

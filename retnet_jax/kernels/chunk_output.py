@@ -37,7 +37,8 @@ from jax.experimental.pallas import triton as plgpu
 from retnet_jax import retention
 from retnet_jax.kernels.chunk_grads import chunk_grads
 from retnet_jax.kernels.chunk_states import (
-    SegmentedStates, chunk_state_segments, chunk_states, state_segments)
+    STATE_NUM_STAGES, STATE_NUM_WARPS, SegmentedStates, chunk_state_segments, chunk_states,
+    state_segments)
 from retnet_jax.kernels.common import (
     MIN_DOT_DIM, check_block_arg, check_time_major, column_group, decay_index,
     default_num_warps, is_power_of_two, pieces)
@@ -128,8 +129,8 @@ def _check_segments(parts: SegmentedStates, dtype, groups: int, batch, padded, h
 
 
 def chunk_output(q: Array, k: Array, v: Array, b: Array,
-                 states: Array | SegmentedStates, *, block_v: int = 256, num_warps: int | None = None,
-                 interpret: bool = False) -> Array:
+                 states: Array | SegmentedStates, *, block_v: int = 256,
+                 num_warps: int | None = None, interpret: bool = False) -> Array:
     """Chunkwise retention's output, intra-chunk and inter-chunk terms, in one kernel.
 
     For position i of chunk n: o_i = sum_{j <= i} exp(b_i - b_j) (q_i . k_j) v_j
@@ -221,12 +222,20 @@ class _Tiling(NamedTuple):
     state_block_v: int    # most value columns per `chunk_states` program
     segments: int         # `chunk_states`' segments (a divisor of the number of chunks)
     num_warps: int | None  # Triton warps per `chunk_output` program (None: its default)
+    state_num_warps: int    # Triton warps per `chunk_states` program
+    state_num_stages: int   # software-pipelining stages of `chunk_states`' chunk loop
     interpret: bool
 
 
 def _run_states(x, y, b, x0, tiling: _Tiling, reverse: bool):
-    return chunk_states(x, y, b, x0, reverse=reverse, block_v=tiling.state_block_v,
-                        segments=tiling.segments, interpret=tiling.interpret)
+    return chunk_states(x, y, b, x0, reverse=reverse, **_state_kwargs(tiling),
+                        segments=tiling.segments)
+
+
+def _state_kwargs(tiling: _Tiling) -> dict:
+    """`tiling`'s settings of the state kernel (`chunk_states`, `chunk_state_segments`)."""
+    return dict(block_v=tiling.state_block_v, num_warps=tiling.state_num_warps,
+                num_stages=tiling.state_num_stages, interpret=tiling.interpret)
 
 
 def _forward(q, k, v, log_decay, initial_state, chunk_size, tiling, *, keep_states: bool):
@@ -244,8 +253,7 @@ def _forward(q, k, v, log_decay, initial_state, chunk_size, tiling, *, keep_stat
         states, final_state = _run_states(k, v, b, initial_state, tiling, reverse=False)
     else:
         states = chunk_state_segments(k, v, b, initial_state, reverse=False,
-                                      segments=tiling.segments, block_v=tiling.state_block_v,
-                                      interpret=tiling.interpret)
+                                      segments=tiling.segments, **_state_kwargs(tiling))
         final_state = states.final
     o = chunk_output(q, k, v, b, states, block_v=tiling.block_v, num_warps=tiling.num_warps,
                      interpret=tiling.interpret)
@@ -302,7 +310,10 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
                                chunk_size: int = 64, initial_state: Array | None = None,
                                interpret: bool = False, block_v: int = 256,
                                state_block_v: int = 256, segments: int | None = None,
-                               num_warps: int | None = None) -> tuple[Array, Array]:
+                               num_warps: int | None = None,
+                               state_num_warps: int = STATE_NUM_WARPS,
+                               state_num_stages: int = STATE_NUM_STAGES
+                               ) -> tuple[Array, Array]:
     """`retention.chunkwise_retention` from the `chunk_states` and `chunk_output` kernels.
 
     Same maths, arguments and results. Activations stay in their [B, T, H, D] layout
@@ -331,6 +342,8 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
       segments: `chunk_states`' segments (a divisor of the number of chunks); None picks
         `state_segments` (more than 1 only for long sequences with few batch x heads).
       num_warps: Triton warps per `chunk_output` program; None: its default (8 at C = 128).
+      state_num_warps, state_num_stages: Triton warps per `chunk_states` program and
+        software-pipelining stages of its chunk loop (forward and reverse).
     Returns:
       (o [B, T, H, Dv] in v's dtype, final state float32 [B, H, Dk, Dv]).
     """
@@ -348,9 +361,13 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
     reason = unsupported_reason(key_dim, value_dim, chunk, block_v=block_v)
     if reason:
         raise ValueError(reason)
-    if num_warps is not None and not (isinstance(num_warps, (int, np.integer))
-                                      and is_power_of_two(int(num_warps))):
-        raise ValueError(f"num_warps must be a power of two, got {num_warps!r}")
+    for name, warps in (("num_warps", num_warps), ("state_num_warps", state_num_warps)):
+        if warps is not None and not (isinstance(warps, (int, np.integer))
+                                      and is_power_of_two(int(warps))):
+            raise ValueError(f"{name} must be a power of two, got {warps!r}")
+    if not isinstance(state_num_stages, (int, np.integer)) or state_num_stages < 1:
+        raise ValueError(f"state_num_stages must be a positive integer, got "
+                         f"{state_num_stages!r}")
     if segments is None:   # an explicit count is checked by chunk_states
         segments = state_segments(batch, heads, key_dim, value_dim, -(-time // chunk),
                                   block_v=state_block_v)
@@ -358,6 +375,7 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
         initial_state = retention.zero_state(batch, heads, key_dim, value_dim)
     retention._check_state(initial_state, q, v)
     tiling = _Tiling(block_v, state_block_v, segments,
-                     None if num_warps is None else int(num_warps), bool(interpret))
+                     None if num_warps is None else int(num_warps), int(state_num_warps),
+                     int(state_num_stages), bool(interpret))
     return _chunkwise_pallas(q, k, v, log_decay, initial_state.astype(jnp.float32), chunk,
                              tiling)

@@ -49,6 +49,9 @@ __all__ = ["SegmentedStates", "chunk_state_segments", "chunk_states", "join_segm
 # SM of a 132-SM H100/H200), keeping each segment at least MIN_SEGMENT_CHUNKS chunks long.
 SEGMENT_PROGRAMS = 256
 MIN_SEGMENT_CHUNKS = 16
+# Default Triton warps per program and software-pipelining stages of the chunk loop.
+STATE_NUM_WARPS = 4
+STATE_NUM_STAGES = 2
 
 
 def _chunk_states_kernel(x_ref, y_ref, b_ref, x0_ref, out_ref, final_ref, *, reverse: bool):
@@ -90,8 +93,9 @@ def _chunk_states_kernel(x_ref, y_ref, b_ref, x0_ref, out_ref, final_ref, *, rev
 
 
 def chunk_states(x: Array, y: Array, b: Array, x0: Array, *, reverse: bool,
-                 block_k: int = 64, block_v: int = 64, segments: int = 1, num_warps: int = 4,
-                 num_stages: int = 2, interpret: bool = False) -> tuple[Array, Array]:
+                 block_k: int = 64, block_v: int = 64, segments: int = 1,
+                 num_warps: int = STATE_NUM_WARPS, num_stages: int = STATE_NUM_STAGES,
+                 interpret: bool = False) -> tuple[Array, Array]:
     """The chunk recurrence S <- exp(g_n) S + (x_n * decay_n[:, None])^T y_n, one kernel.
 
     Forward (reverse=False, x = k, y = v): decay_n = exp(g_n - b_n), chunks n = 0 .. N-1;
@@ -148,7 +152,8 @@ class SegmentedStates(NamedTuple):
 
 def chunk_state_segments(x: Array, y: Array, b: Array, x0: Array, *, reverse: bool,
                          segments: int, block_k: int = 64, block_v: int = 64,
-                         num_warps: int = 4, num_stages: int = 2,
+                         num_warps: int = STATE_NUM_WARPS,
+                         num_stages: int = STATE_NUM_STAGES,
                          interpret: bool = False) -> SegmentedStates:
     """`chunk_states` in segments, returned before the join, for a consumer that reads each
     chunk's carry once and can join it as it reads (`chunk_output`): the joined [B, H, N, Dk,
