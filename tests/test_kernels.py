@@ -334,13 +334,14 @@ def test_chunk_output_joins_segments_as_it_reads(gated, segments):
 
 
 @pytest.mark.parametrize("batch, heads, chunks, block_v, segments", [
-    (1, 16, 256, 64, 4),    # the issue's [1, 32768, 16, 128] at C = 128: 64 programs -> 256
-    (1, 16, 256, 256, 8),   # ... 32 programs with one value group per head -> 256
+    (1, 16, 256, 64, 2),    # the issue's [1, 32768, 16, 128] at C = 128: 64 programs -> 128
+    (1, 16, 256, 256, 4),   # ... 32 programs with one value group per head -> 128
     (4, 16, 64, 64, 1),     # [4, 8192, 16, 128]: 256 programs already
-    (4, 16, 64, 256, 2),    # ... or 128
-    (1, 16, 64, 64, 4),     # [1, 8192, 16, 128]: segments of 16 chunks
-    (1, 16, 48, 64, 2),     # 4 segments would be 12 chunks long, under 16
-    (1, 2, 1024, 64, 32),   # 8 programs: 32 segments fill 256, 64 would be 512
+    (4, 16, 64, 256, 1),    # ... or 128
+    (1, 16, 64, 64, 2),     # [1, 8192, 16, 128]: segments of 32 chunks
+    (1, 8, 64, 64, 4),      # 8 heads: segments of 16 chunks
+    (1, 8, 48, 64, 2),      # 4 segments would be 12 chunks long, under 16
+    (1, 2, 1024, 64, 16),   # 8 programs: 16 segments fill 128, 32 would be 256
     (1, 16, 255, 64, 1),    # an odd number of chunks cannot be split evenly
 ])
 def test_state_segments_fill_the_grid(batch, heads, chunks, block_v, segments):

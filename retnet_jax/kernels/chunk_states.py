@@ -45,9 +45,11 @@ Array = jax.Array
 __all__ = ["SegmentedStates", "chunk_state_segments", "chunk_states", "join_segments",
            "state_segments"]
 
-# `state_segments`: split the chunk loop until the grid has about this many programs (~2 per
+# `state_segments`: split the chunk loop until the grid has about this many programs (~1 per
 # SM of a 132-SM H100/H200), keeping each segment at least MIN_SEGMENT_CHUNKS chunks long.
-SEGMENT_PROGRAMS = 256
+# With 3 pipelining stages a long loop costs less than a join (BENCHMARKS.md, session 12:
+# at [4, 8192, 16, 128] one loop of 64 chunks beat two of 32 plus their join).
+SEGMENT_PROGRAMS = 128
 MIN_SEGMENT_CHUNKS = 16
 # Default Triton warps per program and software-pipelining stages of the chunk loop.
 STATE_NUM_WARPS = 4
@@ -193,9 +195,9 @@ def state_segments(batch: int, heads: int, key_dim: int, value_dim: int, chunks:
     """How many segments `chunk_states` should split N chunks into: the largest power of two
     S dividing N that keeps S x (its programs without segments) <= SEGMENT_PROGRAMS and each
     segment >= MIN_SEGMENT_CHUNKS long (1 when the grid is already that large). E.g. the
-    issue's [1, 32768, 16, 128] at C = 128 (N = 256): 64 programs at block_v 64 -> 4, 32 at
-    block_v 256 (`chunkwise_retention_pallas`' default) -> 8; [4, 8192, 16, 128]: 256
-    programs -> 1, 128 -> 2."""
+    issue's [1, 32768, 16, 128] at C = 128 (N = 256): 64 programs at block_v 64 -> 2, 32 at
+    block_v 256 (`chunkwise_retention_pallas`' default) -> 4; [4, 8192, 16, 128]: 256 or
+    128 programs -> 1."""
     programs = (batch * heads * (key_dim // (column_group(key_dim, block_k) or key_dim))
                 * (value_dim // (column_group(value_dim, block_v) or value_dim)))
     segments = 1
