@@ -40,7 +40,7 @@ from retnet_jax.kernels.chunk_states import (
     STATE_NUM_STAGES, STATE_NUM_WARPS, SegmentedStates, chunk_state_segments, chunk_states,
     state_segments)
 from retnet_jax.kernels.common import (
-    MIN_DOT_DIM, check_block_arg, check_time_major, column_group, decay_index,
+    MAX_BLOCK, MIN_DOT_DIM, check_block_arg, check_time_major, column_group, decay_index,
     default_num_warps, is_power_of_two, pieces)
 
 Array = jax.Array
@@ -153,7 +153,8 @@ def chunk_output(q: Array, k: Array, v: Array, b: Array,
         takes the widest multiple of 16 <= block_v dividing Dv (`column_group`: Dv 128 at 64
         -> 2 programs of 64; Dv 432 at 64 -> 9 of 48, at 512 -> 1 of 432). Fewer columns per
         program means the chunk's q k^T is recomputed more often.
-      num_warps: Triton warps per program; None picks 4 for small tiles, 8 otherwise.
+      num_warps: Triton warps per program; None: `_default_output_warps` (4 for single
+        tiles of up to 128 columns, 8 for wider heads).
       interpret: run the kernel in Pallas interpret mode (any backend, e.g. CPU tests).
     Returns:
       o: [B, Tp, H, Dv] in v's dtype. Matmuls use the default matmul precision (so
@@ -163,7 +164,7 @@ def chunk_output(q: Array, k: Array, v: Array, b: Array,
         q, k, v, b, states, block_v)
     shared = b.shape[0] == 1
     if num_warps is None:
-        num_warps = default_num_warps(chunk, key_dim, block)
+        num_warps = _default_output_warps(chunk, key_dim, block)
 
     # Chunk n of head h is rows n*C .. n*C + C-1 of the time axis; j picks value columns.
     qk_block = pl.BlockSpec((None, chunk, None, key_dim), lambda i, h, n, j: (i, n, h, 0))
@@ -195,6 +196,16 @@ def chunk_output(q: Array, k: Array, v: Array, b: Array,
         interpret=interpret,
         name="retention_chunk_output",
     )(q, k, v, b, *state_args)
+
+
+def _default_output_warps(chunk: int, key_dim: int, block: int) -> int:
+    """`chunk_output`'s Triton warps per program: 4 when q, k and the value group are single
+    tiles (Dk and the group <= 128: at C = 128, Dk = Dv = 128 4 warps took 0.87-0.94x the
+    time of 8 on an H200), else `default_num_warps` (8 for the presets' Dk 256 / groups of
+    144, where 4 took 1.5x the time of 8; BENCHMARKS.md, session 12)."""
+    if key_dim <= MAX_BLOCK and block <= MAX_BLOCK:
+        return 4
+    return default_num_warps(chunk, key_dim, block)
 
 
 def unsupported_reason(key_dim: int, value_dim: int, chunk_size: int, *,
@@ -341,7 +352,8 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
         256 makes the forward 1.4x faster than 64).
       segments: `chunk_states`' segments (a divisor of the number of chunks); None picks
         `state_segments` (more than 1 only for long sequences with few batch x heads).
-      num_warps: Triton warps per `chunk_output` program; None: its default (8 at C = 128).
+      num_warps: Triton warps per `chunk_output` program; None: its default (4 for heads of
+        up to 128 columns, 8 for the presets' wider ones).
       state_num_warps, state_num_stages: Triton warps per `chunk_states` program and
         software-pipelining stages of its chunk loop (forward and reverse).
     Returns:

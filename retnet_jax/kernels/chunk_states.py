@@ -51,9 +51,11 @@ __all__ = ["SegmentedStates", "chunk_state_segments", "chunk_states", "join_segm
 # at [4, 8192, 16, 128] one loop of 64 chunks beat two of 32 plus their join).
 SEGMENT_PROGRAMS = 128
 MIN_SEGMENT_CHUNKS = 16
-# Default Triton warps per program and software-pipelining stages of the chunk loop.
+# Default Triton warps per program and software-pipelining stages of the chunk loop: 3
+# stages made the forward 1.01-1.24x and the forward+backward 1.00-1.13x faster than 2 at the
+# issue's shapes on an H200, 8 warps slowed the reverse loop (BENCHMARKS.md, session 12).
 STATE_NUM_WARPS = 4
-STATE_NUM_STAGES = 2
+STATE_NUM_STAGES = 3
 
 
 def _chunk_states_kernel(x_ref, y_ref, b_ref, x0_ref, out_ref, final_ref, *, reverse: bool):
