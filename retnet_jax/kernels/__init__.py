@@ -8,7 +8,9 @@ needed): the kernels index one chunk of the time axis directly, never a transpos
                                  block, value block) loops over the chunks, carrying its
                                  block of the state in registers; long sequences with few
                                  (batch, head) pairs loop in segments joined in XLA
-                                 (`state_segments` picks how many).
+                                 (`state_segments` picks how many), or, through
+                                 `chunk_states.chunk_state_segments`, by `chunk_output`
+                                 as it reads them (forward-only calls).
 * `chunk_output`                 one kernel for chunkwise retention's output (intra-chunk
                                  weights and the entering-state term).
 * `chunk_grads`                  one kernel for the per-chunk part of its backward pass (dq,
@@ -30,9 +32,10 @@ pieces (`common.pieces`: 432 -> 3 x 128 + 32 + 16). Grid axes that split a head
 (`chunk_output`'s value columns, `chunk_states`' key and value columns) use groups of a
 multiple of 16 columns dividing it (`common.column_group`). So the 125M, 350M, 1.3B and
 6.7B presets (torchscale widths: Dk 256, Dv 432) run on the kernels too; the 2.7B (Dv 428)
-uses XLA. Timed on an H200 (BENCHMARKS.md, session 11): at Dk = Dv = 128 the forward takes
-0.44-0.54x the XLA path's time and the forward+backward 0.47-0.66x (0.72-0.94x fla's); at
-Dk 256 / Dv 432 the forward takes 0.91x XLA's but the forward+backward 1.49x.
+uses XLA. Timed on an H200 (BENCHMARKS.md, session 12): at Dk = Dv = 128 the forward takes
+0.40-0.82x fla's time and the forward+backward 0.50-0.78x (same process; 0.4-0.5x and
+about 0.6x the XLA path's, timed in session 11); at Dk 256 / Dv 432 the forward takes about
+the XLA path's time (0.78 against 0.81 ms) but the forward+backward 1.5x.
 
 Models select them with `ModelConfig.retention_kernel` ('pallas': the chunkwise form and
 single-token decoding steps; see `layers.run_retention`,
