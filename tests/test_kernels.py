@@ -310,14 +310,14 @@ def test_chunk_states_in_segments_match_one_loop(reverse, gated, segments):
         assert rel_err(got, single) <= 1e-5 and rel_err(got, want) <= 1e-5
 
 
-@pytest.mark.parametrize("gated, segments", [(True, 1), (False, 2), (True, 3)])
+@pytest.mark.parametrize("gated, segments", [(True, 1), (False, 2), (True, 4)])
 def test_chunk_output_joins_segments_as_it_reads(gated, segments):
     # The output kernel given a recurrence's segments (local carries, entering carries,
     # offsets) computes what it computes from the joined states, and those are the one-loop
     # states: the join inside the kernel is join_segments' sum.
-    q, k, v, log_decay, x0 = random_inputs(11, time=96, key_dim=16, value_dim=32, gated=gated,
+    q, k, v, log_decay, x0 = random_inputs(11, time=64, key_dim=16, value_dim=32, gated=gated,
                                            min_log_decay=-0.2)
-    b = retention._chunk_cumulative_log_decay(log_decay, 96, 2, 16)
+    b = retention._chunk_cumulative_log_decay(log_decay, 64, 2, 16)
     with jax.default_matmul_precision("highest"):
         parts = jax.jit(functools.partial(chunk_state_segments, reverse=False,
                                           segments=segments, interpret=True))(k, v, b, x0)
@@ -325,8 +325,8 @@ def test_chunk_output_joins_segments_as_it_reads(gated, segments):
         output = jax.jit(functools.partial(chunk_output, block_v=16, interpret=True))
         fused, joined = output(q, k, v, b, parts), output(q, k, v, b, join_segments(parts))
         ref, _ = xla_retention(q, k, v, log_decay, 16, x0)
-    assert parts.local.shape == (2, segments, 2, 6 // segments, 16, 32)
-    assert parts.offsets.shape == (1 if not gated else 2, 2, 6)
+    assert parts.local.shape == (2, segments, 2, 4 // segments, 16, 32)
+    assert parts.offsets.shape == (1 if not gated else 2, 2, 4)
     assert rel_err(join_segments(parts), states) <= 1e-5
     assert rel_err(parts.final, final) <= 1e-5
     assert rel_err(fused, joined) <= 1e-6
