@@ -1,4 +1,4 @@
-"""Shapes and random inputs of the retention benchmarks (bench_retention, bench_forward_parts).
+"""Shapes and random inputs of the retention benchmarks (bench_retention, bench_kernel_parts).
 
 Imported by the bench_* scripts (they run with experiments/ on sys.path).
 """

@@ -303,24 +303,31 @@ def test_bench_decode_step_does_not_time_a_kernel_that_differs(monkeypatch, brok
         assert error_range[0] < rows[1]["state_rel_err"] < error_range[1]
 
 
-def test_bench_forward_parts_times_every_part_per_setting(tmp_path):
+def test_bench_kernel_parts_times_every_part_per_setting(tmp_path):
     out = tmp_path / "parts.json"
-    process = run_script("bench_forward_parts.py", "--smoke", "--shapes=1x64x2x16x32",
+    process = run_script("bench_kernel_parts.py", "--smoke", "--shapes=1x64x2x16x32",
                          "--decays=gated", "--segments=1,2,3", "--state_num_warps=4,8",
                          "--output_num_warps=4", f"--out={out}")
     assert process.returncode == 0, process.stderr
     rows = json.loads(out.read_text())["rows"]
+    per_segments = lambda s: [                                            # noqa: E731
+        ("states_local", s), ("states_local", s)] + ([("join", s), ("output_fused", s)]
+                                                      if s > 1 else []) + [
+        ("forward", s), ("forward_train", s), ("states_reverse", s), ("states_reverse", s),
+        ("train_step", s)]
     assert [(r["part"], r.get("segments")) for r in rows] == [
-        ("decays", None), ("output", None),
-        ("states_local", 1), ("states_local", 1), ("forward", 1), ("forward_train", 1),
-        ("states_local", 2), ("states_local", 2), ("join", 2), ("output_fused", 2),
-        ("forward", 2), ("forward_train", 2)]        # 3 does not divide the 4 chunks
-    assert [r["state_num_warps"] for r in rows if r["part"] == "states_local"] == [4, 8] * 2
+        ("decays", None), ("output", None), ("grads", None),
+        *per_segments(1), *per_segments(2)]          # 3 does not divide the 4 chunks
+    assert [r["state_num_warps"] for r in rows if r["part"] == "states_reverse"] == [4, 8] * 2
     assert all(r["ms"] > 0 and r["bytes"] > 0 for r in rows)
     assert "does not divide N = 4" in process.stdout
 
 
-def test_bench_forward_parts_refuses_a_bad_setting():
-    process = run_script("bench_forward_parts.py", "--smoke", "--state_num_warps=6")
+@pytest.mark.parametrize("flag, error", [
+    ("--state_num_warps=6", "--state_num_warps: '6' is not valid"),
+    ("--parts=forward,sideways", "--parts: ['forward', 'sideways'] is not a list"),
+])
+def test_bench_kernel_parts_refuses_a_bad_setting(flag, error):
+    process = run_script("bench_kernel_parts.py", "--smoke", flag)
     assert process.returncode != 0
-    assert "--state_num_warps: '6' is not valid" in process.stderr
+    assert error in process.stderr
