@@ -80,6 +80,10 @@ flags.DEFINE_bool("smoke", False, "Tiny shapes, few runs, interpret mode (checks
                   "script on CPU).")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
 
+# The counting flags: flag -> (takes 'auto', must be a power of two); others are positive.
+COUNT_FLAGS = {"segments": (True, False), "state_num_warps": (False, True),
+               "state_num_stages": (False, False), "output_num_warps": (True, True),
+               "grads_num_warps": (True, True)}
 SMOKE_DEFAULTS = {"shapes": ["1x256x2x32", "2x128x2x16x32"], "chunk_size": 16,
                   "segments": ["auto", "2"], "runs": 2, "calls": 1}
 RESULTS: dict = {"env": {}, "rows": []}
@@ -265,15 +269,15 @@ def main(argv) -> None:
         parse_shape(text)
     if not FLAGS.parts or set(FLAGS.parts) - {"forward", "backward"}:
         raise app.UsageError(f"--parts: {FLAGS.parts} is not a list of forward / backward")
-    for flag in ("segments", "state_num_warps", "state_num_stages", "output_num_warps",
-                 "grads_num_warps"):
+    for flag, (takes_auto, power_of_two) in COUNT_FLAGS.items():
         for text in getattr(FLAGS, flag):
-            if not ((text == "auto" and flag in ("segments", "output_num_warps",
-                                                   "grads_num_warps"))
-                    or (text.isdigit() and int(text) >= 1
-                        and (flag == "segments" or flag == "state_num_stages"
-                             or is_power_of_two(int(text))))):
-                raise app.UsageError(f"--{flag}: {text!r} is not valid")
+            if text == "auto" and takes_auto:
+                continue
+            if not (text.isdigit() and int(text) >= 1
+                    and (is_power_of_two(int(text)) or not power_of_two)):
+                wanted = "a power of two" if power_of_two else "a positive number"
+                raise app.UsageError(f"--{flag}: {text!r} is not valid: {wanted}"
+                                     + (" or 'auto'" if takes_auto else ""))
     bandwidth = copy_bandwidth(1 << 30 if not FLAGS.smoke else 1 << 20) / 1e9
     RESULTS["env"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "jax": jax.__version__,
                       "device_kind": jax.devices()[0].device_kind, "argv": sys.argv,

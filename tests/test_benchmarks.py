@@ -324,7 +324,8 @@ def test_bench_kernel_parts_times_every_part_per_setting(tmp_path):
 
 
 @pytest.mark.parametrize("flag, error", [
-    ("--state_num_warps=6", "--state_num_warps: '6' is not valid"),
+    ("--state_num_warps=6", "--state_num_warps: '6' is not valid: a power of two"),
+    ("--segments=auto,0", "--segments: '0' is not valid: a positive number or 'auto'"),
     ("--parts=forward,sideways", "--parts: ['forward', 'sideways'] is not a list"),
 ])
 def test_bench_kernel_parts_refuses_a_bad_setting(flag, error):
