@@ -93,6 +93,11 @@ def interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
+def warps_arg(text: str) -> int | None:
+    """A --*_num_warps value as a kernel's num_warps argument ('auto': None, its default)."""
+    return None if text == "auto" else int(text)
+
+
 def state_bytes(batch, heads, chunks, key_dim, value_dim, itemsize=2) -> int:
     return batch * heads * chunks * key_dim * value_dim * itemsize
 
@@ -151,7 +156,7 @@ def time_shape(shape_text: str, gated: bool, bandwidth: float) -> None:
         for warps in FLAGS.output_num_warps:
             time_part("output", functools.partial(
                 kernels.chunk_output, block_v=FLAGS.block_v, interpret=interpret(),
-                num_warps=None if warps == "auto" else int(warps)),
+                num_warps=warps_arg(warps)),
                 [(q, k, v, b, s) for q, k, v, b, _, s in joined], 2 * activations + states,
                 bandwidth, **fields, output_num_warps=warps)
     if "backward" in FLAGS.parts:   # reads q, k, v, do, states, d_kv; writes dq, dk, dv
@@ -204,7 +209,7 @@ def time_forward(local, pallas, with_b, inputs_list, bandwidth, fields, *, activ
                   **fields)
         for warps in FLAGS.output_num_warps:
             time_part("output_fused", functools.partial(
-                output, num_warps=None if warps == "auto" else int(warps)),
+                output, num_warps=warps_arg(warps)),
                 [(q, k, v, b, s) for (q, k, v, b, _), s in zip(with_b, segmented)],
                 2 * activations + states + carries, bandwidth, **fields,
                 output_num_warps=warps)
@@ -247,7 +252,7 @@ def time_grads(joined, cotangents, nbytes, bandwidth, fields) -> None:
         args_list.append((q, k, v, do, b, states, d_kv))
     for warps in FLAGS.grads_num_warps:
         time_part("grads", functools.partial(
-            kernels.chunk_grads, num_warps=None if warps == "auto" else int(warps),
+            kernels.chunk_grads, num_warps=warps_arg(warps),
             interpret=interpret()), args_list, nbytes, bandwidth, **fields,
             grads_num_warps=warps)
 
