@@ -1,6 +1,7 @@
 """Walking traced programs in tests."""
 
 import jax
+import jax.extend
 
 
 def equations(jaxpr):
