@@ -24,7 +24,8 @@ Backward parts (--parts=backward):
 
 for each --segments (auto: `state_segments`' pick), each --state_num_warps x
 --state_num_stages of the state kernel (`states_local`, `states_reverse`), each
---output_num_warps (`output`, `output_fused`) and each --grads_num_warps (`grads`);
+--output_num_warps (`output`, `output_fused`) and each --grads_blocks x --grads_num_warps
+(`grads`);
 `forward`, `forward_train` and `train_step` run the kernels' defaults but for the segment
 count. Each part is one jit, called with fresh random inputs (two sets, rotated); median of
 --runs timings of --calls back-to-back calls after a warm-up call (`ceilings.median_seconds`).
@@ -70,6 +71,9 @@ flags.DEFINE_list("output_num_warps", ["auto"], "Warps per output-kernel program
                   "its default).")
 flags.DEFINE_list("grads_num_warps", ["auto"], "Warps per gradient-kernel program ('auto': "
                   "its default).")
+flags.DEFINE_list("grads_blocks", ["fused"], "Gradient-kernel layouts: 'fused' (one "
+                  "kernel, one program per chunk) or KxV (two kernels over groups of up to K "
+                  "key and V value columns, `chunk_grads(blocks=(K, V))`), e.g. 128x256.")
 flags.DEFINE_list("parts", ["forward", "backward"], "Which parts to time: forward and/or "
                   "backward.")
 flags.DEFINE_integer("state_block_v", 256, "Most value columns per state-kernel program.")
@@ -96,6 +100,11 @@ def interpret() -> bool:
 def warps_arg(text: str) -> int | None:
     """A --*_num_warps value as a kernel's num_warps argument ('auto': None, its default)."""
     return None if text == "auto" else int(text)
+
+
+def grads_blocks_arg(text: str) -> tuple[int, int] | None:
+    """A --grads_blocks value as `chunk_grads`' blocks argument ('fused': None)."""
+    return None if text == "fused" else tuple(int(part) for part in text.split("x"))
 
 
 def state_bytes(batch, heads, chunks, key_dim, value_dim, itemsize=2) -> int:
@@ -250,11 +259,11 @@ def time_grads(joined, cotangents, nbytes, bandwidth, fields) -> None:
         d_kv = kernels.chunk_states(q, do, b, d_final, reverse=True,
                                     block_v=FLAGS.state_block_v, interpret=interpret())[0]
         args_list.append((q, k, v, do, b, states, d_kv))
-    for warps in FLAGS.grads_num_warps:
+    for layout, warps in itertools.product(FLAGS.grads_blocks, FLAGS.grads_num_warps):
         time_part("grads", functools.partial(
-            kernels.chunk_grads, num_warps=warps_arg(warps),
+            kernels.chunk_grads, blocks=grads_blocks_arg(layout), num_warps=warps_arg(warps),
             interpret=interpret()), args_list, nbytes, bandwidth, **fields,
-            grads_num_warps=warps)
+            grads_blocks=layout, grads_num_warps=warps)
 
 
 def save() -> None:
@@ -283,6 +292,12 @@ def main(argv) -> None:
                 wanted = "a power of two" if power_of_two else "a positive number"
                 raise app.UsageError(f"--{flag}: {text!r} is not valid: {wanted}"
                                      + (" or 'auto'" if takes_auto else ""))
+    for text in FLAGS.grads_blocks:
+        parts = text.split("x")
+        if text != "fused" and not (len(parts) == 2 and all(
+                part.isdigit() and is_power_of_two(int(part)) for part in parts)):
+            raise app.UsageError(f"--grads_blocks: {text!r} is not 'fused' or KxV with K and "
+                                 "V powers of two")
     bandwidth = copy_bandwidth(1 << 30 if not FLAGS.smoke else 1 << 20) / 1e9
     RESULTS["env"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "jax": jax.__version__,
                       "device_kind": jax.devices()[0].device_kind, "argv": sys.argv,

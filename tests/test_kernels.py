@@ -18,6 +18,7 @@ from retnet_jax.kernels import (
     chunk_grads, chunk_output, chunk_states, chunkwise_retention_pallas, retention_step_pallas)
 from retnet_jax.kernels.chunk_states import (
     SegmentedStates, chunk_state_segments, join_segments, state_segments)
+from retnet_jax.kernels.chunk_grads import default_blocks
 from retnet_jax.kernels.common import column_group, pieces
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -222,17 +223,22 @@ def chunk_grads_reference(q, k, v, do, b, states, d_kv):
             retention._from_chunks(dv, time), db.at[..., -1].add(chunk_end))
 
 
-@pytest.mark.parametrize("dtype, shared_decay, chunk, key_dim, value_dim", [
-    (jnp.float32, False, 16, 16, 32),
-    (jnp.float32, True, 32, 32, 16),
-    (jnp.bfloat16, False, 16, 32, 16),
-    (jnp.float32, False, 16, 48, 80),      # key pieces 32 + 16, value pieces 64 + 16
-    (jnp.bfloat16, True, 16, 256, 432),    # the presets' heads: 2 x 128; 3 x 128 + 32 + 16
+@pytest.mark.parametrize("dtype, shared_decay, chunk, key_dim, value_dim, blocks", [
+    (jnp.float32, False, 16, 16, 32, None),
+    (jnp.float32, True, 32, 32, 16, None),
+    (jnp.bfloat16, False, 16, 32, 16, None),
+    (jnp.float32, False, 16, 48, 80, None),    # key pieces 32 + 16, value pieces 64 + 16
+    (jnp.bfloat16, True, 16, 256, 432, None),  # the presets' heads: 2 x 128; 3 x 128 + 32 + 16
+    # Two kernels: 3 key groups of 16 (db summed over them), 5 value groups of 16.
+    (jnp.float32, False, 16, 48, 80, (16, 16)),
+    (jnp.bfloat16, True, 32, 32, 16, (64, 64)),   # one group each
+    (jnp.bfloat16, False, 16, 256, 432, (128, 256)),   # 2 groups of 128; 3 of 144
 ])
-def test_chunk_grads_matches_xla_einsums(dtype, shared_decay, chunk, key_dim, value_dim):
+def test_chunk_grads_matches_xla_einsums(dtype, shared_decay, chunk, key_dim, value_dim,
+                                         blocks):
     args = random_chunk_grads_args(7, 2, 2, 3, chunk, key_dim, value_dim, shared_decay, dtype)
     with jax.default_matmul_precision("highest"):
-        out = jax.jit(functools.partial(chunk_grads, interpret=True))(*args)
+        out = jax.jit(functools.partial(chunk_grads, blocks=blocks, interpret=True))(*args)
         ref = chunk_grads_reference(*args)
     for name, x, r in zip(("dq", "dk", "dv", "db"), out, ref):
         assert x.shape == r.shape, name
@@ -386,6 +392,8 @@ def test_kernels_lower_for_the_triton_gpu_backend(chunk, dtype, batch_decay):
     wide = jax.ShapeDtypeStruct((batch, heads, chunks, 256, 432), dtype)
     calls += [(chunk_output, (act(256), act(256), act(432), b, wide)),
               (chunk_grads, (act(256), act(256), act(432), act(432), b, wide, wide)),
+              (functools.partial(chunk_grads, blocks=(128, 256)),
+               (act(256), act(256), act(432), act(432), b, wide, wide)),
               (functools.partial(chunk_states, reverse=False),
                (act(256), act(432), b, jax.ShapeDtypeStruct((batch, heads, 256, 432),
                                                             jnp.float32)))]
@@ -497,6 +505,30 @@ def segments_of(local=(1, 2, 1, 1, 16, 32), entering=(1, 2, 1, 16, 32), offsets=
     (32, 64, 32), (24, 64, None), (64, 8, None)])
 def test_column_group_is_the_widest_divisor_in_multiples_of_16(dim, most, group):
     assert column_group(dim, most) == group
+
+
+@pytest.mark.parametrize("key_dim, value_dim, kernels", [
+    (128, 128, ["retention_chunk_grads"]),
+    (128, 256, ["retention_chunk_grads"]),           # one group each: nothing to spread
+    (256, 432, ["retention_chunk_value_grads", "retention_chunk_key_grads"]),
+    (64, 432, ["retention_chunk_value_grads", "retention_chunk_key_grads"]),
+])
+def test_training_takes_two_gradient_kernels_for_wide_heads(key_dim, value_dim, kernels):
+    """`default_blocks` routes the backward pass of heads wider than one group to the
+    two-kernel `chunk_grads`, and the rest to the fused one."""
+    q, k = (jnp.ones((1, 32, 1, key_dim), jnp.bfloat16),) * 2
+    v = jnp.ones((1, 32, 1, value_dim), jnp.bfloat16)
+
+    def loss(q, k, v):
+        o, _ = chunkwise_retention_pallas(q, k, v, -jnp.ones((1,)) / 8, chunk_size=16,
+                                          interpret=True)
+        return jnp.sum(o.astype(jnp.float32))
+
+    names = [eq.params["name"] for eq in equations(
+        jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr)
+        if eq.primitive.name == "pallas_call"]
+    assert [name for name in names if "grads" in name] == kernels
+    assert default_blocks(key_dim, value_dim) == (None if len(kernels) == 1 else (128, 256))
 
 
 @pytest.mark.parametrize("width, sizes", [

@@ -13,9 +13,10 @@ needed): the kernels index one chunk of the time axis directly, never a transpos
                                  as it reads them (forward-only calls).
 * `chunk_output`                 one kernel for chunkwise retention's output (intra-chunk
                                  weights and the entering-state term).
-* `chunk_grads`                  one kernel for the per-chunk part of its backward pass (dq,
-                                 dk, dv and the cumulative-decay gradient, from the inputs,
-                                 states and state gradients).
+* `chunk_grads`                  the per-chunk part of its backward pass (dq, dk, dv and
+                                 the cumulative-decay gradient, from the inputs, states and
+                                 state gradients): one kernel, or two over groups of key and
+                                 value columns for heads wider than one tile.
 * `chunkwise_retention_pallas`   `retention.chunkwise_retention` from these kernels; same
                                  arguments and results.
 * `retention_step_pallas`        `retention.retention_step` (one decoding token) in one

@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from retnet_jax import retention
-from retnet_jax.kernels.chunk_grads import chunk_grads
+from retnet_jax.kernels.chunk_grads import chunk_grads, default_blocks
 from retnet_jax.kernels.chunk_states import (
     STATE_NUM_STAGES, STATE_NUM_WARPS, SegmentedStates, chunk_state_segments, chunk_states,
     state_segments)
@@ -296,7 +296,9 @@ def _chunkwise_pallas_bwd(chunk_size, tiling, residuals, cotangents):
     time = q_aval.shape[1]
     do = retention._pad_time(do.astype(q.dtype), padded - time)
     d_kv, d_initial = _run_states(q, do, b, d_final.astype(jnp.float32), tiling, reverse=True)
-    dq, dk, dv, db = chunk_grads(q, k, v, do, b, states, d_kv, interpret=tiling.interpret)
+    dq, dk, dv, db = chunk_grads(q, k, v, do, b, states, d_kv,
+                                 blocks=default_blocks(q.shape[-1], v.shape[-1]),
+                                 interpret=tiling.interpret)
 
     # b = within-chunk cumsum of log_decay (shared by the batch when fixed): the transpose of
     # that linear map takes dL/db to dL/d log_decay (reverse cumsum inside each chunk, padding
