@@ -93,8 +93,8 @@ class ModelConfig:
         and for each decoded token's state update and read-out, on GPU, per device shard
         under `shard_map` on a mesh; XLA elsewhere or for sizes they do not take; chunkwise
         forward ~2x and forward+backward 1.5-2.1x faster than 'xla' at head dims of 128,
-        forward+backward 1.5x slower at the presets' 256 / 432; the decoding step faster at
-        batch 32 only: BENCHMARKS.md) or 'pallas_interpret' (interpreted, any backend;
+        forward+backward 1.13-1.38x slower at the presets' 256 / 432; the decoding step
+        faster at batch 32-64 only: BENCHMARKS.md) or 'pallas_interpret' (interpreted, any backend;
         tests). It changes no parameter: a model trained with one can decode with another.
     Attention:
       attention_impl: None (cuDNN on GPU for bf16, else XLA), 'xla' or 'cudnn'; used by the

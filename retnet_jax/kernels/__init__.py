@@ -30,13 +30,15 @@ Sizes: Dk and Dv multiples of 16 (Triton's smallest dot tile). A program works o
 128 columns of a head at a time (`common.MAX_BLOCK`: the tiles compiled and timed on an
 H100 at Dk = Dv = 128, fla's usual size); wider or odd widths are walked in power-of-two
 pieces (`common.pieces`: 432 -> 3 x 128 + 32 + 16). Grid axes that split a head
-(`chunk_output`'s value columns, `chunk_states`' key and value columns) use groups of a
-multiple of 16 columns dividing it (`common.column_group`). So the 125M, 350M, 1.3B and
-6.7B presets (torchscale widths: Dk 256, Dv 432) run on the kernels too; the 2.7B (Dv 428)
-uses XLA. Timed on an H200 (BENCHMARKS.md, session 12): at Dk = Dv = 128 the forward takes
-0.40-0.82x fla's time and the forward+backward 0.50-0.78x (same process; 0.4-0.5x and
-about 0.6x the XLA path's, timed in session 11); at Dk 256 / Dv 432 the forward takes about
-the XLA path's time (0.78 against 0.81 ms) but the forward+backward 1.5x.
+(`chunk_output`'s value columns, `chunk_states`' key and value columns, `chunk_grads`' two
+kernels for heads wider than one group) use groups of a multiple of 16 columns dividing it
+(`common.column_group`). So the 125M, 350M, 1.3B and 6.7B presets (torchscale widths:
+Dk 256, Dv 432) run on the kernels too; the 2.7B (Dv 428) uses XLA. Timed on an H200
+(BENCHMARKS.md, sessions 12-13): at Dk = Dv = 128 the forward takes 0.40-0.82x fla's time
+and the forward+backward 0.50-0.78x (same process; 0.4-0.5x and about 0.6x the XLA path's,
+timed in session 11); at Dk 256 / Dv 432 the forward takes about the XLA path's time
+(0.80 against 0.81 ms) but the forward+backward 1.38x (fixed decay, 2.88 against 2.09 ms)
+and 1.13x (gated).
 
 Models select them with `ModelConfig.retention_kernel` ('pallas': the chunkwise form and
 single-token decoding steps; see `layers.run_retention`,
