@@ -51,7 +51,7 @@ Array = jax.Array
 __all__ = ["chunk_grads", "default_blocks"]
 
 # `chunk_grads`' two-kernel layout for heads wider than one group: groups of up to 128 key
-# and 256 value columns. Timed on an H200 at C = 128, 8 warps (BENCHMARKS.md, run 19): at
+# and 256 value columns. Timed on an H200 at C = 128, 8 warps (BENCHMARKS.md, run 20): at
 # Dk 256 / Dv 432 (2 key groups, 3 value groups of 144) 1.82 ms against the fused kernel's
 # 2.12; at Dk = Dv = 128 (one group each, so nothing gained in parallelism and both [C, C]
 # products computed twice) 1.20 ms against the fused 1.01.
