@@ -580,6 +580,9 @@ def test_chunk_output_rejects_bad_arguments(shape, change, match):
     ({"q": jnp.ones((1, 32, 16))}, "q must have rank 4"),
     ({"b": -jnp.ones((1, 1, 2, 16), jnp.bfloat16)}, "b must be float32"),
     ({"b": -jnp.ones((2, 1, 2, 16))}, "b must have shape"),  # G = 2 > B = 1
+    ({"blocks": (16, 48)}, r"blocks\[1\] \(block_v\) must be a power of two"),
+    ({"blocks": (8, 16)}, "blocks must be >= 16"),
+    ({"blocks": (16,)}, r"blocks must be None or \(block_k, block_v\)"),
 ])
 def test_chunk_grads_rejects_bad_arguments(change, match):
     chunk = change.pop("chunk", 16)

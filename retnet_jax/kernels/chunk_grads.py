@@ -270,8 +270,13 @@ def chunk_grads(q: Array, k: Array, v: Array, do: Array, b: Array, states: Array
             name="retention_chunk_grads",
         )(q, k, v, do, b, states, d_kv)
 
+    if len(blocks) != 2:
+        raise ValueError(f"blocks must be None or (block_k, block_v), got {blocks!r}")
     block_k, block_v = (check_block_arg(name, block) for name, block
                         in zip(("blocks[0] (block_k)", "blocks[1] (block_v)"), blocks))
+    if min(block_k, block_v) < MIN_DOT_DIM:
+        raise ValueError(f"blocks must be >= {MIN_DOT_DIM} (Triton's smallest dot tile), "
+                         f"got {blocks!r}")
     bk, bv = column_group(key_dim, block_k), column_group(value_dim, block_v)
     key_groups = key_dim // bk
     dv = call(
