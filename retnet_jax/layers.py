@@ -122,8 +122,9 @@ class GatedFFN(nnx.Module):
 
 @flax.struct.dataclass
 class RetentionCache:
-    """Recurrent state of one retention layer: float32 [batch, heads, key_dim, value_dim].
-    Its size does not depend on how many tokens it has absorbed."""
+    """Recurrent state of one retention layer: [batch, heads, key_dim, value_dim], float32
+    unless the layer keeps it in bfloat16 (`state_dtype`). Its size does not depend on how
+    many tokens it has absorbed."""
     state: Array
 
 
@@ -276,8 +277,8 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
       q, k: [batch, time, heads, key_dim]; v: [batch, time, heads, value_dim].
       log_decay: float [heads] or [batch, time, heads], <= 0.
       chunk_size: chunk length of the chunkwise form.
-      initial_state: float32 [batch, heads, key_dim, value_dim] or None (zeros); the
-        parallel form has no state and accepts only None.
+      initial_state: [batch, heads, key_dim, value_dim] (float32, or a bfloat16 cache's
+        state) or None (zeros); the parallel form has no state and accepts only None.
       kernel: one of RETENTION_KERNELS: the implementation of the chunkwise form and of
         single-token recurrent steps (decoding; `kernels.retention_step_pallas`, forward
         only); longer recurrent inputs always use XLA's scan. 'pallas' falls back to 'xla',
@@ -325,17 +326,19 @@ class RetentionBase(nnx.Module):
 
     Ablations: use_swish_gate=False drops Wg (y = Wout(o)); use_head_norm=False drops the
     per-head norm. Init as torchscale: xavier_uniform gain 2^-2.5 for q, k, v, g; out_proj
-    gain `out_gain`.
+    gain `out_gain`. state_dtype: the dtype of the cache's state between calls (float32, or
+    bfloat16 at half the memory; the forms compute in float32 either way).
     """
 
     out_gain = 1.0
 
     def __init__(self, d_model: int, *, num_heads: int, value_dim: int, use_swish_gate: bool,
                  use_head_norm: bool, norm_eps: float, chunk_size: int, dtype, param_dtype,
-                 rngs: nnx.Rngs, kernel: str = "xla"):
+                 rngs: nnx.Rngs, kernel: str = "xla", state_dtype=jnp.float32):
         if kernel not in RETENTION_KERNELS:
             raise ValueError(f"kernel must be one of {RETENTION_KERNELS}, got {kernel!r}")
         self.kernel = kernel
+        self.state_dtype = state_dtype
         self.num_heads = num_heads
         self.key_dim = d_model // num_heads
         self.value_head_dim = value_dim // num_heads
@@ -362,10 +365,11 @@ class RetentionBase(nnx.Module):
         return None
 
     def init_cache(self, batch_size: int, max_len: int) -> RetentionCache:
-        """Zero state, float32 [batch, heads, key_dim, value_head_dim]; max_len is unused."""
+        """Zero state, [batch, heads, key_dim, value_head_dim] in state_dtype; max_len is
+        unused."""
         del max_len
         return RetentionCache(retention.zero_state(batch_size, self.num_heads, self.key_dim,
-                                                   self.value_head_dim))
+                                                   self.value_head_dim, self.state_dtype))
 
     def __call__(self, x: Array, *, mode: str, cache: RetentionCache | None = None,
                  position: Array | None = None, valid: Array | None = None
@@ -397,7 +401,9 @@ class RetentionBase(nnx.Module):
         o = o.reshape(batch, time, -1).astype(self.dtype)
         if self.use_swish_gate:
             o = jax.nn.silu(self.g_proj(x)) * o
-        return self.out_proj(o), None if cache is None else RetentionCache(state)
+        if cache is None:
+            return self.out_proj(o), None
+        return self.out_proj(o), RetentionCache(state.astype(self.state_dtype))
 
 
 class MultiScaleRetention(RetentionBase):
@@ -417,11 +423,12 @@ class MultiScaleRetention(RetentionBase):
     def __init__(self, d_model: int, *, num_heads: int, value_dim: int, use_swish_gate: bool,
                  use_head_norm: bool, norm_eps: float, chunk_size: int, decay_schedule: str,
                  decay_gamma: float, sqrt_row_scaling: bool, dtype, param_dtype,
-                 rngs: nnx.Rngs, kernel: str = "xla"):
+                 rngs: nnx.Rngs, kernel: str = "xla", state_dtype=jnp.float32):
         super().__init__(d_model, num_heads=num_heads, value_dim=value_dim,
                          use_swish_gate=use_swish_gate, use_head_norm=use_head_norm,
                          norm_eps=norm_eps, chunk_size=chunk_size, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs, kernel=kernel)
+                         param_dtype=param_dtype, rngs=rngs, kernel=kernel,
+                         state_dtype=state_dtype)
         self.decay_schedule = decay_schedule
         self.decay_gamma = decay_gamma
         self.sqrt_row_scaling = sqrt_row_scaling
@@ -459,11 +466,13 @@ class GatedRetention(RetentionBase):
     def __init__(self, d_model: int, *, num_heads: int, value_dim: int, use_swish_gate: bool,
                  use_head_norm: bool, norm_eps: float, chunk_size: int,
                  gate_logit_normalizer: float, dtype, param_dtype, rngs: nnx.Rngs,
-                 gate_bias: float | None = None, kernel: str = "xla"):
+                 gate_bias: float | None = None, kernel: str = "xla",
+                 state_dtype=jnp.float32):
         super().__init__(d_model, num_heads=num_heads, value_dim=value_dim,
                          use_swish_gate=use_swish_gate, use_head_norm=use_head_norm,
                          norm_eps=norm_eps, chunk_size=chunk_size, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs, kernel=kernel)
+                         param_dtype=param_dtype, rngs=rngs, kernel=kernel,
+                         state_dtype=state_dtype)
         self.gate_logit_normalizer = gate_logit_normalizer
         self.gt_proj = linear(d_model, num_heads, ("embed", None), init=xavier_uniform(2**-2.5),
                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -103,6 +103,11 @@ class ModelConfig:
       dtype: compute dtype, 'float32' or 'bfloat16' (retention states, norms and logits stay
         float32); param_dtype: parameter dtype; remat: rematerialise each block in the
         full-sequence forward (training memory).
+      state_dtype: the dtype retention layers keep their recurrent state in between calls
+        (the decoding cache), 'float32' (default) or 'bfloat16': half the decode state's
+        memory and traffic, each step still computed in float32 and the new state rounded
+        once (torchscale keeps its state in the activation dtype). Training and the
+        full-sequence forward do not use it.
       scan_layers: run the full-sequence forward as a `lax.scan` over the blocks (over
         repeats of the schedule's period for hybrids) instead of unrolling them, so XLA
         compiles one block, not num_layers: much faster compiles for deep models. The
@@ -136,6 +141,7 @@ class ModelConfig:
     attention_impl: str | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
+    state_dtype: str = "float32"
     remat: bool = False
     scan_layers: bool = False
 
@@ -211,7 +217,7 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
             _fail("attention_impl", f"must be one of {ATTENTION_IMPLEMENTATIONS}, "
                   f"got {self.attention_impl!r}")
-        for field in ("dtype", "param_dtype"):
+        for field in ("dtype", "param_dtype", "state_dtype"):
             if getattr(self, field) not in DTYPES:
                 _fail(field, f"must be one of {tuple(DTYPES)}, got {getattr(self, field)!r}")
 
@@ -314,7 +320,7 @@ def _make_mixer(kind: str, config: ModelConfig, rngs: nnx.Rngs):
     common.update(num_heads=config.num_heads, value_dim=config.resolved_value_dim,
                   use_swish_gate=config.use_swish_gate, use_head_norm=config.use_head_norm,
                   norm_eps=config.norm_eps, chunk_size=config.chunk_size,
-                  kernel=config.retention_kernel)
+                  kernel=config.retention_kernel, state_dtype=DTYPES[config.state_dtype])
     if kind == "retention":
         return MultiScaleRetention(config.d_model, decay_schedule=config.decay_schedule,
                                    decay_gamma=config.decay_gamma,
@@ -365,8 +371,9 @@ class Cache:
 
     position: int32 [batch], tokens consumed so far by each sequence = absolute position of
       its next token.
-    layers: per block, `RetentionCache` (float32 [batch, heads, key_dim, value_dim], constant
-      size) or `AttentionCache` ([batch, max_len, heads, head_dim] keys and values).
+    layers: per block, `RetentionCache` ([batch, heads, key_dim, value_dim] in
+      `ModelConfig.state_dtype`, constant size) or `AttentionCache` ([batch, max_len, heads,
+      head_dim] keys and values).
     """
     position: Array
     layers: tuple[RetentionCache | AttentionCache, ...]

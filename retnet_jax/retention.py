@@ -85,6 +85,8 @@ def _check_state(state, q, v) -> None:
     if state.shape != expected:
         raise ValueError(f"initial_state/state must have shape {expected} [batch, heads, "
                          f"key_dim, value_dim], got {state.shape}")
+    if not jnp.issubdtype(state.dtype, jnp.floating):
+        raise ValueError(f"initial_state/state must be floating point, got dtype {state.dtype}")
 
 
 def _check_step_inputs(q, k, v, log_decay, state) -> None:
@@ -100,9 +102,11 @@ def _per_token_log_decay(log_decay: Array, batch: int, time: int, heads: int) ->
     return jnp.broadcast_to(log_decay.astype(jnp.float32), (batch, time, heads))
 
 
-def zero_state(batch: int, heads: int, key_dim: int, value_dim: int) -> Array:
-    """An empty recurrent state, float32 [batch, heads, key_dim, value_dim]."""
-    return jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
+def zero_state(batch: int, heads: int, key_dim: int, value_dim: int,
+               dtype=jnp.float32) -> Array:
+    """An empty recurrent state, [batch, heads, key_dim, value_dim] in dtype (float32 unless
+    a decoding cache keeps its state narrower, `ModelConfig.state_dtype`)."""
+    return jnp.zeros((batch, heads, key_dim, value_dim), dtype)
 
 
 # --------------------------------------------------------------------------- parallel form
@@ -169,12 +173,15 @@ def retention_step(q: Array, k: Array, v: Array, log_decay: Array,
       q, k: [B, H, Dk].
       v: [B, H, Dv].
       log_decay: float [H] (fixed) or [B, H] (gated), entries <= 0.
-      state: float32 [B, H, Dk, Dv], the state after the previous token.
+      state: [B, H, Dk, Dv], the state after the previous token: float32, or bfloat16 for a
+        cache kept at half the memory (`ModelConfig.state_dtype`).
     Returns:
-      (o [B, H, Dv] in v's dtype, new state float32 [B, H, Dk, Dv]).
+      (o [B, H, Dv] in v's dtype, new state [B, H, Dk, Dv] in state's dtype). The update and
+      the read-out are computed in float32; a bfloat16 state is rounded once, when stored.
     """
     _check_step_inputs(q, k, v, log_decay, state)
-    return _step(q, k, v, log_decay, state.astype(jnp.float32))
+    o, new_state = _step(q, k, v, log_decay, state.astype(jnp.float32))
+    return o, new_state.astype(state.dtype)
 
 
 def recurrent_retention(q: Array, k: Array, v: Array, log_decay: Array, *,

@@ -131,6 +131,23 @@ def test_steps_equal_recurrent_form(gated):
 
 
 @pytest.mark.parametrize("gated", [False, True])
+def test_a_bfloat16_state_is_updated_in_float32_and_rounded_once(gated):
+    """retention_step keeps a bfloat16 state bfloat16: the update and the read-out use the
+    float32 sum (o to float32 accuracy), only the stored state is rounded."""
+    q, k, v, log_decay = random_inputs(4, time=1, gated=gated)
+    state = jax.random.normal(jax.random.PRNGKey(5), (2, 3, 8, 12)).astype(jnp.bfloat16)
+    o, new_state = retention.retention_step(q[:, 0], k[:, 0], v[:, 0],
+                                            log_decay[:, 0] if gated else log_decay, state)
+    assert new_state.dtype == jnp.bfloat16 and o.dtype == jnp.float32
+    q64, k64, v64, s64 = (np.asarray(x, np.float64) for x in (q[:, 0], k[:, 0], v[:, 0], state))
+    decay = np.exp(np.broadcast_to(np.asarray(log_decay[:, 0] if gated else log_decay,
+                                              np.float64), (2, 3)))[..., None, None]
+    ref_state = decay * s64 + k64[..., :, None] * v64[..., None, :]
+    assert rel_err(o, np.einsum("bhd,bhde->bhe", q64, ref_state)) <= 1e-5
+    assert 0 < rel_err(new_state, ref_state) <= 2.0**-8      # one bfloat16 rounding
+
+
+@pytest.mark.parametrize("gated", [False, True])
 def test_gradients_agree_across_forms_and_reference(gated):
     q, k, v, log_decay = random_inputs(7, time=41, gated=gated)
     cotangent = jax.random.normal(jax.random.PRNGKey(9), v.shape)

@@ -2,11 +2,12 @@
 
 `retention.retention_step` computes, per (batch, head),
 
-    S' = exp(log_decay) S + k^T v,        o = q S'                  (S float32 [Dk, Dv])
+    S' = exp(log_decay) S + k^T v,        o = q S'                  (S [Dk, Dv])
 
 `retention_step_pallas` does both in one kernel: each program owns one (batch, head, value
-group), loads its [Dk, BV] columns of S as power-of-two tiles, updates them in registers,
-accumulates o from the updated tiles and writes them back: one read and one write of the
+group), loads its [Dk, BV] columns of S as power-of-two tiles, updates them in registers
+(float32), accumulates o from the updated tiles and writes them back in the state's dtype
+(float32, or bfloat16 for a half-size decoding cache): one read and one write of the
 state. Inside a model at batch 8-32, XLA already fuses the update and the read-out into
 one kernel per block that reads and writes the state once (at batch 1 it makes a third
 pass, over a small state). At the 1.3B preset's heads on an H200, the step alone
@@ -43,7 +44,8 @@ def _decode_step_kernel(q_ref, k_ref, v_ref, decay_ref, state_ref, o_ref, new_st
     """One (batch, head, value group) program.
 
     Refs: q, k [Dk]; v [BV]; decay float32 [DECAY_LANES] (copies of exp(log_decay)); state
-    float32 [Dk, BV]. Outputs: o [BV] (v's dtype); new_state float32 [Dk, BV].
+    [Dk, BV]. Outputs: o [BV] (v's dtype); new_state [Dk, BV] (state's dtype). Computed in
+    float32.
     """
     key_pieces, value_pieces = pieces(q_ref.shape[0]), pieces(v_ref.shape[0])
     decay = jnp.max(decay_ref[...])                          # all lanes hold the same value
@@ -53,8 +55,9 @@ def _decode_step_kernel(q_ref, k_ref, v_ref, decay_ref, state_ref, o_ref, new_st
         v = v_ref[vc].astype(jnp.float32)
         o = jnp.zeros(v.shape, jnp.float32)
         for kc, q, k in zip(key_pieces, qs, ks, strict=True):
-            tile = decay * state_ref[kc, vc] + k[:, None] * v[None, :]   # [bk, bv]
-            new_state_ref[kc, vc] = tile
+            tile = (decay * state_ref[kc, vc].astype(jnp.float32)
+                    + k[:, None] * v[None, :])                              # [bk, bv]
+            new_state_ref[kc, vc] = tile.astype(new_state_ref.dtype)
             o = o + jnp.sum(q[:, None] * tile, axis=0)
         o_ref[vc] = o.astype(o_ref.dtype)
 
@@ -70,14 +73,15 @@ def retention_step_pallas(q: Array, k: Array, v: Array, log_decay: Array, state:
       q, k: [B, H, Dk], Dk a multiple of 16.
       v: [B, H, Dv], Dv a multiple of 16.
       log_decay: float [H] (fixed) or [B, H] (gated), entries <= 0.
-      state: float32 [B, H, Dk, Dv], the state after the previous token.
+      state: [B, H, Dk, Dv], the state after the previous token, float32 or bfloat16 (a
+        half-size cache: read and written as bfloat16, updated in float32).
       block_v: the most value columns per program (a power of two >= 16): each program takes
         the widest multiple of 16 dividing Dv up to it (Dv = 432 at 256 -> 144 columns, at
         64 -> 48).
       num_warps: Triton warps per program.
       interpret: run in Pallas interpret mode (any backend, e.g. CPU tests).
     Returns:
-      (o [B, H, Dv] in v's dtype, new state float32 [B, H, Dk, Dv]).
+      (o [B, H, Dv] in v's dtype, new state [B, H, Dk, Dv] in state's dtype).
     Raises:
       ValueError naming the argument whose shape or dtype does not fit.
     """
@@ -110,9 +114,9 @@ def retention_step_pallas(q: Array, k: Array, v: Array, log_decay: Array, state:
             pl.BlockSpec((None, None, key_dim, bv), lambda b, h, j: (b, h, 0, j)),
         ],
         out_shape=[jax.ShapeDtypeStruct((batch, heads, value_dim), v.dtype),
-                   jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
+                   jax.ShapeDtypeStruct(state.shape, state.dtype)],
         input_output_aliases={4: 1},          # the new state overwrites the old one
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="retention_decode_step",
-    )(q, k, v, decay, state.astype(jnp.float32))
+    )(q, k, v, decay, state)
