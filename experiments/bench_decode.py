@@ -26,6 +26,7 @@ side.
 import collections
 import dataclasses
 import json
+import math
 import os
 import re
 import time
@@ -45,7 +46,7 @@ from ml_collections import config_flags  # noqa: E402
 from ceilings import copy_bandwidth  # noqa: E402
 from retnet_jax.generate import decode_compiler_options  # noqa: E402
 from retnet_jax.layers import RETENTION_KERNELS  # noqa: E402
-from retnet_jax.model import ModelConfig, RetNetLM, transformer_baseline  # noqa: E402
+from retnet_jax.model import DTYPES, ModelConfig, RetNetLM, transformer_baseline  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/retnet_1_3b.py", "Model preset.")
 _CONTEXTS = flags.DEFINE_list("contexts", ["1024", "4096", "8192", "16384", "32768"],
@@ -74,6 +75,14 @@ _KERNELS = flags.DEFINE_list(
     "retention_kernels", ["xla"], f"The RetNet's retention_kernel, one RetNet row each (from "
     f"{RETENTION_KERNELS}; 'pallas' decodes each token's retention with the fused step kernel "
     f"`kernels.retention_step_pallas`); rows 'retnet' (xla) and 'retnet-<kernel>'.")
+_STATE_DTYPES = flags.DEFINE_list(
+    "state_dtypes", ["float32"], f"The RetNets' decoding state dtypes (ModelConfig.state_dtype, "
+    f"from {tuple(DTYPES)}): each kernel's row for each; rows other than float32 are named "
+    f"'<name>-<dtype>-state' and checked against XLA's decode with the same state dtype.")
+flags.register_validator(
+    "state_dtypes", lambda names: bool(names) and len(set(names)) == len(names)
+    and set(names) <= set(DTYPES), message=f"--state_dtypes must be distinct names from "
+    f"{tuple(DTYPES)}")
 flags.register_validator(
     "retention_kernels",
     lambda names: bool(names) and len(set(names)) == len(names)
@@ -221,8 +230,9 @@ def main(argv):
                                max_seq_len=max(contexts) + max_len_extra)
     # Head dim and FFN as bench_train's baseline; FFN width a multiple of the GEMM tiles:
     # 5544 (multiple=8) made XLA concatenate both FFN input weights in every decode step.
-    models = {("retnet" if kernel == "xla" else f"retnet-{kernel}"):
-              dataclasses.replace(base, retention_kernel=kernel) for kernel in _KERNELS.value}
+    models = {retnet_name(kernel, state_dtype):
+              dataclasses.replace(base, retention_kernel=kernel, state_dtype=state_dtype)
+              for state_dtype in _STATE_DTYPES.value for kernel in _KERNELS.value}
     models["transformer"] = transformer_baseline(base, head_dim=128, multiple=128)
     device = jax.devices()[0]
     capacity = device.memory_stats().get("bytes_limit", 80e9) if device.platform == "gpu" else 16e9
@@ -233,7 +243,7 @@ def main(argv):
     retnets = [name for name in models if name != "transformer"]
     built = {}
     for name, config in models.items():
-        if name in retnets[1:]:   # retention_kernel changes no weight: share the first's
+        if name in retnets[1:]:   # kernel and state dtype change no weight: share the first's
             graphdef, params = graphdef_of(config), built[retnets[0]]["params"]
         else:
             graphdef, params = build(config)
@@ -247,15 +257,32 @@ def main(argv):
 
     # Settings in the order given (put the most important first: a time budget cuts the
     # tail); both models at each setting, so a cut never leaves one model without numbers.
-    # Every other kernel is checked against XLA's decode of the same weights before timing.
-    reference = built.get("retnet")
-    if reference is None and retnets:
+    # Every other kernel is checked against XLA's decode of the same weights and state dtype
+    # before timing; a narrower state's XLA decode is compared with float32's (recorded, not
+    # a failure: that difference is the state's rounding).
+    def xla_reference(state_dtype: str) -> tuple[str, dict]:
+        name = retnet_name("xla", state_dtype)
+        if name in built:
+            return name, built[name]
         first = built[retnets[0]]
-        graphdef = graphdef_of(dataclasses.replace(models[retnets[0]], retention_kernel="xla"))
-        reference = dict(params=first["params"], shape=(graphdef, first["shape"][1]),
-                         run=decode_loop(graphdef, new))
-    kernel_checks = [check_against_xla(reference, built[name], name, min(contexts), new)
-                     for name in retnets if name != "retnet"]
+        graphdef = graphdef_of(dataclasses.replace(models[retnets[0]], retention_kernel="xla",
+                                                   state_dtype=state_dtype))
+        return name, dict(params=first["params"], shape=(graphdef, first["shape"][1]),
+                          run=decode_loop(graphdef, new))
+
+    references = {dtype: xla_reference(dtype)
+                  for dtype in dict.fromkeys(["float32", *_STATE_DTYPES.value])}
+    kernel_checks = []
+    for state_dtype in _STATE_DTYPES.value:
+        ref_name, reference = references[state_dtype]
+        kernel_checks += [check_against_xla(reference, built[name], name, min(contexts), new,
+                                            reference_name=ref_name)
+                          for name in retnets
+                          if name != ref_name and models[name].state_dtype == state_dtype]
+        if state_dtype != "float32":
+            kernel_checks.append(check_against_xla(
+                references["float32"][1], references[state_dtype][1], ref_name, min(contexts),
+                new, reference_name=references["float32"][0], tolerance=math.inf))
     # Every model's weights stay on the device; the RetNets share one copy.
     all_weights = sum(m["weight_bytes"] for name, m in built.items() if name not in retnets[1:])
     start_all = time.time()
@@ -290,13 +317,20 @@ def main(argv):
     print_table(results)
 
 
-def check_against_xla(reference: dict, m: dict, name: str, context: int, new: int,
-                      tolerance: float = 2e-2) -> dict:
+def retnet_name(kernel: str, state_dtype: str) -> str:
+    """A RetNet row's model name: 'retnet', 'retnet-<kernel>', then '-<dtype>-state' unless
+    the state is float32."""
+    name = "retnet" if kernel == "xla" else f"retnet-{kernel}"
+    return name if state_dtype == "float32" else f"{name}-{state_dtype}-state"
+
+
+def check_against_xla(reference: dict, m: dict, name: str, context: int, new: int, *,
+                      reference_name: str = "retnet", tolerance: float = 2e-2) -> dict:
     """Correctness before timing: the same random batch-2 cache at `context` decoded `new`
-    greedy tokens by the XLA RetNet and by `m` (same weights, another retention_kernel).
-    Returns the final states' largest relative error and whether the tokens agree; exits
-    (UsageError) when the error exceeds `tolerance` (bf16 compute), so a wrong kernel is
-    never timed."""
+    greedy tokens by the XLA RetNet and by `m` (same weights, another retention_kernel or
+    state dtype). Returns the final states' largest relative error and whether the tokens
+    agree; exits (UsageError) when the error exceeds `tolerance` (bf16 compute), so a wrong
+    kernel is never timed."""
     outputs = []
     for model in (reference, m):
         cache = random_cache(model["shape"], 2, context + new, context, seed=1)
@@ -306,11 +340,12 @@ def check_against_xla(reference: dict, m: dict, name: str, context: int, new: in
     (tokens_a, states_a), (tokens_b, states_b) = outputs
     error = max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
                 for a, b in zip(states_a, states_b, strict=True))
-    check = dict(model=name, state_rel_err=error, tokens_equal=bool((tokens_a == tokens_b).all()))
-    print(f"{name} against retnet (xla), batch 2, {new} tokens: {check}", flush=True)
+    check = dict(model=name, reference=reference_name, state_rel_err=error,
+                 tokens_equal=bool((tokens_a == tokens_b).all()))
+    print(f"{name} against {reference_name}, batch 2, {new} tokens: {check}", flush=True)
     if not error <= tolerance:   # also when NaN
-        raise app.UsageError(f"{name} decodes a state {error:.3g} away from XLA's "
-                             f"(> {tolerance}): not timed")
+        raise app.UsageError(f"{name} decodes a state {error:.3g} away from "
+                             f"{reference_name}'s (> {tolerance}): not timed")
     return check
 
 

@@ -105,6 +105,8 @@ def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
      "--pallas_state_num_stages: '0' is not a positive number"),
     ("bench_decode.py", "--retention_kernels=xla,triton",
      "--retention_kernels must be distinct names from"),
+    ("bench_decode.py", "--state_dtypes=float32,float16",
+     "--state_dtypes must be distinct names from"),
     ("bench_decode.py", "--compiler_options=xla_gpu_enable_triton_gemm",
      "--compiler_options: 'xla_gpu_enable_triton_gemm' is not name=value"),
 ])
@@ -187,6 +189,29 @@ def test_bench_decode_times_each_retention_kernel(tmp_path, toy_config, kernels,
     checks = result["kernel_checks"]
     assert [c["model"] for c in checks] == ["retnet-pallas_interpret"]
     assert all(c["tokens_equal"] and 0 <= c["state_rel_err"] < 2e-2 for c in checks)
+
+
+def test_bench_decode_times_a_bfloat16_state_checked_against_its_own_dtype(tmp_path,
+                                                                          toy_config):
+    out = tmp_path / "decode.json"
+    process = run_script("bench_decode.py", f"--config={toy_config}", "--contexts=16",
+                         "--batches=2", "--new_tokens=2", "--repeats=1",
+                         "--copy_bytes=1048576", "--retention_kernels=xla,pallas_interpret",
+                         "--state_dtypes=bfloat16", f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    result = json.loads(out.read_text())
+    retnets = ["retnet-bfloat16-state", "retnet-pallas_interpret-bfloat16-state"]
+    assert [r["model"] for r in result["results"]] == retnets + ["transformer"]
+    rows = {r["model"]: r for r in result["results"]}
+    # The toy config's one layer at batch 2: 2 heads x 16 x 32 bfloat16 values per row (half
+    # a float32 state), and the int32 positions.
+    assert rows[retnets[0]]["state_gib"] * 2**30 == 2 * 2 * 16 * 32 * 2 + 2 * 4
+    checks = result["kernel_checks"]
+    # The kernel against XLA with the same bfloat16 state (a kernel check), then XLA's
+    # bfloat16 state against its float32 state (the rounding, recorded).
+    assert [(c["model"], c["reference"]) for c in checks] == [
+        (retnets[1], retnets[0]), (retnets[0], "retnet")]
+    assert checks[0]["state_rel_err"] < 1e-2 and checks[1]["state_rel_err"] > 0
 
 
 def test_bench_retention_records_the_triton_cache_it_was_given(tmp_path):
