@@ -475,12 +475,14 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert checkpoint.Checkpointer(str(workdir), read_only=True).latest_step() == summary["step"]
 
 
-def test_entry_points_eval_and_generate(runs):
+def test_entry_points_eval_generate_and_state_precision(runs, tmp_path):
     whole, _, summaries = runs
     commands = {
         "eval": ["experiments/eval.py", f"--workdir={whole}", "--best"],
         "generate": ["experiments/generate.py", f"--workdir={whole}", "--prompt=class ",
                      "--max_new_tokens=5", "--num_samples=2", "--top_p=0.9"],
+        "state_precision": ["experiments/state_precision.py", f"--workdir={whole}",
+                            "--sequences=3", f"--out={tmp_path}"],
     }
     processes = {name: subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -494,3 +496,12 @@ def test_entry_points_eval_and_generate(runs):
     assert metrics["step"] == 8
     assert metrics["eval_loss"] == pytest.approx(summaries["whole"]["eval_loss"], rel=1e-5)
     assert outputs["generate"].count("--- sample") == 2 and "class " in outputs["generate"]
+    # Decoding token by token reproduces the parallel forward with a float32 state; a
+    # bfloat16 state moves the logits, by less than its rounding compounds to here.
+    precision = json.loads((tmp_path / "state_precision.json").read_text())
+    assert precision["shape"] == [3, 32] and (tmp_path / "state_precision.png").exists()
+    wide, narrow = precision["state_dtypes"]["float32"], precision["state_dtypes"]["bfloat16"]
+    assert precision["parallel"]["loss_change"] == 0
+    assert abs(wide["loss_change"]) < 1e-5 and wide["max_logit_deviation"] < 1e-4
+    assert 1e-4 < narrow["max_logit_deviation"] < 5e-2
+    assert len(narrow["logit_deviation_by_position"]) == 32
