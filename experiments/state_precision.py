@@ -10,12 +10,20 @@ Per state dtype it reports the cross-entropy (nats per token and bits per byte),
 against the parallel forward, the greedy tokens that differ, and the largest relative
 logit deviation per position; a PNG plots the deviation against the position.
 
+The eval rows are as long as the model's training rows; the rounding errors of a state
+whose decay is close to 1 accumulate over its memory (about 1 / (1 - gamma) tokens, 4,096
+for torchscale's slowest head). So it also runs `retention.retention_step` alone for
+--drift_tokens random tokens (normal k / sqrt(Dk), v) with the model's head dims and fixed
+decays (its `decay_schedule`), in float32 and in each other state dtype, and reports each
+head's relative state difference at powers of two of the position.
+
   python experiments/state_precision.py --workdir=/tmp/retnet_small --out=results/state_precision
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -28,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from retnet_jax import data as data_lib
-from retnet_jax import train
+from retnet_jax import positions, retention, train
 from retnet_jax.model import DTYPES, RetNetLM
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
@@ -38,6 +46,8 @@ _SEQUENCES = flags.DEFINE_integer("sequences", 8, "Evaluation rows decoded (one 
 _TOKENS = flags.DEFINE_integer("tokens", None, "Tokens per row (default: the data's seq_len).")
 _STATE_DTYPES = flags.DEFINE_list("state_dtypes", ["float32", "bfloat16"],
                                   f"Decoding state dtypes, from {tuple(DTYPES)}.")
+_DRIFT_TOKENS = flags.DEFINE_integer("drift_tokens", 4096, "Random tokens of the per-head "
+                                     "state drift (0: skip it).")
 _OUT = flags.DEFINE_string("out", None, "Directory for state_precision.json and .png.")
 
 
@@ -111,6 +121,32 @@ def compare(logits: np.ndarray, reference: np.ndarray, rows: dict) -> dict:
             "logit_deviation_by_position": deviation.tolist()}
 
 
+def state_drift(config, state_dtype: str, tokens: int, seed: int = 0) -> dict[int, list]:
+    """Each head's max |S - S_float32| / max |S_float32| after t random tokens, for t the
+    powers of two up to `tokens` (and `tokens`), for the config's fixed decays and head dims:
+    {t: [heads]}."""
+    heads, key_dim = config.num_heads, config.d_model // config.num_heads
+    value_dim = config.resolved_value_dim // heads
+    log_decay = positions.decay_log_gammas(heads, config.decay_schedule,
+                                           gamma=config.decay_gamma)
+    kk, kv = jax.random.split(jax.random.key(seed))
+    k = jax.random.normal(kk, (tokens, 1, heads, key_dim)) * key_dim ** -0.5
+    v = jax.random.normal(kv, (tokens, 1, heads, value_dim))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def states(dtype):
+        def step(state, kv_t):
+            _, state = retention.retention_step(kv_t[0], kv_t[0], kv_t[1], log_decay, state)
+            return state, state.astype(jnp.float32)
+        start = retention.zero_state(1, heads, key_dim, value_dim, DTYPES[dtype])
+        return jax.lax.scan(step, start, (k, v))[1][:, 0]          # [T, H, Dk, Dv]
+
+    wide, narrow = np.asarray(states("float32")), np.asarray(states(state_dtype))
+    marks = sorted({2**i for i in range(tokens.bit_length()) if 2**i <= tokens} | {tokens})
+    return {t: (np.abs(narrow[t - 1] - wide[t - 1]).max(axis=(1, 2))
+                / np.abs(wide[t - 1]).max(axis=(1, 2))).tolist() for t in marks}
+
+
 def plot(results: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -155,6 +191,11 @@ def main(argv):
                   f"greedy tokens differing {r['greedy_differs']:.2%}, max logit deviation "
                   f"{r['max_logit_deviation']:.2e} ({time.perf_counter() - start:.0f} s)",
                   flush=True)
+            if dtype != "float32" and _DRIFT_TOKENS.value > 0:
+                r["state_drift_by_head"] = state_drift(model.config, dtype, _DRIFT_TOKENS.value)
+                for t, errors in r["state_drift_by_head"].items():
+                    print(f"{dtype:>8} state after {t:>6} random tokens, drift per head: "
+                          + " ".join(f"{e:.1e}" for e in errors), flush=True)
     print(f"parallel forward: loss {results['parallel']['loss']:.5f} nats over "
           f"{inputs.shape[0]} x {inputs.shape[1]} tokens (step {step})")
     if _OUT.value:

@@ -482,7 +482,7 @@ def test_entry_points_eval_generate_and_state_precision(runs, tmp_path):
         "generate": ["experiments/generate.py", f"--workdir={whole}", "--prompt=class ",
                      "--max_new_tokens=5", "--num_samples=2", "--top_p=0.9"],
         "state_precision": ["experiments/state_precision.py", f"--workdir={whole}",
-                            "--sequences=3", f"--out={tmp_path}"],
+                            "--sequences=3", "--drift_tokens=40", f"--out={tmp_path}"],
     }
     processes = {name: subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -505,3 +505,7 @@ def test_entry_points_eval_generate_and_state_precision(runs, tmp_path):
     assert abs(wide["loss_change"]) < 1e-5 and wide["max_logit_deviation"] < 1e-4
     assert 1e-4 < narrow["max_logit_deviation"] < 5e-2
     assert len(narrow["logit_deviation_by_position"]) == 32
+    drift = narrow["state_drift_by_head"]            # 2 heads, at tokens 1, 2, 4, ..., 32, 40
+    assert list(drift) == ["1", "2", "4", "8", "16", "32", "40"]
+    assert all(len(heads) == 2 and all(0 <= e < 5e-2 for e in heads) for heads in drift.values())
+    assert max(drift["40"]) > 0 and "state_drift_by_head" not in wide
