@@ -11,13 +11,15 @@ against the parallel forward, the greedy tokens that differ, and the largest rel
 logit deviation per position; a PNG plots the deviation against the position.
 
 The eval rows are as long as the model's training rows; the rounding errors of a state
-whose decay is close to 1 accumulate over its memory (about 1 / (1 - gamma) tokens, 4,096
-for torchscale's slowest head). So it also runs `retention.retention_step` alone for
+whose decay is close to 1 accumulate over its memory (about 1 / (1 - gamma) tokens: 4,096
+for the slowest of torchscale's 8 heads). So it also runs `retention.retention_step` alone for
 --drift_tokens random tokens (normal k / sqrt(Dk), v) with the model's head dims and fixed
-decays (its `decay_schedule`), in float32 and in each other state dtype, and reports each
-head's relative state difference at powers of two of the position.
+decays (its `decay_schedule`; --drift_config takes them from another model, e.g. a preset),
+in float32 and in each other state dtype, and reports each head's relative state difference
+at powers of two of the position.
 
   python experiments/state_precision.py --workdir=/tmp/retnet_small --out=results/state_precision
+  python experiments/state_precision.py --workdir=/tmp/retnet_small --drift_config=configs/retnet_1_3b.py
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from ml_collections import config_flags
 
 from retnet_jax import data as data_lib
 from retnet_jax import positions, retention, train
-from retnet_jax.model import DTYPES, RetNetLM
+from retnet_jax.model import DTYPES, ModelConfig, RetNetLM
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -48,6 +51,9 @@ _STATE_DTYPES = flags.DEFINE_list("state_dtypes", ["float32", "bfloat16"],
                                   f"Decoding state dtypes, from {tuple(DTYPES)}.")
 _DRIFT_TOKENS = flags.DEFINE_integer("drift_tokens", 4096, "Random tokens of the per-head "
                                      "state drift (0: skip it).")
+_DRIFT_CONFIG = config_flags.DEFINE_config_file(
+    "drift_config", None, "A config file whose model's heads and decays the drift uses "
+    "(e.g. configs/retnet_1_3b.py); default: the checkpoint's model.")
 _OUT = flags.DEFINE_string("out", None, "Directory for state_precision.json and .png.")
 
 
@@ -134,24 +140,33 @@ def state_drift(config, state_dtype: str, tokens: int, seed: int = 0) -> dict[in
     v = jax.random.normal(kv, (tokens, 1, heads, value_dim))
 
     @functools.partial(jax.jit, static_argnums=0)
-    def states(dtype):
+    def advance(dtype, state, k, v):      # the state after tokens k, v [t, 1, H, D]
         def step(state, kv_t):
-            _, state = retention.retention_step(kv_t[0], kv_t[0], kv_t[1], log_decay, state)
-            return state, state.astype(jnp.float32)
-        start = retention.zero_state(1, heads, key_dim, value_dim, DTYPES[dtype])
-        return jax.lax.scan(step, start, (k, v))[1][:, 0]          # [T, H, Dk, Dv]
+            return retention.retention_step(kv_t[0], kv_t[0], kv_t[1], log_decay, state)[1], None
+        return jax.lax.scan(step, state.astype(DTYPES[dtype]), (k, v))[0]
 
-    wide, narrow = np.asarray(states("float32")), np.asarray(states(state_dtype))
-    marks = sorted({2**i for i in range(tokens.bit_length()) if 2**i <= tokens} | {tokens})
-    return {t: (np.abs(narrow[t - 1] - wide[t - 1]).max(axis=(1, 2))
-                / np.abs(wide[t - 1]).max(axis=(1, 2))).tolist() for t in marks}
+    states = dict.fromkeys(("float32", state_dtype),
+                           retention.zero_state(1, heads, key_dim, value_dim))
+    drift, done = {}, 0
+    for t in sorted({2**i for i in range(tokens.bit_length())} | {tokens}):
+        states = {d: advance(d, s, k[done:t], v[done:t]) for d, s in states.items()}
+        done = t
+        wide, narrow = (np.asarray(states[d][0], np.float64) for d in ("float32", state_dtype))
+        drift[t] = (np.abs(narrow - wide).max(axis=(1, 2))
+                    / np.abs(wide).max(axis=(1, 2))).tolist()
+    return drift
 
 
 def plot(results: dict, path: str) -> None:
+    """The logit deviation per position and, if measured, each head's state drift."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    drifts = {dtype: r["state_drift_by_head"] for dtype, r in results["state_dtypes"].items()
+              if "state_drift_by_head" in r}
+    fig, axes = plt.subplots(1, 1 + bool(drifts), figsize=(7 + 6 * bool(drifts), 4),
+                             squeeze=False)
+    ax = axes[0, 0]
     for dtype, r in results["state_dtypes"].items():
         curve = np.maximum(np.asarray(r["logit_deviation_by_position"]), 1e-9)
         ax.semilogy(np.arange(len(curve)), curve, label=f"{dtype} state")
@@ -159,6 +174,17 @@ def plot(results: dict, path: str) -> None:
     ax.set_ylabel("max |logit - parallel| / max |parallel|")
     ax.set_title(f"Decoding against the parallel forward, step {results['step']}")
     ax.legend()
+    for dtype, drift in drifts.items():
+        ax = axes[0, 1]
+        tokens = [int(t) for t in drift]
+        per_head = np.asarray(list(drift.values()))                          # [marks, H]
+        for h in range(per_head.shape[1]):
+            ax.loglog(tokens, per_head[:, h], marker=".", label=f"head {h}")
+        heads, key_dim, value_dim = results["drift_heads"]
+        ax.set_xlabel("random tokens")
+        ax.set_ylabel(f"max |S_{dtype} - S_float32| / max |S_float32|")
+        ax.set_title(f"{dtype} state drift, {heads} heads of {key_dim} x {value_dim}")
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -175,11 +201,16 @@ def main(argv):
     model, config, step = train.load_model(_WORKDIR.value, step=_STEP.value, best=_BEST.value)
     rows = evaluation_rows(config, _SEQUENCES.value, _TOKENS.value)
     inputs = jnp.asarray(rows["inputs"])
+    drift_config = (model.config if _DRIFT_CONFIG.value is None
+                    else ModelConfig.from_config(_DRIFT_CONFIG.value.model))
     with jax.default_matmul_precision("highest"):
         reference = np.asarray(parallel_logits(model, inputs))
         results = {"workdir": _WORKDIR.value, "step": step, "shape": list(inputs.shape),
                    "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                    "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+                   "drift_heads": [drift_config.num_heads,
+                                   drift_config.d_model // drift_config.num_heads,
+                                   drift_config.resolved_value_dim // drift_config.num_heads],
                    "parallel": compare(reference, reference, rows), "state_dtypes": {}}
         for dtype in _STATE_DTYPES.value:
             start = time.perf_counter()
@@ -192,7 +223,7 @@ def main(argv):
                   f"{r['max_logit_deviation']:.2e} ({time.perf_counter() - start:.0f} s)",
                   flush=True)
             if dtype != "float32" and _DRIFT_TOKENS.value > 0:
-                r["state_drift_by_head"] = state_drift(model.config, dtype, _DRIFT_TOKENS.value)
+                r["state_drift_by_head"] = state_drift(drift_config, dtype, _DRIFT_TOKENS.value)
                 for t, errors in r["state_drift_by_head"].items():
                     print(f"{dtype:>8} state after {t:>6} random tokens, drift per head: "
                           + " ".join(f"{e:.1e}" for e in errors), flush=True)

@@ -106,8 +106,12 @@ class ModelConfig:
       state_dtype: the dtype retention layers keep their recurrent state in between calls
         (the decoding cache), 'float32' (default) or 'bfloat16': half the decode state's
         memory and traffic, each step still computed in float32 and the new state rounded
-        once (torchscale keeps its state in the activation dtype). Training and the
-        full-sequence forward do not use it.
+        once (torchscale keeps its state in the activation dtype). The rounding errors
+        accumulate over a head's memory: at the 1.3B preset's heads, on random tokens, the
+        state drifts 1-2 % from float32's in the fastest heads and 10-24 % in the two
+        slowest after 2K-8K tokens (`experiments/state_precision.py`, BENCHMARKS.md), so it
+        is for short contexts or after checking a model. Training and the full-sequence
+        forward do not use it.
       scan_layers: run the full-sequence forward as a `lax.scan` over the blocks (over
         repeats of the schedule's period for hybrids) instead of unrolling them, so XLA
         compiles one block, not num_layers: much faster compiles for deep models. The
