@@ -56,6 +56,7 @@ def model_defaults() -> ml_collections.ConfigDict:
         # Numerics and memory.
         dtype="float32",
         param_dtype="float32",
+        state_dtype="float32",
         remat=False,
         scan_layers=False,
     ))

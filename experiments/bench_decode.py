@@ -120,7 +120,9 @@ def random_cache(model_shape, batch: int, max_len: int, context: int, seed: int)
     def fill(x):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             return jnp.zeros(x.shape, x.dtype)
-        tile = (rng.standard_normal(x.shape[-2:], np.float32) * 0.1).astype(x.dtype)
+        # Values a bfloat16 state can hold, so float32- and bfloat16-state caches start equal.
+        tile = (rng.standard_normal(x.shape[-2:], np.float32) * 0.1).astype(
+            jnp.bfloat16).astype(x.dtype)
         return jnp.broadcast_to(jnp.asarray(tile), x.shape)
 
     cache = jax.tree.unflatten(treedef, [fill(x) for x in leaves])

@@ -80,7 +80,8 @@ def evaluation_rows(config, rows: int, tokens: int | None) -> dict[str, np.ndarr
 def with_state_dtype(model: RetNetLM, state_dtype: str) -> RetNetLM:
     """The same parameters under a config that keeps the decoding state in state_dtype."""
     config = dataclasses.replace(model.config, state_dtype=state_dtype)
-    return nnx.merge(nnx.graphdef(RetNetLM(config, rngs=nnx.Rngs(0))), nnx.state(model))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: RetNetLM(config, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, nnx.state(model))
 
 
 @nnx.jit

@@ -1,7 +1,7 @@
 """Generation: prefill the prompts (chunkwise), then decode one token per step (recurrent).
 
-Retention layers carry a constant-size float32 state, so a step costs the same at any
-context length; attention layers of hybrid models use a preallocated KV cache. Prefill and
+Retention layers carry a constant-size state (float32, or bfloat16 with
+`ModelConfig.state_dtype`), so a step costs the same at any context length; attention layers of hybrid models use a preallocated KV cache. Prefill and
 the whole decode loop (`lax.while_loop`, stopping early once every sequence has finished)
 are one jitted function, compiled once per (model structure, batch shape, settings); at
 batch 1 on a GPU with one XLA pass switched off (`decode_compiler_options`).

@@ -287,7 +287,10 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
         `jax.sharding.use_abstract_mesh` inside jit, as `train.Trainer` does), the Pallas
         kernels run per shard under `jax.shard_map` (`retention_kernel_specs`).
     Returns:
-      (o [batch, time, heads, value_dim], final state or None for the parallel form).
+      (o [batch, time, heads, value_dim], final state or None for the parallel form). The
+      state is float32 from the XLA forms and the chunkwise kernels, and in initial_state's
+      dtype from the Pallas single-token step; `RetentionBase` stores it in its
+      `state_dtype`.
     """
     if mode == "parallel":
         if initial_state is not None:

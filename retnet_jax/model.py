@@ -100,8 +100,8 @@ class ModelConfig:
       attention_impl: None (cuDNN on GPU for bf16, else XLA), 'xla' or 'cudnn'; used by the
         full-sequence forward (cached prefill/decoding always use XLA with an explicit mask).
     Numerics and memory:
-      dtype: compute dtype, 'float32' or 'bfloat16' (retention states, norms and logits stay
-        float32); param_dtype: parameter dtype; remat: rematerialise each block in the
+      dtype: compute dtype, 'float32' or 'bfloat16' (retention states are computed, and norms
+        and logits kept, in float32); param_dtype: parameter dtype; remat: rematerialise each block in the
         full-sequence forward (training memory).
       state_dtype: the dtype retention layers keep their recurrent state in between calls
         (the decoding cache), 'float32' (default) or 'bfloat16': half the decode state's
@@ -452,8 +452,9 @@ class RetNetLM(nnx.Module):
 
     def init_cache(self, batch_size: int, max_len: int | None = None) -> Cache:
         """An empty generation state for `batch_size` sequences of up to `max_len` tokens
-        (default max_seq_len). Retention layers hold float32 [batch, heads, key_dim, value_dim]
-        whatever max_len is; attention layers preallocate [batch, max_len, heads, head_dim]."""
+        (default max_seq_len). Retention layers hold [batch, heads, key_dim, value_dim] in
+        `state_dtype` whatever max_len is; attention layers preallocate [batch, max_len,
+        heads, head_dim]."""
         max_len = self.config.max_seq_len if max_len is None else max_len
         if not _is_int(max_len) or not 0 < max_len <= self.config.max_seq_len:
             raise ValueError(f"max_len must be in [1, max_seq_len={self.config.max_seq_len}], "

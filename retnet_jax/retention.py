@@ -191,7 +191,8 @@ def recurrent_retention(q: Array, k: Array, v: Array, log_decay: Array, *,
     Args:
       q, k: [B, T, H, Dk]; v: [B, T, H, Dv].
       log_decay: float [H] (fixed) or [B, T, H] (gated), entries <= 0.
-      initial_state: optional float32 [B, H, Dk, Dv]; zeros when None.
+      initial_state: optional [B, H, Dk, Dv], any float dtype (used as float32); zeros
+        when None.
     Returns:
       (o [B, T, H, Dv] in v's dtype, final state float32 [B, H, Dk, Dv]).
     """
@@ -249,7 +250,8 @@ def chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, *,
         per-chunk states fed to matmuls) are kept in the inputs' dtype, accumulation is float32.
       log_decay: float [H] (fixed) or [B, T, H] (gated), entries <= 0.
       chunk_size: tokens per chunk, > 0.
-      initial_state: optional float32 [B, H, Dk, Dv]; zeros when None.
+      initial_state: optional [B, H, Dk, Dv], any float dtype (used as float32); zeros
+        when None.
     Returns:
       (o [B, T, H, Dv] in v's dtype, final state float32 [B, H, Dk, Dv]).
     """

@@ -436,6 +436,8 @@ def test_a_bfloat16_decode_state_halves_the_cache_and_tracks_float32(kernel):
     with jax.default_matmul_precision("highest"):
         (_, wide_cache), (_, narrow_cache) = (prefill(model, prompt, lengths, cache)
                                               for model, cache in zip((plain, narrow), caches))
+        assert (jax.tree.map(lambda x: x.dtype, narrow_cache)
+                == jax.tree.map(lambda x: x.dtype, caches[1]))        # prefill keeps bfloat16
         for step in range(8):
             tokens = random_tokens(14 + step, 2, 1)[:, 0]
             wide_logits, wide_cache = decode_step(plain, tokens, wide_cache)
@@ -444,6 +446,21 @@ def test_a_bfloat16_decode_state_halves_the_cache_and_tracks_float32(kernel):
     for a, b in zip(narrow_cache.layers[:2], wide_cache.layers[:2], strict=True):
         assert a.state.dtype == jnp.bfloat16
         assert rel_err(a.state, b.state) <= 2e-2
+
+
+def test_generate_with_a_bfloat16_state_tracks_float32():
+    """`generate` (prefill and the jitted decode loop) runs with bfloat16 retention caches;
+    greedy tokens over 6 steps match the float32-state model's on this model and prompt
+    (a near-tie could flip one: bfloat16 moves logits by ~1e-3 here)."""
+    from retnet_jax import generate as generate_lib
+    plain = make_model(small_config(SCHEDULES["hybrid"], d_model=64, value_dim=64,
+                                    chunk_size=16), 17)
+    narrow = with_config(plain, state_dtype="bfloat16")
+    prompts = [np.asarray(random_tokens(17, 1, 7)[0]), np.asarray(random_tokens(18, 1, 3)[0])]
+    wide_tokens, narrow_tokens = (generate_lib.generate(model, prompts, max_new_tokens=6)
+                                  for model in (plain, narrow))
+    for a, b in zip(narrow_tokens, wide_tokens, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("sizes, reason", [

@@ -20,9 +20,10 @@ needed): the kernels index one chunk of the time axis directly, never a transpos
 * `chunkwise_retention_pallas`   `retention.chunkwise_retention` from these kernels; same
                                  arguments and results.
 * `retention_step_pallas`        `retention.retention_step` (one decoding token) in one
-                                 kernel that reads and writes the float32 state once (as
-                                 XLA's fused step does at batch 8-32; faster than it only
-                                 at batch 32, BENCHMARKS.md).
+                                 kernel that reads and writes the state once (float32 or
+                                 bfloat16, `ModelConfig.state_dtype`; as XLA's fused step
+                                 does at batch 8-32; faster than it only at batch 32-64,
+                                 BENCHMARKS.md).
 * `unsupported_reason`           why given head dims / chunk size cannot use the kernels
                                  (then `run_retention` uses XLA).
 

@@ -343,7 +343,8 @@ def chunkwise_retention_pallas(q: Array, k: Array, v: Array, log_decay: Array, *
         Dv 432.
       log_decay: float [H] (fixed) or [B, T, H] (gated), entries <= 0.
       chunk_size: tokens per chunk, a power of two >= 16.
-      initial_state: optional float32 [B, H, Dk, Dv]; zeros when None.
+      initial_state: optional [B, H, Dk, Dv], any float dtype (used as float32); zeros
+        when None.
       interpret: run the kernels in Pallas interpret mode (CPU tests).
       block_v: the most value columns per `chunk_output` program (a power of two; the
         default 256 gives Dv 128 one program of 128 and Dv 432 three of 144: forwards up
