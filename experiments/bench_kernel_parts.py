@@ -52,6 +52,7 @@ import jax
 from ceilings import copy_bandwidth, median_seconds
 from retention_inputs import make_inputs, parse_shape
 from retnet_jax import kernels, retention
+from retnet_jax.kernels.chunk_grads import default_blocks
 from retnet_jax.kernels.chunk_states import (
     STATE_NUM_STAGES, STATE_NUM_WARPS, chunk_state_segments, join_segments, state_segments)
 from retnet_jax.kernels.common import is_power_of_two
@@ -71,7 +72,8 @@ flags.DEFINE_list("output_num_warps", ["auto"], "Warps per output-kernel program
                   "its default).")
 flags.DEFINE_list("grads_num_warps", ["auto"], "Warps per gradient-kernel program ('auto': "
                   "its default).")
-flags.DEFINE_list("grads_blocks", ["fused"], "Gradient-kernel layouts: 'fused' (one "
+flags.DEFINE_list("grads_blocks", ["auto"], "Gradient-kernel layouts: 'auto' (the one "
+                  "training takes at these heads, `chunk_grads.default_blocks`), 'fused' (one "
                   "kernel, one program per chunk) or KxV (two kernels over groups of up to K "
                   "key and V value columns, `chunk_grads(blocks=(K, V))`), e.g. 128x256.")
 flags.DEFINE_list("parts", ["forward", "backward"], "Which parts to time: forward and/or "
@@ -102,8 +104,11 @@ def warps_arg(text: str) -> int | None:
     return None if text == "auto" else int(text)
 
 
-def grads_blocks_arg(text: str) -> tuple[int, int] | None:
-    """A --grads_blocks value as `chunk_grads`' blocks argument ('fused': None)."""
+def grads_blocks_arg(text: str, key_dim: int, value_dim: int) -> tuple[int, int] | None:
+    """A --grads_blocks value as `chunk_grads`' blocks argument for heads of Dk x Dv
+    ('fused': None; 'auto': `default_blocks`)."""
+    if text == "auto":
+        return default_blocks(key_dim, value_dim)
     return None if text == "fused" else tuple(int(part) for part in text.split("x"))
 
 
@@ -259,11 +264,15 @@ def time_grads(joined, cotangents, nbytes, bandwidth, fields) -> None:
         d_kv = kernels.chunk_states(q, do, b, d_final, reverse=True,
                                     block_v=FLAGS.state_block_v, interpret=interpret())[0]
         args_list.append((q, k, v, do, b, states, d_kv))
+    key_dim, value_dim = args_list[0][0].shape[-1], args_list[0][2].shape[-1]
     for layout, warps in itertools.product(FLAGS.grads_blocks, FLAGS.grads_num_warps):
+        blocks = grads_blocks_arg(layout, key_dim, value_dim)
         time_part("grads", functools.partial(
-            kernels.chunk_grads, blocks=grads_blocks_arg(layout), num_warps=warps_arg(warps),
+            kernels.chunk_grads, blocks=blocks, num_warps=warps_arg(warps),
             interpret=interpret()), args_list, nbytes, bandwidth, **fields,
-            grads_blocks=layout, grads_num_warps=warps)
+            grads_blocks=layout if layout != "auto" else
+            "auto (" + ("fused" if blocks is None else "x".join(map(str, blocks))) + ")",
+            grads_num_warps=warps)
 
 
 def save() -> None:
@@ -294,10 +303,10 @@ def main(argv) -> None:
                                      + (" or 'auto'" if takes_auto else ""))
     for text in FLAGS.grads_blocks:
         parts = text.split("x")
-        if text != "fused" and not (len(parts) == 2 and all(
+        if text not in ("auto", "fused") and not (len(parts) == 2 and all(
                 part.isdigit() and is_power_of_two(int(part)) for part in parts)):
-            raise app.UsageError(f"--grads_blocks: {text!r} is not 'fused' or KxV with K and "
-                                 "V powers of two")
+            raise app.UsageError(f"--grads_blocks: {text!r} is not 'auto', 'fused' or KxV "
+                                 "with K and V powers of two")
     bandwidth = copy_bandwidth(1 << 30 if not FLAGS.smoke else 1 << 20) / 1e9
     RESULTS["env"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "jax": jax.__version__,
                       "device_kind": jax.devices()[0].device_kind, "argv": sys.argv,

@@ -332,7 +332,7 @@ def test_bench_kernel_parts_times_every_part_per_setting(tmp_path):
     out = tmp_path / "parts.json"
     process = run_script("bench_kernel_parts.py", "--smoke", "--shapes=1x64x2x16x32",
                          "--decays=gated", "--segments=1,2,3", "--state_num_warps=4,8",
-                         "--output_num_warps=4", "--grads_blocks=fused,16x16", f"--out={out}")
+                         "--output_num_warps=4", "--grads_blocks=auto,fused,16x16", f"--out={out}")
     assert process.returncode == 0, process.stderr
     rows = json.loads(out.read_text())["rows"]
     per_segments = lambda s: [                                            # noqa: E731
@@ -341,10 +341,11 @@ def test_bench_kernel_parts_times_every_part_per_setting(tmp_path):
         ("forward", s), ("forward_train", s), ("states_reverse", s), ("states_reverse", s),
         ("train_step", s)]
     assert [(r["part"], r.get("segments")) for r in rows] == [
-        ("decays", None), ("output", None), ("grads", None), ("grads", None),
+        ("decays", None), ("output", None), ("grads", None), ("grads", None), ("grads", None),
         *per_segments(1), *per_segments(2)]          # 3 does not divide the 4 chunks
     assert [r["state_num_warps"] for r in rows if r["part"] == "states_reverse"] == [4, 8] * 2
-    assert [r["grads_blocks"] for r in rows if r["part"] == "grads"] == ["fused", "16x16"]
+    assert [r["grads_blocks"] for r in rows if r["part"] == "grads"] == [
+        "auto (fused)", "fused", "16x16"]                     # Dk 16, Dv 32: one group
     assert all(r["ms"] > 0 and r["bytes"] > 0 for r in rows)
     assert "does not divide N = 4" in process.stdout
 
@@ -353,7 +354,7 @@ def test_bench_kernel_parts_times_every_part_per_setting(tmp_path):
     ("--state_num_warps=6", "--state_num_warps: '6' is not valid: a power of two"),
     ("--segments=auto,0", "--segments: '0' is not valid: a positive number or 'auto'"),
     ("--parts=forward,sideways", "--parts: ['forward', 'sideways'] is not a list"),
-    ("--grads_blocks=fused,24x16", "--grads_blocks: '24x16' is not 'fused' or KxV"),
+    ("--grads_blocks=fused,24x16", "--grads_blocks: '24x16' is not 'auto', 'fused' or KxV"),
 ])
 def test_bench_kernel_parts_refuses_a_bad_setting(flag, error):
     process = run_script("bench_kernel_parts.py", "--smoke", flag)
