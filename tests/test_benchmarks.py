@@ -360,3 +360,27 @@ def test_bench_kernel_parts_refuses_a_bad_setting(flag, error):
     process = run_script("bench_kernel_parts.py", "--smoke", flag)
     assert process.returncode != 0
     assert error in process.stderr
+
+
+def test_kernel_resources_compiles_offline_or_says_what_it_needs(tmp_path):
+    """With the triton package: one row per Triton module, resources from ptxas. Without
+    it (CI): a usage error naming the package."""
+    out = tmp_path / "resources.json"
+    process = run_script("kernel_resources.py", "--kernels=grads,states", "--heads=16x32",
+                         "--chunk_sizes=16", "--num_warps=4", "--grads_blocks=auto,fused,16x16",
+                         f"--out={out}")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        assert process.returncode != 0
+        assert "needs the triton package: pip install triton" in process.stderr
+        return
+    assert process.returncode == 0, process.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kernel"], r["setting"]) for r in rows] == [
+        ("retention_chunk_grads", "blocks fused"),        # 'auto' is the fused kernel here
+        ("retention_chunk_value_grads", "blocks 16x16"),
+        ("retention_chunk_key_grads", "blocks 16x16"),
+        ("retention_chunk_states", "")]
+    assert all(0 < r["registers"] <= 255 and r["spill_stores"] >= 0 and r["shared_bytes"] > 0
+               for r in rows)
