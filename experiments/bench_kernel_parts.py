@@ -50,9 +50,9 @@ from absl import app, flags
 import jax
 
 from ceilings import copy_bandwidth, median_seconds
-from retention_inputs import make_inputs, parse_shape
+from retention_inputs import (
+    blocks_name, grads_blocks_for, make_inputs, parse_grads_blocks, parse_shape)
 from retnet_jax import kernels, retention
-from retnet_jax.kernels.chunk_grads import default_blocks
 from retnet_jax.kernels.chunk_states import (
     STATE_NUM_STAGES, STATE_NUM_WARPS, chunk_state_segments, join_segments, state_segments)
 from retnet_jax.kernels.common import is_power_of_two
@@ -102,14 +102,6 @@ def interpret() -> bool:
 def warps_arg(text: str) -> int | None:
     """A --*_num_warps value as a kernel's num_warps argument ('auto': None, its default)."""
     return None if text == "auto" else int(text)
-
-
-def grads_blocks_arg(text: str, key_dim: int, value_dim: int) -> tuple[int, int] | None:
-    """A --grads_blocks value as `chunk_grads`' blocks argument for heads of Dk x Dv
-    ('fused': None; 'auto': `default_blocks`)."""
-    if text == "auto":
-        return default_blocks(key_dim, value_dim)
-    return None if text == "fused" else tuple(int(part) for part in text.split("x"))
 
 
 def state_bytes(batch, heads, chunks, key_dim, value_dim, itemsize=2) -> int:
@@ -266,12 +258,11 @@ def time_grads(joined, cotangents, nbytes, bandwidth, fields) -> None:
         args_list.append((q, k, v, do, b, states, d_kv))
     key_dim, value_dim = args_list[0][0].shape[-1], args_list[0][2].shape[-1]
     for layout, warps in itertools.product(FLAGS.grads_blocks, FLAGS.grads_num_warps):
-        blocks = grads_blocks_arg(layout, key_dim, value_dim)
+        blocks = grads_blocks_for(parse_grads_blocks(layout), key_dim, value_dim)
         time_part("grads", functools.partial(
             kernels.chunk_grads, blocks=blocks, num_warps=warps_arg(warps),
             interpret=interpret()), args_list, nbytes, bandwidth, **fields,
-            grads_blocks=layout if layout != "auto" else
-            "auto (" + ("fused" if blocks is None else "x".join(map(str, blocks))) + ")",
+            grads_blocks=layout if layout != "auto" else f"auto ({blocks_name(blocks)})",
             grads_num_warps=warps)
 
 
@@ -302,11 +293,7 @@ def main(argv) -> None:
                 raise app.UsageError(f"--{flag}: {text!r} is not valid: {wanted}"
                                      + (" or 'auto'" if takes_auto else ""))
     for text in FLAGS.grads_blocks:
-        parts = text.split("x")
-        if text not in ("auto", "fused") and not (len(parts) == 2 and all(
-                part.isdigit() and is_power_of_two(int(part)) for part in parts)):
-            raise app.UsageError(f"--grads_blocks: {text!r} is not 'auto', 'fused' or KxV "
-                                 "with K and V powers of two")
+        parse_grads_blocks(text)
     bandwidth = copy_bandwidth(1 << 30 if not FLAGS.smoke else 1 << 20) / 1e9
     RESULTS["env"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "jax": jax.__version__,
                       "device_kind": jax.devices()[0].device_kind, "argv": sys.argv,

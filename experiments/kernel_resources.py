@@ -32,8 +32,8 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
+from retention_inputs import blocks_name, grads_blocks_for, parse_grads_blocks
 from retnet_jax import kernels
-from retnet_jax.kernels.chunk_grads import default_blocks
 
 KERNELS = ("grads", "output", "states")
 _KERNELS = flags.DEFINE_list("kernels", list(KERNELS), f"Kernels, from {KERNELS}.")
@@ -57,13 +57,13 @@ def triton_modules(fn, *args) -> list[tuple[str, str, int]]:
         texts.append(result.module.operation.get_asm(enable_debug_info=False))
         return result
 
+    traced = jax.jit(fn).trace(*args)
     lowering.lower_jaxpr_to_triton_module = capture
     try:
-        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+        traced.lower(lowering_platforms=("cuda",))
     finally:
         lowering.lower_jaxpr_to_triton_module = lower
-    calls = [eqn.params for eqn in jax.make_jaxpr(fn)(*args).eqns
-             if eqn.primitive.name == "pallas_call"]
+    calls = [eqn.params for eqn in traced.jaxpr.eqns if eqn.primitive.name == "pallas_call"]
     if len(calls) != len(texts):
         raise RuntimeError(f"{len(calls)} pallas_calls but {len(texts)} Triton modules")
     return [(params["name"], text, params["compiler_params"].num_stages or 1)
@@ -103,12 +103,10 @@ def calls(kernel: str, key_dim: int, value_dim: int, chunk: int, num_warps: int)
     b = jax.ShapeDtypeStruct((1, 1, 2, chunk), jnp.float32)
     if kernel == "grads":
         layouts = dict.fromkeys(   # distinct layouts: 'auto' may be one of the others
-            default_blocks(key_dim, value_dim) if layout == "auto" else
-            None if layout == "fused" else tuple(map(int, layout.split("x")))
+            grads_blocks_for(parse_grads_blocks(layout), key_dim, value_dim)
             for layout in _GRADS_BLOCKS.value)
         for blocks in layouts:
-            name = "fused" if blocks is None else "x".join(map(str, blocks))
-            yield (f"blocks {name}", functools.partial(
+            yield (f"blocks {blocks_name(blocks)}", functools.partial(
                 kernels.chunk_grads, blocks=blocks, num_warps=num_warps),
                 (act(key_dim), act(key_dim), act(value_dim), act(value_dim), b, matrix, matrix))
     elif kernel == "output":
@@ -126,6 +124,8 @@ def main(argv):
     unknown = sorted(set(_KERNELS.value) - set(KERNELS))
     if unknown:
         raise app.UsageError(f"--kernels: {unknown} not in {KERNELS}")
+    for text in _GRADS_BLOCKS.value:
+        parse_grads_blocks(text)
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -1,4 +1,5 @@
-"""Shapes and random inputs of the retention benchmarks (bench_retention, bench_kernel_parts).
+"""Shapes, random inputs and kernel-layout flags of the retention benchmarks (bench_retention,
+bench_kernel_parts, kernel_resources).
 
 Imported by the bench_* scripts (they run with experiments/ on sys.path).
 """
@@ -8,6 +9,8 @@ import jax.numpy as jnp
 from absl import app
 
 from retnet_jax import positions
+from retnet_jax.kernels.chunk_grads import default_blocks
+from retnet_jax.kernels.common import is_power_of_two
 
 
 def parse_shape(text: str, flag: str = "shapes") -> tuple[int, int, int, int, int]:
@@ -20,6 +23,30 @@ def parse_shape(text: str, flag: str = "shapes") -> tuple[int, int, int, int, in
             "integers joined by 'x', e.g. 8x2048x16x128 or 2x8192x8x256x512")
     dims = [int(p) for p in parts]
     return tuple(dims if len(dims) == 5 else dims + dims[3:])
+
+
+def parse_grads_blocks(text: str, flag: str = "grads_blocks"):
+    """A `chunk_grads` layout flag value: 'auto' (kept as 'auto', `grads_blocks_for` resolves
+    it per head size), 'fused' -> None, 'KxV' (powers of two) -> (K, V); a UsageError naming
+    --flag otherwise."""
+    if text in ("auto", "fused"):
+        return None if text == "fused" else text
+    parts = text.split("x")
+    if not (len(parts) == 2 and all(p.isdigit() and is_power_of_two(int(p)) for p in parts)):
+        raise app.UsageError(f"--{flag}: {text!r} is not 'auto', 'fused' or KxV with K and V "
+                             "powers of two")
+    return tuple(int(p) for p in parts)
+
+
+def grads_blocks_for(layout, key_dim: int, value_dim: int) -> tuple[int, int] | None:
+    """`chunk_grads`' blocks argument for heads of Dk x Dv from a `parse_grads_blocks` value
+    ('auto': the layout training takes, `default_blocks`)."""
+    return default_blocks(key_dim, value_dim) if layout == "auto" else layout
+
+
+def blocks_name(blocks: tuple[int, int] | None) -> str:
+    """'fused' or 'KxV': how the benchmarks' rows name a `chunk_grads` layout."""
+    return "fused" if blocks is None else "x".join(map(str, blocks))
 
 
 def make_inputs(seed: int, shape, gated: bool, dtype=jnp.bfloat16):
