@@ -23,7 +23,6 @@ side.
   python experiments/bench_decode.py --contexts=8192 --retention_kernels=xla,pallas
 """
 
-import collections
 import dataclasses
 import json
 import math
@@ -44,9 +43,12 @@ from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from ceilings import copy_bandwidth  # noqa: E402
+from decode_models import (build, decode_configs, decode_loop, graphdef_of,  # noqa: E402
+                           random_cache, retnet_name, tree_bytes)
+from hlo_text import hlo_launches  # noqa: E402
 from retnet_jax.generate import decode_compiler_options  # noqa: E402
 from retnet_jax.layers import RETENTION_KERNELS  # noqa: E402
-from retnet_jax.model import DTYPES, ModelConfig, RetNetLM, transformer_baseline  # noqa: E402
+from retnet_jax.model import DTYPES, ModelConfig  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/retnet_1_3b.py", "Model preset.")
 _CONTEXTS = flags.DEFINE_list("contexts", ["1024", "4096", "8192", "16384", "32768"],
@@ -93,131 +95,6 @@ _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled decode loop
                                "e.g. to see how XLA lowers batch 1's matmuls against batch 8's.")
 
 
-def graphdef_of(config: ModelConfig):
-    """The model's structure alone (no weights drawn)."""
-    return nnx.graphdef(nnx.eval_shape(lambda: RetNetLM(config, rngs=nnx.Rngs(0))))
-
-
-def build(config: ModelConfig):
-    """(graphdef, params) with random N(0, 0.02) weights drawn on the host (timing needs no
-    trained weights, and XLA compiles a jitted 1.3B-parameter initialiser very slowly)."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: RetNetLM(config, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(
-        lambda x: jnp.asarray((rng.standard_normal(x.shape, np.float32) * 0.02).astype(x.dtype)),
-        abstract)
-    return graphdef, params
-
-
-def random_cache(model_shape, batch: int, max_len: int, context: int, seed: int):
-    """A cache at position `context` whose float leaves hold random values: a random host
-    tile over the last two axes, broadcast on the device (a jitted random fill of a multi-GiB
-    KV cache takes XLA minutes to compile; the values do not change decode time)."""
-    abstract = jax.eval_shape(lambda: nnx.merge(*model_shape).init_cache(batch, max_len))
-    leaves, treedef = jax.tree.flatten(abstract)
-    rng = np.random.default_rng(seed)
-
-    def fill(x):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            return jnp.zeros(x.shape, x.dtype)
-        # Values a bfloat16 state can hold, so float32- and bfloat16-state caches start equal.
-        tile = (rng.standard_normal(x.shape[-2:], np.float32) * 0.1).astype(
-            jnp.bfloat16).astype(x.dtype)
-        return jnp.broadcast_to(jnp.asarray(tile), x.shape)
-
-    cache = jax.tree.unflatten(treedef, [fill(x) for x in leaves])
-    return dataclasses.replace(cache, position=jnp.full((batch,), context, jnp.int32))
-
-
-def decode_loop(graphdef, new_tokens: int):
-    """jit((params, cache, tokens [B]) -> (tokens, cache)) decoding greedily new_tokens steps."""
-    def run(params, cache, tokens):
-        model = nnx.merge(graphdef, params)
-        def step(carry, _):
-            tokens, cache = carry
-            logits, cache = model.decode_step(tokens, cache)
-            return (jnp.argmax(logits, -1).astype(jnp.int32), cache), None
-        (tokens, cache), _ = jax.lax.scan(step, (tokens, cache), None, length=new_tokens)
-        return tokens, cache
-    return jax.jit(run, donate_argnums=1)
-
-
-# HLO instructions that launch no kernel of their own.
-_NO_KERNEL = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "while",
-              "conditional", "call", "after-all", "opt-barrier", "partition-id", "replica-id"}
-
-
-def _opcode(line: str) -> str | None:
-    """The opcode of one HLO instruction line ('%x = f32[2]{0} add(...)'), or None."""
-    if " = " not in line:
-        return None
-    rest = line.split(" = ", 1)[1].lstrip()
-    if rest.startswith("("):                     # a tuple shape: skip its balanced parens
-        depth = 0
-        for i, char in enumerate(rest):
-            depth += {"(": 1, ")": -1}.get(char, 0)
-            if depth == 0:
-                rest = rest[i + 1:]
-                break
-    else:
-        rest = rest.split(" ", 1)[1] if " " in rest else ""
-    match = re.match(r"\s*([\w-]+)\(", rest)
-    return match.group(1) if match else None
-
-
-def hlo_launches(hlo_text: str) -> collections.Counter:
-    """Kernel launches per decoded token by kind, read from a compiled module's text: the
-    instructions of the entry computation and of the computations it runs as code (while
-    bodies, calls, conditional branches; not fusion bodies, reducers or loop conditions),
-    each while body counted once, without those that launch nothing (`_NO_KERNEL`). Each
-    fusion, library call and unfused op is one launch, keyed 'fusion:<kind>' (kLoop,
-    kInput: reductions, kCustom: e.g. Triton GEMMs), 'custom-call:<target>' (e.g.
-    '__cublas$gemm') or the op's name."""
-    bodies: dict[str, list[str]] = {}
-    entry, name = None, None
-    for line in hlo_text.splitlines():
-        if line and not line[0].isspace() and line.rstrip().endswith("{"):
-            name = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
-            entry = name if line.startswith("ENTRY") else entry
-            bodies[name] = []
-        elif name is not None and line.strip() and line.strip() != "}":
-            bodies[name].append(line)
-    launches, seen, todo = collections.Counter(), set(), [entry]
-    while todo:
-        name = todo.pop()
-        if name in seen or name not in bodies:
-            continue
-        seen.add(name)
-        for line in bodies[name]:
-            op = _opcode(line)
-            if op is None:
-                continue
-            if op not in _NO_KERNEL:
-                launches[_launch_kind(op, line)] += 1
-            if op in ("while", "call", "conditional"):
-                todo += re.findall(r"(?:body|to_apply|true_computation|false_computation)"
-                                   r"=%?([\w.-]+)", line)
-                branches = re.search(r"branch_computations=\{([^}]*)\}", line)
-                if branches:
-                    todo += [c.strip().lstrip("%") for c in branches.group(1).split(",")]
-    return launches
-
-
-def _launch_kind(op: str, line: str) -> str:
-    """'fusion:<kind>', 'custom-call:<target>' or op, for one launching instruction line."""
-    if op == "fusion":
-        kind = re.search(r"kind=(k\w+)", line)
-        return f"fusion:{kind.group(1) if kind else '?'}"
-    if op == "custom-call":
-        target = re.search(r'custom_call_target="([^"]+)"', line)
-        return f"custom-call:{target.group(1) if target else '?'}"
-    return op
-
-
-def tree_bytes(tree) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
 def main(argv):
     del argv
     xla_flags = os.environ.get("XLA_FLAGS")
@@ -228,14 +105,8 @@ def main(argv):
     batches = [int(b) for b in _BATCHES.value]
     new, repeats = _NEW.value, _REPEATS.value
     max_len_extra = new * (repeats + 2)
-    base = dataclasses.replace(base, dtype="bfloat16", param_dtype="bfloat16",
-                               max_seq_len=max(contexts) + max_len_extra)
-    # Head dim and FFN as bench_train's baseline; FFN width a multiple of the GEMM tiles:
-    # 5544 (multiple=8) made XLA concatenate both FFN input weights in every decode step.
-    models = {retnet_name(kernel, state_dtype):
-              dataclasses.replace(base, retention_kernel=kernel, state_dtype=state_dtype)
-              for state_dtype in _STATE_DTYPES.value for kernel in _KERNELS.value}
-    models["transformer"] = transformer_baseline(base, head_dim=128, multiple=128)
+    models = decode_configs(base, _KERNELS.value, _STATE_DTYPES.value,
+                            max(contexts) + max_len_extra)
     device = jax.devices()[0]
     capacity = device.memory_stats().get("bytes_limit", 80e9) if device.platform == "gpu" else 16e9
     bandwidth = copy_bandwidth(_COPY_BYTES.value)
@@ -317,13 +188,6 @@ def main(argv):
                     write_json(device, xla_flags, bandwidth, results,
                                kernel_checks)   # kept if killed
     print_table(results)
-
-
-def retnet_name(kernel: str, state_dtype: str) -> str:
-    """A RetNet row's model name: 'retnet', 'retnet-<kernel>', then '-<dtype>-state' unless
-    the state is float32."""
-    name = "retnet" if kernel == "xla" else f"retnet-{kernel}"
-    return name if state_dtype == "float32" else f"{name}-{state_dtype}-state"
 
 
 def check_against_xla(reference: dict, m: dict, name: str, context: int, new: int, *,

@@ -109,6 +109,9 @@ def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
      "--state_dtypes must be distinct names from"),
     ("bench_decode.py", "--compiler_options=xla_gpu_enable_triton_gemm",
      "--compiler_options: 'xla_gpu_enable_triton_gemm' is not name=value"),
+    ("profile_decode.py", "--retention_kernels=xla,triton",
+     "--retention_kernels must be names from"),
+    ("profile_decode.py", "--batches=1,0", "--batches must be positive integers"),
 ])
 def test_bad_flags_are_refused_by_name(script, flag, message):
     process = run_script(script, flag)
@@ -384,3 +387,76 @@ def test_kernel_resources_compiles_offline_or_says_what_it_needs(tmp_path):
         ("retention_chunk_states", "")]
     assert all(0 < r["registers"] <= 255 and r["spill_stores"] >= 0 and r["shared_bytes"] > 0
                for r in rows)
+
+
+def test_profile_decode_splits_each_token_into_kernels_and_gaps(tmp_path, toy_config):
+    out, traces = tmp_path / "profile.json", tmp_path / "traces"
+    process = run_script("profile_decode.py", f"--config={toy_config}", "--context=16",
+                         "--new_tokens=4", "--batches=1,2", "--copy_bytes=1048576",
+                         f"--trace_dir={traces}", f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    profiles = json.loads(out.read_text())["profiles"]
+    assert [(p["model"], p["batch"]) for p in profiles] == [
+        (m, b) for m in ("retnet", "transformer") for b in (1, 2)]
+    for p in profiles:
+        assert p["busy_us_per_token"] + p["idle_us_per_token"] == pytest.approx(
+            p["span_us_per_token"])
+        assert 0 < p["busy_us_per_token"] <= p["span_us_per_token"]
+        by_kind = {r["kind"]: r for r in p["by_kind"]}
+        assert sum(r["launches_per_token"] for r in by_kind.values()) == pytest.approx(
+            p["kernels_per_token"])
+        assert any(kind.startswith("fusion:") for kind in by_kind), by_kind
+        # Each instruction was found in the compiled HLO, with its bytes.
+        assert all(r["kind"] != "other" and r["mb_per_token"] > 0 for r in p["top_ops"])
+    assert len(os.listdir(traces)) == 4                  # one raw trace per profile
+    assert "kernels" in process.stdout and "| instruction |" in process.stdout
+
+
+def test_profile_busy_time_counts_overlapping_kernels_once(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "experiments"))
+    from trace_kernels import Kernel, summarize
+    from hlo_text import Launch
+
+    # Two tokens: a 10 ns GEMM overlapping a 4 ns fusion, gap 6 ns, then the GEMM alone.
+    kernels_ = [Kernel("gemm", 0, 10), Kernel("fusion.1", 5, 4), Kernel("gemm", 16, 10)]
+    costs = {"gemm": Launch("gemm", "fusion:kCustom", 100), "fusion.1": Launch(
+        "fusion.1", "fusion:kLoop", 8)}
+    s = summarize(kernels_, tokens=2, costs=costs, bandwidth=1e9, top=5)
+    assert s["span_us_per_token"] == pytest.approx(13e-3)
+    assert s["busy_us_per_token"] == pytest.approx(10e-3)
+    assert s["idle_us_per_token"] == pytest.approx(3e-3)
+    assert s["median_gap_us"] == pytest.approx(3e-3)        # gaps 0 (overlap) and 6 ns
+    gemm = next(r for r in s["by_kind"] if r["kind"] == "fusion:kCustom")
+    assert gemm["launches_per_token"] == 1 and gemm["mb_per_token"] == pytest.approx(1e-4)
+    assert gemm["bandwidth_fraction"] == pytest.approx(200 / 20e-9 / 1e9)
+    assert [r["op"] for r in s["top_ops"]] == ["gemm", "fusion.1"]
+
+
+def test_hlo_text_reads_launches_and_their_bytes(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "experiments"))
+    from hlo_text import array_bytes, hlo_launches, launches
+
+    hlo = """HloModule m
+
+%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  %x = f32[4,8]{1,0} get-tuple-element((s32[], f32[4,8]{1,0}) %p), index=1
+  %gemm.1 = f32[4,8]{1,0} fusion(f32[4,8]{1,0} %x, bf16[8,8]{1,0} %w), kind=kCustom, calls=%c, metadata={op_name="jit(f)/dot[0,1]"}
+  %i = s32[] get-tuple-element((s32[], f32[4,8]{1,0}) %p), index=0
+  ROOT %t = (s32[], f32[4,8]{1,0}) tuple(s32[] %i, f32[4,8]{1,0} %gemm.1)
+}
+
+ENTRY %main (a: f32[4,8]) -> f32[4,8] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %c.2 = f32[4,8]{1,0} custom-call(f32[4,8]{1,0} %a), custom_call_target="__gpu$xla.gpu.triton"
+  %w.3 = (s32[], f32[4,8]{1,0}) while((s32[], f32[4,8]{1,0}) %t0), condition=%cond, body=%body
+  ROOT %r = f32[4,8]{1,0} get-tuple-element((s32[], f32[4,8]{1,0}) %w.3), index=1
+}
+"""
+    found = {launch.name: launch for launch in launches(hlo)}
+    assert set(found) == {"gemm.1", "c.2"}
+    assert found["gemm.1"].kind == "fusion:kCustom"
+    assert found["gemm.1"].bytes == 128 + 128 + 128          # result, x, bf16 weight
+    assert found["c.2"].kind == "custom-call:__gpu$xla.gpu.triton"
+    assert hlo_launches(hlo) == {"fusion:kCustom": 1, "custom-call:__gpu$xla.gpu.triton": 1}
+    assert array_bytes("pred[3] s32[] f8e4m3fn[4] bf16[2,3]{1,0}") == 3 + 4 + 4 + 12

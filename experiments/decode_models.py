@@ -1,0 +1,90 @@
+"""The decode benchmarks' models: configs (RetNet per retention kernel and state dtype, and
+the parameter-matched Transformer), random weights and caches drawn on the host, and the
+jitted greedy decode loop.
+
+Imported by bench_decode.py and profile_decode.py (they run with experiments/ on sys.path).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from retnet_jax.model import ModelConfig, RetNetLM, transformer_baseline
+
+
+def retnet_name(kernel: str, state_dtype: str) -> str:
+    """A RetNet row's model name: 'retnet', 'retnet-<kernel>', then '-<dtype>-state' unless
+    the state is float32."""
+    name = "retnet" if kernel == "xla" else f"retnet-{kernel}"
+    return name if state_dtype == "float32" else f"{name}-{state_dtype}-state"
+
+
+def decode_configs(base: ModelConfig, kernels: list[str], state_dtypes: list[str],
+                   max_seq_len: int) -> dict[str, ModelConfig]:
+    """{model name: config} in bf16 with room for max_seq_len positions: a RetNet per
+    retention kernel and state dtype (`retnet_name`), then 'transformer'. The Transformer
+    has bench_train's 128-wide heads and an FFN width that is a multiple of the GEMM tiles
+    (5544, multiple=8, made XLA concatenate both FFN input weights in every decode step)."""
+    base = dataclasses.replace(base, dtype="bfloat16", param_dtype="bfloat16",
+                               max_seq_len=max_seq_len)
+    models = {retnet_name(kernel, state_dtype):
+              dataclasses.replace(base, retention_kernel=kernel, state_dtype=state_dtype)
+              for state_dtype in state_dtypes for kernel in kernels}
+    models["transformer"] = transformer_baseline(base, head_dim=128, multiple=128)
+    return models
+
+
+def graphdef_of(config: ModelConfig):
+    """The model's structure alone (no weights drawn)."""
+    return nnx.graphdef(nnx.eval_shape(lambda: RetNetLM(config, rngs=nnx.Rngs(0))))
+
+
+def build(config: ModelConfig):
+    """(graphdef, params) with random N(0, 0.02) weights drawn on the host (timing needs no
+    trained weights, and XLA compiles a jitted 1.3B-parameter initialiser very slowly)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: RetNetLM(config, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda x: jnp.asarray((rng.standard_normal(x.shape, np.float32) * 0.02).astype(x.dtype)),
+        abstract)
+    return graphdef, params
+
+
+def random_cache(model_shape, batch: int, max_len: int, context: int, seed: int):
+    """A cache at position `context` whose float leaves hold random values: a random host
+    tile over the last two axes, broadcast on the device (a jitted random fill of a multi-GiB
+    KV cache takes XLA minutes to compile; the values do not change decode time)."""
+    abstract = jax.eval_shape(lambda: nnx.merge(*model_shape).init_cache(batch, max_len))
+    leaves, treedef = jax.tree.flatten(abstract)
+    rng = np.random.default_rng(seed)
+
+    def fill(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.zeros(x.shape, x.dtype)
+        # Values a bfloat16 state can hold, so float32- and bfloat16-state caches start equal.
+        tile = (rng.standard_normal(x.shape[-2:], np.float32) * 0.1).astype(
+            jnp.bfloat16).astype(x.dtype)
+        return jnp.broadcast_to(jnp.asarray(tile), x.shape)
+
+    cache = jax.tree.unflatten(treedef, [fill(x) for x in leaves])
+    return dataclasses.replace(cache, position=jnp.full((batch,), context, jnp.int32))
+
+
+def decode_loop(graphdef, new_tokens: int):
+    """jit((params, cache, tokens [B]) -> (tokens, cache)) decoding greedily new_tokens steps."""
+    def run(params, cache, tokens):
+        model = nnx.merge(graphdef, params)
+        def step(carry, _):
+            tokens, cache = carry
+            logits, cache = model.decode_step(tokens, cache)
+            return (jnp.argmax(logits, -1).astype(jnp.int32), cache), None
+        (tokens, cache), _ = jax.lax.scan(step, (tokens, cache), None, length=new_tokens)
+        return tokens, cache
+    return jax.jit(run, donate_argnums=1)
+
+
+def tree_bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))

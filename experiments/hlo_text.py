@@ -1,0 +1,133 @@
+"""Reading a compiled XLA module's text: which instructions launch kernels, of what kind, and
+how many bytes each touches.
+
+Imported by bench_decode.py and profile_decode.py (they run with experiments/ on sys.path).
+"""
+
+import collections
+import dataclasses
+import re
+
+import numpy as np
+
+# HLO instructions that launch no kernel of their own.
+_NO_KERNEL = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "while",
+              "conditional", "call", "after-all", "opt-barrier", "partition-id", "replica-id"}
+
+# An array type as HLO prints it: 'bf16[1,2048]'.
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel-launching instruction: its name, kind (`launch_kind`) and the bytes of its
+    operands plus its result (an upper bound on what it moves: a fusion may read part of
+    an operand)."""
+    name: str
+    kind: str
+    bytes: int
+
+
+def _balanced(text: str) -> int:
+    """Index just past the parenthesis group text starts with ('(a, (b)) c' -> 8)."""
+    depth = 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            return i + 1
+    return len(text)
+
+
+def _split(line: str) -> tuple[str, str, str] | None:
+    """(result type, opcode, operand list) of one HLO instruction line
+    ('%x = f32[2]{0} add(f32[2]{0} %a, f32[2]{0} %b), ...'), or None for other lines."""
+    if " = " not in line:
+        return None
+    rest = line.split(" = ", 1)[1].lstrip()
+    if rest.startswith("("):                     # a tuple shape
+        end = _balanced(rest)
+    else:
+        end = rest.find(" ") if " " in rest else len(rest)
+    result, rest = rest[:end], rest[end:]
+    match = re.match(r"\s*([\w-]+)\(", rest)
+    if not match:
+        return None
+    operands = rest[match.end() - 1:]
+    return result, match.group(1), operands[1:_balanced(operands) - 1]
+
+
+def _opcode(line: str) -> str | None:
+    """The opcode of one HLO instruction line, or None."""
+    parts = _split(line)
+    return parts[1] if parts else None
+
+
+def launch_kind(op: str, line: str) -> str:
+    """'fusion:<kind>', 'custom-call:<target>' or op, for one launching instruction line."""
+    if op == "fusion":
+        kind = re.search(r"kind=(k\w+)", line)
+        return f"fusion:{kind.group(1) if kind else '?'}"
+    if op == "custom-call":
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        return f"custom-call:{target.group(1) if target else '?'}"
+    return op
+
+
+def array_bytes(text: str) -> int:
+    """Bytes of every array type written in text ('bf16[2,3]{1,0} %a, f32[4] %b' -> 28)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(text):
+        bits = 8 if dtype == "pred" or dtype.startswith("f8") else int(dtype.lstrip("bsuf"))
+        size = int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
+        total += size * bits // 8
+    return total
+
+
+def _instruction_bytes(line: str) -> int:
+    """Result plus operand bytes of one instruction line, as printed."""
+    result, _, operands = _split(line)
+    return array_bytes(result) + array_bytes(operands)
+
+
+def launches(hlo_text: str) -> list[Launch]:
+    """Every kernel-launching instruction that runs per call, read from a compiled module's
+    text: the instructions of the entry computation and of the computations it runs as code
+    (while bodies, calls, conditional branches; not fusion bodies, reducers or loop
+    conditions), each while body once, without those that launch nothing (`_NO_KERNEL`).
+    Each fusion, library call and unfused op is one launch."""
+    bodies: dict[str, list[str]] = {}
+    entry, name = None, None
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            name = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            entry = name if line.startswith("ENTRY") else entry
+            bodies[name] = []
+        elif name is not None and line.strip() and line.strip() != "}":
+            bodies[name].append(line)
+    found, seen, todo = [], set(), [entry]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in bodies:
+            continue
+        seen.add(name)
+        for line in bodies[name]:
+            op = _opcode(line)
+            if op is None:
+                continue
+            if op not in _NO_KERNEL:
+                instruction = line.split(" = ", 1)[0].split()[-1].lstrip("%")
+                found.append(Launch(instruction, launch_kind(op, line), _instruction_bytes(line)))
+            if op in ("while", "call", "conditional"):
+                todo += re.findall(r"(?:body|to_apply|true_computation|false_computation)"
+                                   r"=%?([\w.-]+)", line)
+                branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+                if branches:
+                    todo += [c.strip().lstrip("%") for c in branches.group(1).split(",")]
+    return found
+
+
+def hlo_launches(hlo_text: str) -> collections.Counter:
+    """Kernel launches per call by kind (`launches`), keyed 'fusion:<kind>' (kLoop,
+    kInput: reductions, kCustom: e.g. Triton GEMMs), 'custom-call:<target>' (e.g.
+    '__cublas$gemm') or the op's name. In a decode loop (a while body), per token."""
+    return collections.Counter(launch.kind for launch in launches(hlo_text))

@@ -1,0 +1,115 @@
+"""Reading a jax.profiler trace back: the device's kernels, and where a call's time went.
+
+Imported by profile_decode.py (it runs with experiments/ on sys.path); flag-free, so tests
+import it directly.
+"""
+
+import collections
+import dataclasses
+import glob
+import os
+import tempfile
+
+import jax
+import numpy as np
+from jax.profiler import ProfileData
+
+# Host-side ops that only contain other ops (CPU traces time them around their bodies).
+_CONTAINERS = ("while", "call", "conditional")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One kernel execution on the device timeline: the HLO instruction it runs (`op`),
+    its start and duration in ns."""
+    op: str
+    start_ns: float
+    duration_ns: float
+
+
+def device_kernels(profile: ProfileData) -> list[Kernel]:
+    """The kernels of a trace: events on the GPU planes' stream lines, each named by its
+    'hlo_op' stat (the event's name when it has none); with no GPU plane, the host's XLA
+    op events (a CPU run), without ops that only contain others (while loops, calls)."""
+    gpu = [p for p in profile.planes if p.name.startswith("/device:GPU")]
+    kernels = []
+    for plane in gpu or [p for p in profile.planes if p.name.startswith("/host:CPU")]:
+        for line in plane.lines:
+            if gpu and not line.name.startswith("Stream"):
+                continue
+            for event in line.events:
+                stats = dict(event.stats)
+                op = stats.get("hlo_op", event.name if gpu else None)
+                if op is None or (not gpu and op.split(".")[0] in _CONTAINERS):
+                    continue
+                kernels.append(Kernel(str(op), event.start_ns, event.duration_ns))
+    return sorted(kernels, key=lambda k: k.start_ns)
+
+
+def busy_ns(kernels: list[Kernel]) -> float:
+    """Length of the union of the kernels' intervals (overlapping kernels count once)."""
+    total, end = 0.0, -np.inf
+    for k in sorted(kernels, key=lambda k: k.start_ns):
+        stop = k.start_ns + k.duration_ns
+        if stop > end:
+            total += stop - max(k.start_ns, end)
+            end = stop
+    return total
+
+
+def summarize(kernels: list[Kernel], tokens: int, costs: dict, bandwidth: float,
+              top: int) -> dict:
+    """Per-token times of one traced decode call of `tokens` tokens: the span from the first
+    kernel's start to the last one's end, the part of it the device ran kernels (`busy`)
+    and the rest (`idle`), then by kind and by instruction (time, launches, bytes, rate as
+    a fraction of `bandwidth`). costs: {instruction name: hlo_text.Launch}."""
+    if not kernels:
+        raise ValueError("the trace holds no kernel events")
+    span = max(k.start_ns + k.duration_ns for k in kernels) - kernels[0].start_ns
+    busy = busy_ns(kernels)
+    by_op = collections.defaultdict(lambda: [0.0, 0])
+    for k in kernels:
+        by_op[k.op][0] += k.duration_ns
+        by_op[k.op][1] += 1
+
+    def row(ns: float, count: int, nbytes: int | None) -> dict:
+        out = dict(us_per_token=ns / tokens / 1e3, launches_per_token=count / tokens,
+                   us_per_launch=ns / count / 1e3)
+        if nbytes:
+            out.update(mb_per_token=nbytes / tokens / 1e6,
+                       bandwidth_fraction=nbytes / (ns * 1e-9) / bandwidth)
+        return out
+
+    ops, kinds = [], collections.defaultdict(lambda: [0.0, 0, 0])
+    for op, (ns, count) in by_op.items():
+        cost = costs.get(op)
+        kind = cost.kind if cost else "other"
+        nbytes = cost.bytes * count if cost else None
+        ops.append(dict(op=op, kind=kind, **row(ns, count, nbytes)))
+        kinds[kind][0] += ns
+        kinds[kind][1] += count
+        kinds[kind][2] += nbytes or 0
+    ops.sort(key=lambda r: -r["us_per_token"])
+    by_kind = sorted(({"kind": kind, **row(*values)} for kind, values in kinds.items()),
+                     key=lambda r: -r["us_per_token"])
+    starts = np.asarray([k.start_ns for k in kernels])
+    ends = np.asarray([k.start_ns + k.duration_ns for k in kernels])
+    gaps = np.maximum(starts[1:] - np.maximum.accumulate(ends)[:-1], 0.0)
+    return dict(span_us_per_token=span / tokens / 1e3, busy_us_per_token=busy / tokens / 1e3,
+                idle_us_per_token=(span - busy) / tokens / 1e3,
+                kernels_per_token=len(kernels) / tokens,
+                median_gap_us=float(np.median(gaps)) / 1e3 if len(gaps) else 0.0,
+                by_kind=by_kind, top_ops=ops[:top])
+
+
+def trace_call(fn, *args, trace_dir: str) -> tuple[object, ProfileData]:
+    """fn(*args) run once under jax.profiler.trace into a fresh subdirectory of trace_dir;
+    (its result, the trace)."""
+    os.makedirs(trace_dir, exist_ok=True)
+    directory = tempfile.mkdtemp(dir=trace_dir)
+    with jax.profiler.trace(directory):
+        out = jax.block_until_ready(fn(*args))
+    paths = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {directory}")
+    return out, ProfileData.from_file(max(paths, key=os.path.getmtime))
