@@ -461,3 +461,18 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
     assert found["c.2"].kind == "custom-call:__gpu$xla.gpu.triton"
     assert hlo_launches(hlo) == {"fusion:kCustom": 1, "custom-call:__gpu$xla.gpu.triton": 1}
     assert array_bytes("pred[3] s32[] f8e4m3fn[4] bf16[2,3]{1,0}") == 3 + 4 + 4 + 12
+
+
+def test_bench_gemv_checks_then_times_xla_and_each_pallas_tiling(tmp_path):
+    out = tmp_path / "gemv.json"
+    process = run_script("bench_gemv.py", "--shapes=192x64", "--layers=2", "--block_n=16,32",
+                         "--programs=4,8", "--block_k=32", "--repeats=1",
+                         "--copy_bytes=1048576", f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    rows = json.loads(out.read_text())["results"]
+    # K = 192 is 6 steps of 32 rows, so K splits divide 6. 16 columns: 4 groups, 1 split for
+    # 4 programs, 2 for 8; 32 columns: 2 groups, 2 splits for 4, 6 (3 gives 6 < 8) for 8.
+    assert [r["impl"] for r in rows] == ["xla", "pallas bn16 s1 w4 st3", "pallas bn16 s2 w4 st3",
+                                         "pallas bn32 s2 w4 st3", "pallas bn32 s6 w4 st3"]
+    for r in rows:
+        assert r["rel_err"] < 2e-2 and r["us"] > 0, r
