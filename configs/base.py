@@ -58,6 +58,7 @@ def model_defaults() -> ml_collections.ConfigDict:
         param_dtype="float32",
         state_dtype="float32",
         remat=False,
+        remat_policy="full",
         scan_layers=False,
     ))
 

@@ -184,7 +184,7 @@ def time_setting(name: str, model: ModelConfig, seq_len: int, devices: list,
     per_device = tokens_per_s * flops_per_token(model, matmul_params, seq_len) / 1e12 / count
     return dict(model=name, seq_len=seq_len, devices=count, mesh=axes, batch=batch,
                 params=sum(x.size for x in jax.tree.leaves(params)), ffn_dim=model.resolved_ffn_dim,
-                remat=model.remat,
+                remat=model.remat and model.remat_policy,
                 step_ms=step_s * 1e3, tokens_per_s=tokens_per_s, tflops=per_device,
                 mfu_measured=per_device / peak, mfu_datasheet=per_device / DATASHEET_TFLOPS,
                 loss=float(metrics["loss"]), first_step_s=compile_s, data=_DATA.value,

@@ -37,7 +37,7 @@ Array = jax.Array
 __all__ = [
     "LOGICAL_AXIS_NAMES", "FORWARD_MODES", "MIXERS", "DTYPES", "ATTENTION_IMPLEMENTATIONS",
     "ModelConfig", "Block", "Cache", "RetNetLM", "check_tokens", "schedule_period",
-    "parameter_matched", "transformer_baseline",
+    "parameter_matched", "transformer_baseline", "REMAT_POLICIES",
 ]
 
 MIXERS = ("retention", "gated_retention", "attention")
@@ -103,6 +103,12 @@ class ModelConfig:
       dtype: compute dtype, 'float32' or 'bfloat16' (retention states are computed, and norms
         and logits kept, in float32); param_dtype: parameter dtype; remat: rematerialise each block in the
         full-sequence forward (training memory).
+      remat_policy: what a rematerialised block keeps for the backward pass
+        (`REMAT_POLICIES`): 'full' keeps only its input and recomputes the rest; 'dots'
+        keeps every matmul output, retention's batched products included; 'projections'
+        keeps the outputs of matmuls without batch dimensions (q, k, v, gate, output and
+        FFN projections) and recomputes retention and the elementwise work. Unused when
+        remat is False.
       state_dtype: the dtype retention layers keep their recurrent state in between calls
         (the decoding cache), 'float32' (default) or 'bfloat16': half the decode state's
         memory and traffic, each step still computed in float32 and the new state rounded
@@ -147,6 +153,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     state_dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "full"
     scan_layers: bool = False
 
     @classmethod
@@ -199,6 +206,9 @@ class ModelConfig:
                 _fail("num_attention_heads", f"{heads} heads must divide d_model={self.d_model} "
                       "into even head dims (for the rotation)")
 
+        if self.remat_policy not in REMAT_POLICIES:
+            _fail("remat_policy", f"must be one of {tuple(REMAT_POLICIES)}, "
+                  f"got {self.remat_policy!r}")
         if self.retention_kernel not in RETENTION_KERNELS:
             _fail("retention_kernel", f"must be one of {RETENTION_KERNELS}, "
                   f"got {self.retention_kernel!r}")
@@ -360,6 +370,13 @@ def schedule_period(mixers: tuple[str, ...]) -> int:
                 if n % p == 0 and all(m == mixers[i % p] for i, m in enumerate(mixers)))
 
 
+# `ModelConfig.remat_policy` names -> what jax.checkpoint saves (None: nothing but the input).
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "projections": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 _RESIDUAL = ("batch", None, None)   # logical names of the residual stream [B, T, D]
 
 
@@ -423,7 +440,10 @@ class RetNetLM(nnx.Module):
         _check_mode(mode)
         tokens = check_tokens(tokens, self.config.vocab_size, rank=2)
         self._check_length(tokens.shape[1])
-        apply = nnx.remat(_block_output, static_argnums=(2,)) if self.config.remat else _block_output
+        apply = _block_output
+        if self.config.remat:
+            apply = nnx.remat(_block_output, static_argnums=(2,),
+                              policy=REMAT_POLICIES[self.config.remat_policy])
         x = self._embed(tokens)
         if self.config.scan_layers:
             x = self._scan_blocks(x, mode, apply)

@@ -65,8 +65,8 @@ Batch = Mapping[str, jax.Array]
 # Model config fields that may change when resuming: they change how the same parameters are
 # computed with, not which parameters there are.
 RESUMABLE_MODEL_FIELDS = frozenset(
-    {"dtype", "remat", "scan_layers", "chunk_size", "retention_kernel", "max_seq_len",
-     "attention_impl", "logit_soft_cap"})
+    {"dtype", "remat", "remat_policy", "scan_layers", "chunk_size", "retention_kernel",
+     "max_seq_len", "attention_impl", "logit_soft_cap"})
 # Data config fields that may change when resuming: they leave the training stream as it was.
 RESUMABLE_DATA_FIELDS = frozenset({"eval_batches", "prefetch"})
 SUMMARY_FILE = "summary.json"  # in the workdir: `train_and_evaluate`'s return value

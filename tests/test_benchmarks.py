@@ -64,7 +64,7 @@ def test_bench_train_times_retnet_per_kernel_and_transformer_once(tmp_path, toy_
     rows = json.loads(out.read_text())["results"]
     assert [(r["model"], r["retention_kernel"]) for r in rows] == [
         ("retnet", "xla"), ("retnet", "pallas"), ("transformer", None)]
-    assert [r["remat"] for r in rows] == [False] * 3       # the toy config's default
+    assert [r["remat"] for r in rows] == [False] * 3       # the toy config: no remat
     # Off a GPU the library runs XLA's form for 'pallas'; the row says so.
     assert [bool(r["pallas_fallback"]) for r in rows] == [False, True, False]
     assert "| retnet | pallas (XLA fallback) | 32 |" in process.stdout

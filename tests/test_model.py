@@ -23,7 +23,8 @@ from flax import nnx
 
 from retnet_jax import layers
 from retnet_jax import model as model_lib
-from retnet_jax.model import LOGICAL_AXIS_NAMES, ModelConfig, RetNetLM
+from jaxprs import equations
+from retnet_jax.model import LOGICAL_AXIS_NAMES, REMAT_POLICIES, ModelConfig, RetNetLM
 from test_layers import randomize_params, rel_err
 
 RTOL = 1e-5
@@ -150,6 +151,24 @@ def test_causal():
 def test_remat_gives_the_same_logits_and_gradients():
     plain = make_model(small_config(SCHEDULES["retention"]), 6)
     assert_same_loss_and_gradients(plain, with_config(plain, remat=True), random_tokens(6, 2, 12))
+
+
+@pytest.mark.parametrize("policy", sorted(REMAT_POLICIES))
+def test_each_remat_policy_reaches_the_checkpoint_and_keeps_the_gradients(policy):
+    plain = make_model(small_config(SCHEDULES["hybrid"]), 6)
+    remat = with_config(plain, remat=True, remat_policy=policy)
+    tokens = random_tokens(6, 2, 12)
+    assert_same_loss_and_gradients(plain, remat, tokens)
+    graphdef, state = nnx.split(remat)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state)
+    policies = [e.params["policy"] for e in equations(jaxpr.jaxpr)
+                if e.primitive.name == "remat2"]                    # jax.checkpoint's
+    assert policies == [REMAT_POLICIES[policy]] * 3                 # one per block
+
+
+def test_an_unknown_remat_policy_is_refused_by_name():
+    with pytest.raises(ValueError, match="remat_policy: must be one of .*'full'.* got 'half'"):
+        small_config(remat_policy="half")
 
 
 @pytest.mark.parametrize("schedule, remat", [
