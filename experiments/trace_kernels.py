@@ -29,8 +29,10 @@ class Kernel:
 
 def device_kernels(profile: ProfileData) -> list[Kernel]:
     """The kernels of a trace: events on the GPU planes' stream lines, each named by its
-    'hlo_op' stat (the event's name when it has none); with no GPU plane, the host's XLA
-    op events (a CPU run), without ops that only contain others (while loops, calls)."""
+    'hlo_op' stat, or by the kernel's own name when it has none or runs inside a command
+    buffer (a CUDA graph, whose kernels all carry the graph's op); with no GPU plane, the
+    host's XLA op events (a CPU run), without ops that only contain others (while loops,
+    calls)."""
     gpu = [p for p in profile.planes if p.name.startswith("/device:GPU")]
     kernels = []
     for plane in gpu or [p for p in profile.planes if p.name.startswith("/host:CPU")]:
@@ -38,8 +40,9 @@ def device_kernels(profile: ProfileData) -> list[Kernel]:
             if gpu and not line.name.startswith("Stream"):
                 continue
             for event in line.events:
-                stats = dict(event.stats)
-                op = stats.get("hlo_op", event.name if gpu else None)
+                op = dict(event.stats).get("hlo_op")
+                if gpu and (op is None or str(op).startswith("command_buffer")):
+                    op = event.name       # a kernel run inside a CUDA graph: its own name
                 if op is None or (not gpu and op.split(".")[0] in _CONTAINERS):
                     continue
                 kernels.append(Kernel(str(op), event.start_ns, event.duration_ns))
@@ -57,12 +60,20 @@ def busy_ns(kernels: list[Kernel]) -> float:
     return total
 
 
+def _key(name: str) -> str:
+    """A name as kernels and HLO instructions share it: XLA names a fusion's kernel after
+    the instruction with '.' written '_' ('loop_add_fusion.3' -> 'loop_add_fusion_3')."""
+    return name.replace(".", "_")
+
+
 def summarize(kernels: list[Kernel], tokens: int, costs: dict, bandwidth: float,
               top: int) -> dict:
     """Per-token times of one traced decode call of `tokens` tokens: the span from the first
     kernel's start to the last one's end, the part of it the device ran kernels (`busy`)
     and the rest (`idle`), then by kind and by instruction (time, launches, bytes, rate as
-    a fraction of `bandwidth`). costs: {instruction name: hlo_text.Launch}."""
+    a fraction of `bandwidth`). costs: {instruction name: hlo_text.Launch}, matched to the
+    kernels by name (`_key`); a kernel matching none is of kind 'other' (library kernels,
+    e.g. cuBLAS', have names of their own)."""
     if not kernels:
         raise ValueError("the trace holds no kernel events")
     span = max(k.start_ns + k.duration_ns for k in kernels) - kernels[0].start_ns
@@ -80,9 +91,10 @@ def summarize(kernels: list[Kernel], tokens: int, costs: dict, bandwidth: float,
                        bandwidth_fraction=nbytes / (ns * 1e-9) / bandwidth)
         return out
 
+    by_key = {_key(name): cost for name, cost in costs.items()}
     ops, kinds = [], collections.defaultdict(lambda: [0.0, 0, 0])
     for op, (ns, count) in by_op.items():
-        cost = costs.get(op)
+        cost = costs.get(op) or by_key.get(_key(op))
         kind = cost.kind if cost else "other"
         nbytes = cost.bytes * count if cost else None
         ops.append(dict(op=op, kind=kind, **row(ns, count, nbytes)))
