@@ -26,10 +26,17 @@ becomes a row with its `error`, and the others are still timed.
   python experiments/bench_train.py --config=configs/retnet_1_3b.py --seq_lens=2048,8192
   python experiments/bench_train.py --config=configs/retnet_1_3b.py --device_counts=1,2
   python experiments/bench_train.py --config=configs/retnet_1_3b.py --retention_kernels=xla,pallas
+  python experiments/bench_train.py --config=configs/retnet_1_3b.py --seq_lens=8192 --profile_top=30
+
+`--profile_top=N` then traces one more step per row with jax.profiler and records where it
+went (`trace_kernels.summarize`: kernel time against idle time, by kind of kernel, the N
+costliest instructions with their bytes against the copy bandwidth); it compiles the step
+once more to read its HLO.
 """
 
 import dataclasses
 import json
+import tempfile
 import time
 
 from absl import app, flags
@@ -38,12 +45,14 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from ceilings import matmul_tflops
+from ceilings import copy_bandwidth, matmul_tflops
+from hlo_text import launches
 from retnet_jax import data as data_lib
 from retnet_jax import sharding
 from retnet_jax import train as train_lib
 from retnet_jax.layers import RETENTION_KERNELS, pallas_fallback_reason
 from retnet_jax.model import ModelConfig, transformer_baseline
+from trace_kernels import device_kernels, print_summary, summarize, trace_call
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/retnet_1_3b.py", "Model preset.")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "8192"], "Sequence lengths.")
@@ -69,6 +78,8 @@ _DATA = flags.DEFINE_enum("data", "random", ["random", "corpus"],
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 8192,
                                     "n of the [n, n] x [n, n] matmul that measures the peak.")
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
+_PROFILE_TOP = flags.DEFINE_integer("profile_top", 0, "If > 0: trace one more step per row "
+                                    "and record this many of its costliest instructions.")
 
 DATASHEET_TFLOPS = 989.0  # H100 SXM dense bf16
 
@@ -180,6 +191,9 @@ def time_setting(name: str, model: ModelConfig, seq_len: int, devices: list,
         jax.block_until_ready(metrics)
         times.append((time.perf_counter() - t0) / _STEPS.value)
     step_s = float(np.median(times))
+    profile = None
+    if _PROFILE_TOP.value > 0:
+        profile = profile_step(trainer, state, batch_data())
     tokens_per_s = batch * seq_len / step_s
     per_device = tokens_per_s * flops_per_token(model, matmul_params, seq_len) / 1e12 / count
     return dict(model=name, seq_len=seq_len, devices=count, mesh=axes, batch=batch,
@@ -189,7 +203,21 @@ def time_setting(name: str, model: ModelConfig, seq_len: int, devices: list,
                 mfu_measured=per_device / peak, mfu_datasheet=per_device / DATASHEET_TFLOPS,
                 loss=float(metrics["loss"]), first_step_s=compile_s, data=_DATA.value,
                 timing=f"median of {_WINDOWS.value} windows of {_STEPS.value} "
-                       "back-to-back steps")
+                       "back-to-back steps", **({"profile": profile} if profile else {}))
+
+
+def profile_step(trainer, state, data) -> dict:
+    """One train step traced: `trace_kernels.summarize` per step, instructions matched to
+    the step's compiled HLO, rates against a copy bandwidth measured now."""
+    costs = {launch.name: launch for launch in
+             launches(trainer.train_step.lower(state, data).compile().as_text())}
+    bandwidth = copy_bandwidth()
+    _, trace = trace_call(trainer.train_step, state, data,
+                          trace_dir=tempfile.mkdtemp(prefix="bench_train_trace_"))
+    summary = summarize(device_kernels(trace), 1, costs, bandwidth, _PROFILE_TOP.value,
+                        unit="step")
+    print_summary(summary, unit="step")
+    return dict(summary, copy_bandwidth=bandwidth)
 
 
 def add_scaling_efficiency(results: list[dict]) -> None:

@@ -30,7 +30,7 @@ from hlo_text import launches
 from retnet_jax.generate import decode_compiler_options
 from retnet_jax.layers import RETENTION_KERNELS
 from retnet_jax.model import ModelConfig
-from trace_kernels import device_kernels, summarize, trace_call
+from trace_kernels import device_kernels, print_summary, summarize, trace_call
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/retnet_1_3b.py", "Model preset.")
 _BATCHES = flags.DEFINE_list("batches", ["1"], "Batch sizes.")
@@ -78,22 +78,8 @@ def profile_model(name: str, graphdef, params, batch: int, context: int, new: in
 
 def print_profile(p: dict) -> None:
     print(f"\n{p['model']}, batch {p['batch']}, context {p['context']}: "
-          f"{p['wall_ms_per_token'] * 1e3:.1f} us/token untraced; traced span "
-          f"{p['span_us_per_token']:.1f} = kernels {p['busy_us_per_token']:.1f} + idle "
-          f"{p['idle_us_per_token']:.1f} us/token, {p['kernels_per_token']:.0f} kernels/token, "
-          f"median gap {p['median_gap_us']:.2f} us")
-    print("| kind | us/token | launches/token | us/launch | MB/token | x copy bandwidth |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in p["by_kind"]:
-        print(f"| {r['kind']} | {r['us_per_token']:.1f} | {r['launches_per_token']:.1f} | "
-              f"{r['us_per_launch']:.2f} | {r.get('mb_per_token', 0):.1f} | "
-              f"{r.get('bandwidth_fraction', 0):.2f} |")
-    print("| instruction | kind | us/token | launches/token | us/launch | MB/token | x copy bw |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for r in p["top_ops"]:
-        print(f"| {r['op']} | {r['kind']} | {r['us_per_token']:.1f} | "
-              f"{r['launches_per_token']:.1f} | {r['us_per_launch']:.2f} | "
-              f"{r.get('mb_per_token', 0):.1f} | {r.get('bandwidth_fraction', 0):.2f} |")
+          f"{p['wall_ms_per_token'] * 1e3:.1f} us/token untraced; traced:")
+    print_summary(p)
 
 
 def main(argv):

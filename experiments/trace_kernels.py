@@ -66,14 +66,15 @@ def _key(name: str) -> str:
     return name.replace(".", "_")
 
 
-def summarize(kernels: list[Kernel], tokens: int, costs: dict, bandwidth: float,
-              top: int) -> dict:
-    """Per-token times of one traced decode call of `tokens` tokens: the span from the first
-    kernel's start to the last one's end, the part of it the device ran kernels (`busy`)
-    and the rest (`idle`), then by kind and by instruction (time, launches, bytes, rate as
-    a fraction of `bandwidth`). costs: {instruction name: hlo_text.Launch}, matched to the
-    kernels by name (`_key`); a kernel matching none is of kind 'other' (library kernels,
-    e.g. cuBLAS', have names of their own)."""
+def summarize(kernels: list[Kernel], units: int, costs: dict, bandwidth: float,
+              top: int, unit: str = "token") -> dict:
+    """Times per unit (a decoded token, a train step) of one traced call that ran `units` of
+    them: the span from the first kernel's start to the last one's end, the part of it the
+    device ran kernels (`busy`) and the rest (`idle`), then by kind and by instruction
+    (time, launches, bytes, rate as a fraction of `bandwidth`); keys end in `_per_<unit>`.
+    costs: {instruction name: hlo_text.Launch}, matched to the kernels by name (`_key`); a
+    kernel matching none is of kind 'other' (library kernels, e.g. cuBLAS', have names of
+    their own)."""
     if not kernels:
         raise ValueError("the trace holds no kernel events")
     span = max(k.start_ns + k.duration_ns for k in kernels) - kernels[0].start_ns
@@ -84,11 +85,11 @@ def summarize(kernels: list[Kernel], tokens: int, costs: dict, bandwidth: float,
         by_op[k.op][1] += 1
 
     def row(ns: float, count: int, nbytes: int | None) -> dict:
-        out = dict(us_per_token=ns / tokens / 1e3, launches_per_token=count / tokens,
-                   us_per_launch=ns / count / 1e3)
+        out = {f"us_per_{unit}": ns / units / 1e3, f"launches_per_{unit}": count / units,
+               "us_per_launch": ns / count / 1e3}
         if nbytes:
-            out.update(mb_per_token=nbytes / tokens / 1e6,
-                       bandwidth_fraction=nbytes / (ns * 1e-9) / bandwidth)
+            out.update({f"mb_per_{unit}": nbytes / units / 1e6,
+                        "bandwidth_fraction": nbytes / (ns * 1e-9) / bandwidth})
         return out
 
     by_key = {_key(name): cost for name, cost in costs.items()}
@@ -101,17 +102,18 @@ def summarize(kernels: list[Kernel], tokens: int, costs: dict, bandwidth: float,
         kinds[kind][0] += ns
         kinds[kind][1] += count
         kinds[kind][2] += nbytes or 0
-    ops.sort(key=lambda r: -r["us_per_token"])
+    ops.sort(key=lambda r: -r[f"us_per_{unit}"])
     by_kind = sorted(({"kind": kind, **row(*values)} for kind, values in kinds.items()),
-                     key=lambda r: -r["us_per_token"])
+                     key=lambda r: -r[f"us_per_{unit}"])
     starts = np.asarray([k.start_ns for k in kernels])
     ends = np.asarray([k.start_ns + k.duration_ns for k in kernels])
     gaps = np.maximum(starts[1:] - np.maximum.accumulate(ends)[:-1], 0.0)
-    return dict(span_us_per_token=span / tokens / 1e3, busy_us_per_token=busy / tokens / 1e3,
-                idle_us_per_token=(span - busy) / tokens / 1e3,
-                kernels_per_token=len(kernels) / tokens,
-                median_gap_us=float(np.median(gaps)) / 1e3 if len(gaps) else 0.0,
-                by_kind=by_kind, top_ops=ops[:top])
+    return {f"span_us_per_{unit}": span / units / 1e3,
+            f"busy_us_per_{unit}": busy / units / 1e3,
+            f"idle_us_per_{unit}": (span - busy) / units / 1e3,
+            f"kernels_per_{unit}": len(kernels) / units,
+            "median_gap_us": float(np.median(gaps)) / 1e3 if len(gaps) else 0.0,
+            "by_kind": by_kind, "top_ops": ops[:top]}
 
 
 def trace_call(fn, *args, trace_dir: str) -> tuple[object, ProfileData]:
@@ -125,3 +127,22 @@ def trace_call(fn, *args, trace_dir: str) -> tuple[object, ProfileData]:
     if not paths:
         raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {directory}")
     return out, ProfileData.from_file(max(paths, key=os.path.getmtime))
+
+
+def print_summary(summary: dict, unit: str = "token") -> None:
+    """`summarize`'s result as two markdown tables: by kind, then the costliest
+    instructions."""
+    print(f"span {summary[f'span_us_per_{unit}']:.1f} = kernels "
+          f"{summary[f'busy_us_per_{unit}']:.1f} + idle {summary[f'idle_us_per_{unit}']:.1f} "
+          f"us/{unit}, {summary[f'kernels_per_{unit}']:.0f} kernels/{unit}, median gap "
+          f"{summary['median_gap_us']:.2f} us")
+    columns = f"us/{unit} | launches/{unit} | us/launch | MB/{unit} | x copy bandwidth |"
+    for title, rows, name in (("kind", summary["by_kind"], "kind"),
+                              ("instruction | kind", summary["top_ops"], "op")):
+        print(f"| {title} | {columns}")
+        print("|---" * (title.count("|") + 1) + "|---:" * 5 + "|")
+        for r in rows:
+            cells = [r[name]] + ([r["kind"]] if name == "op" else [])
+            print(f"| {' | '.join(cells)} | {r[f'us_per_{unit}']:.1f} | "
+                  f"{r[f'launches_per_{unit}']:.1f} | {r['us_per_launch']:.2f} | "
+                  f"{r.get(f'mb_per_{unit}', 0):.1f} | {r.get('bandwidth_fraction', 0):.2f} |")

@@ -422,7 +422,7 @@ def test_profile_busy_time_counts_overlapping_kernels_once(monkeypatch):
     kernels_ = [Kernel("gemm", 0, 10), Kernel("fusion.1", 5, 4), Kernel("gemm", 16, 10)]
     costs = {"gemm": Launch("gemm", "fusion:kCustom", 100), "fusion.1": Launch(
         "fusion.1", "fusion:kLoop", 8)}
-    s = summarize(kernels_, tokens=2, costs=costs, bandwidth=1e9, top=5)
+    s = summarize(kernels_, units=2, costs=costs, bandwidth=1e9, top=5)
     assert s["span_us_per_token"] == pytest.approx(13e-3)
     assert s["busy_us_per_token"] == pytest.approx(10e-3)
     assert s["idle_us_per_token"] == pytest.approx(3e-3)
@@ -476,3 +476,17 @@ def test_bench_gemv_checks_then_times_xla_and_each_pallas_tiling(tmp_path):
                                          "pallas bn32 s2 w4 st3", "pallas bn32 s6 w4 st3"]
     for r in rows:
         assert r["rel_err"] < 2e-2 and r["us"] > 0, r
+
+
+def test_bench_train_profiles_a_step_when_asked(tmp_path, toy_config):
+    out = tmp_path / "train.json"
+    process = run_script("bench_train.py", f"--config={toy_config}", "--seq_lens=32",
+                         "--tokens_per_step=64", "--steps=1", "--windows=1", "--models=retnet",
+                         "--matmul_size=256", "--profile_top=3", f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    (row,) = json.loads(out.read_text())["results"]
+    profile = row["profile"]
+    assert 0 < profile["busy_us_per_step"] <= profile["span_us_per_step"]
+    assert len(profile["top_ops"]) == 3 and profile["copy_bandwidth"] > 0
+    assert all(r["kind"] != "other" for r in profile["top_ops"])    # matched to the HLO
+    assert "| instruction | kind | us/step |" in process.stdout
