@@ -78,6 +78,8 @@ _DATA = flags.DEFINE_enum("data", "random", ["random", "corpus"],
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 8192,
                                     "n of the [n, n] x [n, n] matmul that measures the peak.")
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
+_COPY_BYTES = flags.DEFINE_integer("copy_bytes", 1 << 30, "Bytes of the copy-bandwidth probe "
+                                  "(with --profile_top).")
 _PROFILE_TOP = flags.DEFINE_integer("profile_top", 0, "If > 0: trace one more step per row "
                                     "and record this many of its costliest instructions.")
 
@@ -211,7 +213,7 @@ def profile_step(trainer, state, data) -> dict:
     the step's compiled HLO, rates against a copy bandwidth measured now."""
     costs = {launch.name: launch for launch in
              launches(trainer.train_step.lower(state, data).compile().as_text())}
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(_COPY_BYTES.value)
     _, trace = trace_call(trainer.train_step, state, data,
                           trace_dir=tempfile.mkdtemp(prefix="bench_train_trace_"))
     summary = summarize(device_kernels(trace), 1, costs, bandwidth, _PROFILE_TOP.value,

@@ -482,7 +482,8 @@ def test_bench_train_profiles_a_step_when_asked(tmp_path, toy_config):
     out = tmp_path / "train.json"
     process = run_script("bench_train.py", f"--config={toy_config}", "--seq_lens=32",
                          "--tokens_per_step=64", "--steps=1", "--windows=1", "--models=retnet",
-                         "--matmul_size=256", "--profile_top=3", f"--out={out}")
+                         "--matmul_size=256", "--profile_top=3", "--copy_bytes=1048576",
+                         f"--out={out}")
     assert process.returncode == 0, process.stderr
     (row,) = json.loads(out.read_text())["results"]
     profile = row["profile"]
