@@ -86,5 +86,19 @@ def decode_loop(graphdef, new_tokens: int):
     return jax.jit(run, donate_argnums=1)
 
 
+def forced_decode(graphdef):
+    """jit((params, cache, tokens [steps, B]) -> (greedy choices [steps, B], cache)): decodes
+    the given tokens (teacher forcing), so two models' states can be compared after the same
+    inputs even where their greedy choices differ."""
+    def run(params, cache, tokens):
+        model = nnx.merge(graphdef, params)
+        def step(cache, token):
+            logits, cache = model.decode_step(token, cache)
+            return cache, jnp.argmax(logits, -1).astype(jnp.int32)
+        cache, choices = jax.lax.scan(step, cache, tokens)
+        return choices, cache
+    return jax.jit(run)
+
+
 def tree_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
