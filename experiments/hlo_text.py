@@ -83,10 +83,27 @@ def array_bytes(text: str) -> int:
     return total
 
 
-def _instruction_bytes(line: str) -> int:
-    """Result plus operand bytes of one instruction line, as printed."""
-    result, _, operands = _split(line)
-    return array_bytes(result) + array_bytes(operands)
+def _operand_bytes(operands: str, results: dict[str, int]) -> int:
+    """Bytes of an operand list: each operand's printed type ('bf16[2,3]{1,0} %a'), or, where
+    the text prints names alone ('%a', as GPU executables do), the named result's bytes."""
+    total = 0
+    for operand in _top_level_split(operands):
+        printed = array_bytes(operand)
+        name = operand.split()[-1].lstrip("%") if operand.split() else ""
+        total += printed if printed or not name else results.get(name, 0)
+    return total
+
+
+def _top_level_split(text: str) -> list[str]:
+    """text split at the commas outside parentheses, braces and brackets."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, "{": 1, "[": 1, ")": -1, "}": -1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return [p for p in parts if p]
 
 
 def launches(hlo_text: str) -> list[Launch]:
@@ -104,6 +121,12 @@ def launches(hlo_text: str) -> list[Launch]:
             bodies[name] = []
         elif name is not None and line.strip() and line.strip() != "}":
             bodies[name].append(line)
+    results = {}                    # every instruction's result bytes, by name
+    for lines in bodies.values():
+        for line in lines:
+            parts = _split(line)
+            if parts:
+                results[line.split(" = ", 1)[0].split()[-1].lstrip("%")] = array_bytes(parts[0])
     found, seen, todo = [], set(), [entry]
     while todo:
         name = todo.pop()
@@ -116,7 +139,9 @@ def launches(hlo_text: str) -> list[Launch]:
                 continue
             if op not in _NO_KERNEL:
                 instruction = line.split(" = ", 1)[0].split()[-1].lstrip("%")
-                found.append(Launch(instruction, launch_kind(op, line), _instruction_bytes(line)))
+                result, _, operands = _split(line)
+                nbytes = array_bytes(result) + _operand_bytes(operands, results)
+                found.append(Launch(instruction, launch_kind(op, line), nbytes))
             if op in ("while", "call", "conditional"):
                 todo += re.findall(r"(?:body|to_apply|true_computation|false_computation)"
                                    r"=%?([\w.-]+)", line)

@@ -450,16 +450,19 @@ def test_hlo_text_reads_launches_and_their_bytes(monkeypatch):
 ENTRY %main (a: f32[4,8]) -> f32[4,8] {
   %a = f32[4,8]{1,0} parameter(0)
   %c.2 = f32[4,8]{1,0} custom-call(f32[4,8]{1,0} %a), custom_call_target="__gpu$xla.gpu.triton"
+  %add.4 = f32[4,8]{1,0} fusion(%a, %c.2), kind=kLoop, calls=%f
   %w.3 = (s32[], f32[4,8]{1,0}) while((s32[], f32[4,8]{1,0}) %t0), condition=%cond, body=%body
   ROOT %r = f32[4,8]{1,0} get-tuple-element((s32[], f32[4,8]{1,0}) %w.3), index=1
 }
 """
     found = {launch.name: launch for launch in launches(hlo)}
-    assert set(found) == {"gemm.1", "c.2"}
+    assert set(found) == {"gemm.1", "c.2", "add.4"}
+    assert found["add.4"].bytes == 3 * 128          # operands printed by name only (GPU text)
     assert found["gemm.1"].kind == "fusion:kCustom"
     assert found["gemm.1"].bytes == 128 + 128 + 128          # result, x, bf16 weight
     assert found["c.2"].kind == "custom-call:__gpu$xla.gpu.triton"
-    assert hlo_launches(hlo) == {"fusion:kCustom": 1, "custom-call:__gpu$xla.gpu.triton": 1}
+    assert hlo_launches(hlo) == {"fusion:kCustom": 1, "fusion:kLoop": 1,
+                                 "custom-call:__gpu$xla.gpu.triton": 1}
     assert array_bytes("pred[3] s32[] f8e4m3fn[4] bf16[2,3]{1,0}") == 3 + 4 + 4 + 12
 
 
