@@ -386,6 +386,35 @@ def _block_output(block: Block, x: Array, mode: str) -> Array:
     return sharding.constrain(block(x, mode=mode)[0], _RESIDUAL)
 
 
+@jax.custom_vjp
+def output_projection(x: Array, kernel: Array) -> Array:
+    """Logits x @ kernel, float32 [batch, time, vocab], from x [batch, time, d_model] and
+    kernel [d_model, vocab] of one dtype, accumulated in float32.
+
+    Its backward rounds the logits' float32 cotangent to x's dtype before the two matmuls
+    (dx, dkernel; float32 accumulation), as mixed-precision training does for every other
+    matmul: left to autodiff, a bf16 model's LM-head backward multiplied float32 by bf16,
+    i.e. two float32 (TF32) GEMMs, 20 ms of the 1.3B's 390 ms step on an H200
+    (BENCHMARKS.md, session 14). A float32 model is unchanged.
+    """
+    return jnp.einsum("btd,dv->btv", x, kernel, preferred_element_type=jnp.float32)
+
+
+def _output_projection_fwd(x, kernel):
+    return output_projection(x, kernel), (x, kernel)
+
+
+def _output_projection_bwd(residuals, d_logits):
+    x, kernel = residuals
+    d_logits = d_logits.astype(x.dtype)
+    dx = jnp.einsum("btv,dv->btd", d_logits, kernel, preferred_element_type=jnp.float32)
+    d_kernel = jnp.einsum("btd,btv->dv", x, d_logits, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+output_projection.defvjp(_output_projection_fwd, _output_projection_bwd)
+
+
 @flax.struct.dataclass
 class Cache:
     """Generation state of a whole model (a pytree; pass it through jit).
@@ -565,8 +594,7 @@ class RetNetLM(nnx.Module):
             kernel = self.embed.embedding[...].T
         else:
             kernel = self.output_proj[...]
-        logits = jnp.einsum("btd,dv->btv", x, kernel.astype(x.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = output_projection(x, kernel.astype(x.dtype))
         cap = self.config.logit_soft_cap
         return cap * jnp.tanh(logits / cap) if cap > 0 else logits
 

@@ -510,3 +510,31 @@ def test_gate_bias_reaches_every_gated_block():
     assert biases and all(np.allclose(b, 2.5) and b.shape == (2,) for b in biases)
     assert all(getattr(b.mixer, "gt_bias", None) is None
                for b in RetNetLM(small_config(SCHEDULES["hybrid"]), rngs=nnx.Rngs(0)).blocks)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_output_projection_gradients_against_float64(dtype, rtol):
+    kx, kw, kc = jax.random.split(jax.random.PRNGKey(3), 3)
+    x = jax.random.normal(kx, (2, 5, 32)).astype(dtype)
+    kernel = (jax.random.normal(kw, (32, 48)) * 0.2).astype(dtype)
+    d_logits = jax.random.normal(kc, (2, 5, 48))
+    logits, vjp = jax.vjp(model_lib.output_projection, x, kernel)
+    dx, d_kernel = vjp(d_logits)
+    assert logits.dtype == jnp.float32 and dx.dtype == dtype and d_kernel.dtype == dtype
+    x64, w64, c64 = (np.asarray(a, np.float64) for a in (x, kernel, d_logits))
+    for got, want in ((logits, x64 @ w64), (dx, c64 @ w64.T),
+                      (d_kernel, np.einsum("btd,btv->dv", x64, c64))):
+        assert rel_err(np.asarray(got, np.float64), want) <= rtol
+
+
+def test_a_bfloat16_model_backward_runs_no_float32_by_bfloat16_matmul():
+    config = small_config(SCHEDULES["retention"], dtype="bfloat16", tie_embeddings=True)
+    model = make_model(config, 2)
+    tokens = random_tokens(2, 2, 12)
+    graphdef, state = nnx.split(model)
+    loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(tokens) ** 2)
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(state)
+    mixed = [[v.aval.dtype for v in e.invars] for e in equations(jaxpr.jaxpr)
+             if e.primitive.name == "dot_general"
+             and len({v.aval.dtype for v in e.invars}) > 1]
+    assert not mixed        # autodiff's LM-head backward multiplied float32 by bf16
