@@ -1,7 +1,8 @@
 """Reading a compiled XLA module's text: which instructions launch kernels, of what kind, and
 how many bytes each touches.
 
-Imported by bench_decode.py and profile_decode.py (they run with experiments/ on sys.path).
+Imported by bench_decode.py, bench_train.py and profile_decode.py (they run with
+experiments/ on sys.path).
 """
 
 import collections
@@ -21,8 +22,9 @@ _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """One kernel-launching instruction: its name, kind (`launch_kind`) and the bytes of its
-    operands plus its result (an upper bound on what it moves: a fusion may read part of
-    an operand)."""
+    operands plus its result (an upper bound on what it moves: a fusion that reads a slice
+    of an operand, or writes a slice into a buffer in place, as scans over stacked layers
+    do, is charged for the whole buffer)."""
     name: str
     kind: str
     bytes: int
@@ -87,6 +89,7 @@ def _operand_bytes(operands: str, results: dict[str, int]) -> int:
     """Bytes of an operand list: each operand's printed type ('bf16[2,3]{1,0} %a'), or, where
     the text prints names alone ('%a', as GPU executables do), the named result's bytes."""
     total = 0
+    operands = re.sub(r"/\*.*?\*/", "", operands)       # long lists mark '/*index=5*/'
     for operand in _top_level_split(operands):
         printed = array_bytes(operand)
         name = operand.split()[-1].lstrip("%") if operand.split() else ""

@@ -73,7 +73,7 @@ def profile_model(name: str, graphdef, params, batch: int, context: int, new: in
     summary = summarize(device_kernels(profile), new, costs, bandwidth, _TOP.value)
     return dict(model=name, batch=batch, context=context, new_tokens=new,
                 compiler_options=options, wall_ms_per_token=wall / new * 1e3,
-                hlo_kernels_per_token=len(costs), **summary)
+                hlo_launching_instructions=len(costs), **summary)
 
 
 def print_profile(p: dict) -> None:

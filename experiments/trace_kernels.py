@@ -1,7 +1,7 @@
 """Reading a jax.profiler trace back: the device's kernels, and where a call's time went.
 
-Imported by profile_decode.py (it runs with experiments/ on sys.path); flag-free, so tests
-import it directly.
+Imported by profile_decode.py and bench_train.py (they run with experiments/ on sys.path);
+flag-free, so tests import it directly.
 """
 
 import collections
@@ -28,12 +28,13 @@ class Kernel:
 
 
 def device_kernels(profile: ProfileData) -> list[Kernel]:
-    """The kernels of a trace: events on the GPU planes' stream lines, each named by its
+    """The kernels of a trace: events on the first GPU plane's stream lines (one device:
+    a multi-device step is summarised on device 0), each named by its
     'hlo_op' stat, or by the kernel's own name when it has none or runs inside a command
     buffer (a CUDA graph, whose kernels all carry the graph's op); with no GPU plane, the
     host's XLA op events (a CPU run), without ops that only contain others (while loops,
     calls)."""
-    gpu = [p for p in profile.planes if p.name.startswith("/device:GPU")]
+    gpu = [p for p in profile.planes if p.name.startswith("/device:GPU")][:1]  # the first
     kernels = []
     for plane in gpu or [p for p in profile.planes if p.name.startswith("/host:CPU")]:
         for line in plane.lines:
@@ -74,9 +75,12 @@ def summarize(kernels: list[Kernel], units: int, costs: dict, bandwidth: float,
     (time, launches, bytes, rate as a fraction of `bandwidth`); keys end in `_per_<unit>`.
     costs: {instruction name: hlo_text.Launch}, matched to the kernels by name (`_key`); a
     kernel matching none is of kind 'other' (library kernels, e.g. cuBLAS', have names of
-    their own)."""
+    their own). XLA may run several instructions of one shape as one kernel (the out and
+    FFN-out GEMMs of every block): they count as one row, with that shape's bytes per
+    launch."""
     if not kernels:
         raise ValueError("the trace holds no kernel events")
+    kernels = sorted(kernels, key=lambda k: k.start_ns)
     span = max(k.start_ns + k.duration_ns for k in kernels) - kernels[0].start_ns
     busy = busy_ns(kernels)
     by_op = collections.defaultdict(lambda: [0.0, 0])
@@ -112,7 +116,7 @@ def summarize(kernels: list[Kernel], units: int, costs: dict, bandwidth: float,
             f"busy_us_per_{unit}": busy / units / 1e3,
             f"idle_us_per_{unit}": (span - busy) / units / 1e3,
             f"kernels_per_{unit}": len(kernels) / units,
-            "median_gap_us": float(np.median(gaps)) / 1e3 if len(gaps) else 0.0,
+            "mean_gap_us": float(np.mean(gaps)) / 1e3 if len(gaps) else 0.0,
             "by_kind": by_kind, "top_ops": ops[:top]}
 
 
@@ -134,8 +138,8 @@ def print_summary(summary: dict, unit: str = "token") -> None:
     instructions."""
     print(f"span {summary[f'span_us_per_{unit}']:.1f} = kernels "
           f"{summary[f'busy_us_per_{unit}']:.1f} + idle {summary[f'idle_us_per_{unit}']:.1f} "
-          f"us/{unit}, {summary[f'kernels_per_{unit}']:.0f} kernels/{unit}, median gap "
-          f"{summary['median_gap_us']:.2f} us")
+          f"us/{unit}, {summary[f'kernels_per_{unit}']:.0f} kernels/{unit}, mean gap "
+          f"{summary['mean_gap_us']:.2f} us")
     columns = f"us/{unit} | launches/{unit} | us/launch | MB/{unit} | x copy bandwidth |"
     for title, rows, name in (("kind", summary["by_kind"], "kind"),
                               ("instruction | kind", summary["top_ops"], "op")):

@@ -397,6 +397,9 @@ def output_projection(x: Array, kernel: Array) -> Array:
     i.e. two float32 (TF32) GEMMs, 20 ms of the 1.3B's 390 ms step on an H200
     (BENCHMARKS.md, session 14). A float32 model is unchanged.
     """
+    if x.dtype != kernel.dtype:
+        raise ValueError(f"output_projection needs x and kernel of one dtype, got {x.dtype} "
+                         f"and {kernel.dtype}")
     return jnp.einsum("btd,dv->btv", x, kernel, preferred_element_type=jnp.float32)
 
 

@@ -426,7 +426,7 @@ def test_profile_busy_time_counts_overlapping_kernels_once(monkeypatch):
     assert s["span_us_per_token"] == pytest.approx(13e-3)
     assert s["busy_us_per_token"] == pytest.approx(10e-3)
     assert s["idle_us_per_token"] == pytest.approx(3e-3)
-    assert s["median_gap_us"] == pytest.approx(3e-3)        # gaps 0 (overlap) and 6 ns
+    assert s["mean_gap_us"] == pytest.approx(3e-3)          # gaps 0 (overlap) and 6 ns
     gemm = next(r for r in s["by_kind"] if r["kind"] == "fusion:kCustom")
     assert gemm["launches_per_token"] == 1 and gemm["mb_per_token"] == pytest.approx(1e-4)
     assert gemm["bandwidth_fraction"] == pytest.approx(200 / 20e-9 / 1e9)
@@ -450,14 +450,14 @@ def test_hlo_text_reads_launches_and_their_bytes(monkeypatch):
 ENTRY %main (a: f32[4,8]) -> f32[4,8] {
   %a = f32[4,8]{1,0} parameter(0)
   %c.2 = f32[4,8]{1,0} custom-call(f32[4,8]{1,0} %a), custom_call_target="__gpu$xla.gpu.triton"
-  %add.4 = f32[4,8]{1,0} fusion(%a, %c.2), kind=kLoop, calls=%f
+  %add.4 = f32[4,8]{1,0} fusion(%a, %c.2, /*index=2*/%a), kind=kLoop, calls=%f
   %w.3 = (s32[], f32[4,8]{1,0}) while((s32[], f32[4,8]{1,0}) %t0), condition=%cond, body=%body
   ROOT %r = f32[4,8]{1,0} get-tuple-element((s32[], f32[4,8]{1,0}) %w.3), index=1
 }
 """
     found = {launch.name: launch for launch in launches(hlo)}
     assert set(found) == {"gemm.1", "c.2", "add.4"}
-    assert found["add.4"].bytes == 3 * 128          # operands printed by name only (GPU text)
+    assert found["add.4"].bytes == 4 * 128    # operands by name only (GPU text), /*index=*/
     assert found["gemm.1"].kind == "fusion:kCustom"
     assert found["gemm.1"].bytes == 128 + 128 + 128          # result, x, bf16 weight
     assert found["c.2"].kind == "custom-call:__gpu$xla.gpu.triton"

@@ -538,3 +538,9 @@ def test_a_bfloat16_model_backward_runs_no_float32_by_bfloat16_matmul():
              if e.primitive.name == "dot_general"
              and len({v.aval.dtype for v in e.invars}) > 1]
     assert not mixed        # autodiff's LM-head backward multiplied float32 by bf16
+
+
+def test_output_projection_refuses_mixed_dtypes():
+    x, kernel = jnp.ones((1, 2, 4), jnp.bfloat16), jnp.ones((4, 3), jnp.float32)
+    with pytest.raises(ValueError, match="one dtype, got bfloat16 and float32"):
+        model_lib.output_projection(x, kernel)
