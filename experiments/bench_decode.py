@@ -145,17 +145,20 @@ def main(argv):
 
     references = {dtype: xla_reference(dtype)
                   for dtype in dict.fromkeys(["float32", *_STATE_DTYPES.value])}
+    # The checks' inputs: the same random tokens for every model (teacher forcing).
+    forced = jnp.asarray(np.random.default_rng(0).integers(0, base.vocab_size, (new, 2)),
+                         jnp.int32)
     kernel_checks = []
     for state_dtype in _STATE_DTYPES.value:
         ref_name, reference = references[state_dtype]
-        kernel_checks += [check_against_xla(reference, built[name], name, min(contexts), new,
-                                            reference_name=ref_name)
+        kernel_checks += [check_against_xla(reference, built[name], name, min(contexts),
+                                            forced, reference_name=ref_name)
                           for name in retnets
                           if name != ref_name and models[name].state_dtype == state_dtype]
         if state_dtype != "float32":
             kernel_checks.append(check_against_xla(
                 references["float32"][1], references[state_dtype][1], ref_name, min(contexts),
-                new, reference_name=references["float32"][0], tolerance=math.inf))
+                forced, reference_name=references["float32"][0], tolerance=math.inf))
     # Every model's weights stay on the device; the RetNets share one copy.
     all_weights = sum(m["weight_bytes"] for name, m in built.items() if name not in retnets[1:])
     start_all = time.time()
@@ -190,17 +193,16 @@ def main(argv):
     print_table(results)
 
 
-def check_against_xla(reference: dict, m: dict, name: str, context: int, new: int, *,
+def check_against_xla(reference: dict, m: dict, name: str, context: int, tokens, *,
                       reference_name: str = "retnet", tolerance: float = 2e-2) -> dict:
     """Correctness before timing: the same random batch-2 cache at `context` fed the same
-    `new` random tokens (teacher forcing: with random weights a greedy near-tie flipped by
+    tokens (int32 [steps, 2]; teacher forcing: with random weights a greedy near-tie flipped by
     one rounding would send the two decodes down different tokens) by the XLA RetNet and by
     `m` (same weights, another retention_kernel or state dtype). Returns the final states'
     largest relative error and the fraction of steps whose greedy choices agree; exits
     (UsageError) when the error exceeds `tolerance` (bf16 compute), so a wrong kernel is
     never timed."""
-    vocab = graphdef_vocab(m["shape"])
-    tokens = jnp.asarray(np.random.default_rng(context).integers(0, vocab, (new, 2)), jnp.int32)
+    new = tokens.shape[0]
     outputs = []
     for model in (reference, m):
         cache = random_cache(model["shape"], 2, context + new, context, seed=1)
@@ -218,11 +220,6 @@ def check_against_xla(reference: dict, m: dict, name: str, context: int, new: in
         raise app.UsageError(f"{name} decodes a state {error:.3g} away from "
                              f"{reference_name}'s (> {tolerance}): not timed")
     return check
-
-
-def graphdef_vocab(model_shape) -> int:
-    """The vocabulary size of a (graphdef, abstract params) pair."""
-    return nnx.merge(*model_shape).config.vocab_size
 
 
 def write_json(device, xla_flags: str | None, bandwidth: float, results: list[dict],

@@ -51,9 +51,10 @@ def device_kernels(profile: ProfileData) -> list[Kernel]:
 
 
 def busy_ns(kernels: list[Kernel]) -> float:
-    """Length of the union of the kernels' intervals (overlapping kernels count once)."""
+    """Length of the union of the kernels' intervals (overlapping kernels count once);
+    kernels sorted by start."""
     total, end = 0.0, -np.inf
-    for k in sorted(kernels, key=lambda k: k.start_ns):
+    for k in kernels:
         stop = k.start_ns + k.duration_ns
         if stop > end:
             total += stop - max(k.start_ns, end)
