@@ -9,7 +9,11 @@ tiling: one program per (group of `block_n` output columns, split of K), each st
 [K / splits, block_n] weight tile in `block_k`-row steps and summing x_k * W[k, :] in
 float32; XLA adds the splits' partial sums. The probe is not used by the library: it answers
 whether a GEMV kernel can read weights faster than XLA's GEMMs do at M = 1.
-Each setting is checked against a float64 product before it is timed.
+Each setting is checked against a float64 product before it is timed. Wall time per product
+(`us`) includes the launches between kernels; then one more call is traced and `kernel_us`
+is the time the device ran kernels per product (the product's kernels and the chain's one
+elementwise step), the number a decode loop run as one CUDA graph sees (on a CPU: XLA's
+host ops, interpreted Pallas included).
 
   python3 experiments/bench_gemv.py --out=$OUT/gemv.json
 """
@@ -28,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ceilings import copy_bandwidth
+from trace_kernels import busy_ns, device_kernels, trace_call
 from retnet_jax.generate import decode_compiler_options
 
 _SHAPES = flags.DEFINE_list(
@@ -43,6 +48,8 @@ _NUM_WARPS = flags.DEFINE_list("num_warps", ["4"], "Triton warps per program.")
 _NUM_STAGES = flags.DEFINE_list("num_stages", ["3"], "Triton pipeline stages of the K loop.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per setting (median reported).")
 _COPY_BYTES = flags.DEFINE_integer("copy_bytes", 1 << 30, "Bytes of the copy-bandwidth probe.")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/bench_gemv_trace", "Where the traced "
+                                 "calls' profiles go.")
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
 
 TOLERANCE = 2e-2     # bf16 output against float64
@@ -116,6 +123,13 @@ def time_chain(fn, x, weights, repeats: int) -> float:
     return statistics.median(times)
 
 
+def kernel_time(fn, x, weights) -> tuple[float, int]:
+    """One traced call: (seconds the device ran kernels, kernels launched)."""
+    _, trace = trace_call(fn, x, weights, trace_dir=_TRACE_DIR.value)
+    kernels = device_kernels(trace)
+    return busy_ns(kernels) * 1e-9, len(kernels)
+
+
 def settings() -> list[dict]:
     return [dict(block_n=int(bn), programs=int(p), num_warps=int(w), num_stages=int(s))
             for bn, p, w, s in itertools.product(_BLOCK_N.value, _PROGRAMS.value,
@@ -123,6 +137,7 @@ def settings() -> list[dict]:
 
 
 def measure(k: int, n: int, bandwidth: float, interpret: bool) -> list[dict]:
+    """The rows of one KxN weight shape: XLA's dot, then each Pallas tiling."""
     rng = np.random.default_rng(k * n)
     layers = _LAYERS.value
     weights = [jnp.asarray((rng.standard_normal((k, n), np.float32) * k**-0.5)
@@ -153,6 +168,9 @@ def measure(k: int, n: int, bandwidth: float, interpret: bool) -> list[dict]:
                 fn = jax.jit(chain(product)).lower(x, weights).compile(compiler_options=options)
                 seconds = time_chain(fn, x, weights, _REPEATS.value) / layers
                 row.update(us=seconds * 1e6, bandwidth_fraction=nbytes / seconds / bandwidth)
+                busy, count = kernel_time(fn, x, weights)
+                row.update(kernel_us=busy / layers * 1e6, kernels_per_product=count / layers,
+                           kernel_bandwidth_fraction=nbytes * layers / busy / bandwidth)
         except Exception as e:  # noqa: BLE001 - a tiling Triton refuses is recorded
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         print(json.dumps(row), flush=True)
@@ -176,13 +194,16 @@ def main(argv):
                 json.dump(dict(device=device.device_kind, jax=jax.__version__,
                                copy_bandwidth=bandwidth, layers=_LAYERS.value,
                                interpret=interpret, results=rows), f, indent=2)
-    print("| shape | impl | us | x copy bandwidth | rel err |")
-    print("|---|---|---:|---:|---:|")
+    print("| shape | impl | wall us | x copy bandwidth | kernel us | x copy bandwidth | "
+          "kernels | rel err |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    nan = float("nan")
     for r in rows:
-        print(f"| {r['shape']} | {r['impl']} | {r.get('us', float('nan')):.1f} | "
-              f"{r.get('bandwidth_fraction', float('nan')):.2f} | "
-              f"{r.get('rel_err', float('nan')):.1e} |" + (f" {r['error']}" if "error" in r
-                                                           else ""))
+        print(f"| {r['shape']} | {r['impl']} | {r.get('us', nan):.1f} | "
+              f"{r.get('bandwidth_fraction', nan):.2f} | {r.get('kernel_us', nan):.1f} | "
+              f"{r.get('kernel_bandwidth_fraction', nan):.2f} | "
+              f"{r.get('kernels_per_product', nan):.1f} | "
+              f"{r.get('rel_err', nan):.1e} |" + (f" {r['error']}" if "error" in r else ""))
 
 
 if __name__ == "__main__":
