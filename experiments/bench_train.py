@@ -197,6 +197,8 @@ def time_setting(name: str, model: ModelConfig, seq_len: int, devices: list,
     if _PROFILE_TOP.value > 0:
         profile = profile_step(trainer, state, batch_data())
     tokens_per_s = batch * seq_len / step_s
+    memory = {k: v / 2**30 for k, v in (devices[0].memory_stats() or {}).items()  # CPU: None
+              if k in ("peak_bytes_in_use", "bytes_limit")}
     per_device = tokens_per_s * flops_per_token(model, matmul_params, seq_len) / 1e12 / count
     return dict(model=name, seq_len=seq_len, devices=count, mesh=axes, batch=batch,
                 params=sum(x.size for x in jax.tree.leaves(params)), ffn_dim=model.resolved_ffn_dim,
@@ -204,6 +206,9 @@ def time_setting(name: str, model: ModelConfig, seq_len: int, devices: list,
                 step_ms=step_s * 1e3, tokens_per_s=tokens_per_s, tflops=per_device,
                 mfu_measured=per_device / peak, mfu_datasheet=per_device / DATASHEET_TFLOPS,
                 loss=float(metrics["loss"]), first_step_s=compile_s, data=_DATA.value,
+                # the process's peak so far: this row's own only if it is the first
+                peak_gib_so_far=memory.get("peak_bytes_in_use"),
+                memory_limit_gib=memory.get("bytes_limit"),
                 timing=f"median of {_WINDOWS.value} windows of {_STEPS.value} "
                        "back-to-back steps", **({"profile": profile} if profile else {}))
 

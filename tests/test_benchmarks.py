@@ -65,6 +65,8 @@ def test_bench_train_times_retnet_per_kernel_and_transformer_once(tmp_path, toy_
     assert [(r["model"], r["retention_kernel"]) for r in rows] == [
         ("retnet", "xla"), ("retnet", "pallas"), ("transformer", None)]
     assert [r["remat"] for r in rows] == [False] * 3       # the toy config: no remat
+    # The CPU reports no memory statistics: the columns exist, empty.
+    assert all(r["peak_gib_so_far"] is None and r["memory_limit_gib"] is None for r in rows)
     # Off a GPU the library runs XLA's form for 'pallas'; the row says so.
     assert [bool(r["pallas_fallback"]) for r in rows] == [False, True, False]
     assert "| retnet | pallas (XLA fallback) | 32 |" in process.stdout
@@ -470,7 +472,8 @@ def test_bench_gemv_checks_then_times_xla_and_each_pallas_tiling(tmp_path):
     out = tmp_path / "gemv.json"
     process = run_script("bench_gemv.py", "--shapes=192x64", "--layers=2", "--block_n=16,32",
                          "--programs=4,8", "--block_k=32", "--repeats=1",
-                         "--copy_bytes=1048576", f"--out={out}")
+                         "--copy_bytes=1048576", f"--trace_dir={tmp_path / 'trace'}",
+                         f"--out={out}")
     assert process.returncode == 0, process.stderr
     rows = json.loads(out.read_text())["results"]
     # K = 192 is 6 steps of 32 rows, so K splits divide 6. 16 columns: 4 groups, 1 split for
@@ -479,6 +482,7 @@ def test_bench_gemv_checks_then_times_xla_and_each_pallas_tiling(tmp_path):
                                          "pallas bn32 s2 w4 st3", "pallas bn32 s6 w4 st3"]
     for r in rows:
         assert r["rel_err"] < 2e-2 and r["us"] > 0, r
+        assert r["kernel_us"] > 0 and r["kernels_per_product"] >= 1, r   # the traced call
 
 
 def test_bench_train_profiles_a_step_when_asked(tmp_path, toy_config):
