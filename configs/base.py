@@ -73,7 +73,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 
 def paper_scale_config(*, d_model: int, num_layers: int, num_heads: int, width: int,
-                       remat: bool) -> ml_collections.ConfigDict:
+                       remat: bool, remat_policy: str = "full") -> ml_collections.ConfigDict:
     """The model section shared by the retnet_* presets (GPU scale).
 
     Retention value width and FFN width are both `width`. With a gated FFN (3 matrices), the
@@ -81,8 +81,9 @@ def paper_scale_config(*, d_model: int, num_layers: int, num_heads: int, width: 
     1.3B / 2.7B / 6.7B shapes); torchscale's LM presets use 27/16 d_model instead, ~12 d^2
     per layer as in GPT-3, and so do these. Vocabulary: GPT-2's padded to 50304 (the size
     parameter counts assume; byte ids fit in it), tied input/output embeddings. bf16
-    compute, 2048-token context; `remat` per block for the larger ones. Chunk size 128: the
-    fastest chunkwise retention on an H100 at every benchmarked shape (BENCHMARKS.md).
+    compute, 2048-token context; `remat` per block for the larger ones, keeping what
+    `remat_policy` says. Chunk size 128: the fastest chunkwise retention on an H100 at
+    every benchmarked shape (BENCHMARKS.md).
     Blocks run as a scan (`scan_layers`): the unrolled 24-block 1.3B train step took 70 s to
     compile on an H100.
     """
@@ -90,5 +91,5 @@ def paper_scale_config(*, d_model: int, num_layers: int, num_heads: int, width: 
     config.model.update(vocab_size=50304, d_model=d_model, num_layers=num_layers,
                         num_heads=num_heads, value_dim=width, ffn_dim=width,
                         tie_embeddings=True, max_seq_len=2048, dtype="bfloat16", remat=remat,
-                        chunk_size=128, scan_layers=True)
+                        remat_policy=remat_policy, chunk_size=128, scan_layers=True)
     return config
