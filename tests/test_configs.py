@@ -26,6 +26,7 @@ PARAM_COUNTS = {
     "retnet_125m": (124_472_064, 125e6),
     "retnet_350m": (356_697_088, 350e6),
     "retnet_1_3b": (1_323_665_408, 1.3e9),
+    "gated_retnet_1_3b": (1_324_058_624, 1.3e9),  # + gt_proj, d_model x heads per block
     "retnet_2_7b": (2_652_080_640, 2.7e9),
     "retnet_6_7b": (6_715_871_232, 6.7e9),
 }
