@@ -7,7 +7,10 @@ the previous output, as in a model; distinct weights, so none is served from L2)
 (a) XLA's dot under `generate`'s batch-1 options and (b) a probe Pallas kernel at each
 tiling: one program per (group of `block_n` output columns, split of K), each streaming its
 [K / splits, block_n] weight tile in `block_k`-row steps and summing x_k * W[k, :] in
-float32; XLA adds the splits' partial sums. The probe is not used by the library: it answers
+float32; XLA adds the splits' partial sums. A shape `KxN1+N2+...` is one input against
+several weights kept apart, as the model keeps q, k, v and the gate: XLA gets one dot per
+weight (and may fuse them), the probe one kernel whose column groups span all of them, each
+program reading only its own weight. The probe is not used by the library: it answers
 whether a GEMV kernel can read weights faster than XLA's GEMMs do at M = 1.
 Each setting is checked against a float64 product before it is timed. Wall time per product
 (`us`) includes the launches between kernels; then one more call is traced and `kernel_us`
@@ -36,9 +39,11 @@ from trace_kernels import busy_ns, device_kernels, trace_call
 from retnet_jax.generate import decode_compiler_options
 
 _SHAPES = flags.DEFINE_list(
-    "shapes", ["2048x11008", "3456x2048", "2048x6912", "2048x2048"],
-    "KxN weight shapes: the 1.3B block's q|k|v|gate, out and FFN-out, FFN-in|gate, and a "
-    "square one.")
+    "shapes", ["2048x11008", "2048x2048+2048+3456+3456", "3456x2048", "2048x6912",
+               "2048x3456+3456", "2048x2048"],
+    "KxN weight shapes (KxN1+N2+...: several weights kept apart, one input): the 1.3B "
+    "block's q|k|v|gate as one weight and apart, out and FFN-out, FFN-in|gate as one and "
+    "apart, and a square one.")
 _LAYERS = flags.DEFINE_integer("layers", 24, "Distinct weights per chained call.")
 _BLOCK_N = flags.DEFINE_list("block_n", ["64", "128"], "Output columns per program.")
 _PROGRAMS = flags.DEFINE_list("programs", ["132", "264", "528"], "Least programs per "
@@ -55,60 +60,88 @@ _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
 TOLERANCE = 2e-2     # bf16 output against float64
 
 
-def _gemv_kernel(x_ref, w_ref, o_ref, *, block_k: int):
-    """One (column group, K split) program. x [Ks], w [Ks, BN] -> o float32 [BN], the
-    split's partial sum."""
+def _split_sum(x_ref, w_ref, block_k: int):
+    """x [Ks] . w [Ks, BN] -> float32 [BN], in block_k-row steps."""
     def step(i, acc):
         rows = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
         x = x_ref[rows].astype(jnp.float32)
         return acc + jnp.sum(x[:, None] * w_ref[rows, :].astype(jnp.float32), axis=0)
-    acc = jax.lax.fori_loop(0, x_ref.shape[0] // block_k, step,
-                            jnp.zeros((o_ref.shape[0],), jnp.float32))
-    o_ref[...] = acc
+    return jax.lax.fori_loop(0, x_ref.shape[0] // block_k, step,
+                             jnp.zeros((w_ref.shape[1],), jnp.float32))
 
 
-def gemv_pallas(x, w, *, block_n: int, splits: int, block_k: int, num_warps: int,
-                num_stages: int, interpret: bool = False):
-    """x [K] @ w [K, N] -> [N] in x's dtype, summed in float32 (K / splits a multiple of
-    block_k, N of block_n)."""
-    (k,), (_, n) = x.shape, w.shape
-    part = k // splits
+def _gemv_kernel(x_ref, *refs, block_k: int, group_starts: tuple[int, ...]):
+    """One (column group, K split) program: the split's partial sum of its column group,
+    float32 [BN], from the one weight that group belongs to (group_starts: each weight's
+    first column group)."""
+    *w_refs, o_ref = refs
+    j = pl.program_id(0)
+    which = sum((j >= start).astype(jnp.int32) for start in group_starts[1:])
+    o_ref[...] = jax.lax.switch(which, [functools.partial(_split_sum, x_ref, w, block_k)
+                                        for w in w_refs])
+
+
+def gemv_pallas(x, weights, *, block_n: int, splits: int, block_k: int, num_warps: int,
+                num_stages: int, interpret: bool = False) -> list:
+    """x [K] @ each w [K, N_i] of weights -> [N_i] in x's dtype, summed in float32, all in
+    one kernel (K / splits a multiple of block_k, each N_i of block_n)."""
+    part = x.shape[0] // splits
+    groups = [w.shape[1] // block_n for w in weights]
+    starts = tuple(int(s) for s in np.cumsum([0] + groups[:-1]))
+
+    def weight_spec(start: int, count: int):
+        # Programs of other weights point at a valid block of this one, never read.
+        return pl.BlockSpec((None, part, block_n),
+                            lambda j, s: (s, 0, jnp.clip(j - start, 0, count - 1)))
     partial = pl.pallas_call(
-        functools.partial(_gemv_kernel, block_k=block_k),
-        grid=(n // block_n, splits),
-        in_specs=[pl.BlockSpec((None, part), lambda j, s: (s, 0)),
-                  pl.BlockSpec((None, part, block_n), lambda j, s: (s, 0, j))],
+        functools.partial(_gemv_kernel, block_k=block_k, group_starts=starts),
+        grid=(sum(groups), splits),
+        in_specs=[pl.BlockSpec((None, part), lambda j, s: (s, 0))]
+                 + [weight_spec(st, g) for st, g in zip(starts, groups)],
         out_specs=pl.BlockSpec((None, block_n), lambda j, s: (s, j)),
-        out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((splits, sum(groups) * block_n), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="gemv_probe",
-    )(x.reshape(splits, part), w.reshape(splits, part, n))
-    return partial.sum(0).astype(x.dtype)
+    )(x.reshape(splits, part), *(w.reshape(splits, part, w.shape[1]) for w in weights))
+    y = partial.sum(0).astype(x.dtype)
+    return jnp.split(y, np.cumsum([w.shape[1] for w in weights])[:-1])
 
 
-def splits_for(k: int, n: int, block_n: int, block_k: int, programs: int) -> int | None:
-    """The fewest K splits (each a multiple of block_k rows) giving >= programs programs."""
-    if n % block_n or k % block_k:
+def xla_product(x, weights) -> list:
+    """XLA's dot of x [K] with each weight, float32 accumulation, x's dtype out."""
+    return [jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+            for w in weights]
+
+
+def splits_for(k: int, ns: list[int], block_n: int, block_k: int,
+               programs: int) -> int | None:
+    """The fewest K splits (each a multiple of block_k rows) giving >= programs programs
+    over all the weights' column groups; None if block_n or block_k does not divide."""
+    if any(n % block_n for n in ns) or k % block_k:
         return None
+    groups = sum(ns) // block_n
     options = [s for s in range(1, k // block_k + 1) if (k // block_k) % s == 0]
-    return next((s for s in options if (n // block_n) * s >= programs), options[-1])
+    return next((s for s in options if groups * s >= programs), options[-1])
 
 
 def chain(product):
-    """jit((x [K], weights [L][K, N]) -> x): L dependent products, x scaled by each output's
-    first entry so every product waits for the one before (and none can be merged)."""
+    """jit((x [K], weights [L][W][K, N_i]) -> x): L dependent products of W weights each,
+    x scaled by the first output's first entry so every product waits for the one before
+    (and none can be merged)."""
     def run(x, weights):
-        for w in weights:
-            y = product(x, w)
+        for layer in weights:
+            y = product(x, layer)[0]
             x = x * (1 + 1e-3 * jnp.tanh(y[0].astype(jnp.float32))).astype(x.dtype)
         return x
     return run
 
 
-def check(product, x, w) -> float:
-    """Largest error of product(x, w) relative to the float64 product's largest entry."""
-    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
-    got = np.asarray(product(x, w), np.float64)
+def check(product, x, weights) -> float:
+    """Largest error of product(x, weights), all outputs, relative to the float64 products'
+    largest entry."""
+    want = np.concatenate([np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+                           for w in weights])
+    got = np.concatenate([np.asarray(y, np.float64) for y in product(x, weights)])
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
@@ -136,18 +169,30 @@ def settings() -> list[dict]:
                                                   _NUM_WARPS.value, _NUM_STAGES.value)]
 
 
-def measure(k: int, n: int, bandwidth: float, interpret: bool) -> list[dict]:
-    """The rows of one KxN weight shape: XLA's dot, then each Pallas tiling."""
-    rng = np.random.default_rng(k * n)
+def parse_shape(shape: str) -> tuple[int, list[int]]:
+    """'KxN' or 'KxN1+N2+...' -> (K, [N_i])."""
+    k, _, ns = shape.partition("x")
+    try:
+        out = int(k), [int(n) for n in ns.split("+")]
+    except ValueError:
+        raise app.UsageError(f"--shapes: {shape!r} is not KxN or KxN1+N2+...") from None
+    if min(out[0], *out[1]) < 1:
+        raise app.UsageError(f"--shapes: {shape!r} has a size below 1")
+    return out
+
+
+def measure(k: int, ns: list[int], bandwidth: float, interpret: bool) -> list[dict]:
+    """The rows of one weight shape (K rows; one weight per entry of ns): XLA's dots, then
+    each Pallas tiling."""
+    rng = np.random.default_rng(k * sum(ns) + len(ns))
     layers = _LAYERS.value
-    weights = [jnp.asarray((rng.standard_normal((k, n), np.float32) * k**-0.5)
-                           .astype(jnp.bfloat16)) for _ in range(layers)]
+    weights = [[jnp.asarray((rng.standard_normal((k, n), np.float32) * k**-0.5)
+                            .astype(jnp.bfloat16)) for n in ns] for _ in range(layers)]
     x = jnp.asarray(rng.standard_normal(k, np.float32).astype(jnp.bfloat16))
-    nbytes = k * n * 2
-    products = [("xla", dict(), lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32
-                                                        ).astype(x.dtype))]
+    nbytes = k * sum(ns) * 2
+    products = [("xla", dict(), xla_product)]
     for s in settings():
-        splits = splits_for(k, n, s["block_n"], _BLOCK_K.value, s["programs"])
+        splits = splits_for(k, ns, s["block_n"], _BLOCK_K.value, s["programs"])
         if splits is None:
             continue
         kw = dict(block_n=s["block_n"], splits=splits, block_k=_BLOCK_K.value,
@@ -159,7 +204,7 @@ def measure(k: int, n: int, bandwidth: float, interpret: bool) -> list[dict]:
     options = decode_compiler_options(1, jax.default_backend()) or None
     rows = []
     for name, kw, product in products:
-        row = dict(shape=f"{k}x{n}", impl=name, **kw)
+        row = dict(shape=f"{k}x{'+'.join(map(str, ns))}", impl=name, **kw)
         try:
             row["rel_err"] = check(jax.jit(product), x, weights[0])
             if not row["rel_err"] <= TOLERANCE:
@@ -186,9 +231,8 @@ def main(argv):
     print(f"device {device.device_kind}, jax {jax.__version__}, copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s, Pallas {'interpreted' if interpret else 'on GPU'}")
     rows = []
-    for shape in _SHAPES.value:
-        k, n = (int(d) for d in shape.split("x"))
-        rows += measure(k, n, bandwidth, interpret)
+    for k, ns in [parse_shape(shape) for shape in _SHAPES.value]:
+        rows += measure(k, ns, bandwidth, interpret)
         if _OUT.value:
             with open(_OUT.value, "w") as f:
                 json.dump(dict(device=device.device_kind, jax=jax.__version__,

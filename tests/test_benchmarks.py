@@ -470,7 +470,8 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
 
 def test_bench_gemv_checks_then_times_xla_and_each_pallas_tiling(tmp_path):
     out = tmp_path / "gemv.json"
-    process = run_script("bench_gemv.py", "--shapes=192x64", "--layers=2", "--block_n=16,32",
+    process = run_script("bench_gemv.py", "--shapes=192x64,192x32+64+32", "--layers=2",
+                         "--block_n=16,32",
                          "--programs=4,8", "--block_k=32", "--repeats=1",
                          "--copy_bytes=1048576", f"--trace_dir={tmp_path / 'trace'}",
                          f"--out={out}")
@@ -478,11 +479,22 @@ def test_bench_gemv_checks_then_times_xla_and_each_pallas_tiling(tmp_path):
     rows = json.loads(out.read_text())["results"]
     # K = 192 is 6 steps of 32 rows, so K splits divide 6. 16 columns: 4 groups, 1 split for
     # 4 programs, 2 for 8; 32 columns: 2 groups, 2 splits for 4, 6 (3 gives 6 < 8) for 8.
-    assert [r["impl"] for r in rows] == ["xla", "pallas bn16 s1 w4 st3", "pallas bn16 s2 w4 st3",
-                                         "pallas bn32 s2 w4 st3", "pallas bn32 s6 w4 st3"]
+    assert [r["impl"] for r in rows if r["shape"] == "192x64"] == [
+        "xla", "pallas bn16 s1 w4 st3", "pallas bn16 s2 w4 st3", "pallas bn32 s2 w4 st3",
+        "pallas bn32 s6 w4 st3"]
+    # Three weights apart, 128 columns: 8 groups of 16 (1 split reaches 8 programs), 4 of 32
+    # (2 splits); 32 | 32, 64, 32. One kernel reads all three, checked against float64.
+    assert [r["impl"] for r in rows if r["shape"] == "192x32+64+32"] == [
+        "xla", "pallas bn16 s1 w4 st3", "pallas bn32 s1 w4 st3", "pallas bn32 s2 w4 st3"]
     for r in rows:
         assert r["rel_err"] < 2e-2 and r["us"] > 0, r
         assert r["kernel_us"] > 0 and r["kernels_per_product"] >= 1, r   # the traced call
+
+
+def test_bench_gemv_refuses_a_malformed_shape_by_name():
+    process = run_script("bench_gemv.py", "--shapes=192x64+", "--copy_bytes=1048576")
+    assert process.returncode != 0
+    assert "--shapes: '192x64+' is not KxN or KxN1+N2+..." in process.stderr
 
 
 def test_bench_train_profiles_a_step_when_asked(tmp_path, toy_config):
