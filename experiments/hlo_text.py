@@ -21,13 +21,23 @@ _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    """One kernel-launching instruction: its name, kind (`launch_kind`) and the bytes of its
-    operands plus its result (an upper bound on what it moves: a fusion that reads a slice
-    of an operand, or writes a slice into a buffer in place, as scans over stacked layers
-    do, is charged for the whole buffer)."""
+    """One kernel-launching instruction: its name, kind (`launch_kind`) and the bytes it
+    moves: its operands plus its result, except where a fusion reads only slices of an
+    operand (charged the slices) or writes a slice into an operand's buffer in place (a
+    scan over stacked layers: charged the slice, not the buffer; `_fusion_bytes`)."""
     name: str
     kind: str
     bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+    """One instruction of a computation: result bytes, opcode, operand names, and the
+    parameter number for a `parameter(N)`."""
+    bytes: int
+    op: str
+    operands: tuple[str, ...]
+    parameter: int | None
 
 
 def _balanced(text: str) -> int:
@@ -85,16 +95,85 @@ def array_bytes(text: str) -> int:
     return total
 
 
-def _operand_bytes(operands: str, results: dict[str, int]) -> int:
-    """Bytes of an operand list: each operand's printed type ('bf16[2,3]{1,0} %a'), or, where
-    the text prints names alone ('%a', as GPU executables do), the named result's bytes."""
-    total = 0
-    operands = re.sub(r"/\*.*?\*/", "", operands)       # long lists mark '/*index=5*/'
-    for operand in _top_level_split(operands):
-        printed = array_bytes(operand)
-        name = operand.split()[-1].lstrip("%") if operand.split() else ""
-        total += printed if printed or not name else results.get(name, 0)
-    return total
+def _operands(operands: str) -> list[str]:
+    """The operands of an operand list, one string each ('/*index=5*/' marks dropped)."""
+    return _top_level_split(re.sub(r"/\*.*?\*/", "", operands))
+
+
+def _operand_name(operand: str) -> str:
+    """'bf16[2,3]{1,0} %a' or '%a' -> 'a'."""
+    return operand.split()[-1].lstrip("%") if operand.split() else ""
+
+
+def _operand_bytes(operands: str, results: dict[str, int]) -> list[int]:
+    """Bytes of each operand of an operand list: its printed type ('bf16[2,3]{1,0} %a'), or,
+    where the text prints names alone ('%a', as GPU executables do), the named result's."""
+    return [array_bytes(operand) or results.get(_operand_name(operand), 0)
+            for operand in _operands(operands)]
+
+
+def _instructions(lines: list[str]) -> tuple[dict[str, _Instruction], str | None]:
+    """A computation's instructions by name, and its root's name."""
+    found, root = {}, None
+    for line in lines:
+        parts = _split(line)
+        if not parts:
+            continue
+        result, op, operands = parts
+        name = line.split(" = ", 1)[0].split()[-1].lstrip("%")
+        number = re.match(r"\s*(\d+)\s*$", operands) if op == "parameter" else None
+        found[name] = _Instruction(array_bytes(result), op,
+                                   tuple(_operand_name(o) for o in _operands(operands)),
+                                   int(number.group(1)) if number else None)
+        if line.lstrip().startswith("ROOT"):
+            root = name
+    return found, root
+
+
+def _fusion_bytes(body: list[str], operand_bytes: list[int], result_bytes: int) -> int:
+    """Bytes a fusion moves, read from its fused computation: each operand's bytes, but only
+    the slices read where the body reads nothing of it except through (dynamic-)slices, and
+    nothing for a buffer the body updates in place (a root dynamic-update-slice into a
+    parameter, read by nothing else), whose written bytes are the update's, not the
+    buffer's. Bitcasts are looked through."""
+    instructions, root = _instructions(body)
+    if root is None:
+        return sum(operand_bytes) + result_bytes
+
+    def source(name: str) -> str:           # through bitcasts, to what produced the bytes
+        while name in instructions and instructions[name].op == "bitcast":
+            name = instructions[name].operands[0]
+        return name
+
+    users = collections.defaultdict(list)   # leaf users (bitcasts looked through)
+    for name, instruction in instructions.items():
+        if instruction.op != "bitcast":
+            for position, operand in enumerate(instruction.operands):
+                users[source(operand)].append((name, position))
+    outputs = (instructions[root].operands if instructions[root].op == "tuple" else (root,))
+    written, in_place = result_bytes, set()
+    for output in (source(o) for o in outputs):
+        update = instructions.get(output)
+        if update and update.op == "dynamic-update-slice":
+            base = source(update.operands[0])
+            piece = instructions.get(source(update.operands[1]))
+            if piece and base in instructions and instructions[base].parameter is not None:
+                written -= update.bytes - piece.bytes
+                in_place.add(base)
+    read = 0
+    for name, instruction in instructions.items():
+        if instruction.parameter is None or instruction.parameter >= len(operand_bytes):
+            continue
+        slices, other = 0, False
+        for user, position in users[name]:
+            use = instructions[user]
+            if use.op in ("slice", "dynamic-slice") and position == 0:
+                slices += use.bytes
+            elif not (name in in_place and use.op == "dynamic-update-slice" and position == 0):
+                other = True
+        full = operand_bytes[instruction.parameter]
+        read += full if other else min(slices, full)
+    return read + written
 
 
 def _top_level_split(text: str) -> list[str]:
@@ -143,7 +222,13 @@ def launches(hlo_text: str) -> list[Launch]:
             if op not in _NO_KERNEL:
                 instruction = line.split(" = ", 1)[0].split()[-1].lstrip("%")
                 result, _, operands = _split(line)
-                nbytes = array_bytes(result) + _operand_bytes(operands, results)
+                operand_bytes = _operand_bytes(operands, results)
+                callee = re.search(r"calls=%?([\w.-]+)", line) if op == "fusion" else None
+                if callee and callee.group(1) in bodies:
+                    nbytes = _fusion_bytes(bodies[callee.group(1)], operand_bytes,
+                                           array_bytes(result))
+                else:
+                    nbytes = array_bytes(result) + sum(operand_bytes)
                 found.append(Launch(instruction, launch_kind(op, line), nbytes))
             if op in ("while", "call", "conditional"):
                 todo += re.findall(r"(?:body|to_apply|true_computation|false_computation)"

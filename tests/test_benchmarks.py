@@ -468,6 +468,55 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
     assert array_bytes("pred[3] s32[] f8e4m3fn[4] bf16[2,3]{1,0}") == 3 + 4 + 4 + 12
 
 
+def test_hlo_text_charges_sliced_reads_and_in_place_updates_their_slices(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "experiments"))
+    from hlo_text import launches
+
+    # A scan over 4 stacked layers, as XLA prints it (operands by name): one fusion reads
+    # layer i's [64, 64] weight out of the [4, 64, 64] stack, one writes the [8, 64] output
+    # into the [4, 8, 64] stack in place, one reads and writes a whole buffer.
+    hlo = """HloModule m
+
+%slice_body (param_0.3: f32[4,64,64], param_1.3: s32[]) -> f32[64,64] {
+  %param_0.3 = f32[4,64,64]{2,1,0} parameter(0)
+  %param_1.3 = s32[] parameter(1)
+  %constant.3 = s32[] constant(0)
+  %dynamic_slice.2 = f32[1,64,64]{2,1,0} dynamic-slice(%param_0.3, %param_1.3, %constant.3, %constant.3), dynamic_slice_sizes={1,64,64}
+  ROOT %bitcast.1 = f32[64,64]{1,0} bitcast(%dynamic_slice.2)
+}
+
+%update_body (param_0.1: f32[4,8,64], param_1.2: s32[], param_2.1: f32[8,64]) -> f32[4,8,64] {
+  %param_0.1 = f32[4,8,64]{2,1,0} parameter(0)
+  %param_2.1 = f32[8,64]{1,0} parameter(2)
+  %bitcast.2 = f32[1,8,64]{2,1,0} bitcast(%param_2.1)
+  %param_1.2 = s32[] parameter(1)
+  %constant.2 = s32[] constant(0)
+  ROOT %dynamic_update_slice.2 = f32[4,8,64]{2,1,0} dynamic-update-slice(%param_0.1, %bitcast.2, %param_1.2, %constant.2, %constant.2)
+}
+
+%scale_body (param_0.9: f32[4,8,64]) -> f32[4,8,64] {
+  %param_0.9 = f32[4,8,64]{2,1,0} parameter(0)
+  ROOT %multiply.1 = f32[4,8,64]{2,1,0} multiply(%param_0.9, %param_0.9)
+}
+
+ENTRY %main (w: f32[4,64,64], ys: f32[4,8,64], y: f32[8,64], i: s32[]) -> f32[4,8,64] {
+  %w = f32[4,64,64]{2,1,0} parameter(0)
+  %ys = f32[4,8,64]{2,1,0} parameter(1)
+  %y = f32[8,64]{1,0} parameter(2)
+  %i = s32[] parameter(3)
+  %read = f32[64,64]{1,0} fusion(%w, %i), kind=kLoop, calls=%slice_body
+  %write = f32[4,8,64]{2,1,0} fusion(%ys, %i, %y), kind=kLoop, calls=%update_body
+  ROOT %whole = f32[4,8,64]{2,1,0} fusion(%write), kind=kLoop, calls=%scale_body
+}
+"""
+    found = {launch.name: launch.bytes for launch in launches(hlo)}
+    assert found == {
+        "read": 64 * 64 * 4 + 4 + 64 * 64 * 4,         # the layer's slice, index, result
+        "write": 0 + 4 + 8 * 64 * 4 + 8 * 64 * 4,      # buffer in place, index, update in, out
+        "whole": 2 * 4 * 8 * 64 * 4,                   # the whole buffer read and written
+    }
+
+
 def test_bench_gemv_checks_then_times_xla_and_each_pallas_tiling(tmp_path):
     out = tmp_path / "gemv.json"
     process = run_script("bench_gemv.py", "--shapes=192x64,192x32+64+32", "--layers=2",
