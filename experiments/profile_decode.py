@@ -4,9 +4,9 @@
 `jax.profiler` and reads the device's kernel timeline back (`jax.profiler.ProfileData`): per
 token, the time the GPU spent in kernels against the time between them (launch gaps and
 host round trips), then each kind of kernel (Triton GEMMs, loop and reduction fusions,
-Pallas kernels, library calls) and the costliest instructions, each with the bytes its
-operands and result hold (read off the compiled HLO, an upper bound on what it moves) and
-the rate that makes against the copy bandwidth measured in the same run. The models,
+Pallas kernels, library calls) and the costliest instructions, each with the bytes it
+moves (read off the compiled HLO: `hlo_text.Launch`) and the rate that makes against the
+copy bandwidth measured in the same run. The models,
 weights and caches are bench_decode's (`decode_models`); each loop compiles with
 `generate`'s options for its batch.
 
