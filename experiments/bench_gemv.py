@@ -13,8 +13,8 @@ weight (and may fuse them), the probe one kernel whose column groups span all of
 program reading only its own weight. The probe is not used by the library: it answers
 whether a GEMV kernel can read weights faster than XLA's GEMMs do at M = 1.
 Each setting is checked against a float64 product before it is timed. Wall time per product
-(`us`) includes the launches between kernels; then one more call is traced and `kernel_us`
-is the time the device ran kernels per product (the product's kernels and the chain's one
+(`us`) includes the launches between kernels; then `--traced_calls` more calls are traced and
+`kernel_us` is the median time the device ran kernels per product (the product's kernels and the chain's one
 elementwise step), the number a decode loop run as one CUDA graph sees (on a CPU: XLA's
 host ops, interpreted Pallas included).
 
@@ -53,6 +53,8 @@ _NUM_WARPS = flags.DEFINE_list("num_warps", ["4"], "Triton warps per program.")
 _NUM_STAGES = flags.DEFINE_list("num_stages", ["3"], "Triton pipeline stages of the K loop.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per setting (median reported).")
 _COPY_BYTES = flags.DEFINE_integer("copy_bytes", 1 << 30, "Bytes of the copy-bandwidth probe.")
+_TRACED_CALLS = flags.DEFINE_integer("traced_calls", 5, "Traced calls per setting (median "
+                                     "kernel time reported).")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/bench_gemv_trace", "Where the traced "
                                  "calls' profiles go.")
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
@@ -157,10 +159,17 @@ def time_chain(fn, x, weights, repeats: int) -> float:
 
 
 def kernel_time(fn, x, weights) -> tuple[float, int]:
-    """One traced call: (seconds the device ran kernels, kernels launched)."""
-    _, trace = trace_call(fn, x, weights, trace_dir=_TRACE_DIR.value)
-    kernels = device_kernels(trace)
-    return busy_ns(kernels) * 1e-9, len(kernels)
+    """`--traced_calls` traced calls: (median seconds the device ran kernels, kernels launched
+    in the first)."""
+    busy, counts = [], []
+    for _ in range(_TRACED_CALLS.value):
+        _, trace = trace_call(fn, x, weights, trace_dir=_TRACE_DIR.value)
+        kernels = device_kernels(trace)
+        if not kernels:
+            raise RuntimeError("the traced call holds no kernel events")
+        busy.append(busy_ns(kernels) * 1e-9)
+        counts.append(len(kernels))
+    return statistics.median(busy), counts[0]
 
 
 def settings() -> list[dict]:

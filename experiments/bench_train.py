@@ -28,6 +28,10 @@ becomes a row with its `error`, and the others are still timed.
   python experiments/bench_train.py --config=configs/retnet_1_3b.py --retention_kernels=xla,pallas
   python experiments/bench_train.py --config=configs/retnet_1_3b.py --seq_lens=8192 --profile_top=30
 
+Each row records `peak_gib_so_far`, device 0's peak bytes in use since the process started
+(the matmul and copy probes and earlier rows included: a row's own peak only when it is the
+process's first row; run one process per row to read a setting's), and `memory_limit_gib`.
+
 `--profile_top=N` then traces one more step per row with jax.profiler and records where it
 went (`trace_kernels.summarize`: kernel time against idle time, by kind of kernel, the N
 costliest instructions with their bytes against the copy bandwidth); it compiles the step

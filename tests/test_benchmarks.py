@@ -522,7 +522,8 @@ def test_bench_gemv_checks_then_times_xla_and_each_pallas_tiling(tmp_path):
     process = run_script("bench_gemv.py", "--shapes=192x64,192x32+64+32", "--layers=2",
                          "--block_n=16,32",
                          "--programs=4,8", "--block_k=32", "--repeats=1",
-                         "--copy_bytes=1048576", f"--trace_dir={tmp_path / 'trace'}",
+                         "--copy_bytes=1048576", "--traced_calls=2",
+                         f"--trace_dir={tmp_path / 'trace'}",
                          f"--out={out}")
     assert process.returncode == 0, process.stderr
     rows = json.loads(out.read_text())["results"]
