@@ -2,10 +2,11 @@
 value = FFN width 3456.
 1,323,665,408 parameters; shared settings in base.paper_scale_config.
 
-Remat keeps the projections' outputs ('projections'): on one H200 at 16,384 tokens a step it
-trains 9 % faster than full remat (341 against 375 ms at T = 8192, 40 % of the bf16
-datasheet's FLOP/s) and peaks at 43.7 GiB, inside an 80 GB GPU's default 75 %
-(BENCHMARKS.md, training, session 15). The 2.7B and 6.7B keep 'full' remat: their
+Remat keeps the projections' outputs ('projections'): on one H200 at 16,384 tokens a step,
+T = 8192, its step takes 9 % less time than full remat's (340.2 against 375.1 ms, same run
+settings; 40 % of the bf16 datasheet's FLOP/s) and peaks at 43.7 GiB, below the 60 GiB
+that JAX's default 75 % leaves on an 80 GB GPU (not run on one; BENCHMARKS.md, training,
+session 15). The 2.7B and 6.7B keep 'full' remat: their
 projections' outputs were not measured to fit."""
 
 import pathlib
