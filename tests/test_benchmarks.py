@@ -65,6 +65,7 @@ def test_bench_train_times_retnet_per_kernel_and_transformer_once(tmp_path, toy_
     assert [(r["model"], r["retention_kernel"]) for r in rows] == [
         ("retnet", "xla"), ("retnet", "pallas"), ("transformer", None)]
     assert [r["remat"] for r in rows] == [False] * 3       # the toy config: no remat
+    assert [r["mixers"] for r in rows] == ["retention", "retention", "attention"]
     # The CPU reports no memory statistics: the columns exist, empty.
     assert all(r["peak_gib_so_far"] is None and r["memory_limit_gib"] is None for r in rows)
     # Off a GPU the library runs XLA's form for 'pallas'; the row says so.
@@ -560,3 +561,39 @@ def test_bench_train_profiles_a_step_when_asked(tmp_path, toy_config):
     assert len(profile["top_ops"]) == 3 and profile["copy_bandwidth"] > 0
     assert all(r["kind"] != "other" for r in profile["top_ops"])    # matched to the HLO
     assert "| instruction | kind | us/step |" in process.stdout
+
+
+def test_plot_benchmarks_draws_decode_and_training_figures(tmp_path):
+    decode = tmp_path / "decode.json"
+    decode.write_text(json.dumps({"device": "cpu", "jax": "x", "results": [
+        {"model": m, "batch": b, "context": c, "compiler_options": {}, "ms_per_token": 1.0 + c /
+         1e4 * (m == "transformer"), "tokens_per_s": b * 100.0, "total_gib": 1.0}
+        for m in ("retnet", "transformer") for b in (1, 8) for c in (1024, 8192)]
+        + [{"model": "transformer", "batch": 64, "context": 8192, "skipped": "does not fit"}]}))
+    train = [tmp_path / f"train_{i}.json" for i in range(2)]
+    for i, path in enumerate(train):
+        path.write_text(json.dumps({"device": "cpu", "results": [
+            {"model": "retnet", "seq_len": t, "tokens_per_s": 1e3 + i, "mfu_datasheet": 0.4,
+             "remat": "projections", "mixers": "gated_retention", "retention_kernel": "xla"}
+            for t in (2048, 8192)] + [{"model": "transformer", "seq_len": 2048, "error": "x"}]}))
+    out = tmp_path / "plots"
+    process = run_script("plot_benchmarks.py", f"--decode={decode}",
+                         f"--train={train[0]},{train[1]}", f"--out_dir={out}")
+    assert process.returncode == 0, process.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["decode.png", "train.png"]
+    assert all(p.stat().st_size > 10_000 for p in out.iterdir())
+
+
+def test_plot_benchmarks_refuses_bad_input_by_name(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"results": [{"model": "retnet", "error": "oom"}]}))
+    process = run_script("plot_benchmarks.py", f"--train={empty}", f"--out_dir={tmp_path}")
+    assert process.returncode != 0 and f"{empty}: no timed rows" in process.stderr
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"results": [{"model": "retnet", "seq_len": 8}]}))
+    process = run_script("plot_benchmarks.py", f"--train={partial}", f"--out_dir={tmp_path}")
+    assert process.returncode != 0
+    assert "a row lacks ['tokens_per_s', 'mfu_datasheet']" in process.stderr
+    process = run_script("plot_benchmarks.py", f"--train={partial}", "--train_labels=a,b",
+                         f"--out_dir={tmp_path}")
+    assert "--train_labels has 2 names for 1 --train files" in process.stderr
