@@ -69,6 +69,9 @@ RESUMABLE_MODEL_FIELDS = frozenset(
      "max_seq_len", "attention_impl", "logit_soft_cap"})
 # Data config fields that may change when resuming: they leave the training stream as it was.
 RESUMABLE_DATA_FIELDS = frozenset({"eval_batches", "prefetch"})
+# Model config fields a saved model may be loaded with other values of: how it computes,
+# not what it learned (`load_model`).
+INFERENCE_MODEL_FIELDS = frozenset({"state_dtype", "retention_kernel", "attention_impl"})
 SUMMARY_FILE = "summary.json"  # in the workdir: `train_and_evaluate`'s return value
 
 
@@ -862,13 +865,26 @@ def restore_params(trainer: Trainer, workdir: str, *, step: int | None = None,
         checkpointer.close()
 
 
-def load_model(workdir: str, *, step: int | None = None, best: bool = False
+def load_model(workdir: str, *, step: int | None = None, best: bool = False,
+               model_overrides: Mapping[str, Any] | None = None
                ) -> tuple[Any, ml_collections.ConfigDict, int]:
     """A trained model from a workdir: (RetNetLM, the run config, the step restored).
 
     Builds the mesh from the run's config; see `restore_params` for `step` and `best`.
+    model_overrides: model config fields from INFERENCE_MODEL_FIELDS to load it with
+    (e.g. {'state_dtype': 'bfloat16', 'retention_kernel': 'pallas'} for decoding); the
+    returned config has them.
+
+    Raises:
+        ValueError: naming any other field (it would change what the parameters mean).
     """
     config = load_config(workdir)
+    overrides = dict(model_overrides or {})
+    refused = sorted(set(overrides) - INFERENCE_MODEL_FIELDS)
+    if refused:
+        raise ValueError(f"load_model: model_overrides {refused} would change the trained "
+                         f"model; only {sorted(INFERENCE_MODEL_FIELDS)} may differ")
+    config.model.update(overrides)
     trainer = make_trainer(config)
     params, step = restore_params(trainer, workdir, step=step, best=best)
     return trainer.model(params), config, step

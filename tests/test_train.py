@@ -402,6 +402,22 @@ def test_evaluate_and_sample_from_workdir(runs):
     assert len(greedy) == 2 and greedy[0] == greedy[1] and greedy[0].startswith("import ")
 
 
+def test_load_model_takes_inference_switches_and_refuses_the_rest(runs):
+    whole, _, _ = runs
+    model, config, _ = train.load_model(whole, model_overrides={"state_dtype": "bfloat16"})
+    assert config.model.state_dtype == "bfloat16"
+    cache = model.init_cache(2, 16)
+    states = [leaf for leaf in jax.tree.leaves(cache) if leaf.ndim == 4]
+    assert states and all(s.dtype == jnp.bfloat16 for s in states)
+    text = train.sample_text(model, "import ", max_new_tokens=4, temperature=0.0,
+                             rng=jax.random.PRNGKey(0))
+    assert text[0].startswith("import ")
+    with pytest.raises(ValueError, match=r"model_overrides \['d_model'\] would change"):
+        train.load_model(whole, model_overrides={"d_model": 64, "state_dtype": "float32"})
+    with pytest.raises(ValueError, match="state_dtype"):
+        train.load_model(whole, model_overrides={"state_dtype": "float16"})
+
+
 def test_resume_with_a_different_model_fails_clearly(runs):
     _, resumed, _ = runs
     config = tiny_config()
@@ -480,7 +496,8 @@ def test_entry_points_eval_generate_and_state_precision(runs, tmp_path):
     commands = {
         "eval": ["experiments/eval.py", f"--workdir={whole}", "--best"],
         "generate": ["experiments/generate.py", f"--workdir={whole}", "--prompt=class ",
-                     "--max_new_tokens=5", "--num_samples=2", "--top_p=0.9"],
+                     "--max_new_tokens=5", "--num_samples=2", "--top_p=0.9",
+                     "--state_dtype=bfloat16", "--retention_kernel=pallas_interpret"],
         "state_precision": ["experiments/state_precision.py", f"--workdir={whole}",
                             "--sequences=3", "--drift_tokens=40", f"--out={tmp_path}"],
     }
