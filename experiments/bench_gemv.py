@@ -13,10 +13,10 @@ weight (and may fuse them), the probe one kernel whose column groups span all of
 program reading only its own weight. The probe is not used by the library: it answers
 whether a GEMV kernel can read weights faster than XLA's GEMMs do at M = 1.
 Each setting is checked against a float64 product before it is timed. Wall time per product
-(`us`) includes the launches between kernels; then `--traced_calls` more calls are traced and
-`kernel_us` is the median time the device ran kernels per product (the product's kernels and the chain's one
-elementwise step), the number a decode loop run as one CUDA graph sees (on a CPU: XLA's
-host ops, interpreted Pallas included).
+(`us`) includes the launches between kernels; then `--traced_calls` more calls are traced
+and `kernel_us` is the median time the device ran kernels per product (the product's
+kernels and the chain's one elementwise step), the number a decode loop run as one CUDA
+graph sees (on a CPU: XLA's host ops, interpreted Pallas included).
 
   python3 experiments/bench_gemv.py --out=$OUT/gemv.json
 """
@@ -128,12 +128,12 @@ def splits_for(k: int, ns: list[int], block_n: int, block_k: int,
 
 def chain(product):
     """jit((x [K], weights [L][W][K, N_i]) -> x): L dependent products of W weights each,
-    x scaled by the first output's first entry so every product waits for the one before
-    (and none can be merged)."""
+    x scaled by the sum of every output's first entry, so every product waits for the one
+    before, none can be merged, and XLA drops no weight's product as unused."""
     def run(x, weights):
         for layer in weights:
-            y = product(x, layer)[0]
-            x = x * (1 + 1e-3 * jnp.tanh(y[0].astype(jnp.float32))).astype(x.dtype)
+            first = sum(y[0].astype(jnp.float32) for y in product(x, layer))
+            x = x * (1 + 1e-3 * jnp.tanh(first)).astype(x.dtype)
         return x
     return run
 

@@ -137,8 +137,9 @@ def _fusion_bytes(body: list[str], operand_bytes: list[int], result_bytes: int) 
     parameter, read by nothing else), whose written bytes are the update's, not the
     buffer's. Bitcasts are looked through."""
     instructions, root = _instructions(body)
-    if root is None:
-        return sum(operand_bytes) + result_bytes
+    parameters = sorted(i.parameter for i in instructions.values() if i.parameter is not None)
+    if root is None or parameters != list(range(len(operand_bytes))):
+        return sum(operand_bytes) + result_bytes      # a body not read as expected: all of it
 
     def source(name: str) -> str:           # through bitcasts, to what produced the bytes
         while name in instructions and instructions[name].op == "bitcast":
@@ -162,7 +163,7 @@ def _fusion_bytes(body: list[str], operand_bytes: list[int], result_bytes: int) 
                 in_place.add(base)
     read = 0
     for name, instruction in instructions.items():
-        if instruction.parameter is None or instruction.parameter >= len(operand_bytes):
+        if instruction.parameter is None:
             continue
         slices, other = 0, False
         for user, position in users[name]:

@@ -518,6 +518,52 @@ ENTRY %main (w: f32[4,64,64], ys: f32[4,8,64], y: f32[8,64], i: s32[]) -> f32[4,
     }
 
 
+def test_hlo_text_fusion_bytes_in_multi_output_and_mixed_bodies(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "experiments"))
+    from hlo_text import launches
+
+    # Multi-output: one root tuple writes a slice into p0 in place (update from a constant)
+    # and returns a sum that also reads p1 whole, while p1 is sliced too; p2 is sliced only.
+    # Operands by name with /*index=N*/ marks, as long GPU operand lists print them.
+    hlo = """HloModule m
+
+%both (p0: f32[16,8], p1: f32[16,8], p2: f32[16,8], i: s32[]) -> (f32[16,8], f32[16,8]) {
+  %p0 = f32[16,8]{1,0} parameter(0)
+  %p1 = f32[16,8]{1,0} parameter(1)
+  %p2 = f32[16,8]{1,0} parameter(2)
+  %i = s32[] parameter(3)
+  %zero = s32[] constant(0)
+  %ones = f32[1,8]{1,0} constant({...})
+  %dus = f32[16,8]{1,0} dynamic-update-slice(%p0, %ones, %i, %zero)
+  %s1 = f32[1,8]{1,0} dynamic-slice(%p1, %i, %zero), dynamic_slice_sizes={1,8}
+  %s2 = f32[2,8]{1,0} slice(%p2), slice={[0:2], [0:8]}
+  %b1 = f32[16,8]{1,0} broadcast(%s1), dimensions={0,1}
+  %add = f32[16,8]{1,0} add(%p1, %b1)
+  ROOT %t = (f32[16,8]{1,0}, f32[16,8]{1,0}) tuple(%dus, %add)
+}
+
+%short (q0: f32[16,8]) -> f32[16,8] {
+  %q0 = f32[16,8]{1,0} parameter(0)
+  ROOT %n = f32[16,8]{1,0} negate(%q0)
+}
+
+ENTRY %main (a: f32[16,8], b: f32[16,8], c: f32[16,8], j: s32[]) -> f32[16,8] {
+  %a = f32[16,8]{1,0} parameter(0)
+  %b = f32[16,8]{1,0} parameter(1)
+  %c = f32[16,8]{1,0} parameter(2)
+  %j = s32[] parameter(3)
+  %f = (f32[16,8]{1,0}, f32[16,8]{1,0}) fusion(%a, %b, %c, /*index=3*/%j), kind=kLoop, calls=%both
+  ROOT %g = f32[16,8]{1,0} fusion(%a, %b), kind=kLoop, calls=%short
+}
+"""
+    whole, row = 16 * 8 * 4, 8 * 4
+    found = {launch.name: launch.bytes for launch in launches(hlo)}
+    # f: p0 in place (0 read; the constant row written), p1 read whole (also sliced), p2's
+    # slice, the index; the sum written whole. g: two operands for one parameter, so the
+    # body is not trusted and everything counts.
+    assert found == {"f": 0 + whole + 2 * row + 4 + row + whole, "g": 3 * whole}
+
+
 def test_bench_gemv_checks_then_times_xla_and_each_pallas_tiling(tmp_path):
     out = tmp_path / "gemv.json"
     process = run_script("bench_gemv.py", "--shapes=192x64,192x32+64+32", "--layers=2",
@@ -540,6 +586,24 @@ def test_bench_gemv_checks_then_times_xla_and_each_pallas_tiling(tmp_path):
     for r in rows:
         assert r["rel_err"] < 2e-2 and r["us"] > 0, r
         assert r["kernel_us"] > 0 and r["kernels_per_product"] >= 1, r   # the traced call
+
+
+def test_bench_gemv_chain_keeps_every_weights_product():
+    # The chain must use every output: XLA drops a dot whose result nothing reads, and the
+    # row's bytes count every weight.
+    code = """
+import sys; sys.argv = ["x"]
+from absl import flags; flags.FLAGS(sys.argv)
+import jax, jax.numpy as jnp, bench_gemv
+w = [[jnp.ones((256, n), jnp.bfloat16) for n in (128, 128, 256)] for _ in range(2)]
+x = jnp.ones(256, jnp.bfloat16)
+text = jax.jit(bench_gemv.chain(bench_gemv.xla_product)).lower(x, w).compile().as_text()
+print(text.count(" dot("))
+"""
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=os.path.join(REPO, "experiments"), timeout=300)
+    assert process.returncode == 0, process.stderr
+    assert int(process.stdout.split()[-1]) == 2 * 3
 
 
 def test_bench_gemv_refuses_a_malformed_shape_by_name():
