@@ -4,7 +4,7 @@
       --max_new_tokens=300 --temperature=0.8 --top_p=0.95 --num_samples=3
 
 `--state_dtype` and `--retention_kernel` load the model with another decoding state dtype
-or retention kernel than it trained with (`train.INFERENCE_MODEL_FIELDS`): a bfloat16 state
+or retention kernel than it trained with (two of `train.INFERENCE_MODEL_FIELDS`): a bfloat16 state
 halves the state's memory and traffic (BENCHMARKS.md "Decoding"; its numerics:
 `state_precision.py`), 'pallas' runs each decoded token's state update in one kernel on GPUs.
 """

@@ -62,16 +62,16 @@ __all__ = [
 Params = Any  # nested dict of arrays, the model's nnx.Param values (`nnx.to_pure_dict`)
 Batch = Mapping[str, jax.Array]
 
-# Model config fields that may change when resuming: they change how the same parameters are
-# computed with, not which parameters there are.
-RESUMABLE_MODEL_FIELDS = frozenset(
+# Model config fields a saved model may be loaded with other values of (`load_model`): how
+# the same function of the same parameters is computed, not what was learned.
+INFERENCE_MODEL_FIELDS = frozenset(
     {"dtype", "remat", "remat_policy", "scan_layers", "chunk_size", "retention_kernel",
-     "max_seq_len", "attention_impl", "logit_soft_cap"})
+     "max_seq_len", "attention_impl", "state_dtype"})
+# Model config fields that may change when resuming: those, and training choices that change
+# the function but not which parameters there are.
+RESUMABLE_MODEL_FIELDS = INFERENCE_MODEL_FIELDS | {"logit_soft_cap"}
 # Data config fields that may change when resuming: they leave the training stream as it was.
 RESUMABLE_DATA_FIELDS = frozenset({"eval_batches", "prefetch"})
-# Model config fields a saved model may be loaded with other values of: how it computes,
-# not what it learned (`load_model`).
-INFERENCE_MODEL_FIELDS = frozenset({"state_dtype", "retention_kernel", "attention_impl"})
 SUMMARY_FILE = "summary.json"  # in the workdir: `train_and_evaluate`'s return value
 
 
@@ -876,7 +876,8 @@ def load_model(workdir: str, *, step: int | None = None, best: bool = False,
     returned config has them.
 
     Raises:
-        ValueError: naming any other field (it would change what the parameters mean).
+        ValueError: naming any other field (it would change what the parameters mean), or a
+            field given a value of another type than the saved config's.
     """
     config = load_config(workdir)
     overrides = dict(model_overrides or {})
@@ -884,7 +885,11 @@ def load_model(workdir: str, *, step: int | None = None, best: bool = False,
     if refused:
         raise ValueError(f"load_model: model_overrides {refused} would change the trained "
                          f"model; only {sorted(INFERENCE_MODEL_FIELDS)} may differ")
-    config.model.update(overrides)
+    for field, value in overrides.items():
+        try:
+            config.model[field] = value
+        except TypeError as e:       # ConfigDict keeps each saved field's type
+            raise ValueError(f"load_model: model_overrides[{field!r}] = {value!r}: {e}") from e
     trainer = make_trainer(config)
     params, step = restore_params(trainer, workdir, step=step, best=best)
     return trainer.model(params), config, step

@@ -645,7 +645,17 @@ def test_plot_benchmarks_draws_decode_and_training_figures(tmp_path):
                          f"--train={train[0]},{train[1]}", f"--out_dir={out}")
     assert process.returncode == 0, process.stderr
     assert sorted(p.name for p in out.iterdir()) == ["decode.png", "train.png"]
-    assert all(p.stat().st_size > 10_000 for p in out.iterdir())
+    # Decode: 8 points against context, 4 at 8192 against batch (the skipped row left out).
+    # Training: one label ('retnet (gated_retention), remat projections'), two lengths, the
+    # two files' rows of each length in one bar (the error row left out).
+    assert f"{out / 'decode.png'}: 12 points" in process.stdout
+    assert f"{out / 'train.png'}: 2 bars" in process.stdout
+    repeated = tmp_path / "repeated.json"
+    repeated.write_text(json.dumps({"results": [
+        {"model": "retnet", "seq_len": 8, "tokens_per_s": 1.0, "mfu_datasheet": 0.1}] * 2}))
+    process = run_script("plot_benchmarks.py", f"--train={repeated}", f"--out_dir={out}")
+    assert process.returncode != 0
+    assert "several rows of the same setting [('retnet', 8)]" in process.stderr
 
 
 def test_plot_benchmarks_refuses_bad_input_by_name(tmp_path):
@@ -660,4 +670,5 @@ def test_plot_benchmarks_refuses_bad_input_by_name(tmp_path):
     assert "a row lacks ['tokens_per_s', 'mfu_datasheet']" in process.stderr
     process = run_script("plot_benchmarks.py", f"--train={partial}", "--train_labels=a,b",
                          f"--out_dir={tmp_path}")
+    assert process.returncode != 0
     assert "--train_labels has 2 names for 1 --train files" in process.stderr

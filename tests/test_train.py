@@ -416,6 +416,10 @@ def test_load_model_takes_inference_switches_and_refuses_the_rest(runs):
         train.load_model(whole, model_overrides={"d_model": 64, "state_dtype": "float32"})
     with pytest.raises(ValueError, match="state_dtype"):
         train.load_model(whole, model_overrides={"state_dtype": "float16"})
+    with pytest.raises(ValueError, match="ModelConfig.dtype: must be one of"):
+        train.load_model(whole, model_overrides={"dtype": jnp.bfloat16})   # a name, not a type
+    with pytest.raises(ValueError, match=r"model_overrides\['chunk_size'\] = 'big'"):
+        train.load_model(whole, model_overrides={"chunk_size": "big"})
 
 
 def test_resume_with_a_different_model_fails_clearly(runs):
