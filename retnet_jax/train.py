@@ -55,14 +55,14 @@ from retnet_jax.checkpoint import check_resumable, load_config, save_config
 __all__ = [
     "TrainConfig", "default_sections", "make_schedule", "decay_mask", "make_optimizer",
     "loss_sums", "TrainState", "Trainer", "make_trainer", "evaluate", "sample_text",
-    "NonFiniteLossError", "train_and_evaluate", "restore_params", "load_model",
-    "evaluate_checkpoint", "data_config", "from_section", "use_compilation_cache",
+    "NonFiniteLossError", "train_and_evaluate", "restore_params", "inference_config",
+    "load_model", "evaluate_checkpoint", "data_config", "from_section", "use_compilation_cache",
 ]
 
 Params = Any  # nested dict of arrays, the model's nnx.Param values (`nnx.to_pure_dict`)
 Batch = Mapping[str, jax.Array]
 
-# Model config fields a saved model may be loaded with other values of (`load_model`): how
+# Model config fields a saved model may be loaded with other values of (`inference_config`): how
 # the same function of the same parameters is computed, not what was learned.
 INFERENCE_MODEL_FIELDS = frozenset(
     {"dtype", "remat", "remat_policy", "scan_layers", "chunk_size", "retention_kernel",
@@ -865,15 +865,12 @@ def restore_params(trainer: Trainer, workdir: str, *, step: int | None = None,
         checkpointer.close()
 
 
-def load_model(workdir: str, *, step: int | None = None, best: bool = False,
-               model_overrides: Mapping[str, Any] | None = None
-               ) -> tuple[Any, ml_collections.ConfigDict, int]:
-    """A trained model from a workdir: (RetNetLM, the run config, the step restored).
-
-    Builds the mesh from the run's config; see `restore_params` for `step` and `best`.
-    model_overrides: model config fields from INFERENCE_MODEL_FIELDS to load it with
-    (e.g. {'state_dtype': 'bfloat16', 'retention_kernel': 'pallas'} for decoding); the
-    returned config has them.
+def inference_config(workdir: str, model_overrides: Mapping[str, Any] | None = None
+                     ) -> ml_collections.ConfigDict:
+    """A workdir's run config with `model_overrides` applied: model config fields from
+    INFERENCE_MODEL_FIELDS to load the trained model with (e.g. {'state_dtype': 'bfloat16',
+    'retention_kernel': 'pallas'} for decoding, {'dtype': 'float32'} to evaluate a bf16 run
+    in float32).
 
     Raises:
         ValueError: naming any other field (it would change what the parameters mean), or a
@@ -883,26 +880,39 @@ def load_model(workdir: str, *, step: int | None = None, best: bool = False,
     overrides = dict(model_overrides or {})
     refused = sorted(set(overrides) - INFERENCE_MODEL_FIELDS)
     if refused:
-        raise ValueError(f"load_model: model_overrides {refused} would change the trained "
-                         f"model; only {sorted(INFERENCE_MODEL_FIELDS)} may differ")
+        raise ValueError(f"model_overrides {refused} would change the trained model; only "
+                         f"{sorted(INFERENCE_MODEL_FIELDS)} may differ")
     for field, value in overrides.items():
         try:
             config.model[field] = value
         except TypeError as e:       # ConfigDict keeps each saved field's type
-            raise ValueError(f"load_model: model_overrides[{field!r}] = {value!r}: {e}") from e
+            raise ValueError(f"model_overrides[{field!r}] = {value!r}: {e}") from e
+    return config
+
+
+def load_model(workdir: str, *, step: int | None = None, best: bool = False,
+               model_overrides: Mapping[str, Any] | None = None
+               ) -> tuple[Any, ml_collections.ConfigDict, int]:
+    """A trained model from a workdir: (RetNetLM, the run config, the step restored).
+
+    Builds the mesh from the run's config; see `restore_params` for `step` and `best`, and
+    `inference_config` for `model_overrides` (the returned config has them).
+    """
+    config = inference_config(workdir, model_overrides)
     trainer = make_trainer(config)
     params, step = restore_params(trainer, workdir, step=step, best=best)
     return trainer.model(params), config, step
 
 
-def evaluate_checkpoint(workdir: str, *, step: int | None = None, best: bool = False
-                        ) -> dict[str, Any]:
-    """Evaluates a saved step on the run's evaluation data; see `evaluate`, `restore_params`.
+def evaluate_checkpoint(workdir: str, *, step: int | None = None, best: bool = False,
+                        model_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluates a saved step on the run's evaluation data; see `evaluate`, `restore_params`
+    and `inference_config` (`model_overrides`).
 
     Returns:
         `evaluate`'s metrics plus 'step' and the data's 'unigram_entropy_bits' (text only).
     """
-    config = load_config(workdir)
+    config = inference_config(workdir, model_overrides)
     trainer = make_trainer(config)
     params, step = restore_params(trainer, workdir, step=step, best=best)
     datasets = data_lib.make_datasets(data_config(config), process_index=jax.process_index(),

@@ -402,6 +402,18 @@ def test_evaluate_and_sample_from_workdir(runs):
     assert len(greedy) == 2 and greedy[0] == greedy[1] and greedy[0].startswith("import ")
 
 
+def test_evaluate_checkpoint_computes_the_same_parameters_another_way(runs):
+    whole, _, summaries = runs
+    want = summaries["whole"]["eval_loss"]
+    kernel = train.evaluate_checkpoint(whole, model_overrides={
+        "retention_kernel": "pallas_interpret"})
+    assert kernel["eval_loss"] == pytest.approx(want, rel=1e-5)
+    half = train.evaluate_checkpoint(whole, model_overrides={"dtype": "bfloat16"})
+    assert half["eval_loss"] != want and half["eval_loss"] == pytest.approx(want, rel=2e-2)
+    with pytest.raises(ValueError, match=r"model_overrides \['num_heads'\]"):
+        train.evaluate_checkpoint(whole, model_overrides={"num_heads": 1})
+
+
 def test_load_model_takes_inference_switches_and_refuses_the_rest(runs):
     whole, _, _ = runs
     model, config, _ = train.load_model(whole, model_overrides={"state_dtype": "bfloat16"})
@@ -498,7 +510,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def test_entry_points_eval_generate_and_state_precision(runs, tmp_path):
     whole, _, summaries = runs
     commands = {
-        "eval": ["experiments/eval.py", f"--workdir={whole}", "--best"],
+        "eval": ["experiments/eval.py", f"--workdir={whole}", "--best",
+                 "--retention_kernel=pallas_interpret"],
         "generate": ["experiments/generate.py", f"--workdir={whole}", "--prompt=class ",
                      "--max_new_tokens=5", "--num_samples=2", "--top_p=0.9",
                      "--state_dtype=bfloat16", "--retention_kernel=pallas_interpret"],
