@@ -10,8 +10,12 @@ tiling: one program per (group of `block_n` output columns, split of K), each st
 float32; XLA adds the splits' partial sums. A shape `KxN1+N2+...` is one input against
 several weights kept apart, as the model keeps q, k, v and the gate: XLA gets one dot per
 weight (and may fuse them), the probe one kernel whose column groups span all of them, each
-program reading only its own weight. The probe is not used by the library: it answers
-whether a GEMV kernel can read weights faster than XLA's GEMMs do at M = 1.
+program reading only its own weight. With `--norm_prologue` each product first applies an
+RMSNorm with a learned scale to x, as the blocks do before q|k|v|gate and the FFN: XLA in a
+fusion of its own (the model's `layers.RMSNorm`), the probe inside the GEMV (each program
+reads all of x for its 1 / rms, then scales its rows as it streams them), so the kernel
+count per product shows what the prologue saves. The probe is not used by the library: it
+answers whether a GEMV kernel can read weights faster than XLA's GEMMs do at M = 1.
 Each setting is checked against a float64 product before it is timed. Wall time per product
 (`us`) includes the launches between kernels; then `--traced_calls` more calls are traced
 and `kernel_us` is the median time the device ran kernels per product (the product's
@@ -37,6 +41,7 @@ from jax.experimental.pallas import triton as plgpu
 from ceilings import copy_bandwidth
 from trace_kernels import busy_ns, device_kernels, trace_call
 from retnet_jax.generate import decode_compiler_options
+from retnet_jax.layers import rms_normalize
 
 _SHAPES = flags.DEFINE_list(
     "shapes", ["2048x11008", "2048x2048+2048+3456+3456", "3456x2048", "2048x6912",
@@ -45,6 +50,8 @@ _SHAPES = flags.DEFINE_list(
     "block's q|k|v|gate as one weight and apart, out and FFN-out, FFN-in|gate as one and "
     "apart, and a square one.")
 _LAYERS = flags.DEFINE_integer("layers", 24, "Distinct weights per chained call.")
+_NORM_PROLOGUE = flags.DEFINE_bool("norm_prologue", False, "RMSNorm x (with a scale) before "
+                                   "each product.")
 _BLOCK_N = flags.DEFINE_list("block_n", ["64", "128"], "Output columns per program.")
 _PROGRAMS = flags.DEFINE_list("programs", ["132", "264", "528"], "Least programs per "
                               "product: K splits are added until the grid reaches it.")
@@ -60,34 +67,52 @@ _TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/bench_gemv_trace", "Where th
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
 
 TOLERANCE = 2e-2     # bf16 output against float64
+EPS = 1e-6           # the RMSNorm's
 
 
-def _split_sum(x_ref, w_ref, block_k: int):
-    """x [Ks] . w [Ks, BN] -> float32 [BN], in block_k-row steps."""
+def _split_sum(x_ref, w_ref, block_k: int, scale_ref=None, inv_rms=None):
+    """x [Ks] . w [Ks, BN] -> float32 [BN], in block_k-row steps; with scale_ref [Ks] and the
+    scalar inv_rms, x's rows are first normalised: x * inv_rms * scale."""
     def step(i, acc):
         rows = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
         x = x_ref[rows].astype(jnp.float32)
+        if scale_ref is not None:
+            x = x * inv_rms * scale_ref[rows]
         return acc + jnp.sum(x[:, None] * w_ref[rows, :].astype(jnp.float32), axis=0)
     return jax.lax.fori_loop(0, x_ref.shape[0] // block_k, step,
                              jnp.zeros((w_ref.shape[1],), jnp.float32))
 
 
-def _gemv_kernel(x_ref, *refs, block_k: int, group_starts: tuple[int, ...]):
+def _gemv_kernel(x_ref, *refs, block_k: int, group_starts: tuple[int, ...], norm: bool):
     """One (column group, K split) program: the split's partial sum of its column group,
     float32 [BN], from the one weight that group belongs to (group_starts: each weight's
-    first column group)."""
+    first column group). norm: refs start with all of x [K] and the split's scale [Ks], and
+    x's rows are normalised (x / rms(x) * scale) as they stream."""
+    prologue = {}
+    if norm:
+        full_ref, scale_ref, *refs = refs
+        full = full_ref[...].astype(jnp.float32)
+        prologue = dict(scale_ref=scale_ref,
+                        inv_rms=jax.lax.rsqrt(jnp.sum(full * full) / full.shape[0] + EPS))
     *w_refs, o_ref = refs
     j = pl.program_id(0)
     which = sum((j >= start).astype(jnp.int32) for start in group_starts[1:])
-    o_ref[...] = jax.lax.switch(which, [functools.partial(_split_sum, x_ref, w, block_k)
-                                        for w in w_refs])
+    o_ref[...] = jax.lax.switch(which, [functools.partial(_split_sum, x_ref, w, block_k,
+                                                          **prologue) for w in w_refs])
 
 
-def gemv_pallas(x, weights, *, block_n: int, splits: int, block_k: int, num_warps: int,
-                num_stages: int, interpret: bool = False) -> list:
+def gemv_pallas(x, weights, scale=None, *, block_n: int, splits: int, block_k: int,
+                num_warps: int, num_stages: int, interpret: bool = False) -> list:
     """x [K] @ each w [K, N_i] of weights -> [N_i] in x's dtype, summed in float32, all in
-    one kernel (K / splits a multiple of block_k, each N_i of block_n)."""
+    one kernel (K / splits a multiple of block_k, each N_i of block_n); with scale (float32
+    [K]), x is first RMS-normalised and scaled inside the kernel."""
     part = x.shape[0] // splits
+    norm = scale is not None
+    prologue_specs, prologue_args = [], []
+    if norm:
+        prologue_specs = [pl.BlockSpec((x.shape[0],), lambda j, s: (0,)),
+                          pl.BlockSpec((None, part), lambda j, s: (s, 0))]
+        prologue_args = [x, scale.reshape(splits, part)]
     groups = [w.shape[1] // block_n for w in weights]
     starts = tuple(int(s) for s in np.cumsum([0] + groups[:-1]))
 
@@ -96,21 +121,25 @@ def gemv_pallas(x, weights, *, block_n: int, splits: int, block_k: int, num_warp
         return pl.BlockSpec((None, part, block_n),
                             lambda j, s: (s, 0, jnp.clip(j - start, 0, count - 1)))
     partial = pl.pallas_call(
-        functools.partial(_gemv_kernel, block_k=block_k, group_starts=starts),
+        functools.partial(_gemv_kernel, block_k=block_k, group_starts=starts, norm=norm),
         grid=(sum(groups), splits),
-        in_specs=[pl.BlockSpec((None, part), lambda j, s: (s, 0))]
+        in_specs=[pl.BlockSpec((None, part), lambda j, s: (s, 0))] + prologue_specs
                  + [weight_spec(st, g) for st, g in zip(starts, groups)],
         out_specs=pl.BlockSpec((None, block_n), lambda j, s: (s, j)),
         out_shape=jax.ShapeDtypeStruct((splits, sum(groups) * block_n), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="gemv_probe",
-    )(x.reshape(splits, part), *(w.reshape(splits, part, w.shape[1]) for w in weights))
+    )(x.reshape(splits, part), *prologue_args,
+      *(w.reshape(splits, part, w.shape[1]) for w in weights))
     y = partial.sum(0).astype(x.dtype)
     return jnp.split(y, np.cumsum([w.shape[1] for w in weights])[:-1])
 
 
-def xla_product(x, weights) -> list:
-    """XLA's dot of x [K] with each weight, float32 accumulation, x's dtype out."""
+def xla_product(x, weights, scale=None) -> list:
+    """XLA's dot of x [K] with each weight, float32 accumulation, x's dtype out; with scale
+    (float32 [K]), x first goes through the model's RMSNorm (`layers.RMSNorm`'s steps)."""
+    if scale is not None:
+        x = rms_normalize(x, EPS).astype(x.dtype) * scale.astype(x.dtype)
     return [jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
             for w in weights]
 
@@ -127,23 +156,27 @@ def splits_for(k: int, ns: list[int], block_n: int, block_k: int,
 
 
 def chain(product):
-    """jit((x [K], weights [L][W][K, N_i]) -> x): L dependent products of W weights each,
-    x scaled by the sum of every output's first entry, so every product waits for the one
-    before, none can be merged, and XLA drops no weight's product as unused."""
-    def run(x, weights):
-        for layer in weights:
-            first = sum(y[0].astype(jnp.float32) for y in product(x, layer))
+    """jit((x [K], layers [L] of (scale [K] or None, [W][K, N_i])) -> x): L dependent
+    products of W weights each, x scaled by the sum of every output's first entry, so every
+    product waits for the one before, none can be merged, and XLA drops no weight's product
+    as unused."""
+    def run(x, layers):
+        for scale, weights in layers:
+            first = sum(y[0].astype(jnp.float32) for y in product(x, weights, scale))
             x = x * (1 + 1e-3 * jnp.tanh(first)).astype(x.dtype)
         return x
     return run
 
 
-def check(product, x, weights) -> float:
-    """Largest error of product(x, weights), all outputs, relative to the float64 products'
-    largest entry."""
-    want = np.concatenate([np.asarray(x, np.float64) @ np.asarray(w, np.float64)
-                           for w in weights])
-    got = np.concatenate([np.asarray(y, np.float64) for y in product(x, weights)])
+def check(product, x, layer) -> float:
+    """Largest error of product(x, weights, scale) for one layer (scale, weights), all
+    outputs, relative to the float64 products' largest entry."""
+    scale, weights = layer
+    wide = np.asarray(x, np.float64)
+    if scale is not None:
+        wide = wide / np.sqrt(np.mean(wide**2) + EPS) * np.asarray(scale, np.float64)
+    want = np.concatenate([wide @ np.asarray(w, np.float64) for w in weights])
+    got = np.concatenate([np.asarray(y, np.float64) for y in product(x, weights, scale)])
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
@@ -195,9 +228,13 @@ def measure(k: int, ns: list[int], bandwidth: float, interpret: bool) -> list[di
     each Pallas tiling."""
     rng = np.random.default_rng(k * sum(ns) + len(ns))
     layers = _LAYERS.value
-    weights = [[jnp.asarray((rng.standard_normal((k, n), np.float32) * k**-0.5)
-                            .astype(jnp.bfloat16)) for n in ns] for _ in range(layers)]
-    x = jnp.asarray(rng.standard_normal(k, np.float32).astype(jnp.bfloat16))
+    def scale():
+        return jnp.asarray(1 + 0.1 * rng.standard_normal(k, np.float32)) if (
+            _NORM_PROLOGUE.value) else None
+    weights = [(scale(), [jnp.asarray((rng.standard_normal((k, n), np.float32) * k**-0.5)
+                                      .astype(jnp.bfloat16)) for n in ns])
+               for _ in range(layers)]
+    x = jnp.asarray((3 * rng.standard_normal(k, np.float32)).astype(jnp.bfloat16))
     nbytes = k * sum(ns) * 2
     products = [("xla", dict(), xla_product)]
     for s in settings():
@@ -213,7 +250,8 @@ def measure(k: int, ns: list[int], bandwidth: float, interpret: bool) -> list[di
     options = decode_compiler_options(1, jax.default_backend()) or None
     rows = []
     for name, kw, product in products:
-        row = dict(shape=f"{k}x{'+'.join(map(str, ns))}", impl=name, **kw)
+        row = dict(shape=f"{k}x{'+'.join(map(str, ns))}", impl=name,
+                   norm_prologue=_NORM_PROLOGUE.value, **kw)
         try:
             row["rel_err"] = check(jax.jit(product), x, weights[0])
             if not row["rel_err"] <= TOLERANCE:

@@ -588,6 +588,21 @@ def test_bench_gemv_checks_then_times_xla_and_each_pallas_tiling(tmp_path):
         assert r["kernel_us"] > 0 and r["kernels_per_product"] >= 1, r   # the traced call
 
 
+def test_bench_gemv_normalises_x_inside_the_kernel_when_asked(tmp_path):
+    # x is drawn at 3x unit scale, so a kernel that skipped the RMSNorm would be ~3x off
+    # the float64 reference and its rows would be errors.
+    out = tmp_path / "gemv.json"
+    process = run_script("bench_gemv.py", "--shapes=192x32+64+32", "--layers=2",
+                         "--block_n=32", "--programs=4", "--block_k=32", "--repeats=1",
+                         "--traced_calls=1", "--norm_prologue", "--copy_bytes=1048576",
+                         f"--trace_dir={tmp_path / 'trace'}", f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [r["impl"] for r in rows] == ["xla", "pallas bn32 s1 w4 st3"]
+    for r in rows:
+        assert r["norm_prologue"] and "error" not in r and r["rel_err"] < 2e-2, r
+
+
 def test_bench_gemv_chain_keeps_every_weights_product():
     # The chain must use every output: XLA drops a dot whose result nothing reads, and the
     # row's bytes count every weight.
@@ -595,7 +610,7 @@ def test_bench_gemv_chain_keeps_every_weights_product():
 import sys; sys.argv = ["x"]
 from absl import flags; flags.FLAGS(sys.argv)
 import jax, jax.numpy as jnp, bench_gemv
-w = [[jnp.ones((256, n), jnp.bfloat16) for n in (128, 128, 256)] for _ in range(2)]
+w = [(None, [jnp.ones((256, n), jnp.bfloat16) for n in (128, 128, 256)]) for _ in range(2)]
 x = jnp.ones(256, jnp.bfloat16)
 text = jax.jit(bench_gemv.chain(bench_gemv.xla_product)).lower(x, w).compile().as_text()
 print(text.count(" dot("))
