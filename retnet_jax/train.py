@@ -890,6 +890,16 @@ def inference_config(workdir: str, model_overrides: Mapping[str, Any] | None = N
     return config
 
 
+def _restore(workdir: str, step: int | None, best: bool,
+             model_overrides: Mapping[str, Any] | None
+             ) -> tuple[Trainer, Params, ml_collections.ConfigDict, int]:
+    """(trainer, params, config, step) of a saved step under `inference_config`'s config."""
+    config = inference_config(workdir, model_overrides)
+    trainer = make_trainer(config)
+    params, step = restore_params(trainer, workdir, step=step, best=best)
+    return trainer, params, config, step
+
+
 def load_model(workdir: str, *, step: int | None = None, best: bool = False,
                model_overrides: Mapping[str, Any] | None = None
                ) -> tuple[Any, ml_collections.ConfigDict, int]:
@@ -898,9 +908,7 @@ def load_model(workdir: str, *, step: int | None = None, best: bool = False,
     Builds the mesh from the run's config; see `restore_params` for `step` and `best`, and
     `inference_config` for `model_overrides` (the returned config has them).
     """
-    config = inference_config(workdir, model_overrides)
-    trainer = make_trainer(config)
-    params, step = restore_params(trainer, workdir, step=step, best=best)
+    trainer, params, config, step = _restore(workdir, step, best, model_overrides)
     return trainer.model(params), config, step
 
 
@@ -912,9 +920,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, best: bool = F
     Returns:
         `evaluate`'s metrics plus 'step' and the data's 'unigram_entropy_bits' (text only).
     """
-    config = inference_config(workdir, model_overrides)
-    trainer = make_trainer(config)
-    params, step = restore_params(trainer, workdir, step=step, best=best)
+    trainer, params, config, step = _restore(workdir, step, best, model_overrides)
     datasets = data_lib.make_datasets(data_config(config), process_index=jax.process_index(),
                                       process_count=jax.process_count())
     return {"step": step, **evaluate(trainer, params, datasets.make_eval()),
