@@ -2,7 +2,7 @@
 
 Every token mixer (`MultiScaleRetention`, `GatedRetention`, `Attention`) has one interface:
 
-    y, cache = mixer(x, mode=..., cache=None, position=None, valid=None)
+    y, cache = mixer(x, mode=..., cache=None, position=None, valid=None, input_norm=None)
 
 * x: [batch, time, d_model] in the compute dtype.
 * mode: 'parallel' | 'chunkwise' | 'recurrent'; selects the retention form (attention ignores it:
@@ -11,6 +11,9 @@ Every token mixer (`MultiScaleRetention`, `GatedRetention`, `Attention`) has one
   `AttentionCache`), which is read and returned updated.
 * position: int32 [batch], absolute position of x[:, 0] per sequence; None means 0.
 * valid: bool [batch, time]; False marks right-padding that must not touch the cache.
+* input_norm: the block's pre-norm (`RMSNorm`) to apply to x first, or None. Retention
+  applies it inside its projections' kernel when a decoding step runs them through
+  `kernels.projections_pallas` (`DECODE_PROJECTIONS`), so the norm costs no kernel of its own.
 
 Parameters carry logical axis names (`LOGICAL_AXIS_NAMES`, or None for small axes) as
 `out_sharding` metadata (flax 0.12's name for the deprecated `sharding_names`) with
@@ -40,6 +43,7 @@ __all__ = [
     "RMSNorm", "rms_normalize", "GatedFFN",
     "RetentionCache", "AttentionCache", "sqrt_row_scale", "RETENTION_KERNELS", "run_retention",
     "retention_kernel_specs",
+    "DECODE_PROJECTIONS", "project",
     "RetentionBase", "MultiScaleRetention", "GatedRetention", "Attention",
 ]
 
@@ -48,6 +52,9 @@ FORWARD_MODES = ("parallel", "chunkwise", "recurrent")
 # Chunkwise implementations: XLA ops, the fused Pallas kernel (GPU; falls back to XLA where
 # it cannot run), or that kernel in Pallas interpret mode (any backend; for tests).
 RETENTION_KERNELS = ("xla", "pallas", "pallas_interpret")
+# Decoding steps' projections (`project`): XLA's dots, the Pallas GEMV kernel (GPU; XLA
+# elsewhere or where it does not apply), or that kernel interpreted (any backend; tests).
+DECODE_PROJECTIONS = ("xla", "pallas", "pallas_interpret")
 ACTIVATIONS = {"swish": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
                "relu": jax.nn.relu}  # torchscale's names; gelu is exact (erf) as torch's F.gelu
 
@@ -78,6 +85,66 @@ def linear(in_features: int, out_features: int, names: tuple[str | None, str | N
                       param_dtype=param_dtype, rngs=rngs, kernel_metadata=sharded(names))
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_projections_fallback(reason: str) -> None:
+    logging.getLogger(__name__).warning("decode_projections='pallas' falls back to XLA: %s",
+                                        reason)
+
+
+def _projections_kernel_args(impl: str, x: Array, linears: Sequence[nnx.Linear]) -> dict | None:
+    """kwargs for `kernels.projections_pallas` when `project` should use it, else None (XLA):
+    impl 'pallas' (on a GPU, no multi-device mesh in context) or 'pallas_interpret', one
+    token (time 1) for a power-of-two batch <= its MAX_ROWS, x in the linears' dtype."""
+    if impl not in DECODE_PROJECTIONS:
+        raise ValueError(f"decode_projections must be one of {DECODE_PROJECTIONS}, got {impl!r}")
+    if impl == "xla":
+        return None
+    from retnet_jax.kernels import projections   # only when asked for: it imports Pallas
+    batch, time, _ = x.shape
+    if (time != 1 or batch > projections.MAX_ROWS or batch & (batch - 1)
+            or any(lin.dtype not in (None, x.dtype) for lin in linears)):
+        return None                 # not a small decoding step: XLA's GEMMs are the tool
+    if impl == "pallas_interpret":
+        return {"interpret": True}
+    if jax.default_backend() != "gpu":
+        _warn_projections_fallback(f"backend {jax.default_backend()!r} is not a GPU")
+        return None
+    if sharding.mesh_in_context() is not None:
+        _warn_projections_fallback("a multi-device mesh is in context (the kernel has no "
+                                   "partitioning rule)")
+        return None
+    return {"interpret": False}
+
+
+def project(x: Array, linears: Sequence[nnx.Linear], *, norm: RMSNorm | None = None,
+            impl: str = "xla") -> list[Array]:
+    """Each bias-free Linear of `linears` applied to norm(x) (x if norm is None).
+
+    With impl 'pallas' or 'pallas_interpret' and a single-token x of a power-of-two batch
+    <= 8 (a decoding step), all of them are one `kernels.projections_pallas` call that
+    applies the norm too; otherwise XLA's dots after the norm (see `DECODE_PROJECTIONS`).
+
+    Args:
+      x: [batch, time, d_in] in the compute dtype.
+      linears: Linears with kernels [d_in, d_out_i].
+      norm: an `RMSNorm` of x, or None.
+      impl: one of DECODE_PROJECTIONS.
+    Returns:
+      [batch, time, d_out_i] for each linear, in its dtype.
+    """
+    kernel_args = _projections_kernel_args(impl, x, linears)
+    if kernel_args is None:
+        if norm is not None:
+            x = norm(x)
+        return [lin(x) for lin in linears]
+    from retnet_jax.kernels import projections
+    outputs = projections.projections_pallas(
+        x[:, 0], [lin.kernel[...] for lin in linears],
+        norm_scale=None if norm is None else norm.scale[...],
+        norm_eps=0.0 if norm is None else norm.eps, **kernel_args)
+    return [y[:, None].astype(x.dtype) for y in outputs]
+
+
 # --------------------------------------------------------------------------- norms and FFN
 
 
@@ -103,18 +170,23 @@ class GatedFFN(nnx.Module):
     """torchscale's GLU: fc2(act(fc1(x)) * gate(x)), bias-free, act computed in float32."""
 
     def __init__(self, d_model: int, hidden: int, *, activation: str, dtype, param_dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, decode_projections: str = "xla"):
         kw = dict(init=torch_linear_default, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.activation = activation
+        self.decode_projections = decode_projections
         self.fc1 = linear(d_model, hidden, ("embed", "mlp"), **kw)
         self.gate = linear(d_model, hidden, ("embed", "mlp"), **kw)
         self.fc2 = linear(hidden, d_model, ("mlp", "embed"), **kw)
 
-    def __call__(self, x: Array) -> Array:
-        """x: [batch, time, d_model] -> [batch, time, d_model]."""
-        h = self.fc1(x)
+    def __call__(self, x: Array, *, input_norm: RMSNorm | None = None,
+                 decoding: bool = False) -> Array:
+        """x: [batch, time, d_model] -> [batch, time, d_model]; input_norm (an `RMSNorm`)
+        is applied to x first; decoding: a decoding step's call, whose projections may go
+        through the `decode_projections` kernel (`project`)."""
+        impl = self.decode_projections if decoding else "xla"
+        h, gate = project(x, [self.fc1, self.gate], norm=input_norm, impl=impl)
         h = ACTIVATIONS[self.activation](h.astype(jnp.float32)).astype(h.dtype)
-        return self.fc2(h * self.gate(x))
+        return project(h * gate, [self.fc2], impl=impl)[0]
 
 
 # --------------------------------------------------------------------------- caches
@@ -331,16 +403,23 @@ class RetentionBase(nnx.Module):
     per-head norm. Init as torchscale: xavier_uniform gain 2^-2.5 for q, k, v, g; out_proj
     gain `out_gain`. state_dtype: the dtype of the cache's state between calls (float32, or
     bfloat16 at half the memory; the forms compute in float32 either way).
+    decode_projections: how a decoding step (a cache and one token) computes the input
+    projections (with the block's norm) and out_proj, one of DECODE_PROJECTIONS (`project`).
     """
 
     out_gain = 1.0
 
     def __init__(self, d_model: int, *, num_heads: int, value_dim: int, use_swish_gate: bool,
                  use_head_norm: bool, norm_eps: float, chunk_size: int, dtype, param_dtype,
-                 rngs: nnx.Rngs, kernel: str = "xla", state_dtype=jnp.float32):
+                 rngs: nnx.Rngs, kernel: str = "xla", state_dtype=jnp.float32,
+                 decode_projections: str = "xla"):
         if kernel not in RETENTION_KERNELS:
             raise ValueError(f"kernel must be one of {RETENTION_KERNELS}, got {kernel!r}")
+        if decode_projections not in DECODE_PROJECTIONS:
+            raise ValueError(f"decode_projections must be one of {DECODE_PROJECTIONS}, "
+                             f"got {decode_projections!r}")
         self.kernel = kernel
+        self.decode_projections = decode_projections
         self.state_dtype = state_dtype
         self.num_heads = num_heads
         self.key_dim = d_model // num_heads
@@ -359,8 +438,17 @@ class RetentionBase(nnx.Module):
                                init=xavier_uniform(self.out_gain), dtype=dtype,
                                param_dtype=param_dtype, rngs=rngs)
 
-    def log_decay(self, x: Array) -> Array:
-        """Log decay for x [batch, time, d_model]: float32 [heads] or [batch, time, heads]."""
+    def input_projections(self) -> dict[str, nnx.Linear]:
+        """The Linears reading the block's normalised input, by name: q, k, v, then g (with
+        the swish gate) and any a subclass adds."""
+        linears = dict(q=self.q_proj, k=self.k_proj, v=self.v_proj)
+        if self.use_swish_gate:
+            linears["g"] = self.g_proj
+        return linears
+
+    def log_decay(self, projected: dict[str, Array]) -> Array:
+        """Log decay from the input projections (`input_projections`' names ->
+        [batch, time, d_out]): float32 [heads] or [batch, time, heads]."""
         raise NotImplementedError
 
     def row_scale(self, absolute_positions: Array) -> Array | None:
@@ -375,16 +463,21 @@ class RetentionBase(nnx.Module):
                                                    self.value_head_dim, self.state_dtype))
 
     def __call__(self, x: Array, *, mode: str, cache: RetentionCache | None = None,
-                 position: Array | None = None, valid: Array | None = None
-                 ) -> tuple[Array, RetentionCache | None]:
+                 position: Array | None = None, valid: Array | None = None,
+                 input_norm: RMSNorm | None = None) -> tuple[Array, RetentionCache | None]:
         """See the module docstring for the arguments; returns ([batch, time, d_model], cache)."""
         batch, time, _ = x.shape
+        impl = self.decode_projections if cache is not None else "xla"
+        linears = self.input_projections()
+        projected = dict(zip(linears, project(x, list(linears.values()), norm=input_norm,
+                                              impl=impl)))
         offset = 0 if position is None else position
-        q = positions.rotate(_split_heads(self.q_proj(x), self.num_heads), offset)
-        k = _split_heads(self.k_proj(x), self.num_heads) * jnp.asarray(self.key_dim**-0.5, x.dtype)
+        q = positions.rotate(_split_heads(projected["q"], self.num_heads), offset)
+        k = _split_heads(projected["k"], self.num_heads) * jnp.asarray(self.key_dim**-0.5,
+                                                                      x.dtype)
         k = positions.rotate(k, offset)
-        v = _split_heads(self.v_proj(x), self.num_heads)
-        log_decay = self.log_decay(x)
+        v = _split_heads(projected["v"], self.num_heads)
+        log_decay = self.log_decay(projected)
         if valid is not None:
             # Padded steps leave the state untouched: nothing added (k = 0), no decay (0).
             k = jnp.where(valid[..., None, None], k, jnp.zeros_like(k))
@@ -403,10 +496,11 @@ class RetentionBase(nnx.Module):
             o = rms_normalize(o, self.norm_eps)
         o = o.reshape(batch, time, -1).astype(self.dtype)
         if self.use_swish_gate:
-            o = jax.nn.silu(self.g_proj(x)) * o
+            o = jax.nn.silu(projected["g"]) * o
+        y = project(o, [self.out_proj], impl=impl)[0]
         if cache is None:
-            return self.out_proj(o), None
-        return self.out_proj(o), RetentionCache(state.astype(self.state_dtype))
+            return y, None
+        return y, RetentionCache(state.astype(self.state_dtype))
 
 
 class MultiScaleRetention(RetentionBase):
@@ -426,12 +520,13 @@ class MultiScaleRetention(RetentionBase):
     def __init__(self, d_model: int, *, num_heads: int, value_dim: int, use_swish_gate: bool,
                  use_head_norm: bool, norm_eps: float, chunk_size: int, decay_schedule: str,
                  decay_gamma: float, sqrt_row_scaling: bool, dtype, param_dtype,
-                 rngs: nnx.Rngs, kernel: str = "xla", state_dtype=jnp.float32):
+                 rngs: nnx.Rngs, kernel: str = "xla", state_dtype=jnp.float32,
+                 decode_projections: str = "xla"):
         super().__init__(d_model, num_heads=num_heads, value_dim=value_dim,
                          use_swish_gate=use_swish_gate, use_head_norm=use_head_norm,
                          norm_eps=norm_eps, chunk_size=chunk_size, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs, kernel=kernel,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, decode_projections=decode_projections)
         self.decay_schedule = decay_schedule
         self.decay_gamma = decay_gamma
         self.sqrt_row_scaling = sqrt_row_scaling
@@ -441,9 +536,9 @@ class MultiScaleRetention(RetentionBase):
         return positions.decay_log_gammas(self.num_heads, self.decay_schedule,
                                           gamma=self.decay_gamma)
 
-    def log_decay(self, x: Array) -> Array:
-        """float32 [heads], the same for every token (x is unused)."""
-        del x
+    def log_decay(self, projected: dict[str, Array]) -> Array:
+        """float32 [heads], the same for every token (projected is unused)."""
+        del projected
         return self.log_gammas()
 
     def row_scale(self, absolute_positions: Array) -> Array | None:
@@ -470,12 +565,12 @@ class GatedRetention(RetentionBase):
                  use_head_norm: bool, norm_eps: float, chunk_size: int,
                  gate_logit_normalizer: float, dtype, param_dtype, rngs: nnx.Rngs,
                  gate_bias: float | None = None, kernel: str = "xla",
-                 state_dtype=jnp.float32):
+                 state_dtype=jnp.float32, decode_projections: str = "xla"):
         super().__init__(d_model, num_heads=num_heads, value_dim=value_dim,
                          use_swish_gate=use_swish_gate, use_head_norm=use_head_norm,
                          norm_eps=norm_eps, chunk_size=chunk_size, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs, kernel=kernel,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, decode_projections=decode_projections)
         self.gate_logit_normalizer = gate_logit_normalizer
         self.gt_proj = linear(d_model, num_heads, ("embed", None), init=xavier_uniform(2**-2.5),
                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -483,9 +578,13 @@ class GatedRetention(RetentionBase):
                         nnx.Param(jnp.full((num_heads,), gate_bias, param_dtype),
                                   **sharded((None,))))
 
-    def log_decay(self, x: Array) -> Array:
-        """float32 [batch, time, heads], <= 0."""
-        logits = self.gt_proj(x).astype(jnp.float32)
+    def input_projections(self) -> dict[str, nnx.Linear]:
+        """The base class's, then the decay gate's gt."""
+        return {**super().input_projections(), "gt": self.gt_proj}
+
+    def log_decay(self, projected: dict[str, Array]) -> Array:
+        """float32 [batch, time, heads], <= 0, from the gate's logits projected["gt"]."""
+        logits = projected["gt"].astype(jnp.float32)
         if self.gt_bias is not None:
             logits = logits + self.gt_bias[...].astype(jnp.float32)
         return jax.nn.log_sigmoid(logits) / self.gate_logit_normalizer
@@ -511,11 +610,15 @@ class Attention(nnx.Module):
     Without a cache: `jax.nn.dot_product_attention(is_causal=True)` with the configured
     implementation. With a cache: keys/values of valid tokens are written at their absolute
     slots, and queries attend to slots <= their own position through an explicit mask (XLA),
-    which also handles per-sequence offsets.
+    which also handles per-sequence offsets. decode_projections: as retention's (`project`).
     """
 
     def __init__(self, d_model: int, *, num_heads: int, implementation: str | None, dtype,
-                 param_dtype, rngs: nnx.Rngs):
+                 param_dtype, rngs: nnx.Rngs, decode_projections: str = "xla"):
+        if decode_projections not in DECODE_PROJECTIONS:
+            raise ValueError(f"decode_projections must be one of {DECODE_PROJECTIONS}, "
+                             f"got {decode_projections!r}")
+        self.decode_projections = decode_projections
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.implementation = implementation
@@ -533,16 +636,19 @@ class Attention(nnx.Module):
         return AttentionCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
 
     def __call__(self, x: Array, *, mode: str, cache: AttentionCache | None = None,
-                 position: Array | None = None, valid: Array | None = None
-                 ) -> tuple[Array, AttentionCache | None]:
+                 position: Array | None = None, valid: Array | None = None,
+                 input_norm: RMSNorm | None = None) -> tuple[Array, AttentionCache | None]:
         """See the module docstring for the arguments; returns ([batch, time, d_model], cache).
         `mode` is accepted for the common interface and does not change the result."""
         del mode
         batch, time, _ = x.shape
+        impl = self.decode_projections if cache is not None else "xla"
+        q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj], norm=input_norm,
+                          impl=impl)
         offset = 0 if position is None else position
-        q = positions.rotate(_split_heads(self.q_proj(x), self.num_heads), offset)
-        k = positions.rotate(_split_heads(self.k_proj(x), self.num_heads), offset)
-        v = _split_heads(self.v_proj(x), self.num_heads)
+        q = positions.rotate(_split_heads(q, self.num_heads), offset)
+        k = positions.rotate(_split_heads(k, self.num_heads), offset)
+        v = _split_heads(v, self.num_heads)
 
         if cache is None:
             # Right-padding needs no mask here: valid queries only see earlier (valid) keys.
@@ -560,4 +666,4 @@ class Attention(nnx.Module):
             visible = jnp.arange(max_len)[None, None, :] <= query_pos[:, :, None]
             o = jax.nn.dot_product_attention(q, cache.key, cache.value,
                                              mask=visible[:, None], implementation="xla")
-        return self.out_proj(o.reshape(batch, time, -1)), cache
+        return project(o.reshape(batch, time, -1), [self.out_proj], impl=impl)[0], cache

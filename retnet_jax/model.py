@@ -29,8 +29,9 @@ from flax import nnx
 
 from retnet_jax import positions, sharding
 from retnet_jax.layers import (
-    ACTIVATIONS, FORWARD_MODES, LOGICAL_AXIS_NAMES, RETENTION_KERNELS, Attention, AttentionCache,
-    GatedFFN, GatedRetention, MultiScaleRetention, RetentionCache, RMSNorm, sharded)
+    ACTIVATIONS, DECODE_PROJECTIONS, FORWARD_MODES, LOGICAL_AXIS_NAMES, RETENTION_KERNELS,
+    Attention, AttentionCache, GatedFFN, GatedRetention, MultiScaleRetention, RetentionCache,
+    RMSNorm, sharded)
 
 Array = jax.Array
 
@@ -96,6 +97,11 @@ class ModelConfig:
         forward+backward 1.13-1.38x slower at the presets' 256 / 432; the decoding step
         faster at batch 32-64 only: BENCHMARKS.md) or 'pallas_interpret' (interpreted, any backend;
         tests). It changes no parameter: a model trained with one can decode with another.
+      decode_projections: how decoding steps of batch 1, 2, 4 or 8 compute the blocks'
+        projections (`layers.project`): 'xla' (default), 'pallas' (`kernels.projections_pallas`,
+        a GEMV kernel that reads each block's q|k|v|gate and FFN input weights in one pass,
+        with the pre-norm inside; GPU, single device; XLA elsewhere) or 'pallas_interpret'.
+        Larger batches and full sequences always use XLA's GEMMs. Changes no parameter.
     Attention:
       attention_impl: None (cuDNN on GPU for bf16, else XLA), 'xla' or 'cudnn'; used by the
         full-sequence forward (cached prefill/decoding always use XLA with an explicit mask).
@@ -148,6 +154,7 @@ class ModelConfig:
     gate_bias: float | None = None
     chunk_size: int = 64
     retention_kernel: str = "xla"
+    decode_projections: str = "xla"
     attention_impl: str | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -212,6 +219,9 @@ class ModelConfig:
         if self.retention_kernel not in RETENTION_KERNELS:
             _fail("retention_kernel", f"must be one of {RETENTION_KERNELS}, "
                   f"got {self.retention_kernel!r}")
+        if self.decode_projections not in DECODE_PROJECTIONS:
+            _fail("decode_projections", f"must be one of {DECODE_PROJECTIONS}, "
+                  f"got {self.decode_projections!r}")
         if self.activation not in ACTIVATIONS:
             _fail("activation", f"must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
         if self.decay_schedule not in positions.DECAY_SCHEDULES:
@@ -327,7 +337,8 @@ def _check_mode(mode: str) -> None:
 
 
 def _make_mixer(kind: str, config: ModelConfig, rngs: nnx.Rngs):
-    common = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+    common = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs,
+                  decode_projections=config.decode_projections)
     if kind == "attention":
         return Attention(config.d_model, num_heads=config.resolved_attention_heads,
                          implementation=config.attention_impl, **common)
@@ -352,15 +363,16 @@ class Block(nnx.Module):
         self.mixer = _make_mixer(mixer, config, rngs)
         self.ffn_norm = RMSNorm(config.d_model, **norm)
         self.ffn = GatedFFN(config.d_model, config.resolved_ffn_dim, activation=config.activation,
-                            dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+                            dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs,
+                            decode_projections=config.decode_projections)
 
     def __call__(self, x: Array, *, mode: str, cache=None, position: Array | None = None,
                  valid: Array | None = None):
         """x: [batch, time, d_model]; the rest as the mixers (layers.py). Returns (x, cache)."""
-        y, cache = self.mixer(self.mixer_norm(x), mode=mode, cache=cache, position=position,
-                              valid=valid)
+        y, cache = self.mixer(x, mode=mode, cache=cache, position=position, valid=valid,
+                              input_norm=self.mixer_norm)
         x = x + y
-        return x + self.ffn(self.ffn_norm(x)), cache
+        return x + self.ffn(x, input_norm=self.ffn_norm, decoding=cache is not None), cache
 
 
 def schedule_period(mixers: tuple[str, ...]) -> int:

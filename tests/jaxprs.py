@@ -1,7 +1,8 @@
-"""Walking traced programs in tests."""
+"""Walking traced programs in tests, and lowering them for the GPU without one."""
 
 import jax
 import jax.extend
+import pytest
 
 
 def equations(jaxpr):
@@ -14,3 +15,14 @@ def equations(jaxpr):
                     sub = sub.jaxpr
                 if isinstance(sub, jax.extend.core.Jaxpr):
                     yield from equations(sub)
+
+
+def lower_for_cuda(kernel, *args):
+    """The kernel's jit lowered for the cuda platform (no GPU needed on jax 0.10), as text."""
+    try:
+        lowered = jax.jit(kernel).trace(*args).lower(lowering_platforms=("cuda",))
+    except RuntimeError as e:  # newer jax asks for a (possibly abstract) GPU here
+        if "No supported GPU" not in str(e):  # (NotImplementedError is a RuntimeError)
+            raise
+        pytest.skip(f"Triton lowering needs a GPU on this jax: {e}")
+    return lowered.as_text()

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprs import equations
+from jaxprs import equations, lower_for_cuda
 from retnet_jax import retention
 from retnet_jax.kernels import (
     chunk_grads, chunk_output, chunk_states, chunkwise_retention_pallas, retention_step_pallas)
@@ -355,17 +355,6 @@ def test_state_segments_fill_the_grid(batch, heads, chunks, block_v, segments):
     assert state_segments(batch, heads, 128, 128, chunks, block_v=block_v) == segments
 
 
-def _lower_for_cuda(kernel, *args):
-    """The kernel's jit lowered for the cuda platform (no GPU needed on jax 0.10), as text."""
-    try:
-        lowered = jax.jit(kernel).trace(*args).lower(lowering_platforms=("cuda",))
-    except RuntimeError as e:  # newer jax asks for a (possibly abstract) GPU here
-        if "No supported GPU" not in str(e):  # (NotImplementedError is a RuntimeError)
-            raise
-        pytest.skip(f"Triton lowering needs a GPU on this jax: {e}")
-    return lowered.as_text()
-
-
 @pytest.mark.parametrize("chunk", [64, 128])
 @pytest.mark.parametrize("dtype, batch_decay", [(jnp.bfloat16, 1), (jnp.float32, 2)])
 def test_kernels_lower_for_the_triton_gpu_backend(chunk, dtype, batch_decay):
@@ -405,7 +394,7 @@ def test_kernels_lower_for_the_triton_gpu_backend(chunk, dtype, batch_decay):
                       (qk, qk, jax.ShapeDtypeStruct((batch, heads, value_dim), dtype), decay,
                        jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32))))
     for kernel, args in calls:
-        text = _lower_for_cuda(kernel, *args)
+        text = lower_for_cuda(kernel, *args)
         assert "triton" in text.lower()
 
 

@@ -232,7 +232,7 @@ def test_gate_bias_sets_the_initial_memory(gate_bias):
                                   rngs=nnx.Rngs(0))
     assert (layer.gt_bias is None) == (gate_bias is None)
     layer.gt_proj.kernel[...] = jnp.zeros_like(layer.gt_proj.kernel[...])
-    decay = np.exp(np.asarray(layer.log_decay(random_x(0)), np.float64))
+    decay = np.exp(np.asarray(layer.log_decay({"gt": layer.gt_proj(random_x(0))}), np.float64))
     bias = 0.0 if gate_bias is None else gate_bias
     np.testing.assert_allclose(decay, (1 / (1 + np.exp(-bias))) ** (1 / 16), rtol=1e-6)
 

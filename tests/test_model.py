@@ -291,6 +291,7 @@ def test_bad_mode_and_cache_arguments_raise(tiny_model):
     (dict(num_attention_heads=3), "num_attention_heads"),
     (dict(activation="tanh"), "activation"),
     (dict(retention_kernel="triton"), "retention_kernel"),
+    (dict(decode_projections="cublas"), "decode_projections"),
     (dict(decay_schedule="linear"), "decay_schedule"),
     (dict(decay_gamma=1.5), "decay_gamma"),
     (dict(dtype="float16"), "dtype"),
@@ -439,6 +440,33 @@ def test_pallas_decode_step_gives_the_same_logits_and_states(monkeypatch):
             assert rel_err(x, y) <= RTOL
 
 
+@pytest.mark.parametrize("batch, calls", [(2, 12), (3, 0)])
+def test_pallas_decode_projections_give_the_same_logits_and_states(monkeypatch, batch, calls):
+    """decode_projections='pallas_interpret': every block's projections (the norms inside)
+    through kernels.projections_pallas against XLA's, for retention, gated retention and
+    attention, after a prefill of uneven lengths; a batch of 3 (not a power of two) uses XLA."""
+    from retnet_jax.kernels import projections
+    traced = []
+    kernel = projections.projections_pallas
+    monkeypatch.setattr(projections, "projections_pallas",
+                        lambda *a, **k: traced.append(1) or kernel(*a, **k))
+    plain = make_model(small_config(SCHEDULES["hybrid"], d_model=64, value_dim=64), 13)
+    fused = with_config(plain, decode_projections="pallas_interpret")
+    cache = plain.init_cache(batch, 16)
+    _, cache = prefill(fused, random_tokens(13, batch, 5), jnp.asarray([5, 3, 4][:batch]), cache)
+    assert not traced                      # prefill is a full sequence: XLA's GEMMs
+    cache_plain = cache_fused = cache
+    with jax.default_matmul_precision("highest"):
+        for step in range(3):
+            tokens = random_tokens(14 + step, batch, 1)[:, 0]
+            logits_plain, cache_plain = decode_step(plain, tokens, cache_plain)
+            logits_fused, cache_fused = decode_step(fused, tokens, cache_fused)
+            assert rel_err(logits_fused, logits_plain) <= RTOL, step
+    assert len(traced) == calls            # per block: the mixer's two, the FFN's two
+    for x, y in zip(jax.tree.leaves(cache_fused), jax.tree.leaves(cache_plain), strict=True):
+        assert rel_err(x, y) <= RTOL
+
+
 @pytest.mark.parametrize("kernel", ["xla", "pallas_interpret"])
 def test_a_bfloat16_decode_state_halves_the_cache_and_tracks_float32(kernel):
     """state_dtype='bfloat16': the retention caches are bfloat16 (the attention cache is
@@ -500,6 +528,21 @@ def test_pallas_kernel_falls_back_to_xla(sizes, reason, caplog):
     if not sizes:  # sizes the kernel cannot take: an error when it is asked for explicitly
         with pytest.raises(ValueError, match="retention_kernel='pallas_interpret': value head"):
             forward(with_config(plain, retention_kernel="pallas_interpret"), tokens)
+
+
+def test_pallas_decode_projections_fall_back_to_xla_off_gpu(caplog):
+    if jax.default_backend() == "gpu":
+        pytest.skip("checks the CPU fallback")
+    plain = make_model(small_config(SCHEDULES["retention"]), 15)
+    fallback = with_config(plain, decode_projections="pallas")
+    cache = plain.init_cache(1, 8)
+    tokens = random_tokens(15, 1, 1)[:, 0]
+    layers._warn_projections_fallback.cache_clear()
+    with caplog.at_level("WARNING"):
+        got = decode_step(fallback, tokens, cache)[0]
+    np.testing.assert_array_equal(got, decode_step(plain, tokens, cache)[0])
+    assert ("decode_projections='pallas' falls back to XLA: backend 'cpu' is not a GPU"
+            in caplog.text)
 
 
 def test_gate_bias_reaches_every_gated_block():

@@ -1,0 +1,213 @@
+"""A Pallas kernel for decoding's projections: x [M, K] times weights [K, N], M <= 8 rows.
+
+At batch 1-8 a decoded token's time is mostly the blocks' weight reads (BENCHMARKS.md,
+"Decoding"), and XLA's GEMMs stream weights at 0.49-0.64 of the copy bandwidth there
+(session 14's profile). `projections_pallas` streams them as a GEMV does: one program per
+(group of `block_n` output columns, split of K), each summing x[m, k] * W[k, cols] over its
+rows in float32 on the CUDA cores (no tensor-core tile to fill at M = 1), the M rows sharing
+every weight tile it loads. Several weights that read the same x (a block's q, k, v and
+gate; the FFN's fc1 and gate) are one call and one kernel: each column group's programs
+read only their own weight (`lax.switch`), so the weights need not be concatenated.
+
+With `norm_scale`, x first goes through the blocks' RMSNorm (`layers.RMSNorm`: x / rms(x)
+rounded to x's dtype, times the scale in x's dtype), inside the kernel: each program
+computes its rows' 1 / rms from all of x (a few KB from L2) and scales x as it streams,
+so the norm costs no kernel of its own.
+
+The splits' partial sums come back float32 [splits, M, N] and are added by XLA
+(`projections_pallas` returns the sums), which fuses that sum into whatever reads the
+output (the residual add, the rotation of q and k, the FFN's gate). Weights are read in
+their stored dtype and rounded to x's dtype before the product, as `nnx.Linear` does.
+
+Forward only (decoding); written for the Pallas Triton backend (GPU) and run with
+`interpret=True` elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from retnet_jax.kernels.common import check_block_arg
+
+Array = jax.Array
+
+__all__ = ["MAX_ROWS", "projections_pallas", "default_block_k", "default_splits"]
+
+MAX_ROWS = 8          # rows of x (decoded sequences) a call takes: powers of two up to this
+MIN_PROGRAMS = 512    # default grid size: ~4 programs per SM of an H100/H200 keep loads in flight
+MAX_BLOCK_K = 64      # weight rows per loop step: [64, 128] tiles, as timed by bench_gemv.py
+
+
+def default_block_k(k: int) -> int:
+    """The largest power of two <= MAX_BLOCK_K dividing K (2048 -> 64, 3456 -> 64, 48 -> 16)."""
+    return math.gcd(k, MAX_BLOCK_K)
+
+
+def default_splits(k: int, columns: int, *, block_n: int, block_k: int,
+                   min_programs: int = MIN_PROGRAMS) -> int:
+    """The fewest K splits (each a whole number of block_k rows) that give at least
+    min_programs programs over `columns` output columns (the most splits if none does).
+    E.g. 1.3B's q|k|v|gate, K 2048 and 11,008 columns at 128 and 64: 8 splits, 688 programs."""
+    steps = k // block_k
+    groups = columns // block_n
+    options = [s for s in range(1, steps + 1) if steps % s == 0]
+    return next((s for s in options if groups * s >= min_programs), options[-1])
+
+
+def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, inv_rms, scale_ref,
+                    compute_dtype) -> list[Array]:
+    """For each of x's M rows, sum over this split's `rows` rows of K (from `start`, in
+    block_k steps) of x[m, k] * w[k, :]: a list of M float32 [BN]. With inv_rms (M float32
+    scalars) and scale_ref [K], x's rows are first RMS-normalised as `layers.RMSNorm` does."""
+    count = x_ref.shape[0]
+
+    def step(i, accs):
+        local = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+        ks = pl.ds(pl.multiple_of(start + i * block_k, block_k), block_k)
+        w = w_ref[local, :].astype(compute_dtype).astype(jnp.float32)        # [bk, BN]
+        if scale_ref is not None:
+            scale = scale_ref[ks].astype(compute_dtype)
+        out = []
+        for m in range(count):
+            x = x_ref[m, ks]
+            if inv_rms is not None:
+                x = (x.astype(jnp.float32) * inv_rms[m]).astype(compute_dtype) * scale
+            out.append(accs[m] + jnp.sum(x.astype(jnp.float32)[:, None] * w, axis=0))
+        return tuple(out)
+
+    zero = jnp.zeros((w_ref.shape[1],), jnp.float32)
+    return jax.lax.fori_loop(0, rows // block_k, step, (zero,) * count)
+
+
+def _inverse_rms(x_ref, *, block_k: int, eps: float) -> list[Array]:
+    """1 / sqrt(mean(x[m]^2) + eps) for each row of x_ref [M, K], float32 scalars."""
+    count, k = x_ref.shape
+
+    def step(i, sums):
+        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+        return tuple(s + jnp.sum(jnp.square(x_ref[m, ks].astype(jnp.float32)))
+                     for m, s in enumerate(sums))
+
+    sums = jax.lax.fori_loop(0, k // block_k, step, (jnp.float32(0),) * count)
+    return [jax.lax.rsqrt(s / k + eps) for s in sums]
+
+
+def _projections_kernel(x_ref, *refs, block_k: int, group_starts: tuple[int, ...],
+                        norm: bool, eps: float):
+    """One (column group j, K split s) program.
+
+    Refs: x [M, K] (all of it); with norm, the scale [K]; one weight tile [K / splits, BN]
+    per weight (only the one column group j belongs to is read); out: float32 [M, BN], the
+    split's partial sums.
+    """
+    scale_ref = None
+    if norm:
+        scale_ref, *refs = refs
+    *w_refs, o_ref = refs
+    j, s = pl.program_id(0), pl.program_id(1)
+    rows = w_refs[0].shape[0]
+    inv_rms = _inverse_rms(x_ref, block_k=block_k, eps=eps) if norm else None
+    which = sum((j >= start).astype(jnp.int32) for start in group_starts[1:])
+    kw = dict(start=s * rows, rows=rows, block_k=block_k, inv_rms=inv_rms,
+              scale_ref=scale_ref, compute_dtype=x_ref.dtype)
+    accs = jax.lax.switch(
+        which, [functools.partial(_split_products, x_ref, w, **kw) for w in w_refs])
+    for m, acc in enumerate(accs):
+        o_ref[m, :] = acc
+
+
+def _check(x: Array, weights: Sequence[Array], norm_scale: Array | None) -> None:
+    """Raises ValueError naming the argument whose shape or dtype does not fit."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be [M, K], got shape {x.shape}")
+    rows, k = x.shape
+    if rows > MAX_ROWS or rows & (rows - 1):
+        raise ValueError(f"x must have a power of two <= {MAX_ROWS} rows (decoded "
+                         f"sequences), got {rows}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be floating point, got dtype {x.dtype}")
+    if not weights:
+        raise ValueError("weights must hold at least one [K, N] array")
+    for i, w in enumerate(weights):
+        if w.ndim != 2 or w.shape[0] != k:
+            raise ValueError(f"weights[{i}] must be [K={k}, N], got shape {w.shape}")
+        if not jnp.issubdtype(w.dtype, jnp.floating):
+            raise ValueError(f"weights[{i}] must be floating point, got dtype {w.dtype}")
+    if norm_scale is not None and norm_scale.shape != (k,):
+        raise ValueError(f"norm_scale must be [K={k}], got shape {norm_scale.shape}")
+
+
+def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array | None = None,
+                       norm_eps: float = 1e-6, block_n: int = 128, block_k: int | None = None,
+                       splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                       interpret: bool = False) -> list[Array]:
+    """x @ w for each w of weights, in one kernel, optionally behind an RMSNorm of x.
+
+    Args:
+      x: [M, K], M a power of two <= MAX_ROWS, the compute dtype (the products round x and
+        the weights to it and sum in float32).
+      weights: [K, N_i] arrays of any float dtype (N_i not a multiple of block_n: zero
+        columns are added for the kernel and dropped from the result).
+      norm_scale: None, or [K]: x becomes `layers.RMSNorm`'s output with this scale first.
+      norm_eps: the norm's eps.
+      block_n: output columns per program (a power of two).
+      block_k: rows of K per loop step (a power of two dividing K); None:
+        `default_block_k`.
+      splits: programs per column group, each summing K / splits rows (a divisor of
+        K / block_k); None: `default_splits`.
+      num_warps, num_stages: Triton's, per program and for the K loop.
+      interpret: run in Pallas interpret mode (any backend, e.g. CPU tests).
+    Returns:
+      float32 [M, N_i] for each weight.
+    Raises:
+      ValueError naming the argument whose shape, dtype or size does not fit.
+    """
+    _check(x, weights, norm_scale)
+    rows, k = x.shape
+    block_n = check_block_arg("block_n", block_n)
+    block_k = check_block_arg("block_k", default_block_k(k) if block_k is None else block_k)
+    if k % block_k:
+        raise ValueError(f"block_k = {block_k} must divide K = {k} (x.shape[1])")
+    widths = [w.shape[1] for w in weights]
+    padded = [-(-n // block_n) * block_n for n in widths]
+    weights = [w if p == n else jnp.pad(w, ((0, 0), (0, p - n)))
+               for w, n, p in zip(weights, widths, padded)]
+    if splits is None:
+        splits = default_splits(k, sum(padded), block_n=block_n, block_k=block_k)
+    if not isinstance(splits, (int, np.integer)) or splits < 1 or (k // block_k) % splits:
+        raise ValueError(f"splits must divide K / block_k = {k // block_k}, got {splits!r}")
+    part = k // splits
+    groups = [p // block_n for p in padded]
+    starts = tuple(int(s) for s in np.cumsum([0] + groups[:-1]))
+
+    def weight_spec(start: int, count: int) -> pl.BlockSpec:
+        # Programs of other weights point at a valid tile of this one and never read it.
+        return pl.BlockSpec((part, block_n), lambda j, s: (s, jnp.clip(j - start, 0, count - 1)))
+
+    norm = norm_scale is not None
+    in_specs = [pl.BlockSpec((rows, k), lambda j, s: (0, 0))]
+    args = [x]
+    if norm:
+        in_specs.append(pl.BlockSpec((k,), lambda j, s: (0,)))
+        args.append(norm_scale)
+    partial = pl.pallas_call(
+        functools.partial(_projections_kernel, block_k=block_k, group_starts=starts,
+                          norm=norm, eps=float(norm_eps)),
+        grid=(sum(groups), splits),
+        in_specs=in_specs + [weight_spec(st, g) for st, g in zip(starts, groups)],
+        out_specs=pl.BlockSpec((None, rows, block_n), lambda j, s: (s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, rows, sum(padded)), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name="decode_projections",
+    )(*args, *weights)
+    total = partial.sum(0)
+    bounds = np.cumsum([0] + padded)
+    return [total[:, a:a + n] for a, n in zip(bounds[:-1], widths)]

@@ -1,0 +1,108 @@
+"""kernels.projections: decoding's GEMV kernel (interpreted on the CPU) against float64
+products, its argument checks, its grid, and its lowering for the Triton GPU backend."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprs import lower_for_cuda
+from retnet_jax.kernels.projections import (default_block_k, default_splits,
+                                             projections_pallas)
+
+EPS = 1e-6
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def reference(x, weights, scale, dtype) -> list[np.ndarray]:
+    """float64 products of x (after `layers.RMSNorm`'s norm with `scale`, if given) with the
+    weights rounded to the compute dtype, as `nnx.Linear` rounds them."""
+    wide = np.asarray(x, np.float64)
+    if scale is not None:
+        wide = wide / np.sqrt(np.mean(wide**2, axis=-1, keepdims=True) + EPS)
+        wide = wide * np.asarray(jnp.asarray(scale).astype(dtype), np.float64)
+    return [wide @ np.asarray(w.astype(dtype), np.float64) for w in weights]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("splits", [None, 1, 4])
+def test_projections_match_float64(rows, dtype, norm, splits):
+    # Three float32 weights read by one call, one of them narrower than a column group (40
+    # of 64: zero columns added and dropped); K = 256 walked in 32-row steps.
+    rng = np.random.default_rng(rows * 10 + splits if splits else rows)
+    k = 256
+    x = jnp.asarray(2 * rng.standard_normal((rows, k)), dtype)
+    weights = [jnp.asarray(rng.standard_normal((k, n)) * k**-0.5, jnp.float32)
+               for n in (128, 64, 40)]
+    scale = jnp.asarray(1 + 0.2 * rng.standard_normal(k), jnp.float32) if norm else None
+    got = projections_pallas(x, weights, norm_scale=scale, norm_eps=EPS, block_n=64,
+                             block_k=32, splits=splits, interpret=True)
+    for y, want in zip(got, reference(x, weights, scale, dtype), strict=True):
+        assert y.dtype == jnp.float32 and y.shape == want.shape
+        err = np.abs(np.asarray(y, np.float64) - want).max() / np.abs(want).max()
+        assert err <= TOLERANCE[dtype], err
+
+
+def test_every_row_is_normalised_by_its_own_rms():
+    # Rows 100x apart in scale give the same normalised products: a kernel sharing one
+    # 1 / rms across rows (or skipping the norm) fails. eps 0, which the smallest row would
+    # feel.
+    rng = np.random.default_rng(3)
+    row = rng.standard_normal(128)
+    x = jnp.asarray(np.stack([row, 100 * row, -row, 0.01 * row]), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((128, 64)), jnp.float32)
+    (y,) = projections_pallas(x, [w], norm_scale=jnp.ones(128), norm_eps=0.0, block_n=64,
+                              block_k=32, interpret=True)
+    np.testing.assert_allclose(y[1], y[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y[2], -y[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y[3], y[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k, columns, splits", [
+    (2048, 11008, 8),      # 1.3B's q|k|v|gate: 86 column groups, 688 programs
+    (2048, 6912, 16),      # its FFN fc1|gate: 54 groups x 16 = 864
+    (3456, 2048, 54),      # out and fc2: 16 groups; 27 splits give 432, so the most (54)
+])
+def test_default_splits_fill_the_grid(k, columns, splits):
+    assert default_splits(k, columns, block_n=128, block_k=64) == splits
+
+
+@pytest.mark.parametrize("k, block_k", [(2048, 64), (3456, 64), (48, 16), (36, 4)])
+def test_default_block_k_is_the_largest_power_of_two_dividing_k(k, block_k):
+    assert default_block_k(k) == block_k
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"x": jnp.ones((1, 1, 64))}, r"x must be \[M, K\]"),
+    ({"x": jnp.ones((3, 64))}, "power of two <= 8 rows"),
+    ({"x": jnp.ones((16, 64))}, "power of two <= 8 rows"),
+    ({"x": jnp.ones((1, 64), jnp.int32)}, "x must be floating point"),
+    ({"weights": [jnp.ones((32, 64))]}, r"weights\[0\] must be \[K=64, N\]"),
+    ({"weights": []}, "at least one"),
+    ({"norm_scale": jnp.ones(32)}, r"norm_scale must be \[K=64\]"),
+    ({"block_n": 48}, "block_n must be a power of two"),
+    ({"block_k": 128}, "block_k = 128 must divide K = 64"),
+    ({"splits": 3}, "splits must divide K / block_k = 4"),
+])
+def test_projections_reject_bad_arguments(change, match):
+    args = dict(x=jnp.ones((1, 64)), weights=[jnp.ones((64, 32))], block_n=32,
+                block_k=16) | change
+    with pytest.raises(ValueError, match=match):
+        projections_pallas(**args, interpret=True)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_projections_lower_for_the_triton_gpu_backend(rows):
+    # The 1.3B preset's shapes: q, k, v and gate behind the norm, and fc2 (K = 3456).
+    def struct(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    def normed(x, weights, scale):
+        return projections_pallas(x, weights, norm_scale=scale, norm_eps=EPS)
+    calls = [(normed, (struct(rows, 2048), [struct(2048, 2048), struct(2048, 2048),
+                                            struct(2048, 3456), struct(2048, 3456)],
+                       jax.ShapeDtypeStruct((2048,), jnp.float32))),
+             (projections_pallas, (struct(rows, 3456), [struct(3456, 2048)]))]
+    for kernel, args in calls:
+        assert "triton" in lower_for_cuda(kernel, *args).lower()
