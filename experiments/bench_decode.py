@@ -15,12 +15,14 @@ compiles it again with other XLA options (per compile, same process), timed besi
 `--hlo_dir` keeps each compiled loop's HLO, and every row counts its kernel
 launches per token by kind. `--retention_kernels=xla,pallas` times the RetNet's decode step
 with XLA's kernels and with the fused Pallas step (`kernels.retention_step_pallas`) side by
-side.
+side; `--decode_projections=xla,pallas` times both models with XLA's GEMMs and with the
+GEMV kernel for the blocks' projections (`kernels.projections_pallas`, batches 1-8).
 
   python experiments/bench_decode.py --config=configs/retnet_1_3b.py
   XLA_FLAGS=--xla_gpu_enable_command_buffer= python experiments/bench_decode.py ...
   python experiments/bench_decode.py --batches=1,8 --compiler_options=xla_gpu_enable_triton_gemm=false
   python experiments/bench_decode.py --contexts=8192 --retention_kernels=xla,pallas
+  python experiments/bench_decode.py --contexts=8192 --batches=1,8 --decode_projections=xla,pallas
 """
 
 import dataclasses
@@ -44,10 +46,10 @@ from ml_collections import config_flags  # noqa: E402
 
 from ceilings import copy_bandwidth  # noqa: E402
 from decode_models import (build, decode_configs, decode_loop, forced_decode,  # noqa: E402
-                           graphdef_of, random_cache, retnet_name, tree_bytes)
+                           graphdef_of, random_cache, retnet_name, same_weights, tree_bytes)
 from hlo_text import hlo_launches  # noqa: E402
 from retnet_jax.generate import decode_compiler_options  # noqa: E402
-from retnet_jax.layers import RETENTION_KERNELS  # noqa: E402
+from retnet_jax.layers import DECODE_PROJECTIONS, RETENTION_KERNELS  # noqa: E402
 from retnet_jax.model import DTYPES, ModelConfig  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/retnet_1_3b.py", "Model preset.")
@@ -85,6 +87,15 @@ flags.register_validator(
     "state_dtypes", lambda names: bool(names) and len(set(names)) == len(names)
     and set(names) <= set(DTYPES), message=f"--state_dtypes must be distinct names from "
     f"{tuple(DTYPES)}")
+_PROJECTIONS = flags.DEFINE_list(
+    "decode_projections", ["xla"], f"Both models' decode_projections, rows for each (from "
+    f"{DECODE_PROJECTIONS}; 'pallas' runs batch 1-8 steps' projections through the GEMV "
+    f"kernel `kernels.projections_pallas`); rows other than xla's are named "
+    f"'<name>-<projections>-projections' and checked against XLA's projections first.")
+flags.register_validator(
+    "decode_projections", lambda names: bool(names) and len(set(names)) == len(names)
+    and set(names) <= set(DECODE_PROJECTIONS), message=f"--decode_projections must be "
+    f"distinct names from {DECODE_PROJECTIONS}")
 flags.register_validator(
     "retention_kernels",
     lambda names: bool(names) and len(set(names)) == len(names)
@@ -106,18 +117,23 @@ def main(argv):
     new, repeats = _NEW.value, _REPEATS.value
     max_len_extra = new * (repeats + 2)
     models = decode_configs(base, _KERNELS.value, _STATE_DTYPES.value,
-                            max(contexts) + max_len_extra)
+                            max(contexts) + max_len_extra, tuple(_PROJECTIONS.value))
     device = jax.devices()[0]
     capacity = device.memory_stats().get("bytes_limit", 80e9) if device.platform == "gpu" else 16e9
     bandwidth = copy_bandwidth(_COPY_BYTES.value)
     print(f"device {device.device_kind}, jax {jax.__version__}, copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s, memory limit {capacity / 2**30:.1f} GiB")
 
-    retnets = [name for name in models if name != "transformer"]
+    retnets = [name for name in models if name.startswith("retnet")]
+    # Kernels, state dtype and projections change no weight: models share the first's.
+    owner = {}
+    for name, config in models.items():
+        owner.setdefault(same_weights(config), name)
     built = {}
     for name, config in models.items():
-        if name in retnets[1:]:   # kernel and state dtype change no weight: share the first's
-            graphdef, params = graphdef_of(config), built[retnets[0]]["params"]
+        first = owner[same_weights(config)]
+        if first != name:
+            graphdef, params = graphdef_of(config), built[first]["params"]
         else:
             graphdef, params = build(config)
         weight_bytes = tree_bytes(params)
@@ -139,7 +155,8 @@ def main(argv):
             return name, built[name]
         first = built[retnets[0]]
         graphdef = graphdef_of(dataclasses.replace(models[retnets[0]], retention_kernel="xla",
-                                                   state_dtype=state_dtype))
+                                                   state_dtype=state_dtype,
+                                                   decode_projections="xla"))
         return name, dict(params=first["params"], shape=(graphdef, first["shape"][1]),
                           run=decode_loop(graphdef, new))
 
@@ -159,8 +176,19 @@ def main(argv):
             kernel_checks.append(check_against_xla(
                 references["float32"][1], references[state_dtype][1], ref_name, min(contexts),
                 forced, reference_name=references["float32"][0], tolerance=math.inf))
-    # Every model's weights stay on the device; the RetNets share one copy.
-    all_weights = sum(m["weight_bytes"] for name, m in built.items() if name not in retnets[1:])
+    transformers = [name for name in models if name.startswith("transformer-")]
+    if transformers:
+        first = built[transformers[0]]
+        graphdef = graphdef_of(dataclasses.replace(models[transformers[0]],
+                                                   decode_projections="xla"))
+        reference = built.get("transformer") or dict(
+            params=first["params"], shape=(graphdef, first["shape"][1]),
+            run=decode_loop(graphdef, new))
+        kernel_checks += [check_against_xla(reference, built[name], name, min(contexts), forced,
+                                            reference_name="transformer")
+                          for name in transformers]
+    # Every model's weights stay on the device; models of the same weights share one copy.
+    all_weights = sum(built[name]["weight_bytes"] for name in set(owner.values()))
     start_all = time.time()
     results = []
     for context in contexts:
@@ -197,8 +225,8 @@ def check_against_xla(reference: dict, m: dict, name: str, context: int, tokens,
                       reference_name: str = "retnet", tolerance: float = 2e-2) -> dict:
     """Correctness before timing: the same random batch-2 cache at `context` fed the same
     tokens (int32 [steps, 2]; teacher forcing: with random weights a greedy near-tie flipped by
-    one rounding would send the two decodes down different tokens) by the XLA RetNet and by
-    `m` (same weights, another retention_kernel or state dtype). Returns the final states'
+    one rounding would send the two decodes down different tokens) by the XLA model and by
+    `m` (same weights, another retention_kernel, state dtype or decode_projections). Returns the final states'
     largest relative error and the fraction of steps whose greedy choices agree; exits
     (UsageError) when the error exceeds `tolerance` (bf16 compute), so a wrong kernel is
     never timed."""

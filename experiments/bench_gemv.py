@@ -1,21 +1,21 @@
-"""Batch-1 decoding's matrix-vector products: XLA's GEMM against a Pallas GEMV probe.
+"""Batch-1 decoding's matrix-vector products: XLA's GEMM against the Pallas GEMV kernel.
 
 At batch 1 a decoded token is a chain of [1, K] x [K, N] products, one per weight, and the
 weights are most of its bytes (BENCHMARKS.md "Decoding"). This times, for each weight shape
 of the 1.3B preset's blocks, `--layers` products in a dependent chain (each input depends on
 the previous output, as in a model; distinct weights, so none is served from L2), with
-(a) XLA's dot under `generate`'s batch-1 options and (b) a probe Pallas kernel at each
-tiling: one program per (group of `block_n` output columns, split of K), each streaming its
+(a) XLA's dot under `generate`'s batch-1 options and (b) the library's GEMV kernel
+(`kernels.projections_pallas`, what `decode_projections='pallas'` runs) at each tiling: one
+program per (group of `block_n` output columns, split of K), each streaming its
 [K / splits, block_n] weight tile in `block_k`-row steps and summing x_k * W[k, :] in
 float32; XLA adds the splits' partial sums. A shape `KxN1+N2+...` is one input against
 several weights kept apart, as the model keeps q, k, v and the gate: XLA gets one dot per
-weight (and may fuse them), the probe one kernel whose column groups span all of them, each
+weight (and may fuse them), the kernel one call whose column groups span all of them, each
 program reading only its own weight. With `--norm_prologue` each product first applies an
 RMSNorm with a learned scale to x, as the blocks do before q|k|v|gate and the FFN: XLA in a
-fusion of its own (the model's `layers.RMSNorm`), the probe inside the GEMV (each program
+fusion of its own (the model's `layers.RMSNorm`), the kernel inside the GEMV (each program
 reads all of x for its 1 / rms, then scales its rows as it streams them), so the kernel
-count per product shows what the prologue saves. The probe is not used by the library: it
-answers whether a GEMV kernel can read weights faster than XLA's GEMMs do at M = 1.
+count per product shows what the prologue saves.
 Each setting is checked against a float64 product before it is timed. Wall time per product
 (`us`) includes the launches between kernels; then `--traced_calls` more calls are traced
 and `kernel_us` is the median time the device ran kernels per product (the product's
@@ -35,12 +35,10 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
-
 from ceilings import copy_bandwidth
 from trace_kernels import busy_ns, device_kernels, trace_call
 from retnet_jax.generate import decode_compiler_options
+from retnet_jax.kernels.projections import default_splits, projections_pallas
 from retnet_jax.layers import rms_normalize
 
 _SHAPES = flags.DEFINE_list(
@@ -70,69 +68,11 @@ TOLERANCE = 2e-2     # bf16 output against float64
 EPS = 1e-6           # the RMSNorm's
 
 
-def _split_sum(x_ref, w_ref, block_k: int, scale_ref=None, inv_rms=None):
-    """x [Ks] . w [Ks, BN] -> float32 [BN], in block_k-row steps; with scale_ref [Ks] and the
-    scalar inv_rms, x's rows are first normalised: x * inv_rms * scale."""
-    def step(i, acc):
-        rows = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-        x = x_ref[rows].astype(jnp.float32)
-        if scale_ref is not None:
-            x = x * inv_rms * scale_ref[rows]
-        return acc + jnp.sum(x[:, None] * w_ref[rows, :].astype(jnp.float32), axis=0)
-    return jax.lax.fori_loop(0, x_ref.shape[0] // block_k, step,
-                             jnp.zeros((w_ref.shape[1],), jnp.float32))
-
-
-def _gemv_kernel(x_ref, *refs, block_k: int, group_starts: tuple[int, ...], norm: bool):
-    """One (column group, K split) program: the split's partial sum of its column group,
-    float32 [BN], from the one weight that group belongs to (group_starts: each weight's
-    first column group). norm: refs start with all of x [K] and the split's scale [Ks], and
-    x's rows are normalised (x / rms(x) * scale) as they stream."""
-    prologue = {}
-    if norm:
-        full_ref, scale_ref, *refs = refs
-        full = full_ref[...].astype(jnp.float32)
-        prologue = dict(scale_ref=scale_ref,
-                        inv_rms=jax.lax.rsqrt(jnp.sum(full * full) / full.shape[0] + EPS))
-    *w_refs, o_ref = refs
-    j = pl.program_id(0)
-    which = sum((j >= start).astype(jnp.int32) for start in group_starts[1:])
-    o_ref[...] = jax.lax.switch(which, [functools.partial(_split_sum, x_ref, w, block_k,
-                                                          **prologue) for w in w_refs])
-
-
-def gemv_pallas(x, weights, scale=None, *, block_n: int, splits: int, block_k: int,
-                num_warps: int, num_stages: int, interpret: bool = False) -> list:
-    """x [K] @ each w [K, N_i] of weights -> [N_i] in x's dtype, summed in float32, all in
-    one kernel (K / splits a multiple of block_k, each N_i of block_n); with scale (float32
-    [K]), x is first RMS-normalised and scaled inside the kernel."""
-    part = x.shape[0] // splits
-    norm = scale is not None
-    prologue_specs, prologue_args = [], []
-    if norm:
-        prologue_specs = [pl.BlockSpec((x.shape[0],), lambda j, s: (0,)),
-                          pl.BlockSpec((None, part), lambda j, s: (s, 0))]
-        prologue_args = [x, scale.reshape(splits, part)]
-    groups = [w.shape[1] // block_n for w in weights]
-    starts = tuple(int(s) for s in np.cumsum([0] + groups[:-1]))
-
-    def weight_spec(start: int, count: int):
-        # Programs of other weights point at a valid block of this one, never read.
-        return pl.BlockSpec((None, part, block_n),
-                            lambda j, s: (s, 0, jnp.clip(j - start, 0, count - 1)))
-    partial = pl.pallas_call(
-        functools.partial(_gemv_kernel, block_k=block_k, group_starts=starts, norm=norm),
-        grid=(sum(groups), splits),
-        in_specs=[pl.BlockSpec((None, part), lambda j, s: (s, 0))] + prologue_specs
-                 + [weight_spec(st, g) for st, g in zip(starts, groups)],
-        out_specs=pl.BlockSpec((None, block_n), lambda j, s: (s, j)),
-        out_shape=jax.ShapeDtypeStruct((splits, sum(groups) * block_n), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret, name="gemv_probe",
-    )(x.reshape(splits, part), *prologue_args,
-      *(w.reshape(splits, part, w.shape[1]) for w in weights))
-    y = partial.sum(0).astype(x.dtype)
-    return jnp.split(y, np.cumsum([w.shape[1] for w in weights])[:-1])
+def pallas_product(x, weights, scale=None, **kw) -> list:
+    """x [K] @ each weight through `kernels.projections_pallas` (one kernel; with scale,
+    float32 [K], x RMS-normalised inside it), x's dtype out."""
+    return [y[0].astype(x.dtype) for y in projections_pallas(
+        x[None], weights, norm_scale=scale, norm_eps=EPS, **kw)]
 
 
 def xla_product(x, weights, scale=None) -> list:
@@ -146,13 +86,12 @@ def xla_product(x, weights, scale=None) -> list:
 
 def splits_for(k: int, ns: list[int], block_n: int, block_k: int,
                programs: int) -> int | None:
-    """The fewest K splits (each a multiple of block_k rows) giving >= programs programs
-    over all the weights' column groups; None if block_n or block_k does not divide."""
+    """`default_splits` for at least `programs` programs over the weights' column groups;
+    None if block_n does not divide every N_i or block_k does not divide K."""
     if any(n % block_n for n in ns) or k % block_k:
         return None
-    groups = sum(ns) // block_n
-    options = [s for s in range(1, k // block_k + 1) if (k // block_k) % s == 0]
-    return next((s for s in options if groups * s >= programs), options[-1])
+    return default_splits(k, sum(ns), block_n=block_n, block_k=block_k,
+                          min_programs=programs)
 
 
 def chain(product):
@@ -246,7 +185,8 @@ def measure(k: int, ns: list[int], bandwidth: float, interpret: bool) -> list[di
         name = (f"pallas bn{s['block_n']} s{splits} w{s['num_warps']} st{s['num_stages']}")
         if any(name == p[0] for p in products):
             continue
-        products.append((name, kw, functools.partial(gemv_pallas, interpret=interpret, **kw)))
+        products.append((name, kw, functools.partial(pallas_product, interpret=interpret,
+                                                      **kw)))
     options = decode_compiler_options(1, jax.default_backend()) or None
     rows = []
     for name, kw, product in products:

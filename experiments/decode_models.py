@@ -15,26 +15,46 @@ from flax import nnx
 from retnet_jax.model import ModelConfig, RetNetLM, transformer_baseline
 
 
-def retnet_name(kernel: str, state_dtype: str) -> str:
+def projections_suffix(projections: str) -> str:
+    """'' for XLA's projections, else '-<decode_projections>-projections'."""
+    return "" if projections == "xla" else f"-{projections}-projections"
+
+
+def retnet_name(kernel: str, state_dtype: str, projections: str = "xla") -> str:
     """A RetNet row's model name: 'retnet', 'retnet-<kernel>', then '-<dtype>-state' unless
-    the state is float32."""
+    the state is float32, then `projections_suffix`."""
     name = "retnet" if kernel == "xla" else f"retnet-{kernel}"
-    return name if state_dtype == "float32" else f"{name}-{state_dtype}-state"
+    name = name if state_dtype == "float32" else f"{name}-{state_dtype}-state"
+    return name + projections_suffix(projections)
 
 
 def decode_configs(base: ModelConfig, kernels: list[str], state_dtypes: list[str],
-                   max_seq_len: int) -> dict[str, ModelConfig]:
+                   max_seq_len: int, projections: tuple[str, ...] = ("xla",)
+                   ) -> dict[str, ModelConfig]:
     """{model name: config} in bf16 with room for max_seq_len positions: a RetNet per
-    retention kernel and state dtype (`retnet_name`), then 'transformer'. The Transformer
-    has bench_train's 128-wide heads and an FFN width that is a multiple of the GEMM tiles
-    (5544, multiple=8, made XLA concatenate both FFN input weights in every decode step)."""
+    decode_projections, retention kernel and state dtype (`retnet_name`), then a
+    Transformer per decode_projections ('transformer' + `projections_suffix`). The
+    Transformer has bench_train's 128-wide heads and an FFN width that is a multiple of the
+    GEMM tiles (5544, multiple=8, made XLA concatenate both FFN input weights in every
+    decode step)."""
     base = dataclasses.replace(base, dtype="bfloat16", param_dtype="bfloat16",
                                max_seq_len=max_seq_len)
-    models = {retnet_name(kernel, state_dtype):
-              dataclasses.replace(base, retention_kernel=kernel, state_dtype=state_dtype)
-              for state_dtype in state_dtypes for kernel in kernels}
-    models["transformer"] = transformer_baseline(base, head_dim=128, multiple=128)
+    models = {retnet_name(kernel, state_dtype, impl):
+              dataclasses.replace(base, retention_kernel=kernel, state_dtype=state_dtype,
+                                  decode_projections=impl)
+              for impl in projections for state_dtype in state_dtypes for kernel in kernels}
+    transformer = transformer_baseline(base, head_dim=128, multiple=128)
+    models.update({"transformer" + projections_suffix(impl):
+                   dataclasses.replace(transformer, decode_projections=impl)
+                   for impl in projections})
     return models
+
+
+def same_weights(config: ModelConfig) -> str:
+    """A key equal for configs that differ only in how decoding is computed (retention
+    kernel, state dtype, projections), i.e. whose models can share one set of weights."""
+    return repr(dataclasses.replace(config, retention_kernel="xla", state_dtype="float32",
+                                    decode_projections="xla"))
 
 
 def graphdef_of(config: ModelConfig):

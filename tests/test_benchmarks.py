@@ -198,6 +198,24 @@ def test_bench_decode_times_each_retention_kernel(tmp_path, toy_config, kernels,
     assert all(c["greedy_agreement"] == 1 and 0 <= c["state_rel_err"] < 2e-2 for c in checks)
 
 
+def test_bench_decode_times_the_gemv_projections_checked_against_xla(tmp_path, toy_config):
+    out = tmp_path / "decode.json"
+    process = run_script("bench_decode.py", f"--config={toy_config}", "--contexts=16",
+                         "--batches=1", "--new_tokens=2", "--repeats=1",
+                         "--copy_bytes=1048576", "--decode_projections=pallas_interpret,xla",
+                         f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    result = json.loads(out.read_text())
+    fused = ["retnet-pallas_interpret-projections", "transformer-pallas_interpret-projections"]
+    assert [r["model"] for r in result["results"]] == [fused[0], "retnet", fused[1],
+                                                        "transformer"]
+    assert all(r["ms_per_token"] > 0 for r in result["results"])
+    checks = result["kernel_checks"]
+    assert [(c["model"], c["reference"]) for c in checks] == [
+        (fused[0], "retnet"), (fused[1], "transformer")]
+    assert all(c["greedy_agreement"] == 1 and c["state_rel_err"] < 2e-2 for c in checks)
+
+
 def test_bench_decode_times_a_bfloat16_state_checked_against_its_own_dtype(tmp_path,
                                                                           toy_config):
     out = tmp_path / "decode.json"
