@@ -28,7 +28,7 @@ from ceilings import copy_bandwidth, median_seconds
 from decode_models import build, decode_configs, decode_loop, graphdef_of, random_cache
 from hlo_text import launches
 from retnet_jax.generate import decode_compiler_options
-from retnet_jax.layers import RETENTION_KERNELS
+from retnet_jax.layers import DECODE_PROJECTIONS, RETENTION_KERNELS
 from retnet_jax.model import ModelConfig
 from trace_kernels import device_kernels, print_summary, summarize, trace_call
 
@@ -44,6 +44,11 @@ _COPY_BYTES = flags.DEFINE_integer("copy_bytes", 1 << 30, "Bytes of the copy-ban
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Keep the raw traces here (TensorBoard / "
                                  "xprof format); a temporary directory otherwise.")
 _OUT = flags.DEFINE_string("out", None, "Write all profiles as JSON here.")
+_PROJECTIONS = flags.DEFINE_list("decode_projections", ["xla"], "Both models' "
+                                 "decode_projections, a profile each (bench_decode's names).")
+flags.register_validator("decode_projections", lambda v: set(v) <= set(DECODE_PROJECTIONS),
+                         message=f"--decode_projections must be names from "
+                         f"{DECODE_PROJECTIONS}")
 flags.register_validator("retention_kernels", lambda v: set(v) <= set(RETENTION_KERNELS),
                          message=f"--retention_kernels must be names from {RETENTION_KERNELS}")
 flags.register_validator("batches", lambda v: all(b.isdigit() and int(b) > 0 for b in v),
@@ -86,9 +91,10 @@ def main(argv):
     del argv
     base = ModelConfig.from_config(_CONFIG.value.model)
     new = _NEW.value
-    configs = decode_configs(base, _KERNELS.value, ["float32"], _CONTEXT.value + 8 * new)
+    configs = decode_configs(base, _KERNELS.value, ["float32"], _CONTEXT.value + 8 * new,
+                             tuple(_PROJECTIONS.value))
     if not _TRANSFORMER.value:
-        del configs["transformer"]
+        configs = {n: c for n, c in configs.items() if not n.startswith("transformer")}
     device = jax.devices()[0]
     bandwidth = copy_bandwidth(_COPY_BYTES.value)
     print(f"device {device.device_kind}, jax {jax.__version__}, copy bandwidth "

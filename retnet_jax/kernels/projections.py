@@ -87,17 +87,25 @@ def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, inv_rms, sc
     return jax.lax.fori_loop(0, rows // block_k, step, (zero,) * count)
 
 
-def _inverse_rms(x_ref, *, block_k: int, eps: float) -> list[Array]:
-    """1 / sqrt(mean(x[m]^2) + eps) for each row of x_ref [M, K], float32 scalars."""
+def _power_of_two_pieces(k: int) -> list[pl.Slice]:
+    """Static slices covering [0, k) in power-of-two lengths, largest first (3456 -> 2048,
+    1024, 256, 128): each one load, none waiting for another."""
+    slices, start = [], 0
+    while start < k:
+        size = 1 << ((k - start).bit_length() - 1)
+        slices.append(pl.ds(start, size))
+        start += size
+    return slices
+
+
+def _inverse_rms(x_ref, *, eps: float) -> list[Array]:
+    """1 / sqrt(mean(x[m]^2) + eps) for each row of x_ref [M, K], float32 scalars. The row
+    is read in a few independent power-of-two loads (from L2: every program reads it), not
+    a loop whose steps wait for each other."""
     count, k = x_ref.shape
-
-    def step(i, sums):
-        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-        return tuple(s + jnp.sum(jnp.square(x_ref[m, ks].astype(jnp.float32)))
-                     for m, s in enumerate(sums))
-
-    sums = jax.lax.fori_loop(0, k // block_k, step, (jnp.float32(0),) * count)
-    return [jax.lax.rsqrt(s / k + eps) for s in sums]
+    sums = [sum(jnp.sum(jnp.square(x_ref[m, piece].astype(jnp.float32)))
+                for piece in _power_of_two_pieces(k)) for m in range(count)]
+    return [jax.lax.rsqrt(total / k + eps) for total in sums]
 
 
 def _projections_kernel(x_ref, *refs, block_k: int, group_starts: tuple[int, ...],
@@ -114,7 +122,7 @@ def _projections_kernel(x_ref, *refs, block_k: int, group_starts: tuple[int, ...
     *w_refs, o_ref = refs
     j, s = pl.program_id(0), pl.program_id(1)
     rows = w_refs[0].shape[0]
-    inv_rms = _inverse_rms(x_ref, block_k=block_k, eps=eps) if norm else None
+    inv_rms = _inverse_rms(x_ref, eps=eps) if norm else None
     which = sum((j >= start).astype(jnp.int32) for start in group_starts[1:])
     kw = dict(start=s * rows, rows=rows, block_k=block_k, inv_rms=inv_rms,
               scale_ref=scale_ref, compute_dtype=x_ref.dtype)
