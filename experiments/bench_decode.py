@@ -16,7 +16,7 @@ compiles it again with other XLA options (per compile, same process), timed besi
 launches per token by kind. `--retention_kernels=xla,pallas` times the RetNet's decode step
 with XLA's kernels and with the fused Pallas step (`kernels.retention_step_pallas`) side by
 side; `--decode_projections=xla,pallas` times both models with XLA's GEMMs and with the
-GEMV kernel for the blocks' projections (`kernels.projections_pallas`, batches 1-8).
+GEMV kernel for the blocks' projections (`kernels.projections_pallas`, batch 1).
 
   python experiments/bench_decode.py --config=configs/retnet_1_3b.py
   XLA_FLAGS=--xla_gpu_enable_command_buffer= python experiments/bench_decode.py ...
@@ -89,7 +89,7 @@ flags.register_validator(
     f"{tuple(DTYPES)}")
 _PROJECTIONS = flags.DEFINE_list(
     "decode_projections", ["xla"], f"Both models' decode_projections, rows for each (from "
-    f"{DECODE_PROJECTIONS}; 'pallas' runs batch 1-8 steps' projections through the GEMV "
+    f"{DECODE_PROJECTIONS}; 'pallas' runs batch-1 steps' projections through the GEMV "
     f"kernel `kernels.projections_pallas`); rows other than xla's are named "
     f"'<name>-<projections>-projections' and checked against XLA's projections first.")
 flags.register_validator(
@@ -162,14 +162,18 @@ def main(argv):
 
     references = {dtype: xla_reference(dtype)
                   for dtype in dict.fromkeys(["float32", *_STATE_DTYPES.value])}
-    # The checks' inputs: the same random tokens for every model (teacher forcing).
+    # The checks' inputs: the same random tokens for every model (teacher forcing), for two
+    # sequences, or one where the projections kernel is on (it runs at batch 1 only).
     forced = jnp.asarray(np.random.default_rng(0).integers(0, base.vocab_size, (new, 2)),
                          jnp.int32)
+
+    def forced_for(name: str):
+        return forced if models[name].decode_projections == "xla" else forced[:, :1]
     kernel_checks = []
     for state_dtype in _STATE_DTYPES.value:
         ref_name, reference = references[state_dtype]
         kernel_checks += [check_against_xla(reference, built[name], name, min(contexts),
-                                            forced, reference_name=ref_name)
+                                            forced_for(name), reference_name=ref_name)
                           for name in retnets
                           if name != ref_name and models[name].state_dtype == state_dtype]
         if state_dtype != "float32":
@@ -184,8 +188,8 @@ def main(argv):
         reference = built.get("transformer") or dict(
             params=first["params"], shape=(graphdef, first["shape"][1]),
             run=decode_loop(graphdef, new))
-        kernel_checks += [check_against_xla(reference, built[name], name, min(contexts), forced,
-                                            reference_name="transformer")
+        kernel_checks += [check_against_xla(reference, built[name], name, min(contexts),
+                                            forced_for(name), reference_name="transformer")
                           for name in transformers]
     # Every model's weights stay on the device; models of the same weights share one copy.
     all_weights = sum(built[name]["weight_bytes"] for name in set(owner.values()))
@@ -223,26 +227,26 @@ def main(argv):
 
 def check_against_xla(reference: dict, m: dict, name: str, context: int, tokens, *,
                       reference_name: str = "retnet", tolerance: float = 2e-2) -> dict:
-    """Correctness before timing: the same random batch-2 cache at `context` fed the same
-    tokens (int32 [steps, 2]; teacher forcing: with random weights a greedy near-tie flipped by
+    """Correctness before timing: the same random cache at `context` fed the same tokens
+    (int32 [steps, batch]; teacher forcing: with random weights a greedy near-tie flipped by
     one rounding would send the two decodes down different tokens) by the XLA model and by
-    `m` (same weights, another retention_kernel, state dtype or decode_projections). Returns the final states'
-    largest relative error and the fraction of steps whose greedy choices agree; exits
+    `m` (same weights, another retention_kernel, state dtype or decode_projections). Returns
+    the final states' largest relative error and the fraction of steps whose greedy choices agree; exits
     (UsageError) when the error exceeds `tolerance` (bf16 compute), so a wrong kernel is
     never timed."""
-    new = tokens.shape[0]
+    new, batch = tokens.shape
     outputs = []
     for model in (reference, m):
-        cache = random_cache(model["shape"], 2, context + new, context, seed=1)
+        cache = random_cache(model["shape"], batch, context + new, context, seed=1)
         choices, cache = forced_decode(model["shape"][0])(model["params"], cache, tokens)
         outputs.append((np.asarray(choices), [np.asarray(x, np.float64) for x in
                                               jax.tree.leaves(cache.layers)]))
     (choices_a, states_a), (choices_b, states_b) = outputs
     error = max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
                 for a, b in zip(states_a, states_b, strict=True))
-    check = dict(model=name, reference=reference_name, state_rel_err=error,
+    check = dict(model=name, reference=reference_name, batch=batch, state_rel_err=error,
                  greedy_agreement=float((choices_a == choices_b).mean()))
-    print(f"{name} against {reference_name}, batch 2, {new} forced tokens: {check}",
+    print(f"{name} against {reference_name}, batch {batch}, {new} forced tokens: {check}",
           flush=True)
     if not error <= tolerance:   # also when NaN
         raise app.UsageError(f"{name} decodes a state {error:.3g} away from "

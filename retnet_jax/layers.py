@@ -55,6 +55,10 @@ RETENTION_KERNELS = ("xla", "pallas", "pallas_interpret")
 # Decoding steps' projections (`project`): XLA's dots, the Pallas GEMV kernel (GPU; XLA
 # elsewhere or where it does not apply), or that kernel interpreted (any backend; tests).
 DECODE_PROJECTIONS = ("xla", "pallas", "pallas_interpret")
+# The batch sizes whose decoding steps use the kernel: on an H200 the 1.3B preset decodes
+# 15 % faster with it at batch 1, 2.7x slower at batch 8 (XLA then transposes the
+# retention states around the step; BENCHMARKS.md "Decoding", session 16).
+PROJECTION_KERNEL_BATCHES = (1,)
 ACTIVATIONS = {"swish": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
                "relu": jax.nn.relu}  # torchscale's names; gelu is exact (erf) as torch's F.gelu
 
@@ -94,14 +98,13 @@ def _warn_projections_fallback(reason: str) -> None:
 def _projections_kernel_args(impl: str, x: Array, linears: Sequence[nnx.Linear]) -> dict | None:
     """kwargs for `kernels.projections_pallas` when `project` should use it, else None (XLA):
     impl 'pallas' (on a GPU, no multi-device mesh in context) or 'pallas_interpret', one
-    token (time 1) for a power-of-two batch <= its MAX_ROWS, x in the linears' dtype."""
+    token (time 1) of a batch in PROJECTION_KERNEL_BATCHES, x in the linears' dtype."""
     if impl not in DECODE_PROJECTIONS:
         raise ValueError(f"decode_projections must be one of {DECODE_PROJECTIONS}, got {impl!r}")
     if impl == "xla":
         return None
-    from retnet_jax.kernels import projections   # only when asked for: it imports Pallas
     batch, time, _ = x.shape
-    if (time != 1 or batch > projections.MAX_ROWS or batch & (batch - 1)
+    if (time != 1 or batch not in PROJECTION_KERNEL_BATCHES
             or any(lin.dtype not in (None, x.dtype) for lin in linears)):
         return None                 # not a small decoding step: XLA's GEMMs are the tool
     if impl == "pallas_interpret":
@@ -120,8 +123,8 @@ def project(x: Array, linears: Sequence[nnx.Linear], *, norm: RMSNorm | None = N
             impl: str = "xla") -> list[Array]:
     """Each bias-free Linear of `linears` applied to norm(x) (x if norm is None).
 
-    With impl 'pallas' or 'pallas_interpret' and a single-token x of a power-of-two batch
-    <= 8 (a decoding step), all of them are one `kernels.projections_pallas` call that
+    With impl 'pallas' or 'pallas_interpret' and a single-token x of a batch in
+    PROJECTION_KERNEL_BATCHES (a decoding step), all of them are one `kernels.projections_pallas` call that
     applies the norm too; otherwise XLA's dots after the norm (see `DECODE_PROJECTIONS`).
 
     Args:

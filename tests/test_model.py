@@ -440,11 +440,11 @@ def test_pallas_decode_step_gives_the_same_logits_and_states(monkeypatch):
             assert rel_err(x, y) <= RTOL
 
 
-@pytest.mark.parametrize("batch, calls", [(2, 12), (3, 0)])
+@pytest.mark.parametrize("batch, calls", [(1, 12), (2, 0)])
 def test_pallas_decode_projections_give_the_same_logits_and_states(monkeypatch, batch, calls):
     """decode_projections='pallas_interpret': every block's projections (the norms inside)
     through kernels.projections_pallas against XLA's, for retention, gated retention and
-    attention, after a prefill of uneven lengths; a batch of 3 (not a power of two) uses XLA."""
+    attention, after a prefill; a batch of 2 (not in PROJECTION_KERNEL_BATCHES) uses XLA."""
     from retnet_jax.kernels import projections
     traced = []
     kernel = projections.projections_pallas
