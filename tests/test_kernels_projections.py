@@ -69,10 +69,9 @@ def test_default_splits_fill_the_grid(k, columns, splits):
     assert default_splits(k, columns, block_n=128, block_k=64) == splits
 
 
-@pytest.mark.parametrize("k, rows, block_k", [(2048, 1, 64), (3456, 1, 64), (48, 1, 16),
-                                              (36, 1, 4), (2048, 8, 8), (48, 4, 16)])
-def test_default_block_k_is_the_largest_power_of_two_dividing_k(k, rows, block_k):
-    assert default_block_k(k, rows) == block_k
+@pytest.mark.parametrize("k, block_k", [(2048, 64), (3456, 64), (48, 16), (36, 4)])
+def test_default_block_k_is_the_largest_power_of_two_dividing_k(k, block_k):
+    assert default_block_k(k) == block_k
 
 
 @pytest.mark.parametrize("change, match", [

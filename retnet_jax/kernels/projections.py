@@ -46,11 +46,9 @@ MIN_PROGRAMS = 512    # default grid size: ~4 programs per SM of an H100/H200 ke
 MAX_BLOCK_K = 64      # weight rows per loop step: [64, 128] tiles, as timed by bench_gemv.py
 
 
-def default_block_k(k: int, rows: int = 1) -> int:
-    """The largest power of two <= MAX_BLOCK_K / rows dividing K (each of x's M rows keeps a
-    [block_k, block_n] float32 accumulator): 2048 -> 64, 3456 -> 64, 48 -> 16; at 8 rows,
-    2048 -> 8."""
-    return math.gcd(k, max(1, MAX_BLOCK_K // rows))
+def default_block_k(k: int) -> int:
+    """The largest power of two <= MAX_BLOCK_K dividing K (2048 -> 64, 3456 -> 64, 48 -> 16)."""
+    return math.gcd(k, MAX_BLOCK_K)
 
 
 def default_splits(k: int, columns: int, *, block_n: int, block_k: int,
@@ -68,10 +66,7 @@ def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, inv_rms, sc
                     compute_dtype) -> list[Array]:
     """For each of x's M rows, sum over this split's `rows` rows of K (from `start`, in
     block_k steps) of x[m, k] * w[k, :]: a list of M float32 [BN]. With inv_rms (M float32
-    scalars) and scale_ref [K], x's rows are first RMS-normalised as `layers.RMSNorm` does.
-    The products accumulate elementwise in [block_k, BN] registers and are summed over K
-    once, after the loop: a sum over the tile's rows in every step would exchange values
-    between threads each time."""
+    scalars) and scale_ref [K], x's rows are first RMS-normalised as `layers.RMSNorm` does."""
     count = x_ref.shape[0]
 
     def step(i, accs):
@@ -85,12 +80,11 @@ def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, inv_rms, sc
             x = x_ref[m, ks]
             if inv_rms is not None:
                 x = (x.astype(jnp.float32) * inv_rms[m]).astype(compute_dtype) * scale
-            out.append(accs[m] + x.astype(jnp.float32)[:, None] * w)
+            out.append(accs[m] + jnp.sum(x.astype(jnp.float32)[:, None] * w, axis=0))
         return tuple(out)
 
-    zero = jnp.zeros((block_k, w_ref.shape[1]), jnp.float32)
-    accs = jax.lax.fori_loop(0, rows // block_k, step, (zero,) * count)
-    return [jnp.sum(acc, axis=0) for acc in accs]
+    zero = jnp.zeros((w_ref.shape[1],), jnp.float32)
+    return jax.lax.fori_loop(0, rows // block_k, step, (zero,) * count)
 
 
 def _power_of_two_pieces(k: int) -> list[pl.Slice]:
@@ -187,8 +181,7 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
     _check(x, weights, norm_scale)
     rows, k = x.shape
     block_n = check_block_arg("block_n", block_n)
-    block_k = check_block_arg("block_k", default_block_k(k, rows) if block_k is None
-                              else block_k)
+    block_k = check_block_arg("block_k", default_block_k(k) if block_k is None else block_k)
     if k % block_k:
         raise ValueError(f"block_k = {block_k} must divide K = {k} (x.shape[1])")
     widths = [w.shape[1] for w in weights]
