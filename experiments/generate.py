@@ -13,7 +13,7 @@ from absl import app, flags, logging
 import jax
 
 from retnet_jax import train
-from retnet_jax.layers import RETENTION_KERNELS
+from retnet_jax.layers import DECODE_PROJECTIONS, RETENTION_KERNELS
 from retnet_jax.model import DTYPES
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
@@ -30,6 +30,9 @@ _STATE_DTYPE = flags.DEFINE_enum("state_dtype", None, list(DTYPES), "The decodin
                                  "dtype (default: the run's).")
 _RETENTION_KERNEL = flags.DEFINE_enum("retention_kernel", None, list(RETENTION_KERNELS),
                                       "Retention kernel (default: the run's).")
+_DECODE_PROJECTIONS = flags.DEFINE_enum(
+    "decode_projections", None, list(DECODE_PROJECTIONS), "Batch-1 decoding's projections: "
+    "'pallas' reads each block's weights through the GEMV kernel (default: the run's).")
 
 
 def main(argv):
@@ -38,7 +41,8 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     overrides = {name: flag.value for name, flag in (("state_dtype", _STATE_DTYPE),
-                                                      ("retention_kernel", _RETENTION_KERNEL))
+                                                      ("retention_kernel", _RETENTION_KERNEL),
+                                                      ("decode_projections", _DECODE_PROJECTIONS))
                  if flag.value is not None}
     model, _, step = train.load_model(_WORKDIR.value, step=_STEP.value, best=_BEST.value,
                                       model_overrides=overrides)

@@ -24,6 +24,9 @@ needed): the kernels index one chunk of the time axis directly, never a transpos
                                  bfloat16, `ModelConfig.state_dtype`; as XLA's fused step
                                  does at batch 8-32; faster than it only at batch 32-64,
                                  BENCHMARKS.md).
+* `projections.projections_pallas`  decoding's GEMV: x [M <= 8, K] times several weights in
+                                 one kernel, optionally behind the blocks' RMSNorm
+                                 (`ModelConfig.decode_projections`; imported on its own).
 * `unsupported_reason`           why given head dims / chunk size cannot use the kernels
                                  (then `run_retention` uses XLA).
 
