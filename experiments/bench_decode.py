@@ -22,7 +22,7 @@ GEMV kernel for the blocks' projections (`kernels.projections_pallas`, batch 1).
   XLA_FLAGS=--xla_gpu_enable_command_buffer= python experiments/bench_decode.py ...
   python experiments/bench_decode.py --batches=1,8 --compiler_options=xla_gpu_enable_triton_gemm=false
   python experiments/bench_decode.py --contexts=8192 --retention_kernels=xla,pallas
-  python experiments/bench_decode.py --contexts=8192 --batches=1,8 --decode_projections=xla,pallas
+  python experiments/bench_decode.py --contexts=8192 --batches=1 --decode_projections=xla,pallas
 """
 
 import dataclasses
@@ -49,7 +49,8 @@ from decode_models import (build, decode_configs, decode_loop, forced_decode,  #
                            graphdef_of, random_cache, retnet_name, same_weights, tree_bytes)
 from hlo_text import hlo_launches  # noqa: E402
 from retnet_jax.generate import decode_compiler_options  # noqa: E402
-from retnet_jax.layers import DECODE_PROJECTIONS, RETENTION_KERNELS  # noqa: E402
+from retnet_jax.layers import (DECODE_PROJECTIONS, PROJECTION_KERNEL_BATCHES,  # noqa: E402
+                               RETENTION_KERNELS)
 from retnet_jax.model import DTYPES, ModelConfig  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/retnet_1_3b.py", "Model preset.")
@@ -75,32 +76,33 @@ _COMPILER_OPTIONS = flags.DEFINE_multi_string(
 _XLA_DEFAULTS = flags.DEFINE_bool(
     "xla_defaults", False, "Compile the first option set with XLA's defaults instead of the "
     "options generate uses at each batch (generate.decode_compiler_options).")
-_KERNELS = flags.DEFINE_list(
-    "retention_kernels", ["xla"], f"The RetNet's retention_kernel, one RetNet row each (from "
-    f"{RETENTION_KERNELS}; 'pallas' decodes each token's retention with the fused step kernel "
-    f"`kernels.retention_step_pallas`); rows 'retnet' (xla) and 'retnet-<kernel>'.")
-_STATE_DTYPES = flags.DEFINE_list(
-    "state_dtypes", ["float32"], f"The RetNets' decoding state dtypes (ModelConfig.state_dtype, "
-    f"from {tuple(DTYPES)}): each kernel's row for each; rows other than float32 are named "
-    f"'<name>-<dtype>-state' and checked against XLA's decode with the same state dtype.")
-flags.register_validator(
-    "state_dtypes", lambda names: bool(names) and len(set(names)) == len(names)
-    and set(names) <= set(DTYPES), message=f"--state_dtypes must be distinct names from "
-    f"{tuple(DTYPES)}")
-_PROJECTIONS = flags.DEFINE_list(
-    "decode_projections", ["xla"], f"Both models' decode_projections, rows for each (from "
-    f"{DECODE_PROJECTIONS}; 'pallas' runs batch-1 steps' projections through the GEMV "
-    f"kernel `kernels.projections_pallas`); rows other than xla's are named "
+
+
+def distinct_names_flag(name: str, default: list[str], allowed, help_text: str):
+    """A list flag whose entries must be distinct names from `allowed` (checked at parse)."""
+    holder = flags.DEFINE_list(name, default, help_text)
+    flags.register_validator(
+        name, lambda names: bool(names) and len(set(names)) == len(names)
+        and set(names) <= set(allowed),
+        message=f"--{name} must be distinct names from {tuple(allowed)}")
+    return holder
+
+
+_KERNELS = distinct_names_flag(
+    "retention_kernels", ["xla"], RETENTION_KERNELS, f"The RetNet's retention_kernel, one "
+    f"RetNet row each (from {RETENTION_KERNELS}; 'pallas' decodes each token's retention with "
+    f"the fused step kernel `kernels.retention_step_pallas`); rows 'retnet' (xla) and "
+    f"'retnet-<kernel>'.")
+_STATE_DTYPES = distinct_names_flag(
+    "state_dtypes", ["float32"], DTYPES, f"The RetNets' decoding state dtypes "
+    f"(ModelConfig.state_dtype, from {tuple(DTYPES)}): each kernel's row for each; rows other "
+    f"than float32 are named '<name>-<dtype>-state' and checked against XLA's decode with the "
+    f"same state dtype.")
+_PROJECTIONS = distinct_names_flag(
+    "decode_projections", ["xla"], DECODE_PROJECTIONS, f"Both models' decode_projections, "
+    f"rows for each (from {DECODE_PROJECTIONS}; 'pallas' runs batch-1 steps' projections "
+    f"through the GEMV kernel `kernels.projections_pallas`); rows other than xla's are named "
     f"'<name>-<projections>-projections' and checked against XLA's projections first.")
-flags.register_validator(
-    "decode_projections", lambda names: bool(names) and len(set(names)) == len(names)
-    and set(names) <= set(DECODE_PROJECTIONS), message=f"--decode_projections must be "
-    f"distinct names from {DECODE_PROJECTIONS}")
-flags.register_validator(
-    "retention_kernels",
-    lambda names: bool(names) and len(set(names)) == len(names)
-    and set(names) <= set(RETENTION_KERNELS),
-    message=f"--retention_kernels must be distinct names from {RETENTION_KERNELS}")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled decode loop's optimized "
                                "HLO here (<model>_batch<B>_context<T>[_<option>-<value>].txt), "
                                "e.g. to see how XLA lowers batch 1's matmuls against batch 8's.")
@@ -211,6 +213,10 @@ def main(argv):
                                state_gib=state_bytes / 2**30, floor_ms=m["floor_ms"])
                     if time.time() - start_all > _BUDGET.value:
                         row["skipped"] = "time budget"
+                    elif (models[name].decode_projections != "xla"
+                          and batch not in PROJECTION_KERNEL_BATCHES):
+                        row["skipped"] = (f"decode_projections runs XLA's GEMMs at batch "
+                                          f"{batch} (layers.PROJECTION_KERNEL_BATCHES)")
                     elif all_weights + state_bytes > _MEMORY_FRACTION.value * capacity:
                         row["skipped"] = (
                             f"does not fit: {(all_weights + state_bytes) / 2**30:.1f} GiB > "

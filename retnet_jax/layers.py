@@ -11,9 +11,10 @@ Every token mixer (`MultiScaleRetention`, `GatedRetention`, `Attention`) has one
   `AttentionCache`), which is read and returned updated.
 * position: int32 [batch], absolute position of x[:, 0] per sequence; None means 0.
 * valid: bool [batch, time]; False marks right-padding that must not touch the cache.
-* input_norm: the block's pre-norm (`RMSNorm`) to apply to x first, or None. Retention
-  applies it inside its projections' kernel when a decoding step runs them through
-  `kernels.projections_pallas` (`DECODE_PROJECTIONS`), so the norm costs no kernel of its own.
+* input_norm: the block's pre-norm (`RMSNorm`) to apply to x first, or None. Every mixer
+  (and `GatedFFN`) applies it inside its projections' kernel when a batch-1 decoding step
+  runs them through `kernels.projections_pallas` (`project`, `DECODE_PROJECTIONS`), so the
+  norm costs no kernel of its own; otherwise as a separate step before XLA's dots.
 
 Parameters carry logical axis names (`LOGICAL_AXIS_NAMES`, or None for small axes) as
 `out_sharding` metadata (flax 0.12's name for the deprecated `sharding_names`) with
@@ -56,7 +57,7 @@ RETENTION_KERNELS = ("xla", "pallas", "pallas_interpret")
 # elsewhere or where it does not apply), or that kernel interpreted (any backend; tests).
 DECODE_PROJECTIONS = ("xla", "pallas", "pallas_interpret")
 # The batch sizes whose decoding steps use the kernel: on an H200 the 1.3B preset decodes
-# 15 % faster with it at batch 1, 2.7x slower at batch 8 (XLA then transposes the
+# 1.18x faster with it at batch 1, 2.7x slower at batch 8 (XLA then transposes the
 # retention states around the step; BENCHMARKS.md "Decoding", session 16).
 PROJECTION_KERNEL_BATCHES = (1,)
 ACTIVATIONS = {"swish": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -98,14 +99,16 @@ def _warn_projections_fallback(reason: str) -> None:
 def _projections_kernel_args(impl: str, x: Array, linears: Sequence[nnx.Linear]) -> dict | None:
     """kwargs for `kernels.projections_pallas` when `project` should use it, else None (XLA):
     impl 'pallas' (on a GPU, no multi-device mesh in context) or 'pallas_interpret', one
-    token (time 1) of a batch in PROJECTION_KERNEL_BATCHES, x in the linears' dtype."""
+    token (time 1) of a batch in PROJECTION_KERNEL_BATCHES, bias-free linears computing in
+    x's dtype at default precision (what the kernel computes; anything else is XLA's)."""
     if impl not in DECODE_PROJECTIONS:
         raise ValueError(f"decode_projections must be one of {DECODE_PROJECTIONS}, got {impl!r}")
     if impl == "xla":
         return None
     batch, time, _ = x.shape
     if (time != 1 or batch not in PROJECTION_KERNEL_BATCHES
-            or any(lin.dtype not in (None, x.dtype) for lin in linears)):
+            or any(lin.dtype != x.dtype or lin.use_bias or lin.precision is not None
+                   for lin in linears)):
         return None                 # not a small decoding step: XLA's GEMMs are the tool
     if impl == "pallas_interpret":
         return {"interpret": True}
@@ -406,8 +409,9 @@ class RetentionBase(nnx.Module):
     per-head norm. Init as torchscale: xavier_uniform gain 2^-2.5 for q, k, v, g; out_proj
     gain `out_gain`. state_dtype: the dtype of the cache's state between calls (float32, or
     bfloat16 at half the memory; the forms compute in float32 either way).
-    decode_projections: how a decoding step (a cache and one token) computes the input
-    projections (with the block's norm) and out_proj, one of DECODE_PROJECTIONS (`project`).
+    decode_projections: how a decoding step (a cache and one token; the kernel at batch 1
+    only) computes the input projections (with the block's norm) and out_proj, one of
+    DECODE_PROJECTIONS (`project`).
     """
 
     out_gain = 1.0

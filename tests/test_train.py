@@ -514,8 +514,12 @@ def test_entry_points_eval_generate_and_state_precision(runs, tmp_path):
                  "--retention_kernel=pallas_interpret"],
         "generate": ["experiments/generate.py", f"--workdir={whole}", "--prompt=class ",
                      "--max_new_tokens=5", "--num_samples=2", "--top_p=0.9",
-                     "--state_dtype=bfloat16", "--retention_kernel=pallas_interpret",
-                     "--decode_projections=pallas_interpret"],
+                     "--state_dtype=bfloat16", "--retention_kernel=pallas_interpret"],
+        # One greedy sample (batch 1, where the projections kernel runs) with and without it.
+        **{f"greedy_{impl}": ["experiments/generate.py", f"--workdir={whole}",
+                              "--prompt=class ", "--max_new_tokens=8", "--temperature=0",
+                              f"--decode_projections={impl}"]
+           for impl in ("xla", "pallas_interpret")},
         "state_precision": ["experiments/state_precision.py", f"--workdir={whole}",
                             "--sequences=3", "--drift_tokens=40", f"--out={tmp_path}"],
     }
@@ -531,6 +535,8 @@ def test_entry_points_eval_generate_and_state_precision(runs, tmp_path):
     assert metrics["step"] == 8
     assert metrics["eval_loss"] == pytest.approx(summaries["whole"]["eval_loss"], rel=1e-5)
     assert outputs["generate"].count("--- sample") == 2 and "class " in outputs["generate"]
+    assert outputs["greedy_pallas_interpret"] == outputs["greedy_xla"]
+    assert outputs["greedy_xla"].count("--- sample") == 1
     # Decoding token by token reproduces the parallel forward with a float32 state; a
     # bfloat16 state moves the logits, by less than its rounding compounds to here.
     precision = json.loads((tmp_path / "state_precision.json").read_text())

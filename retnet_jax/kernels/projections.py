@@ -3,9 +3,11 @@
 At batch 1-8 a decoded token's time is mostly the blocks' weight reads (BENCHMARKS.md,
 "Decoding"), and XLA's GEMMs stream weights at 0.49-0.64 of the copy bandwidth there
 (session 14's profile). Models use it at batch 1 (`layers.PROJECTION_KERNEL_BATCHES`:
-1.18x faster a token at the 1.3B preset on an H200, 0.65 of the copy bandwidth). `projections_pallas` streams them as a GEMV does: one program per
-(group of `block_n` output columns, split of K), each summing x[m, k] * W[k, cols] over its
-rows in float32 on the CUDA cores (no tensor-core tile to fill at M = 1), the M rows sharing
+1.18x faster a token at the 1.3B preset on an H200, 0.65 of the copy bandwidth).
+
+`projections_pallas` streams the weights as a GEMV does: one program per (group of
+`block_n` output columns, split of K), each summing x[m, k] * W[k, cols] over its rows in
+float32 on the CUDA cores (no tensor-core tile to fill at M = 1), the M rows sharing
 every weight tile it loads. Several weights that read the same x (a block's q, k, v and
 gate; the FFN's fc1 and gate) are one call and one kernel: each column group's programs
 read only their own weight (`lax.switch`), so the weights need not be concatenated.
@@ -16,8 +18,9 @@ computes its rows' 1 / rms from all of x (a few KB from L2) and scales x as it s
 so the norm costs no kernel of its own.
 
 The splits' partial sums come back float32 [splits, M, N] and are added by XLA
-(`projections_pallas` returns the sums), which fuses that sum into whatever reads the
-output (the residual add, the rotation of q and k, the FFN's gate). Weights are read in
+(`projections_pallas` returns the sums), in a small kernel of its own or inside the
+output's reader, as XLA fuses it (at the 1.3B preset out_proj's and fc2's sums are kernels
+of their own, ~1.4 µs each, and the residual adds after them others: BENCHMARKS.md). Weights are read in
 their stored dtype and rounded to x's dtype before the product, as `nnx.Linear` does.
 
 Forward only (decoding); written for the Pallas Triton backend (GPU) and run with
@@ -36,7 +39,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from retnet_jax.kernels.common import check_block_arg
+from retnet_jax.kernels.common import check_block_arg, is_power_of_two
 
 Array = jax.Array
 
@@ -114,8 +117,9 @@ def _projections_kernel(x_ref, *refs, block_k: int, group_starts: tuple[int, ...
     """One (column group j, K split s) program.
 
     Refs: x [M, K] (all of it); with norm, the scale [K]; one weight tile [K / splits, BN]
-    per weight (only the one column group j belongs to is read); out: float32 [M, BN], the
-    split's partial sums.
+    per weight, or [K / splits, N] for a weight narrower than BN (only the one column group j
+    belongs to is read); out: float32 [M, BN], the split's partial sums (a narrow weight's
+    group writes its first N columns only).
     """
     scale_ref = None
     if norm:
@@ -127,10 +131,13 @@ def _projections_kernel(x_ref, *refs, block_k: int, group_starts: tuple[int, ...
     which = sum((j >= start).astype(jnp.int32) for start in group_starts[1:])
     kw = dict(start=s * rows, rows=rows, block_k=block_k, inv_rms=inv_rms,
               scale_ref=scale_ref, compute_dtype=x_ref.dtype)
-    accs = jax.lax.switch(
-        which, [functools.partial(_split_products, x_ref, w, **kw) for w in w_refs])
-    for m, acc in enumerate(accs):
-        o_ref[m, :] = acc
+
+    def products(w_ref):
+        columns = pl.ds(0, w_ref.shape[1])
+        for m, acc in enumerate(_split_products(x_ref, w_ref, **kw)):
+            o_ref[m, columns] = acc
+
+    jax.lax.switch(which, [functools.partial(products, w) for w in w_refs])
 
 
 def _check(x: Array, weights: Sequence[Array], norm_scale: Array | None) -> None:
@@ -163,8 +170,9 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
     Args:
       x: [M, K], M a power of two <= MAX_ROWS, the compute dtype (the products round x and
         the weights to it and sum in float32).
-      weights: [K, N_i] arrays of any float dtype (N_i not a multiple of block_n: zero
-        columns are added for the kernel and dropped from the result).
+      weights: [K, N_i] arrays of any float dtype. N_i below block_n and a power of two (a
+        gated block's decay gate: N = heads) is read as it is; another N_i that is not a
+        multiple of block_n gets zero columns (a copy every call) dropped from the result.
       norm_scale: None, or [K]: x becomes `layers.RMSNorm`'s output with this scale first.
       norm_eps: the norm's eps.
       block_n: output columns per program (a power of two).
@@ -187,8 +195,9 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
         raise ValueError(f"block_k = {block_k} must divide K = {k} (x.shape[1])")
     widths = [w.shape[1] for w in weights]
     padded = [-(-n // block_n) * block_n for n in widths]
-    weights = [w if p == n else jnp.pad(w, ((0, 0), (0, p - n)))
-               for w, n, p in zip(weights, widths, padded)]
+    narrow = [n < block_n and is_power_of_two(n) for n in widths]
+    weights = [w if p == n or thin else jnp.pad(w, ((0, 0), (0, p - n)))
+               for w, n, p, thin in zip(weights, widths, padded, narrow)]
     if splits is None:
         splits = default_splits(k, sum(padded), block_n=block_n, block_k=block_k)
     if not isinstance(splits, (int, np.integer)) or splits < 1 or (k // block_k) % splits:
@@ -197,9 +206,9 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
     groups = [p // block_n for p in padded]
     starts = tuple(int(s) for s in np.cumsum([0] + groups[:-1]))
 
-    def weight_spec(start: int, count: int) -> pl.BlockSpec:
+    def weight_spec(start: int, count: int, width: int) -> pl.BlockSpec:
         # Programs of other weights point at a valid tile of this one and never read it.
-        return pl.BlockSpec((part, block_n), lambda j, s: (s, jnp.clip(j - start, 0, count - 1)))
+        return pl.BlockSpec((part, width), lambda j, s: (s, jnp.clip(j - start, 0, count - 1)))
 
     norm = norm_scale is not None
     in_specs = [pl.BlockSpec((rows, k), lambda j, s: (0, 0))]
@@ -211,7 +220,8 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
         functools.partial(_projections_kernel, block_k=block_k, group_starts=starts,
                           norm=norm, eps=float(norm_eps)),
         grid=(sum(groups), splits),
-        in_specs=in_specs + [weight_spec(st, g) for st, g in zip(starts, groups)],
+        in_specs=in_specs + [weight_spec(st, g, n if thin else block_n)
+                             for st, g, n, thin in zip(starts, groups, widths, narrow)],
         out_specs=pl.BlockSpec((None, rows, block_n), lambda j, s: (s, 0, j)),
         out_shape=jax.ShapeDtypeStruct((splits, rows, sum(padded)), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
