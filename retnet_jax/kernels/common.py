@@ -39,9 +39,10 @@ def column_group(dim: int, most: int) -> int | None:
 
 
 def pieces(width: int, most: int = MAX_BLOCK) -> list[pl.Slice]:
-    """Static slices covering `width` columns (a multiple of MIN_DOT_DIM) in power-of-two
-    tiles Triton can load and multiply, largest first, each in [16, most]:
-    128 -> [128]; 48 -> [32, 16]; 432 -> [128, 128, 128, 32, 16]."""
+    """Static slices covering `width` columns in power-of-two tiles Triton can load, largest
+    first, each <= most (and >= 16, a size it can multiply, when width is a multiple of
+    MIN_DOT_DIM): 128 -> [128]; 48 -> [32, 16]; 432 -> [128, 128, 128, 32, 16];
+    216 at most 216 -> [128, 64, 16, 8]."""
     slices, start = [], 0
     while start < width:
         size = min(most, 1 << ((width - start).bit_length() - 1))

@@ -39,7 +39,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from retnet_jax.kernels.common import check_block_arg, is_power_of_two
+from retnet_jax.kernels.common import check_block_arg, is_power_of_two, pieces
 
 Array = jax.Array
 
@@ -91,24 +91,14 @@ def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, inv_rms, sc
     return jax.lax.fori_loop(0, rows // block_k, step, (zero,) * count)
 
 
-def _power_of_two_pieces(k: int) -> list[pl.Slice]:
-    """Static slices covering [0, k) in power-of-two lengths, largest first (3456 -> 2048,
-    1024, 256, 128): each one load, none waiting for another."""
-    slices, start = [], 0
-    while start < k:
-        size = 1 << ((k - start).bit_length() - 1)
-        slices.append(pl.ds(start, size))
-        start += size
-    return slices
-
-
 def _inverse_rms(x_ref, *, eps: float) -> list[Array]:
     """1 / sqrt(mean(x[m]^2) + eps) for each row of x_ref [M, K], float32 scalars. The row
-    is read in a few independent power-of-two loads (from L2: every program reads it), not
-    a loop whose steps wait for each other."""
+    is read in a few independent power-of-two loads (`common.pieces`: 3456 -> 2048, 1024,
+    256, 128; from L2, as every program reads it), not a loop whose steps wait for each
+    other."""
     count, k = x_ref.shape
     sums = [sum(jnp.sum(jnp.square(x_ref[m, piece].astype(jnp.float32)))
-                for piece in _power_of_two_pieces(k)) for m in range(count)]
+                for piece in pieces(k, most=k)) for m in range(count)]
     return [jax.lax.rsqrt(total / k + eps) for total in sums]
 
 
