@@ -44,7 +44,7 @@ __all__ = [
     "RMSNorm", "rms_normalize", "GatedFFN",
     "RetentionCache", "AttentionCache", "sqrt_row_scale", "RETENTION_KERNELS", "run_retention",
     "retention_kernel_specs",
-    "DECODE_PROJECTIONS", "project",
+    "DECODE_PROJECTIONS", "PROJECTION_KERNEL_BATCHES", "project",
     "RetentionBase", "MultiScaleRetention", "GatedRetention", "Attention",
 ]
 
@@ -96,14 +96,19 @@ def _warn_projections_fallback(reason: str) -> None:
                                         reason)
 
 
+def _check_decode_projections(impl: str) -> str:
+    """impl, or a ValueError unless it is one of DECODE_PROJECTIONS."""
+    if impl not in DECODE_PROJECTIONS:
+        raise ValueError(f"decode_projections must be one of {DECODE_PROJECTIONS}, got {impl!r}")
+    return impl
+
+
 def _projections_kernel_args(impl: str, x: Array, linears: Sequence[nnx.Linear]) -> dict | None:
     """kwargs for `kernels.projections_pallas` when `project` should use it, else None (XLA):
     impl 'pallas' (on a GPU, no multi-device mesh in context) or 'pallas_interpret', one
     token (time 1) of a batch in PROJECTION_KERNEL_BATCHES, bias-free linears computing in
     x's dtype at default precision (what the kernel computes; anything else is XLA's)."""
-    if impl not in DECODE_PROJECTIONS:
-        raise ValueError(f"decode_projections must be one of {DECODE_PROJECTIONS}, got {impl!r}")
-    if impl == "xla":
+    if _check_decode_projections(impl) == "xla":
         return None
     batch, time, _ = x.shape
     if (time != 1 or batch not in PROJECTION_KERNEL_BATCHES
@@ -127,8 +132,9 @@ def project(x: Array, linears: Sequence[nnx.Linear], *, norm: RMSNorm | None = N
     """Each bias-free Linear of `linears` applied to norm(x) (x if norm is None).
 
     With impl 'pallas' or 'pallas_interpret' and a single-token x of a batch in
-    PROJECTION_KERNEL_BATCHES (a decoding step), all of them are one `kernels.projections_pallas` call that
-    applies the norm too; otherwise XLA's dots after the norm (see `DECODE_PROJECTIONS`).
+    PROJECTION_KERNEL_BATCHES (a decoding step), all of them are one
+    `kernels.projections_pallas` call that applies the norm too; otherwise XLA's dots after
+    the norm (see `DECODE_PROJECTIONS`).
 
     Args:
       x: [batch, time, d_in] in the compute dtype.
@@ -179,7 +185,7 @@ class GatedFFN(nnx.Module):
                  rngs: nnx.Rngs, decode_projections: str = "xla"):
         kw = dict(init=torch_linear_default, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.activation = activation
-        self.decode_projections = decode_projections
+        self.decode_projections = _check_decode_projections(decode_projections)
         self.fc1 = linear(d_model, hidden, ("embed", "mlp"), **kw)
         self.gate = linear(d_model, hidden, ("embed", "mlp"), **kw)
         self.fc2 = linear(hidden, d_model, ("mlp", "embed"), **kw)
@@ -422,9 +428,7 @@ class RetentionBase(nnx.Module):
                  decode_projections: str = "xla"):
         if kernel not in RETENTION_KERNELS:
             raise ValueError(f"kernel must be one of {RETENTION_KERNELS}, got {kernel!r}")
-        if decode_projections not in DECODE_PROJECTIONS:
-            raise ValueError(f"decode_projections must be one of {DECODE_PROJECTIONS}, "
-                             f"got {decode_projections!r}")
+        _check_decode_projections(decode_projections)
         self.kernel = kernel
         self.decode_projections = decode_projections
         self.state_dtype = state_dtype
@@ -622,9 +626,7 @@ class Attention(nnx.Module):
 
     def __init__(self, d_model: int, *, num_heads: int, implementation: str | None, dtype,
                  param_dtype, rngs: nnx.Rngs, decode_projections: str = "xla"):
-        if decode_projections not in DECODE_PROJECTIONS:
-            raise ValueError(f"decode_projections must be one of {DECODE_PROJECTIONS}, "
-                             f"got {decode_projections!r}")
+        _check_decode_projections(decode_projections)
         self.decode_projections = decode_projections
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads

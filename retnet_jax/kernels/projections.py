@@ -20,8 +20,9 @@ so the norm costs no kernel of its own.
 The splits' partial sums come back float32 [splits, M, N] and are added by XLA
 (`projections_pallas` returns the sums), in a small kernel of its own or inside the
 output's reader, as XLA fuses it (at the 1.3B preset out_proj's and fc2's sums are kernels
-of their own, ~1.4 µs each, and the residual adds after them others: BENCHMARKS.md). Weights are read in
-their stored dtype and rounded to x's dtype before the product, as `nnx.Linear` does.
+of their own, ~1.4 µs each, and the residual adds after them others: BENCHMARKS.md).
+Weights are read in their stored dtype and rounded to x's dtype before the product, as
+`nnx.Linear` does.
 
 Forward only (decoding); written for the Pallas Triton backend (GPU) and run with
 `interpret=True` elsewhere.
