@@ -151,16 +151,19 @@ def main(argv):
     # Every other kernel is checked against XLA's decode of the same weights and state dtype
     # before timing; a narrower state's XLA decode is compared with float32's (recorded, not
     # a failure: that difference is the state's rounding).
+    def xla_model(name: str, **changes) -> dict:
+        """The model `name` with XLA's projections and `changes`, over `name`'s weights (a
+        reference that is not timed)."""
+        graphdef = graphdef_of(dataclasses.replace(models[name], decode_projections="xla",
+                                                   **changes))
+        return dict(params=built[name]["params"], shape=(graphdef, built[name]["shape"][1]),
+                    run=decode_loop(graphdef, new))
+
     def xla_reference(state_dtype: str) -> tuple[str, dict]:
         name = retnet_name("xla", state_dtype)
         if name in built:
             return name, built[name]
-        first = built[retnets[0]]
-        graphdef = graphdef_of(dataclasses.replace(models[retnets[0]], retention_kernel="xla",
-                                                   state_dtype=state_dtype,
-                                                   decode_projections="xla"))
-        return name, dict(params=first["params"], shape=(graphdef, first["shape"][1]),
-                          run=decode_loop(graphdef, new))
+        return name, xla_model(retnets[0], retention_kernel="xla", state_dtype=state_dtype)
 
     references = {dtype: xla_reference(dtype)
                   for dtype in dict.fromkeys(["float32", *_STATE_DTYPES.value])}
@@ -184,12 +187,8 @@ def main(argv):
                 forced, reference_name=references["float32"][0], tolerance=math.inf))
     transformers = [name for name in models if name.startswith("transformer-")]
     if transformers:
-        first = built[transformers[0]]
-        graphdef = graphdef_of(dataclasses.replace(models[transformers[0]],
-                                                   decode_projections="xla"))
-        reference = built.get("transformer") or dict(
-            params=first["params"], shape=(graphdef, first["shape"][1]),
-            run=decode_loop(graphdef, new))
+        reference = (built["transformer"] if "transformer" in built
+                     else xla_model(transformers[0]))
         kernel_checks += [check_against_xla(reference, built[name], name, min(contexts),
                                             forced_for(name), reference_name="transformer")
                           for name in transformers]
