@@ -2,13 +2,16 @@
 `kernels.retention_step_pallas` at each tile setting (issue 5 part 3).
 
 `bench_decode.py` times whole models; this isolates the step that dominates their time at
-batch 8-32, to choose the kernel's `block_v` and `num_warps`. Each timed call runs `--steps`
+batch 8-32, to choose the kernel's `block_v` and `num_warps`. With `--rotate` (the default,
+as in the models) q and k arrive unrotated: XLA's side is `positions.rotate` of both and
+its step in one jitted function, the kernel's rotates them itself (`rotate_at`), at
+positions from `--position` on. Each timed call runs `--steps`
 tokens in one jitted `lax.scan` with the state donated (the kernel then updates it in
 place, as in the model's decode loop), so host dispatch is shared by `--steps` tokens.
 Before timing, every Pallas setting's outputs and final state are checked against XLA's on
 the same inputs; a setting that fails the check or does not compile is recorded, not timed.
 
-  python3 experiments/bench_decode_step.py --batches=1,8,32 --block_v=64,128,256 --num_warps=4,8 --out=$OUT/decode_step.json
+  python3 experiments/bench_decode_step.py --batches=1,8,32 --block_v=auto,32,64,128,256 --num_warps=4,8 --out=$OUT/decode_step.json
 
 Defaults: the 1.3B preset's heads (8 heads, Dk 256, Dv 432), bf16 q, k, v, float32 state.
 Reports microseconds per step, the state's read+write rate (2 x state bytes / time) and its
@@ -27,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ceilings import copy_bandwidth
-from retnet_jax import kernels, retention
+from retnet_jax import kernels, positions, retention
 
 _HEADS = flags.DEFINE_integer("heads", 8, "Retention heads H.")
 _KEY_DIM = flags.DEFINE_integer("key_dim", 256, "Key dim Dk.")
@@ -35,7 +38,11 @@ _VALUE_DIM = flags.DEFINE_integer("value_dim", 432, "Value dim Dv.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8", "32"], "Batch sizes.")
 _DECAYS = flags.DEFINE_list("decays", ["fixed", "gated"], "fixed ([H] decay) and/or gated "
                             "([B, H] per token).")
-_BLOCK_V = flags.DEFINE_list("block_v", ["64", "128", "256"], "Pallas block_v values.")
+_BLOCK_V = flags.DEFINE_list("block_v", ["auto", "64", "128", "256"], "Pallas block_v "
+                             "values; 'auto': the kernel's default (`default_block_v`).")
+_ROTATE = flags.DEFINE_boolean("rotate", True, "q and k arrive unrotated and are rotated "
+                               "(xPos) at the token's position, as in the models.")
+_POSITION = flags.DEFINE_integer("position", 8192, "Position of the first timed token.")
 _NUM_WARPS = flags.DEFINE_list("num_warps", ["4", "8"], "Pallas num_warps values.")
 _STEPS = flags.DEFINE_integer("steps", 32, "Tokens per timed call (one lax.scan).")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per setting (median reported).")
@@ -51,7 +58,8 @@ OUTPUT_TOLERANCE = 2e-2
 
 
 def random_inputs(key, steps: int, batch: int, gated: bool) -> tuple:
-    """(q, k [steps, B, H, Dk], v [steps, B, H, Dv] bf16, log_decay [H] or [steps, B, H])."""
+    """(q, k [steps, B, H, Dk], v [steps, B, H, Dv] bf16, log_decay [H] or [steps, B, H],
+    positions int32 [steps, B]: --position + t, plus b for sequence b)."""
     kq, kk, kv, kd = jax.random.split(key, 4)
     heads, key_dim, value_dim = _HEADS.value, _KEY_DIM.value, _VALUE_DIM.value
     scale = key_dim ** -0.5
@@ -62,19 +70,30 @@ def random_inputs(key, steps: int, batch: int, gated: bool) -> tuple:
         log_decay = jax.nn.log_sigmoid(jax.random.normal(kd, (steps, batch, heads))) / 16
     else:       # RetNet's fixed multi-scale decay, 1 - 2^(-5 - h)
         log_decay = jnp.log1p(-2.0 ** (-5.0 - jnp.arange(heads, dtype=jnp.float32)))
-    return q, k, v, log_decay
+    at = _POSITION.value + jnp.arange(steps, dtype=jnp.int32)[:, None] + jnp.arange(batch)
+    return q, k, v, log_decay, at.astype(jnp.int32)
+
+
+def xla_step(q, k, v, log_decay, state, at):
+    """XLA's step, after XLA's rotation of q and k at positions `at` [B] (None: none)."""
+    if at is not None:
+        q, k = (positions.rotate(x[:, None], at)[:, 0] for x in (q, k))
+    return retention.retention_step(q, k, v, log_decay, state)
 
 
 def decode_steps(step, inputs: tuple, state):
-    """`step` over the tokens of `inputs` (one lax.scan); returns (o [steps, B, H, Dv], state)."""
-    q, k, v, log_decay = inputs
+    """`step(q, k, v, log_decay, state, at)` over the tokens of `inputs` (one lax.scan), with
+    at the token's positions when --rotate, else None; returns (o [steps, B, H, Dv], state)."""
+    q, k, v, log_decay, at = inputs
     per_token = log_decay.ndim == 3      # gated: one [B, H] decay per token; fixed: [H]
 
     def body(state, xs):
-        o, state = step(*xs[:3], xs[3] if per_token else log_decay, state)
+        q, k, v, at, *decay = xs
+        o, state = step(q, k, v, decay[0] if per_token else log_decay, state,
+                        at if _ROTATE.value else None)
         return state, o
 
-    state, o = jax.lax.scan(body, state, (q, k, v) + ((log_decay,) if per_token else ()))
+    state, o = jax.lax.scan(body, state, (q, k, v, at) + ((log_decay,) if per_token else ()))
     return o, state
 
 
@@ -99,12 +118,14 @@ def time_step(step, input_sets: list, state) -> float:
 
 def steps_to_time(interpret: bool) -> list[tuple[str, object]]:
     """(name, step function) for XLA and each Pallas setting of the flags."""
-    settings = [("xla", retention.retention_step)]
+    settings = [("xla", xla_step)]
     for block_v in _BLOCK_V.value:
         for num_warps in _NUM_WARPS.value:
-            settings.append((f"pallas bv{block_v} w{num_warps}", functools.partial(
-                kernels.retention_step_pallas, block_v=int(block_v),
-                num_warps=int(num_warps), interpret=interpret)))
+            def step(q, k, v, log_decay, state, at, block_v=block_v, num_warps=num_warps):
+                return kernels.retention_step_pallas(
+                    q, k, v, log_decay, state, rotate_at=at, num_warps=int(num_warps),
+                    block_v=None if block_v == "auto" else int(block_v), interpret=interpret)
+            settings.append((f"pallas bv{block_v} w{num_warps}", step))
     return settings
 
 
@@ -115,7 +136,7 @@ def measure(batch: int, decay: str, bandwidth: float, interpret: bool) -> list[d
     shape = (batch, _HEADS.value, _KEY_DIM.value, _VALUE_DIM.value)
     state0 = jax.random.normal(keys[0], shape, jnp.float32)
     state_bytes = 4 * int(np.prod(shape))
-    want_o, want_state = jax.jit(functools.partial(decode_steps, retention.retention_step))(
+    want_o, want_state = jax.jit(functools.partial(decode_steps, xla_step))(
         input_sets[0], state0)
     rows = []
     for name, step in steps_to_time(interpret):

@@ -313,15 +313,17 @@ def retention_kernel_specs(mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh,
 
 
 def _pallas_decode_step(q: Array, k: Array, v: Array, log_decay: Array, *,
-                        initial_state: Array | None, interpret: bool) -> tuple[Array, Array]:
-    """One token, [B, 1, H, D] in and out, through `kernels.retention_step_pallas`."""
+                        initial_state: Array | None, interpret: bool,
+                        rotate_at: Array | int | None = None) -> tuple[Array, Array]:
+    """One token, [B, 1, H, D] in and out, through `kernels.retention_step_pallas` (which
+    rotates q and k at rotate_at when it is given)."""
     from retnet_jax import kernels
     batch, _, heads, key_dim = q.shape
     if initial_state is None:
         initial_state = retention.zero_state(batch, heads, key_dim, v.shape[-1])
     o, state = kernels.retention_step_pallas(
         q[:, 0], k[:, 0], v[:, 0], log_decay if log_decay.ndim == 1 else log_decay[:, 0],
-        initial_state, interpret=interpret)
+        initial_state, rotate_at=rotate_at, interpret=interpret)
     return o[:, None], state
 
 
@@ -352,8 +354,8 @@ def _sharded_pallas(mesh: jax.sharding.AbstractMesh, kernel, q: Array, k: Array,
 
 
 def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
-                  chunk_size: int, initial_state: Array | None,
-                  kernel: str = "xla") -> tuple[Array, Array | None]:
+                  chunk_size: int, initial_state: Array | None, kernel: str = "xla",
+                  rotate_at: Array | int | None = None) -> tuple[Array, Array | None]:
     """Dispatches to one form of `retention.py`; the only place the forms differ.
 
     Args:
@@ -370,30 +372,39 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
         With a multi-device mesh in context (`jax.set_mesh`, or
         `jax.sharding.use_abstract_mesh` inside jit, as `train.Trainer` does), the Pallas
         kernels run per shard under `jax.shard_map` (`retention_kernel_specs`).
+      rotate_at: None (q and k come rotated), or an int scalar or int [batch]: the absolute
+        position of the first token; q and k are then rotated by `positions.rotate` at it
+        first, inside the Pallas step for a single token on one device (no rotation
+        kernels of its own), by XLA otherwise.
     Returns:
       (o [batch, time, heads, value_dim], final state or None for the parallel form). The
       state is float32 from the XLA forms and the chunkwise kernels, and in initial_state's
       dtype from the Pallas single-token step; `RetentionBase` stores it in its
       `state_dtype`.
     """
+    if mode not in FORWARD_MODES:
+        raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}")
+    # Pallas: the chunkwise form, and the recurrent form one token at a time (decoding).
+    pallas = None
+    if mode == "chunkwise" or (mode == "recurrent" and q.shape[1] == 1):
+        pallas = _pallas_or_fallback(kernel, q, v, chunk_size)
+    mesh = sharding.mesh_in_context()
+    if rotate_at is not None:
+        if pallas is not None and mode == "recurrent" and mesh is None:
+            pallas["rotate_at"] = rotate_at       # the step kernel rotates q and k itself
+        else:
+            q, k = positions.rotate(q, rotate_at), positions.rotate(k, rotate_at)
     if mode == "parallel":
         if initial_state is not None:
             raise ValueError("mode='parallel' cannot continue from a state; use 'chunkwise' "
                              "or 'recurrent' with a cache")
         return retention.parallel_retention(q, k, v, log_decay), None
-    if mode not in ("chunkwise", "recurrent"):
-        raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}")
-    # Pallas: the chunkwise form, and the recurrent form one token at a time (decoding).
-    pallas = None
-    if mode == "chunkwise" or q.shape[1] == 1:
-        pallas = _pallas_or_fallback(kernel, q, v, chunk_size)
     if pallas is not None:
         from retnet_jax import kernels
         fused = (kernels.chunkwise_retention_pallas if mode == "chunkwise"
                  else _pallas_decode_step)
         if mode == "chunkwise":
             pallas["chunk_size"] = chunk_size
-        mesh = sharding.mesh_in_context()
         if mesh is not None:
             return _sharded_pallas(mesh, fused, q, k, v, log_decay, initial_state, **pallas)
         return fused(q, k, v, log_decay, initial_state=initial_state, **pallas)
@@ -482,11 +493,9 @@ class RetentionBase(nnx.Module):
         linears = self.input_projections()
         projected = dict(zip(linears, project(x, list(linears.values()), norm=input_norm,
                                               impl=impl)))
-        offset = 0 if position is None else position
-        q = positions.rotate(_split_heads(projected["q"], self.num_heads), offset)
+        q = _split_heads(projected["q"], self.num_heads)
         k = _split_heads(projected["k"], self.num_heads) * jnp.asarray(self.key_dim**-0.5,
                                                                       x.dtype)
-        k = positions.rotate(k, offset)
         v = _split_heads(projected["v"], self.num_heads)
         log_decay = self.log_decay(projected)
         if valid is not None:
@@ -497,7 +506,8 @@ class RetentionBase(nnx.Module):
 
         o, state = run_retention(mode, q, k, v, log_decay, chunk_size=self.chunk_size,
                                  initial_state=None if cache is None else cache.state,
-                                 kernel=self.kernel)
+                                 kernel=self.kernel,
+                                 rotate_at=0 if position is None else position)
 
         o = o.astype(jnp.float32)
         scale = self.row_scale(_absolute_positions(position, time))

@@ -309,16 +309,18 @@ def test_bench_retention_times_each_pallas_tiling_side_by_side(tmp_path):
     assert {c["impl"] for c in results["checks"] if "rms_rel" in c} == {"ours_c16"} | names
 
 
-def test_bench_decode_step_checks_then_times_each_tile_setting(tmp_path):
+@pytest.mark.parametrize("rotate", ["--rotate", "--norotate"])
+def test_bench_decode_step_checks_then_times_each_tile_setting(tmp_path, rotate):
     out = tmp_path / "step.json"
     process = run_script("bench_decode_step.py", "--heads=2", "--key_dim=16", "--value_dim=48",
-                         "--batches=1,2", "--block_v=16,24", "--num_warps=4", "--steps=3",
-                         "--repeats=2", "--copy_bytes=1048576", f"--out={out}")
+                         "--batches=1,2", "--block_v=auto,16,24", "--num_warps=4",
+                         "--steps=3", "--repeats=2", "--copy_bytes=1048576", rotate,
+                         f"--out={out}")
     assert process.returncode == 0, process.stderr
     rows = json.loads(out.read_text())["results"]
     assert [(r["batch"], r["decay"], r["impl"]) for r in rows] == [
         (b, d, i) for b in (1, 2) for d in ("fixed", "gated")
-        for i in ("xla", "pallas bv16 w4", "pallas bv24 w4")]
+        for i in ("xla", "pallas bvauto w4", "pallas bv16 w4", "pallas bv24 w4")]
     timed = [r for r in rows if r["impl"] != "pallas bv24 w4"]
     assert all(r["us_per_step"] > 0 and r["state_rel_err"] < 1e-4 and r["o_rel_err"] < 2e-2
                for r in timed)

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 
 from jaxprs import equations, lower_for_cuda
-from retnet_jax import retention
+from retnet_jax import positions, retention
 from retnet_jax.kernels import (
     chunk_grads, chunk_output, chunk_states, chunkwise_retention_pallas, retention_step_pallas)
 from retnet_jax.kernels.chunk_states import (
     SegmentedStates, chunk_state_segments, join_segments, state_segments)
 from retnet_jax.kernels.chunk_grads import default_blocks
 from retnet_jax.kernels.common import column_group, pieces
+from retnet_jax.kernels.decode_step import default_block_v
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -390,9 +391,11 @@ def test_kernels_lower_for_the_triton_gpu_backend(chunk, dtype, batch_decay):
     for key_dim, value_dim in ((128, 128), (256, 432)):
         qk = jax.ShapeDtypeStruct((batch, heads, key_dim), dtype)
         decay = jax.ShapeDtypeStruct((batch, heads) if batch_decay > 1 else (heads,), jnp.float32)
-        calls.append((retention_step_pallas,
-                      (qk, qk, jax.ShapeDtypeStruct((batch, heads, value_dim), dtype), decay,
-                       jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32))))
+        step_args = (qk, qk, jax.ShapeDtypeStruct((batch, heads, value_dim), dtype), decay,
+                     jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32))
+        calls.append((retention_step_pallas, step_args))
+        calls.append((lambda *a: retention_step_pallas(*a[:5], rotate_at=a[5]),
+                      step_args + (jax.ShapeDtypeStruct((batch,), jnp.int32),)))
     for kernel, args in calls:
         text = lower_for_cuda(kernel, *args)
         assert "triton" in text.lower()
@@ -448,7 +451,65 @@ def test_retention_step_pallas_matches_float64(dtype, state_dtype, gated, key_di
     assert rel_err(o, xla_o) <= TOLERANCE[dtype]
 
 
+def rotated_float64(x, rotate_at):
+    """positions.rotate of x [B, H, D] in float64, at angles position * theta rounded to
+    float32 as the library computes them (angles of 1e4-1e5 radians carry float32's
+    rounding, 4e-3 to 4e-2 ulp-scale, in every implementation)."""
+    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    theta = positions.rotation_frequencies(x.shape[-1]).astype(np.float32)
+    at = np.broadcast_to(np.asarray(rotate_at), (x.shape[0],)).astype(np.float32)
+    angle = (at[:, None] * theta[None, :]).astype(np.float64)[:, None, :]     # [B, 1, D]
+    swapped = np.stack((-x[..., 1::2], x[..., 0::2]), axis=-1).reshape(x.shape)
+    return x * np.cos(angle) + swapped * np.sin(angle)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("key_dim, value_dim, block_v", [
+    (16, 32, 64),                      # one even and one odd row piece of 8
+    (48, 80, None),                    # halves of 24 -> strided pieces of 16 + 8
+    (256, 432, None),                  # the presets' heads (default: groups of 16 at batch 3)
+])
+@pytest.mark.parametrize("rotate_at", [np.array([0, 5, 70_001]), 9])
+def test_retention_step_pallas_rotates_q_and_k(dtype, gated, key_dim, value_dim, block_v,
+                                               rotate_at):
+    """With rotate_at the kernel computes retention_step(rotate(q), rotate(k), ...) at each
+    sequence's position (or one shared position): against float64 numpy and against
+    positions.rotate followed by retention.py's step."""
+    q, k, v, log_decay, state = step_inputs(8, 3, 2, key_dim, value_dim, gated, dtype)
+    o, new_state = retention_step_pallas(q, k, v, log_decay, state, rotate_at=rotate_at,
+                                         block_v=block_v, interpret=True)
+    q64, k64 = rotated_float64(q, rotate_at), rotated_float64(k, rotate_at)
+    v64, state64 = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (v, state))
+    decay = np.exp(np.broadcast_to(np.asarray(log_decay, np.float64), (3, 2)))[..., None, None]
+    ref_state = decay * state64 + k64[..., :, None] * v64[..., None, :]
+    ref_o = np.einsum("bhd,bhde->bhe", q64, ref_state)
+    # rotated q and k are rounded to their dtype, as positions.rotate's are
+    assert rel_err(new_state, ref_state) <= TOLERANCE[dtype]
+    assert rel_err(o, ref_o) <= TOLERANCE[dtype]
+    at = jnp.asarray(rotate_at)
+    rq, rk = (positions.rotate(x[:, None], at)[:, 0] for x in (q, k))
+    with jax.default_matmul_precision("highest"):
+        xla_o, xla_state = retention.retention_step(rq, rk, v, log_decay, state)
+    assert rel_err(new_state, xla_state) <= 1e-5
+    assert rel_err(o, xla_o) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("batch, heads, value_dim, want, columns", [
+    (1, 8, 432, 32, 16),      # the 1.3B heads at batch 1: 27 groups of 16, 216 programs
+    (2, 8, 432, 128, 48),     # 9 groups of 48, 144 programs
+    (8, 8, 432, 256, 144),    # 3 groups of 144 (as timed at batch 8-64)
+    (1, 2, 32, 16, 16),       # too few programs at any width: the narrowest
+])
+def test_default_block_v_gives_enough_programs(batch, heads, value_dim, want, columns):
+    block_v = default_block_v(batch, heads, value_dim)
+    assert block_v == want and column_group(value_dim, block_v) == columns
+
+
 @pytest.mark.parametrize("change, match", [
+    ({"rotate_at": jnp.zeros((2,), jnp.int32)}, r"rotate_at must be an int scalar or int "
+                                                r"\[batch=1\]"),
+    ({"rotate_at": 1.5}, "rotate_at must be an int"),
     ({"q": jnp.ones((1, 2, 24)), "k": jnp.ones((1, 2, 24)), "state": jnp.ones((1, 2, 24, 32))},
      "key dim Dk .* = 24 must be a multiple of 16"),
     ({"v": jnp.ones((1, 2, 40)), "state": jnp.ones((1, 2, 16, 40))},

@@ -416,12 +416,13 @@ def test_pallas_retention_kernel_gives_the_same_logits_and_gradients():
 
 def test_pallas_decode_step_gives_the_same_logits_and_states(monkeypatch):
     """Decoding through kernels.retention_step_pallas (interpreted) against XLA's step, for
-    fixed and gated retention, from a prefilled cache of uneven lengths."""
+    fixed and gated retention, from a prefilled cache of uneven lengths; the kernel rotates
+    q and k itself, at each sequence's position."""
     from retnet_jax import kernels
     calls = []
     step_kernel = kernels.retention_step_pallas
     monkeypatch.setattr(kernels, "retention_step_pallas",
-                        lambda *a, **k: calls.append(1) or step_kernel(*a, **k))
+                        lambda *a, **k: calls.append(k) or step_kernel(*a, **k))
     plain = make_model(small_config(SCHEDULES["hybrid"], d_model=64, value_dim=64,
                                     chunk_size=16), 11)
     fused = with_config(plain, retention_kernel="pallas_interpret")
@@ -435,6 +436,7 @@ def test_pallas_decode_step_gives_the_same_logits_and_states(monkeypatch):
             logits_fused, cache_fused = decode_step(fused, tokens, cache_fused)
             assert rel_err(logits_fused, logits_plain) <= RTOL, step
     assert len(calls) == 2          # traced once: the retention and gated retention blocks
+    assert all(call["rotate_at"].shape == (2,) for call in calls)
     for a, b in zip(cache_fused.layers, cache_plain.layers, strict=True):
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             assert rel_err(x, y) <= RTOL

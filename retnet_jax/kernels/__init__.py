@@ -23,7 +23,8 @@ needed): the kernels index one chunk of the time axis directly, never a transpos
                                  kernel that reads and writes the state once (float32 or
                                  bfloat16, `ModelConfig.state_dtype`; as XLA's fused step
                                  does at batch 8-32; faster than it only at batch 32-64,
-                                 BENCHMARKS.md).
+                                 BENCHMARKS.md), optionally rotating q and k (xPos) first,
+                                 as the models' decoding steps do.
 * `projections.projections_pallas`  decoding's GEMV: x [M <= 8, K] times several weights in
                                  one kernel, optionally behind the blocks' RMSNorm
                                  (`ModelConfig.decode_projections`; imported on its own).

@@ -12,9 +12,15 @@ state. Inside a model at batch 8-32, XLA already fuses the update and the read-o
 one kernel per block that reads and writes the state once (at batch 1 it makes a third
 pass, over a small state). At the 1.3B preset's heads on an H200, the step alone
 (`experiments/bench_decode_step.py`, BENCHMARKS.md "Decoding", session 11) takes 0.83-0.87x
-XLA's time at batch 32 with the default tiles (groups of 144 value columns, 4 warps), but
-1.08-1.35x it at batch 8 and 1.09-1.49x at batch 1, where the state is small. It is used only with
+XLA's time at batch 32 with 144-column groups and 4 warps, but 1.08-1.35x it at batch 8 and
+1.09-1.49x at batch 1, where the state is small. It is used only with
 `retention_kernel='pallas'`.
+
+With `rotate_at`, q and k arrive unrotated and the kernel applies the xPos rotation
+(`positions.rotate`) itself: each program rotates its head's q and k at the sequence's
+position, so a decoding block needs no rotation kernels of its own. The rotation pairs
+features (2i, 2i + 1), so the kernel then walks the state's even and odd rows as two
+strided sets of tiles, each multiplied by the matching half of the rotated q and k.
 
 Elementwise work only (an outer product and a column sum per tile), so no dot-tile limits
 beyond Triton's power-of-two loads; Dk and Dv multiples of 16 as the other kernels.
@@ -23,38 +29,92 @@ Written for the Pallas Triton backend (GPU) and run with `interpret=True` elsewh
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from retnet_jax import retention
+from retnet_jax import positions, retention
 from retnet_jax.kernels.common import MIN_DOT_DIM, check_block_arg, column_group, pieces
 
 Array = jax.Array
 
-__all__ = ["retention_step_pallas"]
+__all__ = ["retention_step_pallas", "default_block_v"]
 
-# The decay is passed as [G, H, DECAY_LANES] copies of one value: Triton loads power-of-two
-# vectors, and 16 lanes is the smallest width every kernel here already uses.
-DECAY_LANES = MIN_DOT_DIM
+# Per-program scalars (the decay, the position) are passed as [..., LANES] copies of one
+# value: Triton loads power-of-two vectors, and 16 lanes is the smallest width every kernel
+# here already uses.
+LANES = MIN_DOT_DIM
+MIN_PROGRAMS = 128    # default grid size: about one program per SM of an H100/H200
+WIDEST_BLOCK_V = 256  # the default's widest groups (144 of the presets' 432 columns)
 
 
-def _decode_step_kernel(q_ref, k_ref, v_ref, decay_ref, state_ref, o_ref, new_state_ref):
+def default_block_v(batch: int, heads: int, value_dim: int, *,
+                    min_programs: int = MIN_PROGRAMS) -> int:
+    """The largest power of two <= WIDEST_BLOCK_V whose value groups (`column_group`) give
+    at least min_programs programs (batch x heads x groups), else the smallest, 16. The 1.3B
+    heads (8, Dv 432): batch 1 -> 32 (27 groups of 16, 216 programs), batch 2 -> 128 (9
+    groups of 48), batch >= 8 -> 256 (3 groups of 144, as timed at batch 8-64)."""
+    most = WIDEST_BLOCK_V
+    while most > MIN_DOT_DIM and batch * heads * (value_dim // column_group(value_dim, most)
+                                                  ) < min_programs:
+        most //= 2
+    return most
+
+
+def _key_rows(key_dim: int, rotate: bool) -> list[list[pl.Slice]]:
+    """Groups of row slices covering Dk: power-of-two pieces, or with rotation pairs of
+    strided pieces (even rows, odd rows) that `_rotated` combines."""
+    if not rotate:
+        return [[piece] for piece in pieces(key_dim)]
+    return [[pl.ds(2 * half.start + parity, half.size, stride=2) for parity in (0, 1)]
+            for half in pieces(key_dim // 2)]
+
+
+def _load_keys(ref, groups: list[list[pl.Slice]], angle_halves: list[Array] | None
+               ) -> list[Array]:
+    """ref's pieces (one per slice of `groups`) as float32 vectors; with angle_halves (one
+    float32 vector per group) each (even, odd) pair rotated as `positions.rotate` does:
+    (x_e cos - x_o sin, x_o cos + x_e sin), rounded to ref's dtype."""
+    loaded = []
+    for i, group in enumerate(groups):
+        xs = [ref[rows].astype(jnp.float32) for rows in group]
+        if angle_halves is not None:
+            even, odd = xs
+            cos, sin = jnp.cos(angle_halves[i]), jnp.sin(angle_halves[i])
+            xs = [(even * cos - odd * sin).astype(ref.dtype).astype(jnp.float32),
+                  (odd * cos + even * sin).astype(ref.dtype).astype(jnp.float32)]
+        loaded.extend(xs)
+    return loaded
+
+
+def _decode_step_kernel(q_ref, k_ref, v_ref, decay_ref, *refs, rotate: bool):
     """One (batch, head, value group) program.
 
-    Refs: q, k [Dk]; v [BV]; decay float32 [DECAY_LANES] (copies of exp(log_decay)); state
-    [Dk, BV]. Outputs: o [BV] (v's dtype); new_state [Dk, BV] (state's dtype). Computed in
-    float32.
+    Refs: q, k [Dk]; v [BV]; decay float32 [LANES] (copies of exp(log_decay)); with rotate,
+    the position int32 [LANES] (copies) and theta float32 [Dk / 2] (one frequency per pair
+    of features); state [Dk, BV]. Outputs: o [BV] (v's dtype); new_state [Dk, BV] (state's
+    dtype). Computed in float32.
     """
-    key_pieces, value_pieces = pieces(q_ref.shape[0]), pieces(v_ref.shape[0])
+    if rotate:
+        position_ref, theta_ref, state_ref, o_ref, new_state_ref = refs
+    else:
+        state_ref, o_ref, new_state_ref = refs
+    groups = _key_rows(q_ref.shape[0], rotate)
+    angles = None
+    if rotate:
+        position = jnp.max(position_ref[...]).astype(jnp.float32)   # all lanes hold it
+        angles = [position * theta_ref[half] for half in pieces(q_ref.shape[0] // 2)]
+    rows = [piece for group in groups for piece in group]
+    qs = _load_keys(q_ref, groups, angles)
+    ks = _load_keys(k_ref, groups, angles)
     decay = jnp.max(decay_ref[...])                          # all lanes hold the same value
-    qs = [q_ref[kc].astype(jnp.float32) for kc in key_pieces]
-    ks = [k_ref[kc].astype(jnp.float32) for kc in key_pieces]
-    for vc in value_pieces:
+    for vc in pieces(v_ref.shape[0]):
         v = v_ref[vc].astype(jnp.float32)
         o = jnp.zeros(v.shape, jnp.float32)
-        for kc, q, k in zip(key_pieces, qs, ks, strict=True):
+        for kc, q, k in zip(rows, qs, ks, strict=True):
             tile = (decay * state_ref[kc, vc].astype(jnp.float32)
                     + k[:, None] * v[None, :])                              # [bk, bv]
             new_state_ref[kc, vc] = tile.astype(new_state_ref.dtype)
@@ -62,12 +122,18 @@ def _decode_step_kernel(q_ref, k_ref, v_ref, decay_ref, state_ref, o_ref, new_st
         o_ref[vc] = o.astype(o_ref.dtype)
 
 
+def _lanes(x: Array, rows: int, heads: int | None) -> Array:
+    """Per-(row[, head]) scalars x ([rows] or [rows, heads]) as [rows(, heads), LANES] copies."""
+    shape = (rows,) if heads is None else (rows, heads)
+    return jnp.broadcast_to(x.reshape(*shape, 1), (*shape, LANES))
+
+
 def retention_step_pallas(q: Array, k: Array, v: Array, log_decay: Array, state: Array, *,
-                          block_v: int = 256, num_warps: int = 4,
-                          interpret: bool = False) -> tuple[Array, Array]:
-    """`retention.retention_step` as one kernel; same arguments and results. Forward only,
-    for decoding: differentiating it raises (JAX's NotImplementedError); gradients come from
-    the chunkwise form.
+                          rotate_at: Array | int | None = None, block_v: int | None = None,
+                          num_warps: int = 4, interpret: bool = False) -> tuple[Array, Array]:
+    """`retention.retention_step` as one kernel; same arguments and results, plus an
+    optional rotation of q and k. Forward only, for decoding: differentiating it raises
+    (JAX's NotImplementedError); gradients come from the chunkwise form.
 
     Args:
       q, k: [B, H, Dk], Dk a multiple of 16.
@@ -75,9 +141,12 @@ def retention_step_pallas(q: Array, k: Array, v: Array, log_decay: Array, state:
       log_decay: float [H] (fixed) or [B, H] (gated), entries <= 0.
       state: [B, H, Dk, Dv], the state after the previous token, float32 or bfloat16 (a
         half-size cache: read and written as bfloat16, updated in float32).
+      rotate_at: None, or an int scalar or int [B]: the absolute position of each
+        sequence's token; q and k are then rotated by `positions.rotate` at it inside the
+        kernel (the step sees rotate(q), rotate(k)).
       block_v: the most value columns per program (a power of two >= 16): each program takes
         the widest multiple of 16 dividing Dv up to it (Dv = 432 at 256 -> 144 columns, at
-        64 -> 48).
+        64 -> 48); None: `default_block_v`.
       num_warps: Triton warps per program.
       interpret: run in Pallas interpret mode (any backend, e.g. CPU tests).
     Returns:
@@ -92,31 +161,47 @@ def retention_step_pallas(q: Array, k: Array, v: Array, log_decay: Array, state:
                                                                 value_dim)):
         if dim % MIN_DOT_DIM:
             raise ValueError(f"the {what} = {dim} must be a multiple of {MIN_DOT_DIM}")
+    if block_v is None:
+        block_v = default_block_v(batch, heads, value_dim)
     bv = column_group(value_dim, check_block_arg("block_v", block_v))
     decay = jnp.exp(log_decay.astype(jnp.float32))
-    decay = jnp.broadcast_to(decay.reshape(-1, heads, 1),
-                             (decay.reshape(-1, heads).shape[0], heads, DECAY_LANES))
-    shared = decay.shape[0] == 1
+    shared = decay.ndim == 1
+    decay = _lanes(decay, 1 if shared else batch, heads)
+
+    in_specs = [
+        pl.BlockSpec((None, None, key_dim), lambda b, h, j: (b, h, 0)),
+        pl.BlockSpec((None, None, key_dim), lambda b, h, j: (b, h, 0)),
+        pl.BlockSpec((None, None, bv), lambda b, h, j: (b, h, j)),
+        pl.BlockSpec((None, None, LANES), lambda b, h, j: (0 if shared else b, h, 0)),
+    ]
+    args = [q, k, v, decay]
+    rotate = rotate_at is not None
+    if rotate:
+        rotate_at = jnp.asarray(rotate_at)
+        if not jnp.issubdtype(rotate_at.dtype, jnp.integer) or rotate_at.shape not in (
+                (), (batch,)):
+            raise ValueError(f"rotate_at must be an int scalar or int [batch={batch}], got "
+                             f"{rotate_at.dtype} {rotate_at.shape}")
+        theta = jnp.asarray(positions.rotation_frequencies(key_dim)[::2], jnp.float32)
+        in_specs += [pl.BlockSpec((None, LANES), lambda b, h, j: (b, 0)),
+                     pl.BlockSpec((key_dim // 2,), lambda b, h, j: (0,))]
+        args += [_lanes(jnp.broadcast_to(rotate_at.astype(jnp.int32), (batch,)), batch, None),
+                 theta]
+    in_specs.append(pl.BlockSpec((None, None, key_dim, bv), lambda b, h, j: (b, h, 0, j)))
+    args.append(state)
 
     return pl.pallas_call(
-        _decode_step_kernel,
+        functools.partial(_decode_step_kernel, rotate=rotate),
         grid=(batch, heads, value_dim // bv),
-        in_specs=[
-            pl.BlockSpec((None, None, key_dim), lambda b, h, j: (b, h, 0)),
-            pl.BlockSpec((None, None, key_dim), lambda b, h, j: (b, h, 0)),
-            pl.BlockSpec((None, None, bv), lambda b, h, j: (b, h, j)),
-            pl.BlockSpec((None, None, DECAY_LANES),
-                         lambda b, h, j: (0 if shared else b, h, 0)),
-            pl.BlockSpec((None, None, key_dim, bv), lambda b, h, j: (b, h, 0, j)),
-        ],
+        in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, bv), lambda b, h, j: (b, h, j)),
             pl.BlockSpec((None, None, key_dim, bv), lambda b, h, j: (b, h, 0, j)),
         ],
         out_shape=[jax.ShapeDtypeStruct((batch, heads, value_dim), v.dtype),
                    jax.ShapeDtypeStruct(state.shape, state.dtype)],
-        input_output_aliases={4: 1},          # the new state overwrites the old one
+        input_output_aliases={len(args) - 1: 1},   # the new state overwrites the old one
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="retention_decode_step",
-    )(q, k, v, decay, state)
+    )(*args)
