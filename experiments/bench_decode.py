@@ -16,13 +16,16 @@ compiles it again with other XLA options (per compile, same process), timed besi
 launches per token by kind. `--retention_kernels=xla,pallas` times the RetNet's decode step
 with XLA's kernels and with the fused Pallas step (`kernels.retention_step_pallas`) side by
 side; `--decode_projections=xla,pallas` times both models with XLA's GEMMs and with the
-GEMV kernel for the blocks' projections (`kernels.projections_pallas`, batch 1).
+GEMV kernel for the blocks' projections (`kernels.projections_pallas`, at the batches of
+`layers.PROJECTION_KERNEL_BATCHES`, which `--projection_kernel_batches` replaces for the
+run, e.g. to time the kernel at batch 8 beside the Pallas retention step).
 
   python experiments/bench_decode.py --config=configs/retnet_1_3b.py
   XLA_FLAGS=--xla_gpu_enable_command_buffer= python experiments/bench_decode.py ...
   python experiments/bench_decode.py --batches=1,8 --compiler_options=xla_gpu_enable_triton_gemm=false
   python experiments/bench_decode.py --contexts=8192 --retention_kernels=xla,pallas
   python experiments/bench_decode.py --contexts=8192 --batches=1 --decode_projections=xla,pallas
+  python experiments/bench_decode.py --contexts=8192 --batches=1,8 --retention_kernels=pallas --decode_projections=xla,pallas --projection_kernel_batches=1,8
 """
 
 import dataclasses
@@ -49,8 +52,9 @@ from decode_models import (build, decode_configs, decode_loop, forced_decode,  #
                            graphdef_of, random_cache, retnet_name, same_weights, tree_bytes)
 from hlo_text import hlo_launches  # noqa: E402
 from retnet_jax.generate import decode_compiler_options  # noqa: E402
-from retnet_jax.layers import (DECODE_PROJECTIONS, PROJECTION_KERNEL_BATCHES,  # noqa: E402
-                               RETENTION_KERNELS)
+from retnet_jax import layers  # noqa: E402
+from retnet_jax.kernels.projections import MAX_ROWS  # noqa: E402
+from retnet_jax.layers import DECODE_PROJECTIONS, RETENTION_KERNELS  # noqa: E402
 from retnet_jax.model import DTYPES, ModelConfig  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/retnet_1_3b.py", "Model preset.")
@@ -103,6 +107,15 @@ _PROJECTIONS = distinct_names_flag(
     f"rows for each (from {DECODE_PROJECTIONS}; 'pallas' runs batch-1 steps' projections "
     f"through the GEMV kernel `kernels.projections_pallas`); rows other than xla's are named "
     f"'<name>-<projections>-projections' and checked against XLA's projections first.")
+_PROJECTION_BATCHES = flags.DEFINE_list(
+    "projection_kernel_batches", None, "Batch sizes at which decode_projections='pallas' "
+    "uses the GEMV kernel in this run (replaces layers.PROJECTION_KERNEL_BATCHES, recorded "
+    "in the JSON; powers of two <= kernels.projections.MAX_ROWS); default: the library's.")
+flags.register_validator(
+    "projection_kernel_batches",
+    lambda v: v is None or (bool(v) and all(b.isdigit() and 0 < int(b) <= MAX_ROWS
+                                            and int(b) & (int(b) - 1) == 0 for b in v)),
+    message=f"--projection_kernel_batches must be powers of two <= {MAX_ROWS}")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled decode loop's optimized "
                                "HLO here (<model>_batch<B>_context<T>[_<option>-<value>].txt), "
                                "e.g. to see how XLA lowers batch 1's matmuls against batch 8's.")
@@ -113,6 +126,8 @@ def main(argv):
     xla_flags = os.environ.get("XLA_FLAGS")
     extra_option_sets = [parse_compiler_options(text) for text in _COMPILER_OPTIONS.value]
     print(f"XLA_FLAGS={xla_flags!r}", flush=True)
+    if _PROJECTION_BATCHES.value is not None:
+        layers.PROJECTION_KERNEL_BATCHES = tuple(int(b) for b in _PROJECTION_BATCHES.value)
     base = ModelConfig.from_config(_CONFIG.value.model)
     contexts = [int(c) for c in _CONTEXTS.value]
     batches = [int(b) for b in _BATCHES.value]
@@ -213,7 +228,7 @@ def main(argv):
                     if time.time() - start_all > _BUDGET.value:
                         row["skipped"] = "time budget"
                     elif (models[name].decode_projections != "xla"
-                          and batch not in PROJECTION_KERNEL_BATCHES):
+                          and batch not in layers.PROJECTION_KERNEL_BATCHES):
                         row["skipped"] = (f"decode_projections runs XLA's GEMMs at batch "
                                           f"{batch} (layers.PROJECTION_KERNEL_BATCHES)")
                     elif all_weights + state_bytes > _MEMORY_FRACTION.value * capacity:
@@ -267,6 +282,7 @@ def write_json(device, xla_flags: str | None, bandwidth: float, results: list[di
         with open(_OUT.value, "w") as f:
             json.dump(dict(device=device.device_kind, jax=jax.__version__,
                            xla_flags=xla_flags, copy_bandwidth=bandwidth,
+                           projection_kernel_batches=list(layers.PROJECTION_KERNEL_BATCHES),
                            kernel_checks=kernel_checks, results=results),
                       f, indent=2)
 

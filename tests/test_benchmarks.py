@@ -113,6 +113,8 @@ def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
      "--state_dtypes must be distinct names from"),
     ("bench_decode.py", "--compiler_options=xla_gpu_enable_triton_gemm",
      "--compiler_options: 'xla_gpu_enable_triton_gemm' is not name=value"),
+    ("bench_decode.py", "--projection_kernel_batches=1,3",
+     "--projection_kernel_batches must be powers of two <= 8"),
     ("profile_decode.py", "--retention_kernels=xla,triton",
      "--retention_kernels must be names from"),
     ("profile_decode.py", "--batches=1,0", "--batches must be positive integers"),
@@ -198,22 +200,31 @@ def test_bench_decode_times_each_retention_kernel(tmp_path, toy_config, kernels,
     assert all(c["greedy_agreement"] == 1 and 0 <= c["state_rel_err"] < 2e-2 for c in checks)
 
 
-def test_bench_decode_times_the_gemv_projections_checked_against_xla(tmp_path, toy_config):
+@pytest.mark.parametrize("kernel_batches", [None, "1,2"])
+def test_bench_decode_times_the_gemv_projections_checked_against_xla(tmp_path, toy_config,
+                                                                     kernel_batches):
     out = tmp_path / "decode.json"
     process = run_script("bench_decode.py", f"--config={toy_config}", "--contexts=16",
                          "--batches=1,2", "--new_tokens=2", "--repeats=1",
                          "--copy_bytes=1048576", "--decode_projections=pallas_interpret,xla",
-                         f"--out={out}")
+                         f"--out={out}", *([f"--projection_kernel_batches={kernel_batches}"]
+                                           if kernel_batches else []))
     assert process.returncode == 0, process.stderr
     result = json.loads(out.read_text())
     fused = ["retnet-pallas_interpret-projections", "transformer-pallas_interpret-projections"]
     rows = result["results"]
     assert [(r["batch"], r["model"]) for r in rows] == [
         (b, m) for b in (1, 2) for m in (fused[0], "retnet", fused[1], "transformer")]
-    # Batch 2 runs XLA's GEMMs whatever the flag says: not reported under the kernel's name.
-    assert [r["model"] for r in rows if "skipped" in r] == fused
-    assert all(r["batch"] == 2 and "PROJECTION_KERNEL_BATCHES" in r["skipped"]
-               for r in rows if "skipped" in r)
+    if kernel_batches is None:
+        # Batch 2 runs XLA's GEMMs whatever the flag says: not reported under the kernel's
+        # name.
+        assert result["projection_kernel_batches"] == [1]
+        assert [r["model"] for r in rows if "skipped" in r] == fused
+        assert all(r["batch"] == 2 and "PROJECTION_KERNEL_BATCHES" in r["skipped"]
+                   for r in rows if "skipped" in r)
+    else:                   # the run's own batches: the kernel is timed at batch 2 too
+        assert result["projection_kernel_batches"] == [1, 2]
+        assert not [r for r in rows if "skipped" in r]
     assert all(r["ms_per_token"] > 0 for r in rows if "skipped" not in r)
     checks = result["kernel_checks"]
     assert [(c["model"], c["reference"]) for c in checks] == [
