@@ -18,9 +18,10 @@ computes its rows' 1 / rms from all of x (a few KB from L2) and scales x as it s
 so the norm costs no kernel of its own.
 
 The splits' partial sums come back float32 [splits, M, N] and are added by XLA
-(`projections_pallas` returns the sums), in a small kernel of its own or inside the
-output's reader, as XLA fuses it (at the 1.3B preset out_proj's and fc2's sums are kernels
-of their own, ~1.4 µs each, and the residual adds after them others: BENCHMARKS.md).
+(`projections_pallas` returns the sums) as a chain of elementwise adds, which XLA fuses
+into the output's reader (a reduction over the split axis was a kernel of its own at the
+1.3B preset, ~1.4 µs each for out_proj and fc2, and the residual adds after them others:
+BENCHMARKS.md, session 16).
 Weights are read in their stored dtype and rounded to x's dtype before the product, as
 `nnx.Linear` does.
 
@@ -218,6 +219,10 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="decode_projections",
     )(*args, *weights)
-    total = partial.sum(0)
+    # The splits' partials added one by one, not reduced over the split axis: elementwise
+    # adds fuse into whatever reads the sums (a residual add, the FFN's activation, the
+    # retention step's inputs) as one loop fusion, where a reduction is a kernel of its own
+    # (session 16's profile: 48 split sums and 47 residual adds a token at the 1.3B preset).
+    total = functools.reduce(jnp.add, [partial[s] for s in range(splits)])
     bounds = np.cumsum([0] + padded)
     return [total[:, a:a + n] for a, n in zip(bounds[:-1], widths)]
