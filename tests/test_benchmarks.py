@@ -113,6 +113,7 @@ def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
      "--state_dtypes must be distinct names from"),
     ("bench_decode.py", "--compiler_options=xla_gpu_enable_triton_gemm",
      "--compiler_options: 'xla_gpu_enable_triton_gemm' is not name=value"),
+    ("bench_gemv.py", "--double_buffer=false,maybe", "--double_buffer takes false and/or true"),
     ("bench_decode.py", "--projection_kernel_batches=1,3",
      "--projection_kernel_batches must be powers of two <= 8"),
     ("profile_decode.py", "--retention_kernels=xla,triton",
@@ -613,12 +614,13 @@ def test_bench_gemv_checks_then_times_xla_and_each_pallas_tiling(tmp_path):
     # K = 192 is 6 steps of 32 rows, so K splits divide 6. 16 columns: 4 groups, 1 split for
     # 4 programs, 2 for 8; 32 columns: 2 groups, 2 splits for 4, 6 (3 gives 6 < 8) for 8.
     assert [r["impl"] for r in rows if r["shape"] == "192x64"] == [
-        "xla", "pallas bn16 s1 w4 st3", "pallas bn16 s2 w4 st3", "pallas bn32 s2 w4 st3",
-        "pallas bn32 s6 w4 st3"]
+        "xla", "pallas bn16 bk32 s1 w4 st3", "pallas bn16 bk32 s2 w4 st3",
+        "pallas bn32 bk32 s2 w4 st3", "pallas bn32 bk32 s6 w4 st3"]
     # Three weights apart, 128 columns: 8 groups of 16 (1 split reaches 8 programs), 4 of 32
     # (2 splits); 32 | 32, 64, 32. One kernel reads all three, checked against float64.
     assert [r["impl"] for r in rows if r["shape"] == "192x32+64+32"] == [
-        "xla", "pallas bn16 s1 w4 st3", "pallas bn32 s1 w4 st3", "pallas bn32 s2 w4 st3"]
+        "xla", "pallas bn16 bk32 s1 w4 st3", "pallas bn32 bk32 s1 w4 st3",
+        "pallas bn32 bk32 s2 w4 st3"]
     for r in rows:
         assert r["rel_err"] < 2e-2 and r["us"] > 0, r
         assert r["kernel_us"] > 0 and r["kernels_per_product"] >= 1, r   # the traced call
@@ -629,12 +631,15 @@ def test_bench_gemv_normalises_x_inside_the_kernel_when_asked(tmp_path):
     # the float64 reference and its rows would be errors.
     out = tmp_path / "gemv.json"
     process = run_script("bench_gemv.py", "--shapes=192x32+64+32", "--layers=2",
-                         "--block_n=32", "--programs=4", "--block_k=32", "--repeats=1",
-                         "--traced_calls=1", "--norm_prologue", "--copy_bytes=1048576",
-                         f"--trace_dir={tmp_path / 'trace'}", f"--out={out}")
+                         "--block_n=32", "--programs=4", "--block_k=32,64", "--repeats=1",
+                         "--double_buffer=false,true", "--traced_calls=1", "--norm_prologue",
+                         "--copy_bytes=1048576", f"--trace_dir={tmp_path / 'trace'}",
+                         f"--out={out}")
     assert process.returncode == 0, process.stderr
     rows = json.loads(out.read_text())["results"]
-    assert [r["impl"] for r in rows] == ["xla", "pallas bn32 s1 w4 st3"]
+    assert [r["impl"] for r in rows] == [
+        "xla", "pallas bn32 bk32 s1 w4 st3", "pallas bn32 bk32 s1 w4 st3 db",
+        "pallas bn32 bk64 s1 w4 st3", "pallas bn32 bk64 s1 w4 st3 db"]
     for r in rows:
         assert r["norm_prologue"] and "error" not in r and r["rel_err"] < 2e-2, r
 

@@ -48,6 +48,28 @@ def test_projections_match_float64(rows, dtype, norm, splits):
         assert err <= TOLERANCE[dtype], err
 
 
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("splits", [None, 4, 8])     # 8, 2 and 1 steps of 32 rows a split
+def test_double_buffered_loop_gives_the_same_products(rows, splits):
+    """double_buffer loads each weight tile a step ahead: the same sums, against float64,
+    down to splits of a single step (nothing loaded ahead)."""
+    rng = np.random.default_rng(40 + rows)
+    k = 256
+    x = jnp.asarray(2 * rng.standard_normal((rows, k)), jnp.bfloat16)
+    weights = [jnp.asarray(rng.standard_normal((k, n)) * k**-0.5, jnp.float32)
+               for n in (128, 40)]
+    scale = jnp.asarray(1 + 0.2 * rng.standard_normal(k), jnp.float32)
+    got = projections_pallas(x, weights, norm_scale=scale, norm_eps=EPS, block_n=64,
+                             block_k=32, splits=splits, double_buffer=True, interpret=True)
+    plain = projections_pallas(x, weights, norm_scale=scale, norm_eps=EPS, block_n=64,
+                               block_k=32, splits=splits, interpret=True)
+    for y, same, want in zip(got, plain, reference(x, weights, scale, jnp.bfloat16),
+                             strict=True):
+        err = np.abs(np.asarray(y, np.float64) - want).max() / np.abs(want).max()
+        assert err <= TOLERANCE[jnp.bfloat16], err
+        np.testing.assert_allclose(y, same, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("k", [96, 216])
 def test_the_norm_reads_x_in_pieces_when_k_is_not_a_power_of_two(k):
     # 96 = 64 + 32 and 216 = 128 + 64 + 16 + 8: the sum of squares from several loads, the
@@ -122,6 +144,8 @@ def test_projections_lower_for_the_triton_gpu_backend(rows):
                                             struct(2048, 3456), struct(2048, 3456),
                                             struct(2048, 8)],        # gated's decay gate
                        jax.ShapeDtypeStruct((2048,), jnp.float32))),
-             (projections_pallas, (struct(rows, 3456), [struct(3456, 2048)]))]
+             (projections_pallas, (struct(rows, 3456), [struct(3456, 2048)])),
+             (lambda x, weights: projections_pallas(x, weights, double_buffer=True),
+              (struct(rows, 3456), [struct(3456, 2048)]))]
     for kernel, args in calls:
         assert "triton" in lower_for_cuda(kernel, *args).lower()

@@ -69,16 +69,24 @@ def default_splits(k: int, columns: int, *, block_n: int, block_k: int,
 
 
 def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, inv_rms, scale_ref,
-                    compute_dtype) -> list[Array]:
+                    compute_dtype, double_buffer: bool) -> list[Array]:
     """For each of x's M rows, sum over this split's `rows` rows of K (from `start`, in
     block_k steps) of x[m, k] * w[k, :]: a list of M float32 [BN]. With inv_rms (M float32
-    scalars) and scale_ref [K], x's rows are first RMS-normalised as `layers.RMSNorm` does."""
+    scalars) and scale_ref [K], x's rows are first RMS-normalised as `layers.RMSNorm` does.
+    With double_buffer, each step's weight tile is loaded one step ahead (carried through
+    the loop), so a load is in flight while the program sums the tile before it: Triton does
+    not pipeline these loads itself (no dot; sm_90 compiles with and without `num_stages`
+    are identical)."""
     count = x_ref.shape[0]
+    steps = rows // block_k
 
-    def step(i, accs):
-        local = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+    def tile(i):
+        first = i * block_k if isinstance(i, int) else pl.multiple_of(i * block_k, block_k)
+        return w_ref[pl.ds(first, block_k), :]                                 # [bk, BN]
+
+    def accumulate(i, w, accs):
         ks = pl.ds(pl.multiple_of(start + i * block_k, block_k), block_k)
-        w = w_ref[local, :].astype(compute_dtype).astype(jnp.float32)        # [bk, BN]
+        w = w.astype(compute_dtype).astype(jnp.float32)
         if scale_ref is not None:
             scale = scale_ref[ks].astype(compute_dtype)
         out = []
@@ -89,8 +97,17 @@ def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, inv_rms, sc
             out.append(accs[m] + jnp.sum(x.astype(jnp.float32)[:, None] * w, axis=0))
         return tuple(out)
 
-    zero = jnp.zeros((w_ref.shape[1],), jnp.float32)
-    return jax.lax.fori_loop(0, rows // block_k, step, (zero,) * count)
+    zero = (jnp.zeros((w_ref.shape[1],), jnp.float32),) * count
+    if not double_buffer:
+        return jax.lax.fori_loop(0, steps, lambda i, accs: accumulate(i, tile(i), accs), zero)
+
+    def step(i, carry):
+        w, accs = carry
+        following = tile(i + 1)                 # issued before this step's products
+        return following, accumulate(i, w, accs)
+
+    last, accs = jax.lax.fori_loop(0, steps - 1, step, (tile(0), zero))
+    return accumulate(steps - 1, last, accs)
 
 
 def _inverse_rms(x_ref, *, eps: float) -> list[Array]:
@@ -105,7 +122,7 @@ def _inverse_rms(x_ref, *, eps: float) -> list[Array]:
 
 
 def _projections_kernel(x_ref, *refs, block_k: int, group_starts: tuple[int, ...],
-                        norm: bool, eps: float):
+                        norm: bool, eps: float, double_buffer: bool):
     """One (column group j, K split s) program.
 
     Refs: x [M, K] (all of it); with norm, the scale [K]; one weight tile [K / splits, BN]
@@ -122,7 +139,7 @@ def _projections_kernel(x_ref, *refs, block_k: int, group_starts: tuple[int, ...
     inv_rms = _inverse_rms(x_ref, eps=eps) if norm else None
     which = sum((j >= start).astype(jnp.int32) for start in group_starts[1:])
     kw = dict(start=s * rows, rows=rows, block_k=block_k, inv_rms=inv_rms,
-              scale_ref=scale_ref, compute_dtype=x_ref.dtype)
+              scale_ref=scale_ref, compute_dtype=x_ref.dtype, double_buffer=double_buffer)
 
     def products(w_ref):
         columns = pl.ds(0, w_ref.shape[1])
@@ -156,7 +173,7 @@ def _check(x: Array, weights: Sequence[Array], norm_scale: Array | None) -> None
 def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array | None = None,
                        norm_eps: float = 1e-6, block_n: int = 128, block_k: int | None = None,
                        splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                       interpret: bool = False) -> list[Array]:
+                       double_buffer: bool = False, interpret: bool = False) -> list[Array]:
     """x @ w for each w of weights, in one kernel, optionally behind an RMSNorm of x.
 
     Args:
@@ -173,6 +190,8 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
       splits: programs per column group, each summing K / splits rows (a divisor of
         K / block_k); None: `default_splits`.
       num_warps, num_stages: Triton's, per program and for the K loop.
+      double_buffer: load each weight tile one loop step ahead (`_split_products`); off
+        by default until timed against the plain loop (queued in BENCHMARKS.md).
       interpret: run in Pallas interpret mode (any backend, e.g. CPU tests).
     Returns:
       float32 [M, N_i] for each weight.
@@ -210,7 +229,7 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
         args.append(norm_scale)
     partial = pl.pallas_call(
         functools.partial(_projections_kernel, block_k=block_k, group_starts=starts,
-                          norm=norm, eps=float(norm_eps)),
+                          norm=norm, eps=float(norm_eps), double_buffer=double_buffer),
         grid=(sum(groups), splits),
         in_specs=in_specs + [weight_spec(st, g, n if thin else block_n)
                              for st, g, n, thin in zip(starts, groups, widths, narrow)],
