@@ -104,9 +104,11 @@ _STATE_DTYPES = distinct_names_flag(
     f"same state dtype.")
 _PROJECTIONS = distinct_names_flag(
     "decode_projections", ["xla"], DECODE_PROJECTIONS, f"Both models' decode_projections, "
-    f"rows for each (from {DECODE_PROJECTIONS}; 'pallas' runs batch-1 steps' projections "
-    f"through the GEMV kernel `kernels.projections_pallas`); rows other than xla's are named "
-    f"'<name>-<projections>-projections' and checked against XLA's projections first.")
+    f"rows for each (from {DECODE_PROJECTIONS}; 'pallas' runs the projections of steps at "
+    f"the batches of layers.PROJECTION_KERNEL_BATCHES (--projection_kernel_batches) through "
+    f"the GEMV kernel `kernels.projections_pallas`); rows other than xla's are named "
+    f"'<name>-<projections>-projections' and checked against XLA's projections first, at "
+    f"each such batch of the run.")
 _PROJECTION_BATCHES = flags.DEFINE_list(
     "projection_kernel_batches", None, "Batch sizes at which decode_projections='pallas' "
     "uses the GEMV kernel in this run (replaces layers.PROJECTION_KERNEL_BATCHES, recorded "
@@ -183,19 +185,25 @@ def main(argv):
     references = {dtype: xla_reference(dtype)
                   for dtype in dict.fromkeys(["float32", *_STATE_DTYPES.value])}
     # The checks' inputs: the same random tokens for every model (teacher forcing), for two
-    # sequences, or one where the projections kernel is on (it runs at batch 1 only).
-    forced = jnp.asarray(np.random.default_rng(0).integers(0, base.vocab_size, (new, 2)),
-                         jnp.int32)
+    # sequences; where the projections kernel is on, for each batch of the run it runs at
+    # (the smallest it takes if none), so it is checked at every batch it is timed at.
+    kernel_batches = sorted(set(batches) & set(layers.PROJECTION_KERNEL_BATCHES)) or [
+        min(layers.PROJECTION_KERNEL_BATCHES)]
+    forced = jnp.asarray(np.random.default_rng(0).integers(
+        0, base.vocab_size, (new, max(2, *kernel_batches))), jnp.int32)
 
-    def forced_for(name: str):
-        return forced if models[name].decode_projections == "xla" else forced[:, :1]
+    def forced_for(name: str) -> list:
+        if models[name].decode_projections == "xla":
+            return [forced[:, :2]]
+        return [forced[:, :batch] for batch in kernel_batches]
     kernel_checks = []
     for state_dtype in _STATE_DTYPES.value:
         ref_name, reference = references[state_dtype]
         kernel_checks += [check_against_xla(reference, built[name], name, min(contexts),
-                                            forced_for(name), reference_name=ref_name)
+                                            tokens, reference_name=ref_name)
                           for name in retnets
-                          if name != ref_name and models[name].state_dtype == state_dtype]
+                          if name != ref_name and models[name].state_dtype == state_dtype
+                          for tokens in forced_for(name)]
         if state_dtype != "float32":
             kernel_checks.append(check_against_xla(
                 references["float32"][1], references[state_dtype][1], ref_name, min(contexts),
@@ -205,8 +213,8 @@ def main(argv):
         reference = (built["transformer"] if "transformer" in built
                      else xla_model(transformers[0]))
         kernel_checks += [check_against_xla(reference, built[name], name, min(contexts),
-                                            forced_for(name), reference_name="transformer")
-                          for name in transformers]
+                                            tokens, reference_name="transformer")
+                          for name in transformers for tokens in forced_for(name)]
     # Every model's weights stay on the device; models of the same weights share one copy.
     all_weights = sum(built[name]["weight_bytes"] for name in set(owner.values()))
     start_all = time.time()

@@ -31,6 +31,8 @@ import numpy as np
 
 from ceilings import copy_bandwidth
 from retnet_jax import kernels, positions, retention
+from retnet_jax.kernels.common import column_group, is_power_of_two
+from retnet_jax.kernels.decode_step import default_block_v
 
 _HEADS = flags.DEFINE_integer("heads", 8, "Retention heads H.")
 _KEY_DIM = flags.DEFINE_integer("key_dim", 256, "Key dim Dk.")
@@ -116,16 +118,17 @@ def time_step(step, input_sets: list, state) -> float:
     return statistics.median(times)
 
 
-def steps_to_time(interpret: bool) -> list[tuple[str, object]]:
-    """(name, step function) for XLA and each Pallas setting of the flags."""
-    settings = [("xla", xla_step)]
+def steps_to_time(interpret: bool) -> list[tuple[str, object, str | None]]:
+    """(name, step function, block_v flag value or None for XLA) for XLA and each Pallas
+    setting of the flags."""
+    settings = [("xla", xla_step, None)]
     for block_v in _BLOCK_V.value:
         for num_warps in _NUM_WARPS.value:
             def step(q, k, v, log_decay, state, at, block_v=block_v, num_warps=num_warps):
                 return kernels.retention_step_pallas(
                     q, k, v, log_decay, state, rotate_at=at, num_warps=int(num_warps),
                     block_v=None if block_v == "auto" else int(block_v), interpret=interpret)
-            settings.append((f"pallas bv{block_v} w{num_warps}", step))
+            settings.append((f"pallas bv{block_v} w{num_warps}", step, block_v))
     return settings
 
 
@@ -139,8 +142,12 @@ def measure(batch: int, decay: str, bandwidth: float, interpret: bool) -> list[d
     want_o, want_state = jax.jit(functools.partial(decode_steps, xla_step))(
         input_sets[0], state0)
     rows = []
-    for name, step in steps_to_time(interpret):
+    for name, step, block_v in steps_to_time(interpret):
         row = {"impl": name, "decay": decay, "batch": batch, "state_bytes": state_bytes}
+        if block_v == "auto" or (block_v and is_power_of_two(int(block_v))):
+            most = (default_block_v(batch, _HEADS.value, _VALUE_DIM.value)
+                    if block_v == "auto" else int(block_v))
+            row["columns"] = column_group(_VALUE_DIM.value, most)   # per program
         try:
             o, state = jax.jit(functools.partial(decode_steps, step))(input_sets[0], state0)
             row["state_rel_err"] = relative_error(state, want_state)
@@ -193,6 +200,7 @@ def main(argv):
             json.dump({"device": device.device_kind, "jax": jax.__version__,
                        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                        "copy_bandwidth": bandwidth, "interpret": interpret,
+                       "rotate": _ROTATE.value, "position": _POSITION.value,
                        "argv": sys.argv,
                        "results": rows}, f, indent=1)
 

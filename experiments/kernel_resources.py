@@ -15,6 +15,13 @@ dev-only tool, not a dependency) and reads jax's Pallas lowering through a priva
 
   python experiments/kernel_resources.py --heads=128x128,256x432 --chunk_sizes=64,128
   python experiments/kernel_resources.py --kernels=grads --grads_blocks=fused,128x256 --num_warps=4,8
+  python experiments/kernel_resources.py --kernels=step,gemv --heads=256x432 --num_warps=4 --out=results/bench/resources.json
+
+Decoding's kernels take their own sizes: `step` (`retention_step_pallas`, plain and with
+the rotation, at each `--step_batches` batch with `--step_heads` heads of each `--heads`
+size, the default tiles) and `gemv` (`projections.projections_pallas` at batch 1 for each
+`--gemv_shapes` KxN1+N2+... with the blocks' norm, each `--gemv_block_k`, plain and
+double-buffered); `--chunk_sizes` does not apply to them.
 """
 
 from __future__ import annotations
@@ -34,14 +41,23 @@ import jax.numpy as jnp
 
 from retention_inputs import blocks_name, grads_blocks_for, parse_grads_blocks
 from retnet_jax import kernels
+from retnet_jax.kernels import projections
 
-KERNELS = ("grads", "output", "states")
+KERNELS = ("grads", "output", "states", "step", "gemv")
+CHUNKED = ("grads", "output", "states")   # the kernels a chunk size applies to
 _KERNELS = flags.DEFINE_list("kernels", list(KERNELS), f"Kernels, from {KERNELS}.")
 _HEADS = flags.DEFINE_list("heads", ["128x128", "256x432"], "Head dims DkxDv.")
 _CHUNK_SIZES = flags.DEFINE_list("chunk_sizes", ["64", "128"], "Chunk sizes C.")
 _NUM_WARPS = flags.DEFINE_list("num_warps", ["8"], "Triton warps per program.")
 _GRADS_BLOCKS = flags.DEFINE_list("grads_blocks", ["auto"], "chunk_grads layouts: 'auto' "
                                   "(default_blocks), 'fused' or KxV.")
+_STEP_BATCHES = flags.DEFINE_list("step_batches", ["1", "8", "32"], "step: batch sizes.")
+_STEP_HEADS = flags.DEFINE_integer("step_heads", 8, "step: heads (the 1.3B preset's 8).")
+_GEMV_SHAPES = flags.DEFINE_list("gemv_shapes", ["2048x2048+2048+3456+3456", "3456x2048"],
+                                 "gemv: KxN1+N2+... weight shapes (the 1.3B block's q|k|v|gate "
+                                 "and out_proj / fc2); the first K's input is normalised.")
+_GEMV_BLOCK_K = flags.DEFINE_list("gemv_block_k", ["64", "128", "256"], "gemv: block_k "
+                                  "values (those dividing K).")
 _ARCH = flags.DEFINE_integer("arch", 90, "CUDA compute capability to compile for.")
 _OUT = flags.DEFINE_string("out", None, "Write the rows as JSON here.")
 
@@ -112,10 +128,49 @@ def calls(kernel: str, key_dim: int, value_dim: int, chunk: int, num_warps: int)
     elif kernel == "output":
         yield ("", functools.partial(kernels.chunk_output, num_warps=num_warps),
                (act(key_dim), act(key_dim), act(value_dim), b, matrix))
-    else:
+    elif kernel == "states":
         carry = jax.ShapeDtypeStruct((1, 1, key_dim, value_dim), jnp.float32)
         yield ("", functools.partial(kernels.chunk_states, reverse=False, num_warps=num_warps),
                (act(key_dim), act(value_dim), b, carry))
+    elif kernel == "step":
+        yield from step_calls(key_dim, value_dim, num_warps)
+    else:
+        yield from gemv_calls(num_warps)
+
+
+def step_calls(key_dim: int, value_dim: int, num_warps: int):
+    """(setting, fn, args) of the decode step at each --step_batches batch, plain and with
+    the rotation (bf16 q, k, v; float32 state; fixed decay)."""
+    heads = _STEP_HEADS.value
+    for batch in map(int, _STEP_BATCHES.value):
+        qk = jax.ShapeDtypeStruct((batch, heads, key_dim), jnp.bfloat16)
+        args = (qk, qk, jax.ShapeDtypeStruct((batch, heads, value_dim), jnp.bfloat16),
+                jax.ShapeDtypeStruct((heads,), jnp.float32),
+                jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32))
+        plain = functools.partial(kernels.retention_step_pallas, num_warps=num_warps)
+        yield f"batch {batch}", plain, args
+        yield (f"batch {batch} rotate", lambda *a, plain=plain: plain(*a[:5], rotate_at=a[5]),
+               args + (jax.ShapeDtypeStruct((batch,), jnp.int32),))
+
+
+def gemv_calls(num_warps: int):
+    """(setting, fn, args) of the GEMV at batch 1 for each --gemv_shapes shape and
+    --gemv_block_k dividing its K, plain and double-buffered; the first shape behind the
+    norm, as the blocks' q|k|v|gate."""
+    for index, shape in enumerate(_GEMV_SHAPES.value):
+        k, _, widths = shape.partition("x")
+        k = int(k)
+        x = jax.ShapeDtypeStruct((1, k), jnp.bfloat16)
+        weights = [jax.ShapeDtypeStruct((k, int(n)), jnp.bfloat16) for n in widths.split("+")]
+        scale = jax.ShapeDtypeStruct((k,), jnp.bfloat16) if index == 0 else None
+        for block_k in (int(b) for b in _GEMV_BLOCK_K.value if k % int(b) == 0):
+            for double in (False, True):
+                def fn(x, scale, *weights, block_k=block_k, double=double):
+                    return projections.projections_pallas(
+                        x, list(weights), norm_scale=scale, block_k=block_k,
+                        double_buffer=double, num_warps=num_warps)
+                yield (f"{shape}{' norm' if scale is not None else ''} bk{block_k}"
+                       f"{' double' if double else ''}", fn, (x, scale, *weights))
 
 
 def main(argv):
@@ -134,14 +189,20 @@ def main(argv):
     rows = []
     for kernel, heads, chunk, warps in itertools.product(
             _KERNELS.value, _HEADS.value, _CHUNK_SIZES.value, _NUM_WARPS.value):
+        if kernel not in CHUNKED and chunk != _CHUNK_SIZES.value[0]:
+            continue                 # decoding's kernels: once, whatever the chunk sizes
+        if kernel == "gemv" and heads != _HEADS.value[0]:
+            continue                 # the GEMV's sizes are its own flags
         key_dim, value_dim = map(int, heads.split("x"))
         for setting, fn, args in calls(kernel, key_dim, value_dim, int(chunk), int(warps)):
             for name, ttir, stages in triton_modules(fn, *args):
-                row = {"kernel": name, "heads": heads, "chunk": int(chunk),
+                row = {"kernel": name, "heads": None if kernel == "gemv" else heads,
+                       "chunk": int(chunk) if kernel in CHUNKED else None,
                        "num_warps": int(warps), "num_stages": stages, "setting": setting,
                        **compile_resources(ttir, int(warps), stages)}
                 rows.append(row)
-                print(f"{name:>32} {heads:>8} C={chunk:<4} {warps} warps {setting:<16} "
+                print(f"{name:>32} {row['heads'] or '':>8} C={row['chunk'] or '-':<4} "
+                      f"{warps} warps {setting:<16} "
                       f"{row['registers']:>3} regs, spills {row['spill_stores']:>5} B stored "
                       f"/ {row['spill_loads']:>5} B loaded, shared {row['shared_bytes']:>6} B, "
                       f"wgmma {row['wgmma']}", flush=True)

@@ -223,13 +223,16 @@ def test_bench_decode_times_the_gemv_projections_checked_against_xla(tmp_path, t
         assert [r["model"] for r in rows if "skipped" in r] == fused
         assert all(r["batch"] == 2 and "PROJECTION_KERNEL_BATCHES" in r["skipped"]
                    for r in rows if "skipped" in r)
-    else:                   # the run's own batches: the kernel is timed at batch 2 too
+    else:       # the run's own batches: the kernel is checked and timed at batch 2 too
         assert result["projection_kernel_batches"] == [1, 2]
         assert not [r for r in rows if "skipped" in r]
     assert all(r["ms_per_token"] > 0 for r in rows if "skipped" not in r)
     checks = result["kernel_checks"]
-    assert [(c["model"], c["reference"]) for c in checks] == [
-        (fused[0], "retnet"), (fused[1], "transformer")]
+    check_batches = [1] if kernel_batches is None else [1, 2]
+    assert [(c["model"], c["reference"], c["batch"]) for c in checks] == [
+        (name, reference, b) for name, reference in ((fused[0], "retnet"),
+                                                     (fused[1], "transformer"))
+        for b in check_batches]
     assert all(c["greedy_agreement"] == 1 and c["state_rel_err"] < 2e-2 for c in checks)
 
 
@@ -333,6 +336,8 @@ def test_bench_decode_step_checks_then_times_each_tile_setting(tmp_path, rotate)
     assert [(r["batch"], r["decay"], r["impl"]) for r in rows] == [
         (b, d, i) for b in (1, 2) for d in ("fixed", "gated")
         for i in ("xla", "pallas bvauto w4", "pallas bv16 w4", "pallas bv24 w4")]
+    # 'auto' resolved: 16 columns a program at batch 1 and 2 (2 heads x 3 groups < 128)
+    assert [r.get("columns") for r in rows[:4]] == [None, 16, 16, None]
     timed = [r for r in rows if r["impl"] != "pallas bv24 w4"]
     assert all(r["us_per_step"] > 0 and r["state_rel_err"] < 1e-4 and r["o_rel_err"] < 2e-2
                for r in timed)
@@ -428,6 +433,28 @@ def test_kernel_resources_compiles_offline_or_says_what_it_needs(tmp_path):
         ("retention_chunk_states", "")]
     assert all(0 < r["registers"] <= 255 and r["spill_stores"] >= 0 and r["shared_bytes"] > 0
                for r in rows)
+
+
+def test_kernel_resources_compiles_the_decoding_kernels(tmp_path):
+    """step: plain and rotating, per batch; gemv: each block_k dividing K, plain and double
+    buffered, the first shape behind the norm. Skipped without the triton package (CI)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "resources.json"
+    process = run_script("kernel_resources.py", "--kernels=step,gemv", "--heads=16x32",
+                         "--chunk_sizes=16,32", "--num_warps=4", "--step_batches=1,2",
+                         "--gemv_shapes=64x32+16,96x32", "--gemv_block_k=32,64",
+                         f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kernel"], r["setting"]) for r in rows] == [
+        ("retention_decode_step", "batch 1"), ("retention_decode_step", "batch 1 rotate"),
+        ("retention_decode_step", "batch 2"), ("retention_decode_step", "batch 2 rotate"),
+        ("decode_projections", "64x32+16 norm bk32"),
+        ("decode_projections", "64x32+16 norm bk32 double"),
+        ("decode_projections", "64x32+16 norm bk64"),
+        ("decode_projections", "64x32+16 norm bk64 double"),
+        ("decode_projections", "96x32 bk32"), ("decode_projections", "96x32 bk32 double")]
+    assert all(r["chunk"] is None and 0 < r["registers"] <= 255 for r in rows)
 
 
 def test_profile_decode_splits_each_token_into_kernels_and_gaps(tmp_path, toy_config):

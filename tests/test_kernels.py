@@ -453,8 +453,8 @@ def test_retention_step_pallas_matches_float64(dtype, state_dtype, gated, key_di
 
 def rotated_float64(x, rotate_at):
     """positions.rotate of x [B, H, D] in float64, at angles position * theta rounded to
-    float32 as the library computes them (angles of 1e4-1e5 radians carry float32's
-    rounding, 4e-3 to 4e-2 ulp-scale, in every implementation)."""
+    float32 as the library computes them (an angle near 7e4 radians carries up to ~4e-3
+    radians of float32 rounding in every implementation)."""
     x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
     theta = positions.rotation_frequencies(x.shape[-1]).astype(np.float32)
     at = np.broadcast_to(np.asarray(rotate_at), (x.shape[0],)).astype(np.float32)
@@ -484,7 +484,8 @@ def test_retention_step_pallas_rotates_q_and_k(dtype, gated, key_dim, value_dim,
     decay = np.exp(np.broadcast_to(np.asarray(log_decay, np.float64), (3, 2)))[..., None, None]
     ref_state = decay * state64 + k64[..., :, None] * v64[..., None, :]
     ref_o = np.einsum("bhd,bhde->bhe", q64, ref_state)
-    # rotated q and k are rounded to their dtype, as positions.rotate's are
+    # the kernel rounds rotated q and k to their dtype (as positions.rotate does), the
+    # float64 reference does not
     assert rel_err(new_state, ref_state) <= TOLERANCE[dtype]
     assert rel_err(o, ref_o) <= TOLERANCE[dtype]
     at = jnp.asarray(rotate_at)
@@ -504,6 +505,11 @@ def test_retention_step_pallas_rotates_q_and_k(dtype, gated, key_dim, value_dim,
 def test_default_block_v_gives_enough_programs(batch, heads, value_dim, want, columns):
     block_v = default_block_v(batch, heads, value_dim)
     assert block_v == want and column_group(value_dim, block_v) == columns
+
+
+def test_default_block_v_names_a_value_dim_it_cannot_split():
+    with pytest.raises(ValueError, match="value_dim must be a multiple of 16, got 40"):
+        default_block_v(1, 8, 40)
 
 
 @pytest.mark.parametrize("change, match", [

@@ -70,6 +70,19 @@ def test_double_buffered_loop_gives_the_same_products(rows, splits):
         np.testing.assert_allclose(y, same, rtol=1e-6, atol=1e-6)
 
 
+def test_split_partials_are_added_elementwise():
+    """The K splits' partials are summed by adds XLA can fuse with their reader, not by a
+    reduction over the split axis (a kernel of its own on the GPU)."""
+    x = jax.ShapeDtypeStruct((1, 256), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((256, 64), jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(lambda x, w: projections_pallas(
+        x, [w], block_n=64, block_k=32, splits=4, interpret=True))(x, w).jaxpr
+    outside = [eqn.primitive.name for eqn in jaxpr.eqns]
+    assert "pallas_call" in outside
+    assert not [name for name in outside if name.startswith("reduce")], outside
+    assert outside.count("add") == 3                      # 4 splits: 3 adds
+
+
 @pytest.mark.parametrize("k", [96, 216])
 def test_the_norm_reads_x_in_pieces_when_k_is_not_a_power_of_two(k):
     # 96 = 64 + 32 and 216 = 128 + 64 + 16 + 8: the sum of squares from several loads, the

@@ -184,16 +184,18 @@ def test_indivisible_batch_or_heads_give_the_xla_result(mesh, batch, heads, gate
 @pytest.mark.parametrize("gated", [False, True])
 def test_sharded_decode_step_matches_xla(mesh, gated):
     """One decoding token (recurrent form, T = 1) through the Pallas step kernel under the
-    mesh: a shard_map of [B / 4, 1, H / 2, D] blocks, same output and state as XLA's step."""
+    mesh: a shard_map of [B / 4, 1, H / 2, D] blocks, same output and state as XLA's step;
+    q and k rotated at per-sequence positions (by XLA under the mesh, before the shard_map)."""
     keys = jax.random.split(jax.random.PRNGKey(3), 5)
     q, k, v = (jax.random.normal(key, (B, 1, H, D)) for key in keys[:3])
     log_decay = (jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, 1, H)) + 2) / 4 if gated
                  else jnp.log1p(-(2.0 ** -jnp.arange(5, 5 + H, dtype=jnp.float32))))
     state = jax.random.normal(keys[4], (B, H, D, D))
+    at = jnp.arange(B, dtype=jnp.int32) * 37 + 5
 
     def step(kernel, *args):
         return layers.run_retention("recurrent", *args[:4], chunk_size=16,
-                                    initial_state=args[4], kernel=kernel)
+                                    initial_state=args[4], kernel=kernel, rotate_at=at)
 
     def sharded(*args):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):

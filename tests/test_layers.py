@@ -293,3 +293,13 @@ def test_init_follows_torchscale_and_yoco():
     for proj in (ffn.fc1, ffn.gate, ffn.fc2):
         assert_uniform(proj, 1 / math.sqrt(proj.kernel.shape[0]))
     assert gret.gt_proj.bias is None and all(p.bias is None for p in (msr.q_proj, attn.out_proj))
+
+
+@pytest.mark.parametrize("rotate_at", [1.5, jnp.ones((2,), jnp.float32)])
+def test_run_retention_refuses_positions_that_are_not_integers(rotate_at):
+    # A float position would be truncated by positions.rotate on XLA's paths and refused by
+    # the Pallas step: every path refuses it alike.
+    q = jnp.ones((2, 1, 2, 16))
+    with pytest.raises(ValueError, match="rotate_at must hold integer positions, got dtype"):
+        layers.run_retention("recurrent", q, q, q, -jnp.ones((2,)), chunk_size=16,
+                             initial_state=None, rotate_at=rotate_at)

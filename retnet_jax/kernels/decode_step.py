@@ -18,7 +18,8 @@ XLA's time at batch 32 with 144-column groups and 4 warps, but 1.08-1.35x it at 
 
 With `rotate_at`, q and k arrive unrotated and the kernel applies the xPos rotation
 (`positions.rotate`) itself: each program rotates its head's q and k at the sequence's
-position, so a decoding block needs no rotation kernels of its own. The rotation pairs
+position, where XLA ran the rotations as fusions of their own in every block (what is left
+outside is the positions' broadcast to the kernel's lanes). The rotation pairs
 features (2i, 2i + 1), so the kernel then walks the state's even and odd rows as two
 strided sets of tiles, each multiplied by the matching half of the rotated q and k.
 
@@ -47,16 +48,19 @@ __all__ = ["retention_step_pallas", "default_block_v"]
 # value: Triton loads power-of-two vectors, and 16 lanes is the smallest width every kernel
 # here already uses.
 LANES = MIN_DOT_DIM
-MIN_PROGRAMS = 128    # default grid size: about one program per SM of an H100/H200
+STEP_MIN_PROGRAMS = 128   # default grid size: about one program per SM of an H100/H200
 WIDEST_BLOCK_V = 256  # the default's widest groups (144 of the presets' 432 columns)
 
 
 def default_block_v(batch: int, heads: int, value_dim: int, *,
-                    min_programs: int = MIN_PROGRAMS) -> int:
+                    min_programs: int = STEP_MIN_PROGRAMS) -> int:
     """The largest power of two <= WIDEST_BLOCK_V whose value groups (`column_group`) give
     at least min_programs programs (batch x heads x groups), else the smallest, 16. The 1.3B
-    heads (8, Dv 432): batch 1 -> 32 (27 groups of 16, 216 programs), batch 2 -> 128 (9
-    groups of 48), batch >= 8 -> 256 (3 groups of 144, as timed at batch 8-64)."""
+    heads (8, Dv 432): batch 1 -> 32 (27 groups of 16, 216 programs), batch 2-5 -> 128 (9
+    groups of 48), batch >= 6 -> 256 (3 groups of 144, the width timed at batch 8-64).
+    Raises ValueError unless value_dim is a multiple of 16."""
+    if value_dim % MIN_DOT_DIM:
+        raise ValueError(f"value_dim must be a multiple of {MIN_DOT_DIM}, got {value_dim}")
     most = WIDEST_BLOCK_V
     while most > MIN_DOT_DIM and batch * heads * (value_dim // column_group(value_dim, most)
                                                   ) < min_programs:
@@ -73,17 +77,17 @@ def _key_rows(key_dim: int, rotate: bool) -> list[list[pl.Slice]]:
             for half in pieces(key_dim // 2)]
 
 
-def _load_keys(ref, groups: list[list[pl.Slice]], angle_halves: list[Array] | None
-               ) -> list[Array]:
-    """ref's pieces (one per slice of `groups`) as float32 vectors; with angle_halves (one
-    float32 vector per group) each (even, odd) pair rotated as `positions.rotate` does:
-    (x_e cos - x_o sin, x_o cos + x_e sin), rounded to ref's dtype."""
+def _load_keys(ref, groups: list[list[pl.Slice]],
+               rotation: list[tuple[Array, Array]] | None) -> list[Array]:
+    """ref's pieces (one per slice of `groups`) as float32 vectors; with rotation (cos and
+    sin of the angles, float32 vectors, one pair per group) each (even, odd) pair rotated as
+    `positions.rotate` does: (x_e cos - x_o sin, x_o cos + x_e sin), rounded to ref's dtype."""
     loaded = []
     for i, group in enumerate(groups):
         xs = [ref[rows].astype(jnp.float32) for rows in group]
-        if angle_halves is not None:
+        if rotation is not None:
             even, odd = xs
-            cos, sin = jnp.cos(angle_halves[i]), jnp.sin(angle_halves[i])
+            cos, sin = rotation[i]
             xs = [(even * cos - odd * sin).astype(ref.dtype).astype(jnp.float32),
                   (odd * cos + even * sin).astype(ref.dtype).astype(jnp.float32)]
         loaded.extend(xs)
@@ -103,13 +107,14 @@ def _decode_step_kernel(q_ref, k_ref, v_ref, decay_ref, *refs, rotate: bool):
     else:
         state_ref, o_ref, new_state_ref = refs
     groups = _key_rows(q_ref.shape[0], rotate)
-    angles = None
+    rotation = None
     if rotate:
         position = jnp.max(position_ref[...]).astype(jnp.float32)   # all lanes hold it
         angles = [position * theta_ref[half] for half in pieces(q_ref.shape[0] // 2)]
+        rotation = [(jnp.cos(angle), jnp.sin(angle)) for angle in angles]
     rows = [piece for group in groups for piece in group]
-    qs = _load_keys(q_ref, groups, angles)
-    ks = _load_keys(k_ref, groups, angles)
+    qs = _load_keys(q_ref, groups, rotation)
+    ks = _load_keys(k_ref, groups, rotation)
     decay = jnp.max(decay_ref[...])                          # all lanes hold the same value
     for vc in pieces(v_ref.shape[0]):
         v = v_ref[vc].astype(jnp.float32)
@@ -123,7 +128,8 @@ def _decode_step_kernel(q_ref, k_ref, v_ref, decay_ref, *refs, rotate: bool):
 
 
 def _lanes(x: Array, rows: int, heads: int | None) -> Array:
-    """Per-(row[, head]) scalars x ([rows] or [rows, heads]) as [rows(, heads), LANES] copies."""
+    """Scalars per row (heads None) or per (row, head), x of rows (x rows) entries (a fixed
+    decay's [heads] is rows 1), as [rows(, heads), LANES] copies."""
     shape = (rows,) if heads is None else (rows, heads)
     return jnp.broadcast_to(x.reshape(*shape, 1), (*shape, LANES))
 

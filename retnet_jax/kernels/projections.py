@@ -18,10 +18,11 @@ computes its rows' 1 / rms from all of x (a few KB from L2) and scales x as it s
 so the norm costs no kernel of its own.
 
 The splits' partial sums come back float32 [splits, M, N] and are added by XLA
-(`projections_pallas` returns the sums) as a chain of elementwise adds, which XLA fuses
-into the output's reader (a reduction over the split axis was a kernel of its own at the
-1.3B preset, ~1.4 µs each for out_proj and fc2, and the residual adds after them others:
-BENCHMARKS.md, session 16).
+(`projections_pallas` returns the sums) as a chain of elementwise adds, which XLA can fuse
+with an elementwise reader (at the 1.3B preset a reduction over the split axis was a kernel
+of its own for out_proj and fc2, ~1.4 µs each, and the residual adds after them others:
+BENCHMARKS.md, session 16; that the adds fuse there is not timed yet). Sums read by another
+kernel (the retention step's q, k, v) still need a fusion of their own.
 Weights are read in their stored dtype and rounded to x's dtype before the product, as
 `nnx.Linear` does.
 
@@ -239,9 +240,9 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
         interpret=interpret, name="decode_projections",
     )(*args, *weights)
     # The splits' partials added one by one, not reduced over the split axis: elementwise
-    # adds fuse into whatever reads the sums (a residual add, the FFN's activation, the
-    # retention step's inputs) as one loop fusion, where a reduction is a kernel of its own
-    # (session 16's profile: 48 split sums and 47 residual adds a token at the 1.3B preset).
+    # adds can fuse with an elementwise reader (the residual add) into one loop fusion;
+    # session 16's profile had out_proj's and fc2's reductions as kernels of their own (48
+    # a token at the 1.3B preset) beside 47 residual adds.
     total = functools.reduce(jnp.add, [partial[s] for s in range(splits)])
     bounds = np.cumsum([0] + padded)
     return [total[:, a:a + n] for a, n in zip(bounds[:-1], widths)]
