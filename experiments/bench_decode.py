@@ -77,6 +77,9 @@ _COMPILER_OPTIONS = flags.DEFINE_multi_string(
     "comma-separated: xla_gpu_enable_command_buffer=FUSION,WHILE), applied to the decode "
     "loop's compile only (jax's `compile(compiler_options=...)`); repeat the flag for more "
     "sets. Rows record theirs; one XLA refuses is an error row.")
+_TRANSFORMER = flags.DEFINE_bool("transformer", True, "Also time the Transformer baseline "
+                                  "(--notransformer: RetNet rows only, e.g. to compare "
+                                  "RetNet settings in less device time).")
 _XLA_DEFAULTS = flags.DEFINE_bool(
     "xla_defaults", False, "Compile the first option set with XLA's defaults instead of the "
     "options generate uses at each batch (generate.decode_compiler_options).")
@@ -136,7 +139,8 @@ def main(argv):
     new, repeats = _NEW.value, _REPEATS.value
     max_len_extra = new * (repeats + 2)
     models = decode_configs(base, _KERNELS.value, _STATE_DTYPES.value,
-                            max(contexts) + max_len_extra, tuple(_PROJECTIONS.value))
+                            max(contexts) + max_len_extra, tuple(_PROJECTIONS.value),
+                            transformer=_TRANSFORMER.value)
     device = jax.devices()[0]
     capacity = device.memory_stats().get("bytes_limit", 80e9) if device.platform == "gpu" else 16e9
     bandwidth = copy_bandwidth(_COPY_BYTES.value)

@@ -29,11 +29,12 @@ def retnet_name(kernel: str, state_dtype: str, projections: str = "xla") -> str:
 
 
 def decode_configs(base: ModelConfig, kernels: list[str], state_dtypes: list[str],
-                   max_seq_len: int, projections: tuple[str, ...] = ("xla",)
-                   ) -> dict[str, ModelConfig]:
+                   max_seq_len: int, projections: tuple[str, ...] = ("xla",), *,
+                   transformer: bool = True) -> dict[str, ModelConfig]:
     """{model name: config} in bf16 with room for max_seq_len positions: a RetNet per
-    decode_projections, retention kernel and state dtype (`retnet_name`), then a
-    Transformer per decode_projections ('transformer' + `projections_suffix`). The
+    decode_projections, retention kernel and state dtype (`retnet_name`), then (unless
+    transformer is False) a Transformer per decode_projections ('transformer' +
+    `projections_suffix`). The
     Transformer has bench_train's 128-wide heads and an FFN width that is a multiple of the
     GEMM tiles (5544, multiple=8, made XLA concatenate both FFN input weights in every
     decode step)."""
@@ -43,10 +44,11 @@ def decode_configs(base: ModelConfig, kernels: list[str], state_dtypes: list[str
               dataclasses.replace(base, retention_kernel=kernel, state_dtype=state_dtype,
                                   decode_projections=impl)
               for impl in projections for state_dtype in state_dtypes for kernel in kernels}
-    transformer = transformer_baseline(base, head_dim=128, multiple=128)
-    models.update({"transformer" + projections_suffix(impl):
-                   dataclasses.replace(transformer, decode_projections=impl)
-                   for impl in projections})
+    if transformer:
+        baseline = transformer_baseline(base, head_dim=128, multiple=128)
+        models.update({"transformer" + projections_suffix(impl):
+                       dataclasses.replace(baseline, decode_projections=impl)
+                       for impl in projections})
     return models
 
 

@@ -92,9 +92,7 @@ def main(argv):
     base = ModelConfig.from_config(_CONFIG.value.model)
     new = _NEW.value
     configs = decode_configs(base, _KERNELS.value, ["float32"], _CONTEXT.value + 8 * new,
-                             tuple(_PROJECTIONS.value))
-    if not _TRANSFORMER.value:
-        configs = {n: c for n, c in configs.items() if not n.startswith("transformer")}
+                             tuple(_PROJECTIONS.value), transformer=_TRANSFORMER.value)
     device = jax.devices()[0]
     bandwidth = copy_bandwidth(_COPY_BYTES.value)
     print(f"device {device.device_kind}, jax {jax.__version__}, copy bandwidth "

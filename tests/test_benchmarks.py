@@ -236,6 +236,20 @@ def test_bench_decode_times_the_gemv_projections_checked_against_xla(tmp_path, t
     assert all(c["greedy_agreement"] == 1 and c["state_rel_err"] < 2e-2 for c in checks)
 
 
+def test_bench_decode_without_the_transformer_times_retnet_rows_only(tmp_path, toy_config):
+    out = tmp_path / "decode.json"
+    process = run_script("bench_decode.py", f"--config={toy_config}", "--contexts=16",
+                         "--batches=1", "--new_tokens=2", "--repeats=1", "--notransformer",
+                         "--copy_bytes=1048576", "--decode_projections=xla,pallas_interpret",
+                         f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    result = json.loads(out.read_text())
+    assert [r["model"] for r in result["results"]] == [
+        "retnet", "retnet-pallas_interpret-projections"]
+    assert [c["model"] for c in result["kernel_checks"]] == [
+        "retnet-pallas_interpret-projections"]
+
+
 def test_bench_decode_times_a_bfloat16_state_checked_against_its_own_dtype(tmp_path,
                                                                           toy_config):
     out = tmp_path / "decode.json"
