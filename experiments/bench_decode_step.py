@@ -42,6 +42,9 @@ _DECAYS = flags.DEFINE_list("decays", ["fixed", "gated"], "fixed ([H] decay) and
                             "([B, H] per token).")
 _BLOCK_V = flags.DEFINE_list("block_v", ["auto", "64", "128", "256"], "Pallas block_v "
                              "values; 'auto': the kernel's default (`default_block_v`).")
+flags.register_validator("block_v", lambda v: bool(v) and all(b == "auto" or b.isdigit()
+                                                               for b in v),
+                         message="--block_v takes 'auto' and/or whole numbers")
 _ROTATE = flags.DEFINE_boolean("rotate", True, "q and k arrive unrotated and are rotated "
                                "(xPos) at the token's position, as in the models.")
 _POSITION = flags.DEFINE_integer("position", 8192, "Position of the first timed token.")

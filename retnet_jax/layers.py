@@ -390,9 +390,10 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
         pallas = _pallas_or_fallback(kernel, q, v, chunk_size)
     mesh = sharding.mesh_in_context()
     if rotate_at is not None:
-        if not jnp.issubdtype(jnp.asarray(rotate_at).dtype, jnp.integer):
+        rotate_at = jnp.asarray(rotate_at)
+        if not jnp.issubdtype(rotate_at.dtype, jnp.integer):
             raise ValueError(f"rotate_at must hold integer positions, got dtype "
-                             f"{jnp.asarray(rotate_at).dtype}")
+                             f"{rotate_at.dtype}")
         if pallas is not None and mode == "recurrent" and mesh is None:
             pallas["rotate_at"] = rotate_at       # the step kernel rotates q and k itself
         else:

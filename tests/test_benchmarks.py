@@ -114,6 +114,7 @@ def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
     ("bench_decode.py", "--compiler_options=xla_gpu_enable_triton_gemm",
      "--compiler_options: 'xla_gpu_enable_triton_gemm' is not name=value"),
     ("bench_gemv.py", "--double_buffer=false,maybe", "--double_buffer takes false and/or true"),
+    ("bench_decode_step.py", "--block_v=auto,wide", "--block_v takes 'auto' and/or whole numbers"),
     ("bench_decode.py", "--projection_kernel_batches=1,3",
      "--projection_kernel_batches must be powers of two <= 8"),
     ("profile_decode.py", "--retention_kernels=xla,triton",
@@ -338,13 +339,11 @@ def test_bench_retention_times_each_pallas_tiling_side_by_side(tmp_path):
     assert {c["impl"] for c in results["checks"] if "rms_rel" in c} == {"ours_c16"} | names
 
 
-@pytest.mark.parametrize("rotate", ["--rotate", "--norotate"])
-def test_bench_decode_step_checks_then_times_each_tile_setting(tmp_path, rotate):
+def test_bench_decode_step_checks_then_times_each_tile_setting(tmp_path):
     out = tmp_path / "step.json"
     process = run_script("bench_decode_step.py", "--heads=2", "--key_dim=16", "--value_dim=48",
                          "--batches=1,2", "--block_v=auto,16,24", "--num_warps=4",
-                         "--steps=3", "--repeats=2", "--copy_bytes=1048576", rotate,
-                         f"--out={out}")
+                         "--steps=3", "--repeats=2", "--copy_bytes=1048576", f"--out={out}")
     assert process.returncode == 0, process.stderr
     rows = json.loads(out.read_text())["results"]
     assert [(r["batch"], r["decay"], r["impl"]) for r in rows] == [
@@ -358,6 +357,19 @@ def test_bench_decode_step_checks_then_times_each_tile_setting(tmp_path, rotate)
     refused = [r for r in rows if r["impl"] == "pallas bv24 w4"]
     assert all("power of two" in r["error"] and "us_per_step" not in r for r in refused)
     assert "| pallas bv16 w4 | gated | 2 |" in process.stdout
+
+
+def test_bench_decode_step_without_rotation_times_the_plain_step(tmp_path):
+    out = tmp_path / "step.json"
+    process = run_script("bench_decode_step.py", "--heads=2", "--key_dim=16", "--value_dim=48",
+                         "--batches=1", "--decays=gated", "--block_v=auto", "--num_warps=4",
+                         "--steps=3", "--repeats=2", "--copy_bytes=1048576", "--norotate",
+                         f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    result = json.loads(out.read_text())
+    assert result["rotate"] is False
+    assert [r["impl"] for r in result["results"]] == ["xla", "pallas bvauto w4"]
+    assert all(r["us_per_step"] > 0 and r["state_rel_err"] < 1e-4 for r in result["results"])
 
 
 @pytest.mark.parametrize("broken, error_range", [

@@ -70,7 +70,7 @@ def default_block_v(batch: int, heads: int, value_dim: int, *,
 
 def _key_rows(key_dim: int, rotate: bool) -> list[list[pl.Slice]]:
     """Groups of row slices covering Dk: power-of-two pieces, or with rotation pairs of
-    strided pieces (even rows, odd rows) that `_rotated` combines."""
+    strided pieces (even rows, odd rows) that `_load_keys` rotates together."""
     if not rotate:
         return [[piece] for piece in pieces(key_dim)]
     return [[pl.ds(2 * half.start + parity, half.size, stride=2) for parity in (0, 1)]
@@ -128,8 +128,8 @@ def _decode_step_kernel(q_ref, k_ref, v_ref, decay_ref, *refs, rotate: bool):
 
 
 def _lanes(x: Array, rows: int, heads: int | None) -> Array:
-    """Scalars per row (heads None) or per (row, head), x of rows (x rows) entries (a fixed
-    decay's [heads] is rows 1), as [rows(, heads), LANES] copies."""
+    """x [rows] (heads None) or [rows, heads] (a fixed decay's [heads]: rows 1) as
+    [rows(, heads), LANES] copies of each entry."""
     shape = (rows,) if heads is None else (rows, heads)
     return jnp.broadcast_to(x.reshape(*shape, 1), (*shape, LANES))
 
