@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from ceilings import copy_bandwidth
+from retention_inputs import parse_weight_shape
 from trace_kernels import busy_ns, device_kernels, trace_call
 from retnet_jax.generate import decode_compiler_options
 from retnet_jax.kernels.projections import default_splits, projections_pallas
@@ -159,18 +160,6 @@ def settings() -> list[dict]:
                 _NUM_STAGES.value, _DOUBLE_BUFFER.value)]
 
 
-def parse_shape(shape: str) -> tuple[int, list[int]]:
-    """'KxN' or 'KxN1+N2+...' -> (K, [N_i])."""
-    k, _, ns = shape.partition("x")
-    try:
-        out = int(k), [int(n) for n in ns.split("+")]
-    except ValueError:
-        raise app.UsageError(f"--shapes: {shape!r} is not KxN or KxN1+N2+...") from None
-    if min(out[0], *out[1]) < 1:
-        raise app.UsageError(f"--shapes: {shape!r} has a size below 1")
-    return out
-
-
 def measure(k: int, ns: list[int], bandwidth: float, interpret: bool) -> list[dict]:
     """The rows of one weight shape (K rows; one weight per entry of ns): XLA's dots, then
     each Pallas tiling."""
@@ -229,7 +218,7 @@ def main(argv):
     print(f"device {device.device_kind}, jax {jax.__version__}, copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s, Pallas {'interpreted' if interpret else 'on GPU'}")
     rows = []
-    for k, ns in [parse_shape(shape) for shape in _SHAPES.value]:
+    for k, ns in [parse_weight_shape(shape) for shape in _SHAPES.value]:
         rows += measure(k, ns, bandwidth, interpret)
         if _OUT.value:
             with open(_OUT.value, "w") as f:

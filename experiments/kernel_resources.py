@@ -39,7 +39,8 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from retention_inputs import blocks_name, grads_blocks_for, parse_grads_blocks
+from retention_inputs import (blocks_name, grads_blocks_for, parse_grads_blocks,
+                              parse_weight_shape)
 from retnet_jax import kernels
 from retnet_jax.kernels import projections
 
@@ -158,10 +159,9 @@ def gemv_calls(num_warps: int):
     --gemv_block_k dividing its K, plain and double-buffered; the first shape behind the
     norm, as the blocks' q|k|v|gate."""
     for index, shape in enumerate(_GEMV_SHAPES.value):
-        k, _, widths = shape.partition("x")
-        k = int(k)
+        k, widths = parse_weight_shape(shape, "gemv_shapes")
         x = jax.ShapeDtypeStruct((1, k), jnp.bfloat16)
-        weights = [jax.ShapeDtypeStruct((k, int(n)), jnp.bfloat16) for n in widths.split("+")]
+        weights = [jax.ShapeDtypeStruct((k, n), jnp.bfloat16) for n in widths]
         scale = jax.ShapeDtypeStruct((k,), jnp.bfloat16) if index == 0 else None
         for block_k in (int(b) for b in _GEMV_BLOCK_K.value if k % int(b) == 0):
             for double in (False, True):
@@ -181,6 +181,8 @@ def main(argv):
         raise app.UsageError(f"--kernels: {unknown} not in {KERNELS}")
     for text in _GRADS_BLOCKS.value:
         parse_grads_blocks(text)
+    for text in _GEMV_SHAPES.value:
+        parse_weight_shape(text, "gemv_shapes")
     try:
         import triton  # noqa: F401
     except ImportError:

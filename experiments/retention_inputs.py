@@ -1,5 +1,6 @@
 """Shapes, random inputs and kernel-layout flags of the retention benchmarks (bench_retention,
-bench_kernel_parts, kernel_resources).
+bench_kernel_parts, kernel_resources) and the decoding GEMV's weight shapes (bench_gemv,
+kernel_resources).
 
 Imported by the bench_* scripts (they run with experiments/ on sys.path).
 """
@@ -23,6 +24,19 @@ def parse_shape(text: str, flag: str = "shapes") -> tuple[int, int, int, int, in
             "integers joined by 'x', e.g. 8x2048x16x128 or 2x8192x8x256x512")
     dims = [int(p) for p in parts]
     return tuple(dims if len(dims) == 5 else dims + dims[3:])
+
+
+def parse_weight_shape(text: str, flag: str = "shapes") -> tuple[int, list[int]]:
+    """'KxN' or 'KxN1+N2+...' (weights kept apart, one input) -> (K, [N_i]); a UsageError
+    naming --flag if `text` is neither or has a size below 1."""
+    k, _, ns = text.partition("x")
+    try:
+        out = int(k), [int(n) for n in ns.split("+")]
+    except ValueError:
+        raise app.UsageError(f"--{flag}: {text!r} is not KxN or KxN1+N2+...") from None
+    if min(out[0], *out[1]) < 1:
+        raise app.UsageError(f"--{flag}: {text!r} has a size below 1")
+    return out
 
 
 def parse_grads_blocks(text: str, flag: str = "grads_blocks"):

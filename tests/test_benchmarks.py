@@ -114,6 +114,8 @@ def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
     ("bench_decode.py", "--compiler_options=xla_gpu_enable_triton_gemm",
      "--compiler_options: 'xla_gpu_enable_triton_gemm' is not name=value"),
     ("bench_gemv.py", "--double_buffer=false,maybe", "--double_buffer takes false and/or true"),
+    ("kernel_resources.py", "--gemv_shapes=64x32+",
+     "--gemv_shapes: '64x32+' is not KxN or KxN1+N2+..."),
     ("bench_decode_step.py", "--block_v=auto,wide", "--block_v takes 'auto' and/or whole numbers"),
     ("bench_decode.py", "--projection_kernel_batches=1,3",
      "--projection_kernel_batches must be powers of two <= 8"),
