@@ -15,8 +15,8 @@ program reading only its own weight. With `--norm_prologue` each product first a
 RMSNorm with a learned scale to x, as the blocks do before q|k|v|gate and the FFN: XLA in a
 fusion of its own (the model's `layers.RMSNorm`), the kernel inside the GEMV (each program
 reads all of x for its 1 / rms, then scales its rows as it streams them), so the kernel
-count per product shows what the prologue saves. `--block_k` and `--double_buffer` sweep the
-kernel's K loop: rows per step, and whether each step's tile is loaded a step ahead.
+count per product shows what the prologue saves. `--block_k` sweeps the kernel's rows per
+K-loop step.
 Each setting is checked against a float64 product before it is timed. Wall time per product
 (`us`) includes the launches between kernels; then `--traced_calls` more calls are traced
 and `kernel_us` is the median time the device ran kernels per product (the product's
@@ -59,11 +59,6 @@ _BLOCK_K = flags.DEFINE_list("block_k", ["64"], "Weight rows per loop step (powe
                              "the kernel's default is default_block_k, 64 at these K).")
 _NUM_WARPS = flags.DEFINE_list("num_warps", ["4"], "Triton warps per program.")
 _NUM_STAGES = flags.DEFINE_list("num_stages", ["3"], "Triton pipeline stages of the K loop.")
-_DOUBLE_BUFFER = flags.DEFINE_list("double_buffer", ["false"], "The kernel's double_buffer "
-                                   "settings (false/true): weight tiles loaded a loop step "
-                                   "ahead.")
-flags.register_validator("double_buffer", lambda v: bool(v) and set(v) <= {"false", "true"},
-                         message="--double_buffer takes false and/or true")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per setting (median reported).")
 _COPY_BYTES = flags.DEFINE_integer("copy_bytes", 1 << 30, "Bytes of the copy-bandwidth probe.")
 _TRACED_CALLS = flags.DEFINE_integer("traced_calls", 5, "Traced calls per setting (median "
@@ -154,10 +149,10 @@ def kernel_time(fn, x, weights) -> tuple[float, int]:
 
 def settings() -> list[dict]:
     return [dict(block_n=int(bn), block_k=int(bk), programs=int(p), num_warps=int(w),
-                 num_stages=int(s), double_buffer=db == "true")
-            for bn, bk, p, w, s, db in itertools.product(
+                 num_stages=int(s))
+            for bn, bk, p, w, s in itertools.product(
                 _BLOCK_N.value, _BLOCK_K.value, _PROGRAMS.value, _NUM_WARPS.value,
-                _NUM_STAGES.value, _DOUBLE_BUFFER.value)]
+                _NUM_STAGES.value)]
 
 
 def measure(k: int, ns: list[int], bandwidth: float, interpret: bool) -> list[dict]:
@@ -179,10 +174,9 @@ def measure(k: int, ns: list[int], bandwidth: float, interpret: bool) -> list[di
         if splits is None:
             continue
         kw = dict(block_n=s["block_n"], splits=splits, block_k=s["block_k"],
-                  num_warps=s["num_warps"], num_stages=s["num_stages"],
-                  double_buffer=s["double_buffer"])
+                  num_warps=s["num_warps"], num_stages=s["num_stages"])
         name = (f"pallas bn{s['block_n']} bk{s['block_k']} s{splits} w{s['num_warps']} "
-                f"st{s['num_stages']}" + " db" * s["double_buffer"])
+                f"st{s['num_stages']}")
         if any(name == p[0] for p in products):
             continue
         products.append((name, kw, functools.partial(pallas_product, interpret=interpret,

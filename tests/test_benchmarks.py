@@ -113,7 +113,6 @@ def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
      "--state_dtypes must be distinct names from"),
     ("bench_decode.py", "--compiler_options=xla_gpu_enable_triton_gemm",
      "--compiler_options: 'xla_gpu_enable_triton_gemm' is not name=value"),
-    ("bench_gemv.py", "--double_buffer=false,maybe", "--double_buffer takes false and/or true"),
     ("kernel_resources.py", "--gemv_shapes=64x32+",
      "--gemv_shapes: '64x32+' is not KxN or KxN1+N2+..."),
     ("bench_decode_step.py", "--block_v=auto,wide", "--block_v takes 'auto' and/or whole numbers"),
@@ -687,14 +686,13 @@ def test_bench_gemv_normalises_x_inside_the_kernel_when_asked(tmp_path):
     out = tmp_path / "gemv.json"
     process = run_script("bench_gemv.py", "--shapes=192x32+64+32", "--layers=2",
                          "--block_n=32", "--programs=4", "--block_k=32,64", "--repeats=1",
-                         "--double_buffer=false,true", "--traced_calls=1", "--norm_prologue",
+                         "--traced_calls=1", "--norm_prologue",
                          "--copy_bytes=1048576", f"--trace_dir={tmp_path / 'trace'}",
                          f"--out={out}")
     assert process.returncode == 0, process.stderr
     rows = json.loads(out.read_text())["results"]
     assert [r["impl"] for r in rows] == [
-        "xla", "pallas bn32 bk32 s1 w4 st3", "pallas bn32 bk32 s1 w4 st3 db",
-        "pallas bn32 bk64 s1 w4 st3", "pallas bn32 bk64 s1 w4 st3 db"]
+        "xla", "pallas bn32 bk32 s1 w4 st3", "pallas bn32 bk64 s1 w4 st3"]
     for r in rows:
         assert r["norm_prologue"] and "error" not in r and r["rel_err"] < 2e-2, r
 

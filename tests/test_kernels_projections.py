@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxprs import lower_for_cuda
-from retnet_jax.kernels.projections import (default_block_k, default_splits,
+from retnet_jax.kernels.projections import (default_block_k, default_block_n, default_splits,
                                              projections_pallas)
 
 EPS = 1e-6
@@ -46,28 +46,6 @@ def test_projections_match_float64(rows, dtype, norm, splits):
         assert y.dtype == jnp.float32 and y.shape == want.shape
         err = np.abs(np.asarray(y, np.float64) - want).max() / np.abs(want).max()
         assert err <= TOLERANCE[dtype], err
-
-
-@pytest.mark.parametrize("rows", [1, 8])
-@pytest.mark.parametrize("splits", [None, 4, 8])     # 8, 2 and 1 steps of 32 rows a split
-def test_double_buffered_loop_gives_the_same_products(rows, splits):
-    """double_buffer loads each weight tile a step ahead: the same sums, against float64,
-    down to splits of a single step (nothing loaded ahead)."""
-    rng = np.random.default_rng(40 + rows)
-    k = 256
-    x = jnp.asarray(2 * rng.standard_normal((rows, k)), jnp.bfloat16)
-    weights = [jnp.asarray(rng.standard_normal((k, n)) * k**-0.5, jnp.float32)
-               for n in (128, 40)]
-    scale = jnp.asarray(1 + 0.2 * rng.standard_normal(k), jnp.float32)
-    got = projections_pallas(x, weights, norm_scale=scale, norm_eps=EPS, block_n=64,
-                             block_k=32, splits=splits, double_buffer=True, interpret=True)
-    plain = projections_pallas(x, weights, norm_scale=scale, norm_eps=EPS, block_n=64,
-                               block_k=32, splits=splits, interpret=True)
-    for y, same, want in zip(got, plain, reference(x, weights, scale, jnp.bfloat16),
-                             strict=True):
-        err = np.abs(np.asarray(y, np.float64) - want).max() / np.abs(want).max()
-        assert err <= TOLERANCE[jnp.bfloat16], err
-        np.testing.assert_allclose(y, same, rtol=1e-6, atol=1e-6)
 
 
 def test_split_partials_are_added_elementwise():
@@ -121,6 +99,18 @@ def test_default_splits_fill_the_grid(k, columns, splits):
     assert default_splits(k, columns, block_n=128, block_k=64) == splits
 
 
+@pytest.mark.parametrize("k, widths, block_n, splits", [
+    (2048, (2048, 2048, 3456, 3456, 8), 128, 8),   # gated q|k|v|gate|decay gate: 87 groups
+    (2048, (3456, 3456), 128, 16),
+    (3456, (2048,), 64, 18),       # 128 columns would need 54 splits (> MAX_SPLITS)
+    (64, (32,), 128, 1),           # one K step: one split, whatever the grid
+])
+def test_default_block_n_keeps_the_splits_few(k, widths, block_n, splits):
+    assert default_block_n(k, widths, block_k=64) == block_n
+    columns = sum(-(-n // block_n) * block_n for n in widths)
+    assert default_splits(k, columns, block_n=block_n, block_k=64) == splits
+
+
 @pytest.mark.parametrize("k, block_k", [(2048, 64), (3456, 64), (48, 16), (36, 4)])
 def test_default_block_k_is_the_largest_power_of_two_dividing_k(k, block_k):
     assert default_block_k(k) == block_k
@@ -157,8 +147,6 @@ def test_projections_lower_for_the_triton_gpu_backend(rows):
                                             struct(2048, 3456), struct(2048, 3456),
                                             struct(2048, 8)],        # gated's decay gate
                        jax.ShapeDtypeStruct((2048,), jnp.float32))),
-             (projections_pallas, (struct(rows, 3456), [struct(3456, 2048)])),
-             (lambda x, weights: projections_pallas(x, weights, double_buffer=True),
-              (struct(rows, 3456), [struct(3456, 2048)]))]
+             (projections_pallas, (struct(rows, 3456), [struct(3456, 2048)]))]
     for kernel, args in calls:
         assert "triton" in lower_for_cuda(kernel, *args).lower()

@@ -46,11 +46,13 @@ from retnet_jax.kernels.common import check_block_arg, is_power_of_two, pieces
 
 Array = jax.Array
 
-__all__ = ["MAX_ROWS", "projections_pallas", "default_block_k", "default_splits"]
+__all__ = ["MAX_ROWS", "projections_pallas", "default_block_k", "default_block_n",
+           "default_splits"]
 
 MAX_ROWS = 8          # rows of x (decoded sequences) a call takes: powers of two up to this
 MIN_PROGRAMS = 512    # default grid size: ~4 programs per SM of an H100/H200 keep loads in flight
 MAX_BLOCK_K = 64      # weight rows per loop step: [64, 128] tiles, as timed by bench_gemv.py
+MAX_SPLITS = 32       # more K splits than this at 128 columns: take 64 columns (default_block_n)
 
 
 def default_block_k(k: int) -> int:
@@ -69,25 +71,32 @@ def default_splits(k: int, columns: int, *, block_n: int, block_k: int,
     return next((s for s in options if groups * s >= min_programs), options[-1])
 
 
+def default_block_n(k: int, widths: Sequence[int], *, block_k: int) -> int:
+    """128 output columns a program, or 64 where 128 would take more than MAX_SPLITS K
+    splits to fill the grid (`default_splits`): the partials XLA adds afterwards are splits
+    x N floats. The 1.3B presets: q|k|v|gate (K 2048) 128 columns, 8 splits; fc1|gate 128,
+    16; out_proj and fc2 (K 3456, N 2048) 64 columns, 18 splits instead of 54 (on an H100,
+    8.3 against 9.2 µs a product with the sums: BENCHMARKS.md, "Decoding", session 18)."""
+    for block_n in (128, 64):
+        columns = sum(-(-n // block_n) * block_n for n in widths)
+        if default_splits(k, columns, block_n=block_n, block_k=block_k) <= MAX_SPLITS:
+            return block_n
+    return 64
+
+
 def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, inv_rms, scale_ref,
-                    compute_dtype, double_buffer: bool) -> list[Array]:
+                    compute_dtype) -> list[Array]:
     """For each of x's M rows, sum over this split's `rows` rows of K (from `start`, in
     block_k steps) of x[m, k] * w[k, :]: a list of M float32 [BN]. With inv_rms (M float32
     scalars) and scale_ref [K], x's rows are first RMS-normalised as `layers.RMSNorm` does.
-    With double_buffer, each step's weight tile is loaded one step ahead (carried through
-    the loop), so a load is in flight while the program sums the tile before it: Triton does
-    not pipeline these loads itself (no dot; sm_90 compiles with and without `num_stages`
-    are identical)."""
+    Triton does not pipeline these loads (no dot); loading each tile a step ahead by hand
+    was no faster (BENCHMARKS.md, "Decoding", session 18), so each step loads, then sums."""
     count = x_ref.shape[0]
-    steps = rows // block_k
 
-    def tile(i):
-        first = i * block_k if isinstance(i, int) else pl.multiple_of(i * block_k, block_k)
-        return w_ref[pl.ds(first, block_k), :]                                 # [bk, BN]
-
-    def accumulate(i, w, accs):
-        ks = pl.ds(pl.multiple_of(start + i * block_k, block_k), block_k)
-        w = w.astype(compute_dtype).astype(jnp.float32)
+    def accumulate(i, accs):
+        first = pl.multiple_of(i * block_k, block_k)
+        w = w_ref[pl.ds(first, block_k), :].astype(compute_dtype).astype(jnp.float32)
+        ks = pl.ds(pl.multiple_of(start + first, block_k), block_k)
         if scale_ref is not None:
             scale = scale_ref[ks].astype(compute_dtype)
         out = []
@@ -99,16 +108,7 @@ def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, inv_rms, sc
         return tuple(out)
 
     zero = (jnp.zeros((w_ref.shape[1],), jnp.float32),) * count
-    if not double_buffer:
-        return jax.lax.fori_loop(0, steps, lambda i, accs: accumulate(i, tile(i), accs), zero)
-
-    def step(i, carry):
-        w, accs = carry
-        following = tile(i + 1)                 # issued before this step's products
-        return following, accumulate(i, w, accs)
-
-    last, accs = jax.lax.fori_loop(0, steps - 1, step, (tile(0), zero))
-    return accumulate(steps - 1, last, accs)
+    return jax.lax.fori_loop(0, rows // block_k, accumulate, zero)
 
 
 def _inverse_rms(x_ref, *, eps: float) -> list[Array]:
@@ -123,7 +123,7 @@ def _inverse_rms(x_ref, *, eps: float) -> list[Array]:
 
 
 def _projections_kernel(x_ref, *refs, block_k: int, group_starts: tuple[int, ...],
-                        norm: bool, eps: float, double_buffer: bool):
+                        norm: bool, eps: float):
     """One (column group j, K split s) program.
 
     Refs: x [M, K] (all of it); with norm, the scale [K]; one weight tile [K / splits, BN]
@@ -140,7 +140,7 @@ def _projections_kernel(x_ref, *refs, block_k: int, group_starts: tuple[int, ...
     inv_rms = _inverse_rms(x_ref, eps=eps) if norm else None
     which = sum((j >= start).astype(jnp.int32) for start in group_starts[1:])
     kw = dict(start=s * rows, rows=rows, block_k=block_k, inv_rms=inv_rms,
-              scale_ref=scale_ref, compute_dtype=x_ref.dtype, double_buffer=double_buffer)
+              scale_ref=scale_ref, compute_dtype=x_ref.dtype)
 
     def products(w_ref):
         columns = pl.ds(0, w_ref.shape[1])
@@ -172,9 +172,10 @@ def _check(x: Array, weights: Sequence[Array], norm_scale: Array | None) -> None
 
 
 def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array | None = None,
-                       norm_eps: float = 1e-6, block_n: int = 128, block_k: int | None = None,
+                       norm_eps: float = 1e-6, block_n: int | None = None,
+                       block_k: int | None = None,
                        splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                       double_buffer: bool = False, interpret: bool = False) -> list[Array]:
+                       interpret: bool = False) -> list[Array]:
     """x @ w for each w of weights, in one kernel, optionally behind an RMSNorm of x.
 
     Args:
@@ -185,14 +186,12 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
         multiple of block_n gets zero columns (a copy every call) dropped from the result.
       norm_scale: None, or [K]: x becomes `layers.RMSNorm`'s output with this scale first.
       norm_eps: the norm's eps.
-      block_n: output columns per program (a power of two).
+      block_n: output columns per program (a power of two); None: `default_block_n`.
       block_k: rows of K per loop step (a power of two dividing K); None:
         `default_block_k`.
       splits: programs per column group, each summing K / splits rows (a divisor of
         K / block_k); None: `default_splits`.
       num_warps, num_stages: Triton's, per program and for the K loop.
-      double_buffer: load each weight tile one loop step ahead (`_split_products`); off
-        by default until timed against the plain loop (queued in BENCHMARKS.md).
       interpret: run in Pallas interpret mode (any backend, e.g. CPU tests).
     Returns:
       float32 [M, N_i] for each weight.
@@ -201,11 +200,12 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
     """
     _check(x, weights, norm_scale)
     rows, k = x.shape
-    block_n = check_block_arg("block_n", block_n)
     block_k = check_block_arg("block_k", default_block_k(k) if block_k is None else block_k)
     if k % block_k:
         raise ValueError(f"block_k = {block_k} must divide K = {k} (x.shape[1])")
     widths = [w.shape[1] for w in weights]
+    block_n = check_block_arg("block_n", default_block_n(k, widths, block_k=block_k)
+                              if block_n is None else block_n)
     padded = [-(-n // block_n) * block_n for n in widths]
     narrow = [n < block_n and is_power_of_two(n) for n in widths]
     weights = [w if p == n or thin else jnp.pad(w, ((0, 0), (0, p - n)))
@@ -230,7 +230,7 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
         args.append(norm_scale)
     partial = pl.pallas_call(
         functools.partial(_projections_kernel, block_k=block_k, group_starts=starts,
-                          norm=norm, eps=float(norm_eps), double_buffer=double_buffer),
+                          norm=norm, eps=float(norm_eps)),
         grid=(sum(groups), splits),
         in_specs=in_specs + [weight_spec(st, g, n if thin else block_n)
                              for st, g, n, thin in zip(starts, groups, widths, narrow)],
