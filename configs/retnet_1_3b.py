@@ -7,7 +7,13 @@ T = 8192, its step takes 9 % less time than full remat's (340.2 against 375.1 ms
 settings; 40 % of the bf16 datasheet's FLOP/s) and peaks at 43.7 GiB, below the 60 GiB
 that JAX's default 75 % leaves on an 80 GB GPU (not run on one; BENCHMARKS.md, training,
 session 15). The 2.7B and 6.7B keep 'full' remat: their
-projections' outputs were not measured to fit."""
+projections' outputs were not measured to fit.
+
+Batch-1 decoding runs its projections through the GEMV kernel (`decode_projections='pallas'`,
+XLA's dots with one warning off GPU): at 8K context 1.633 against 1.861 ms a token on an
+H100 (1.14x; gated 1.666 against 2.134), 1.470 against 1.738 on an H200 (BENCHMARKS.md,
+"Decoding", sessions 16 and 18). Only where timed: the 2.7B's width 4280 is no multiple of
+the kernel's 128 columns (its v and gate weights would be padded every step)."""
 
 import pathlib
 import runpy
@@ -16,5 +22,7 @@ _base = runpy.run_path(str(pathlib.Path(__file__).with_name("base.py")))
 
 
 def get_config():
-    return _base["paper_scale_config"](d_model=2048, num_layers=24, num_heads=8, width=3456,
-                                       remat=True, remat_policy="projections")
+    config = _base["paper_scale_config"](d_model=2048, num_layers=24, num_heads=8,
+                                         width=3456, remat=True, remat_policy="projections")
+    config.model.decode_projections = "pallas"
+    return config
