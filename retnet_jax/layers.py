@@ -56,9 +56,9 @@ RETENTION_KERNELS = ("xla", "pallas", "pallas_interpret")
 # Decoding steps' projections (`project`): XLA's dots, the Pallas GEMV kernel (GPU; XLA
 # elsewhere or where it does not apply), or that kernel interpreted (any backend; tests).
 DECODE_PROJECTIONS = ("xla", "pallas", "pallas_interpret")
-# The batch sizes whose decoding steps use the kernel: on an H200 the 1.3B preset decodes
-# 1.18x faster with it at batch 1, 2.7x slower at batch 8 (XLA then transposes the
-# retention states around the step; BENCHMARKS.md "Decoding", session 16).
+# The batch sizes whose decoding steps use the kernel: the 1.3B preset decodes 1.18x (H200)
+# and 1.14x (H100) faster with it at batch 1, 2.6-2.7x slower at batch 8, with XLA's step
+# and with the Pallas step alike (BENCHMARKS.md "Decoding", sessions 16 and 18).
 PROJECTION_KERNEL_BATCHES = (1,)
 ACTIVATIONS = {"swish": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
                "relu": jax.nn.relu}  # torchscale's names; gelu is exact (erf) as torch's F.gelu

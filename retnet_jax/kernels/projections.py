@@ -3,7 +3,10 @@
 At batch 1-8 a decoded token's time is mostly the blocks' weight reads (BENCHMARKS.md,
 "Decoding"), and XLA's GEMMs stream weights at 0.49-0.64 of the copy bandwidth there
 (session 14's profile). Models use it at batch 1 (`layers.PROJECTION_KERNEL_BATCHES`:
-1.18x faster a token at the 1.3B preset on an H200, 0.65 of the copy bandwidth).
+1.18x faster a token at the 1.3B preset on an H200, 1.14x on an H100, where it streams
+at 0.69-0.81 of the copy bandwidth; a model at batch 8 decodes 2.6x slower with it than
+with XLA's GEMMs, not profiled, the 8 rows summed one by one on the CUDA cores being the
+likely cause: BENCHMARKS.md, "Decoding", session 18).
 
 `projections_pallas` streams the weights as a GEMV does: one program per (group of
 `block_n` output columns, split of K), each summing x[m, k] * W[k, cols] over its rows in
@@ -20,9 +23,10 @@ so the norm costs no kernel of its own.
 The splits' partial sums come back float32 [splits, M, N] and are added by XLA
 (`projections_pallas` returns the sums) as a chain of elementwise adds, which XLA can fuse
 with an elementwise reader (at the 1.3B preset a reduction over the split axis was a kernel
-of its own for out_proj and fc2, ~1.4 µs each, and the residual adds after them others:
-BENCHMARKS.md, session 16; that the adds fuse there is not timed yet). Sums read by another
-kernel (the retention step's q, k, v) still need a fusion of their own.
+of its own for out_proj and fc2, ~1.4 µs each, and the residual adds after them others,
+session 16; since session 17 each sum and its residual add are one loop fusion, session
+18). Sums read by another kernel (the retention step's q, k, v) still need a fusion of
+their own, one per reader.
 Weights are read in their stored dtype and rounded to x's dtype before the product, as
 `nnx.Linear` does.
 
