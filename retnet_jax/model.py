@@ -101,7 +101,7 @@ class ModelConfig:
         (`layers.project`): 'xla' (default), 'pallas' (`kernels.projections_pallas`, a GEMV
         kernel that reads each block's q|k|v|gate and FFN input weights in one pass, with
         the pre-norm inside; GPU, single device; XLA elsewhere; 1.18x faster at the 1.3B
-        preset on an H200) or 'pallas_interpret'. Other batches
+        preset on an H200, 1.14x on an H100; the 1.3B presets set it) or 'pallas_interpret'. Other batches
         (`layers.PROJECTION_KERNEL_BATCHES`) and full sequences use XLA's GEMMs. Changes no
         parameter.
     Attention:

@@ -104,6 +104,7 @@ def test_default_splits_fill_the_grid(k, columns, splits):
     (2048, (3456, 3456), 128, 16),
     (3456, (2048,), 64, 18),       # 128 columns would need 54 splits (> MAX_SPLITS)
     (64, (32,), 128, 1),           # one K step: one split, whatever the grid
+    (5504, (2048,), 128, 43),      # the Transformer's fc2: 64 columns need 43 splits too
 ])
 def test_default_block_n_keeps_the_splits_few(k, widths, block_n, splits):
     assert default_block_n(k, widths, block_k=64) == block_n

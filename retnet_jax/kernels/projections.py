@@ -55,8 +55,8 @@ __all__ = ["MAX_ROWS", "projections_pallas", "default_block_k", "default_block_n
 
 MAX_ROWS = 8          # rows of x (decoded sequences) a call takes: powers of two up to this
 MIN_PROGRAMS = 512    # default grid size: ~4 programs per SM of an H100/H200 keep loads in flight
-MAX_BLOCK_K = 64      # weight rows per loop step: [64, 128] tiles, as timed by bench_gemv.py
-MAX_SPLITS = 32       # more K splits than this at 128 columns: take 64 columns (default_block_n)
+MAX_BLOCK_K = 64      # weight rows per loop step: [64, block_n] tiles, as timed by bench_gemv.py
+MAX_SPLITS = 32       # more K splits than this at 128 columns: try 64 (default_block_n)
 
 
 def default_block_k(k: int) -> int:
@@ -77,15 +77,18 @@ def default_splits(k: int, columns: int, *, block_n: int, block_k: int,
 
 def default_block_n(k: int, widths: Sequence[int], *, block_k: int) -> int:
     """128 output columns a program, or 64 where 128 would take more than MAX_SPLITS K
-    splits to fill the grid (`default_splits`): the partials XLA adds afterwards are splits
-    x N floats. The 1.3B presets: q|k|v|gate (K 2048) 128 columns, 8 splits; fc1|gate 128,
-    16; out_proj and fc2 (K 3456, N 2048) 64 columns, 18 splits instead of 54 (on an H100,
-    8.3 against 9.2 µs a product with the sums: BENCHMARKS.md, "Decoding", session 18)."""
-    for block_n in (128, 64):
+    splits to fill the grid (`default_splits`) and 64 takes fewer: the partials XLA adds
+    afterwards are splits x N floats. The 1.3B presets: q|k|v|gate (K 2048) 128 columns, 8
+    splits; fc1|gate 128, 16; out_proj and fc2 (K 3456, N 2048) 64 columns, 18 splits
+    instead of 54 (on an H100, 8.3 against 9.2 µs a product with the sums: BENCHMARKS.md,
+    "Decoding", session 18). The Transformer baseline's fc2 (K 5504) keeps 128: 43 splits
+    either way."""
+    def splits(block_n: int) -> int:
         columns = sum(-(-n // block_n) * block_n for n in widths)
-        if default_splits(k, columns, block_n=block_n, block_k=block_k) <= MAX_SPLITS:
-            return block_n
-    return 64
+        return default_splits(k, columns, block_n=block_n, block_k=block_k)
+
+    wide = splits(128)
+    return 64 if wide > MAX_SPLITS and splits(64) < wide else 128
 
 
 def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, inv_rms, scale_ref,
