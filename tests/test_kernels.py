@@ -496,6 +496,34 @@ def test_retention_step_pallas_rotates_q_and_k(dtype, gated, key_dim, value_dim,
     assert rel_err(o, xla_o) <= TOLERANCE[dtype]
 
 
+def test_retention_step_pallas_rounds_rotations_to_q_and_k_dtypes():
+    """q and k in bfloat16 beside a float32 v travel to the kernel in one float32 array;
+    the rotated q and k still round to bfloat16, as positions.rotate does to them."""
+    q, k, v, log_decay, state = step_inputs(9, 2, 2, 48, 80, True, jnp.bfloat16)
+    v = v.astype(jnp.float32) * 1.1               # values no bfloat16 holds
+    o, new_state = retention_step_pallas(q, k, v, log_decay, state, rotate_at=70_001,
+                                         interpret=True)
+    assert o.dtype == jnp.float32
+    rq, rk = (positions.rotate(x[:, None], jnp.asarray(70_001))[:, 0] for x in (q, k))
+    assert rq.dtype == jnp.bfloat16
+    with jax.default_matmul_precision("highest"):
+        xla_o, xla_state = retention.retention_step(rq, rk, v, log_decay, state)
+    assert rel_err(new_state, xla_state) <= 1e-6
+    assert rel_err(o, xla_o) <= 1e-5      # rotations rounded to float32 would be ~1e-3 off
+
+
+def test_retention_step_pallas_reads_q_k_and_v_from_one_array():
+    """One packed operand feeds the kernel's q, k and v blocks, so inside a model XLA writes
+    q, k and v in one fusion, not one per array."""
+    q, k, v, log_decay, state = step_inputs(10, 1, 8, 256, 432, False, jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(functools.partial(retention_step_pallas, rotate_at=3,
+                                             interpret=True))(q, k, v, log_decay, state)
+    calls = [eqn for eqn in equations(jaxpr.jaxpr) if eqn.primitive.name == "pallas_call"]
+    assert len(calls) == 1
+    first, second, third = calls[0].invars[:3]
+    assert first is second is third and first.aval.shape == (1, 2 * 8 * 256 + 8 * 432)
+
+
 @pytest.mark.parametrize("batch, heads, value_dim, want, columns", [
     (1, 8, 432, 32, 16),      # the 1.3B heads at batch 1: 27 groups of 16, 216 programs
     (2, 8, 432, 128, 48),     # 9 groups of 48, 144 programs

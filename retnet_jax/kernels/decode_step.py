@@ -23,6 +23,12 @@ outside is the positions' broadcast to the kernel's lanes). The rotation pairs
 features (2i, 2i + 1), so the kernel then walks the state's even and odd rows as two
 strided sets of tiles, each multiplied by the matching half of the rotated q and k.
 
+q, k and v reach the kernel as one array, [B, H Dk | H Dk | zeros | H Dv] a row (`_pack`),
+each program reading its head's q and k and its value columns as blocks of it: inside a
+model XLA then computes the three from the projections in one fusion, where it ran one
+fusion per array it handed the kernel (three a block at batch 1 with the GEMV projections,
+each re-adding the GEMV's split partials: BENCHMARKS.md, "Decoding", session 18).
+
 Elementwise work only (an outer product and a column sum per tile), so no dot-tile limits
 beyond Triton's power-of-two loads; Dk and Dv multiples of 16 as the other kernels.
 Written for the Pallas Triton backend (GPU) and run with `interpret=True` elsewhere.
@@ -78,26 +84,28 @@ def _key_rows(key_dim: int, rotate: bool) -> list[list[pl.Slice]]:
 
 
 def _load_keys(ref, groups: list[list[pl.Slice]],
-               rotation: list[tuple[Array, Array]] | None) -> list[Array]:
+               rotation: list[tuple[Array, Array]] | None, dtype) -> list[Array]:
     """ref's pieces (one per slice of `groups`) as float32 vectors; with rotation (cos and
     sin of the angles, float32 vectors, one pair per group) each (even, odd) pair rotated as
-    `positions.rotate` does: (x_e cos - x_o sin, x_o cos + x_e sin), rounded to ref's dtype."""
+    `positions.rotate` does: (x_e cos - x_o sin, x_o cos + x_e sin), rounded to dtype (the
+    caller's q or k dtype; the packed ref may be wider)."""
     loaded = []
     for i, group in enumerate(groups):
         xs = [ref[rows].astype(jnp.float32) for rows in group]
         if rotation is not None:
             even, odd = xs
             cos, sin = rotation[i]
-            xs = [(even * cos - odd * sin).astype(ref.dtype).astype(jnp.float32),
-                  (odd * cos + even * sin).astype(ref.dtype).astype(jnp.float32)]
+            xs = [(even * cos - odd * sin).astype(dtype).astype(jnp.float32),
+                  (odd * cos + even * sin).astype(dtype).astype(jnp.float32)]
         loaded.extend(xs)
     return loaded
 
 
-def _decode_step_kernel(q_ref, k_ref, v_ref, decay_ref, *refs, rotate: bool):
-    """One (batch, head, value group) program.
+def _decode_step_kernel(q_ref, k_ref, v_ref, decay_ref, *refs, rotate: bool, dtypes):
+    """One (batch, head, value group) program; dtypes: q's and k's (what rotated values
+    round to).
 
-    Refs: q, k [Dk]; v [BV]; decay float32 [LANES] (copies of exp(log_decay)); with rotate,
+    Refs: q, k [Dk]; v [BV] (blocks of the packed q|k|v rows); decay float32 [LANES] (copies of exp(log_decay)); with rotate,
     the position int32 [LANES] (copies) and theta float32 [Dk / 2] (one frequency per pair
     of features); state [Dk, BV]. Outputs: o [BV] (v's dtype); new_state [Dk, BV] (state's
     dtype). Computed in float32.
@@ -113,8 +121,8 @@ def _decode_step_kernel(q_ref, k_ref, v_ref, decay_ref, *refs, rotate: bool):
         angles = [position * theta_ref[half] for half in pieces(q_ref.shape[0] // 2)]
         rotation = [(jnp.cos(angle), jnp.sin(angle)) for angle in angles]
     rows = [piece for group in groups for piece in group]
-    qs = _load_keys(q_ref, groups, rotation)
-    ks = _load_keys(k_ref, groups, rotation)
+    qs = _load_keys(q_ref, groups, rotation, dtypes[0])
+    ks = _load_keys(k_ref, groups, rotation, dtypes[1])
     decay = jnp.max(decay_ref[...])                          # all lanes hold the same value
     for vc in pieces(v_ref.shape[0]):
         v = v_ref[vc].astype(jnp.float32)
@@ -132,6 +140,18 @@ def _lanes(x: Array, rows: int, heads: int | None) -> Array:
     [rows(, heads), LANES] copies of each entry."""
     shape = (rows,) if heads is None else (rows, heads)
     return jnp.broadcast_to(x.reshape(*shape, 1), (*shape, LANES))
+
+
+def _pack(q: Array, k: Array, v: Array, block_v: int) -> tuple[Array, int]:
+    """q, k [B, H, Dk] and v [B, H, Dv] as one [B, C] array, rows q | k | zeros | v in their
+    common dtype, v starting at a multiple of block_v (so value groups are whole blocks of
+    it, as q's and k's heads are Dk-blocks); returns (packed, v's first column)."""
+    batch, heads, key_dim = q.shape
+    v_at = -(-2 * heads * key_dim // block_v) * block_v
+    dtype = jnp.result_type(q, k, v)
+    parts = [q.reshape(batch, -1), k.reshape(batch, -1),
+             jnp.zeros((batch, v_at - 2 * heads * key_dim), dtype), v.reshape(batch, -1)]
+    return jnp.concatenate([x.astype(dtype) for x in parts], axis=1), v_at
 
 
 def retention_step_pallas(q: Array, k: Array, v: Array, log_decay: Array, state: Array, *,
@@ -174,13 +194,15 @@ def retention_step_pallas(q: Array, k: Array, v: Array, log_decay: Array, state:
     shared = decay.ndim == 1
     decay = _lanes(decay, 1 if shared else batch, heads)
 
+    packed, v_at = _pack(q, k, v, bv)
+    groups = value_dim // bv
     in_specs = [
-        pl.BlockSpec((None, None, key_dim), lambda b, h, j: (b, h, 0)),
-        pl.BlockSpec((None, None, key_dim), lambda b, h, j: (b, h, 0)),
-        pl.BlockSpec((None, None, bv), lambda b, h, j: (b, h, j)),
+        pl.BlockSpec((None, key_dim), lambda b, h, j: (b, h)),
+        pl.BlockSpec((None, key_dim), lambda b, h, j: (b, heads + h)),
+        pl.BlockSpec((None, bv), lambda b, h, j: (b, v_at // bv + h * groups + j)),
         pl.BlockSpec((None, None, LANES), lambda b, h, j: (0 if shared else b, h, 0)),
     ]
-    args = [q, k, v, decay]
+    args = [packed, packed, packed, decay]
     rotate = rotate_at is not None
     if rotate:
         rotate_at = jnp.asarray(rotate_at)
@@ -197,8 +219,8 @@ def retention_step_pallas(q: Array, k: Array, v: Array, log_decay: Array, state:
     args.append(state)
 
     return pl.pallas_call(
-        functools.partial(_decode_step_kernel, rotate=rotate),
-        grid=(batch, heads, value_dim // bv),
+        functools.partial(_decode_step_kernel, rotate=rotate, dtypes=(q.dtype, k.dtype)),
+        grid=(batch, heads, groups),
         in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, bv), lambda b, h, j: (b, h, j)),
