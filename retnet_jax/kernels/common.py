@@ -26,6 +26,11 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` >= n."""
+    return -(-n // multiple) * multiple
+
+
 def column_group(dim: int, most: int) -> int | None:
     """Columns per program when a grid axis splits a head of dim columns: the largest divisor
     of dim that is a multiple of MIN_DOT_DIM and <= most, or None if there is none (dim not a

@@ -44,7 +44,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from retnet_jax import positions, retention
-from retnet_jax.kernels.common import MIN_DOT_DIM, check_block_arg, column_group, pieces
+from retnet_jax.kernels.common import (MIN_DOT_DIM, check_block_arg, column_group, pieces,
+                                       round_up)
 
 Array = jax.Array
 
@@ -147,7 +148,7 @@ def _pack(q: Array, k: Array, v: Array, block_v: int) -> tuple[Array, int]:
     common dtype, v starting at a multiple of block_v (so value groups are whole blocks of
     it, as q's and k's heads are Dk-blocks); returns (packed, v's first column)."""
     batch, heads, key_dim = q.shape
-    v_at = -(-2 * heads * key_dim // block_v) * block_v
+    v_at = round_up(2 * heads * key_dim, block_v)
     dtype = jnp.result_type(q, k, v)
     parts = [q.reshape(batch, -1), k.reshape(batch, -1),
              jnp.zeros((batch, v_at - 2 * heads * key_dim), dtype), v.reshape(batch, -1)]

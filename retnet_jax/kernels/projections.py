@@ -46,7 +46,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from retnet_jax.kernels.common import check_block_arg, is_power_of_two, pieces
+from retnet_jax.kernels.common import check_block_arg, is_power_of_two, pieces, round_up
 
 Array = jax.Array
 
@@ -84,7 +84,7 @@ def default_block_n(k: int, widths: Sequence[int], *, block_k: int) -> int:
     "Decoding", session 18). The Transformer baseline's fc2 (K 5504) keeps 128: 43 splits
     either way."""
     def splits(block_n: int) -> int:
-        columns = sum(-(-n // block_n) * block_n for n in widths)
+        columns = sum(round_up(n, block_n) for n in widths)
         return default_splits(k, columns, block_n=block_n, block_k=block_k)
 
     wide = splits(128)
@@ -213,7 +213,7 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
     widths = [w.shape[1] for w in weights]
     block_n = check_block_arg("block_n", default_block_n(k, widths, block_k=block_k)
                               if block_n is None else block_n)
-    padded = [-(-n // block_n) * block_n for n in widths]
+    padded = [round_up(n, block_n) for n in widths]
     narrow = [n < block_n and is_power_of_two(n) for n in widths]
     weights = [w if p == n or thin else jnp.pad(w, ((0, 0), (0, p - n)))
                for w, n, p, thin in zip(weights, widths, padded, narrow)]
