@@ -419,6 +419,7 @@ def step_inputs(seed, batch, heads, key_dim, value_dim, gated, dtype):
 @pytest.mark.parametrize("key_dim, value_dim, block_v", [
     (16, 32, 64), (48, 80, 32),        # pieces of 32 + 16 keys; 80 -> 5 groups of 16
     (256, 432, 64),                    # the presets' heads: 9 groups of 48 (tiles 32 + 16)
+    (256, 432, 256),                   # ... 3 groups of 144 (batch >= 6's default)
 ])
 def test_retention_step_pallas_matches_float64(dtype, state_dtype, gated, key_dim, value_dim,
                                                block_v):
@@ -497,24 +498,27 @@ def test_retention_step_pallas_rotates_q_and_k(dtype, gated, key_dim, value_dim,
 
 
 def test_retention_step_pallas_rounds_rotations_to_q_and_k_dtypes():
-    """q and k in bfloat16 beside a float32 v travel to the kernel in one float32 array;
-    the rotated q and k still round to bfloat16, as positions.rotate does to them."""
+    """q in bfloat16 and k in float16 beside a float32 v travel to the kernel in one float32
+    array; the rotated q and k still round to their own dtypes, as positions.rotate does."""
     q, k, v, log_decay, state = step_inputs(9, 2, 2, 48, 80, True, jnp.bfloat16)
+    k = k.astype(jnp.float16)
     v = v.astype(jnp.float32) * 1.1               # values no bfloat16 holds
     o, new_state = retention_step_pallas(q, k, v, log_decay, state, rotate_at=70_001,
                                          interpret=True)
     assert o.dtype == jnp.float32
     rq, rk = (positions.rotate(x[:, None], jnp.asarray(70_001))[:, 0] for x in (q, k))
-    assert rq.dtype == jnp.bfloat16
+    assert (rq.dtype, rk.dtype) == (jnp.bfloat16, jnp.float16)
     with jax.default_matmul_precision("highest"):
         xla_o, xla_state = retention.retention_step(rq, rk, v, log_decay, state)
-    assert rel_err(new_state, xla_state) <= 1e-6
-    assert rel_err(o, xla_o) <= 1e-5      # rotations rounded to float32 would be ~1e-3 off
+    # A float16 ulp flipped here and there by the two float32 rotations' own rounding: ~3e-6;
+    # rotations rounded to float32, or q's and k's dtypes swapped: ~1e-3.
+    assert rel_err(new_state, xla_state) <= 3e-5
+    assert rel_err(o, xla_o) <= 3e-5
 
 
 def test_retention_step_pallas_reads_q_k_and_v_from_one_array():
-    """One packed operand feeds the kernel's q, k and v blocks, so inside a model XLA writes
-    q, k and v in one fusion, not one per array."""
+    """One packed operand feeds the kernel's q, k and v blocks: the precondition for XLA to
+    write q, k and v in one fusion inside a model, not one per array."""
     q, k, v, log_decay, state = step_inputs(10, 1, 8, 256, 432, False, jnp.bfloat16)
     jaxpr = jax.make_jaxpr(functools.partial(retention_step_pallas, rotate_at=3,
                                              interpret=True))(q, k, v, log_decay, state)
@@ -522,6 +526,20 @@ def test_retention_step_pallas_reads_q_k_and_v_from_one_array():
     assert len(calls) == 1
     first, second, third = calls[0].invars[:3]
     assert first is second is third and first.aval.shape == (1, 2 * 8 * 256 + 8 * 432)
+
+
+def test_retention_step_pallas_keeps_a_weakly_typed_v_exact():
+    """A weakly typed float32 v (a Python float broadcast) beside bfloat16 q and k is packed
+    in float32, not rounded to bfloat16 by JAX's weak-type promotion."""
+    q, k, _, log_decay, state = step_inputs(11, 1, 2, 16, 32, False, jnp.bfloat16)
+    v = jnp.broadcast_to(1.1, (1, 2, 32))
+    assert v.weak_type and v.dtype == jnp.float32
+    o, new_state = retention_step_pallas(q, k, v, log_decay, state, interpret=True)
+    with jax.default_matmul_precision("highest"):
+        xla_o, xla_state = retention.retention_step(q, k, jnp.asarray(v, jnp.float32),
+                                                    log_decay, state)
+    assert rel_err(new_state, xla_state) <= 1e-6     # a bfloat16 v (1.1016) would be ~1e-3 off
+    assert rel_err(o, xla_o) <= 1e-5
 
 
 @pytest.mark.parametrize("batch, heads, value_dim, want, columns", [

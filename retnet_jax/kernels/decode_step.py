@@ -25,9 +25,10 @@ strided sets of tiles, each multiplied by the matching half of the rotated q and
 
 q, k and v reach the kernel as one array, [B, H Dk | H Dk | zeros | H Dv] a row (`_pack`),
 each program reading its head's q and k and its value columns as blocks of it: inside a
-model XLA then computes the three from the projections in one fusion, where it ran one
-fusion per array it handed the kernel (three a block at batch 1 with the GEMV projections,
-each re-adding the GEMV's split partials: BENCHMARKS.md, "Decoding", session 18).
+model XLA can then compute the three in one fusion, where batch 1's profile with the GEMV
+projections shows three a block, each re-adding the GEMV's split partials (BENCHMARKS.md,
+"Decoding", session 18; the packed step's own timing is queued there, at batch 1 and at
+batches 8-64, where q, k and v come from XLA's GEMMs and the packing may cost a fusion).
 
 Elementwise work only (an outer product and a column sum per tile), so no dot-tile limits
 beyond Triton's power-of-two loads; Dk and Dv multiples of 16 as the other kernels.
@@ -106,9 +107,9 @@ def _decode_step_kernel(q_ref, k_ref, v_ref, decay_ref, *refs, rotate: bool, dty
     """One (batch, head, value group) program; dtypes: q's and k's (what rotated values
     round to).
 
-    Refs: q, k [Dk]; v [BV] (blocks of the packed q|k|v rows); decay float32 [LANES] (copies of exp(log_decay)); with rotate,
-    the position int32 [LANES] (copies) and theta float32 [Dk / 2] (one frequency per pair
-    of features); state [Dk, BV]. Outputs: o [BV] (v's dtype); new_state [Dk, BV] (state's
+    Refs: q, k [Dk]; v [BV] (blocks of the packed q|k|v rows); decay float32 [LANES]
+    (copies of exp(log_decay)); with rotate, the position int32 [LANES] (copies) and theta
+    float32 [Dk / 2] (one frequency per pair of features); state [Dk, BV]. Outputs: o [BV] (v's dtype); new_state [Dk, BV] (state's
     dtype). Computed in float32.
     """
     if rotate:
@@ -143,13 +144,14 @@ def _lanes(x: Array, rows: int, heads: int | None) -> Array:
     return jnp.broadcast_to(x.reshape(*shape, 1), (*shape, LANES))
 
 
-def _pack(q: Array, k: Array, v: Array, block_v: int) -> tuple[Array, int]:
-    """q, k [B, H, Dk] and v [B, H, Dv] as one [B, C] array, rows q | k | zeros | v in their
-    common dtype, v starting at a multiple of block_v (so value groups are whole blocks of
+def _pack(q: Array, k: Array, v: Array, columns: int) -> tuple[Array, int]:
+    """q, k [B, H, Dk] and v [B, H, Dv] as one [B, C] array, rows q | k | zeros | v in the
+    wider of their dtypes (weak types ignored: every value is kept exactly), v starting at
+    a multiple of `columns` (a program's value columns, so value groups are whole blocks of
     it, as q's and k's heads are Dk-blocks); returns (packed, v's first column)."""
     batch, heads, key_dim = q.shape
-    v_at = round_up(2 * heads * key_dim, block_v)
-    dtype = jnp.result_type(q, k, v)
+    v_at = round_up(2 * heads * key_dim, columns)
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     parts = [q.reshape(batch, -1), k.reshape(batch, -1),
              jnp.zeros((batch, v_at - 2 * heads * key_dim), dtype), v.reshape(batch, -1)]
     return jnp.concatenate([x.astype(dtype) for x in parts], axis=1), v_at
