@@ -101,9 +101,9 @@ class ModelConfig:
         (`layers.project`): 'xla' (default), 'pallas' (`kernels.projections_pallas`, a GEMV
         kernel that reads each block's q|k|v|gate and FFN input weights in one pass, with
         the pre-norm inside; GPU, single device; XLA elsewhere; 1.18x faster at the 1.3B
-        preset on an H200, 1.14x on an H100; the 1.3B presets set it) or 'pallas_interpret'. Other batches
-        (`layers.PROJECTION_KERNEL_BATCHES`) and full sequences use XLA's GEMMs. Changes no
-        parameter.
+        preset on an H200, 1.14x on an H100; the 1.3B presets set it) or 'pallas_interpret'.
+        Other batches (`layers.PROJECTION_KERNEL_BATCHES`) and full sequences use XLA's
+        GEMMs. Changes no parameter.
     Attention:
       attention_impl: None (cuDNN on GPU for bf16, else XLA), 'xla' or 'cudnn'; used by the
         full-sequence forward (cached prefill/decoding always use XLA with an explicit mask).

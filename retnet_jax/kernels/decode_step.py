@@ -109,8 +109,8 @@ def _decode_step_kernel(q_ref, k_ref, v_ref, decay_ref, *refs, rotate: bool, dty
 
     Refs: q, k [Dk]; v [BV] (blocks of the packed q|k|v rows); decay float32 [LANES]
     (copies of exp(log_decay)); with rotate, the position int32 [LANES] (copies) and theta
-    float32 [Dk / 2] (one frequency per pair of features); state [Dk, BV]. Outputs: o [BV] (v's dtype); new_state [Dk, BV] (state's
-    dtype). Computed in float32.
+    float32 [Dk / 2] (one frequency per pair of features); state [Dk, BV]. Outputs: o [BV]
+    (v's dtype); new_state [Dk, BV] (state's dtype). Computed in float32.
     """
     if rotate:
         position_ref, theta_ref, state_ref, o_ref, new_state_ref = refs
