@@ -85,12 +85,14 @@ def paper_scale_config(*, d_model: int, num_layers: int, num_heads: int, width: 
     compute, 2048-token context; `remat` per block for the larger ones, keeping what
     `remat_policy` says. Chunk size 128: the fastest chunkwise retention on an H100 at
     every benchmarked shape (BENCHMARKS.md).
-    Blocks run as a scan (`scan_layers`): the unrolled 24-block 1.3B train step took 70 s to
-    compile on an H100.
+    Blocks are unrolled (`scan_layers` False): a scan re-stacks every block's weights (and
+    unstacks their gradients) each step; on an H100 the 1.3B train step at T = 8192 took
+    377.8 ms scanned against 337.5 unrolled, peaking at 43.7 against 37.4 GiB, for a first
+    step (compile) of 64 s instead of 23 (BENCHMARKS.md, "Training", session 19).
     """
     config = get_base_config()
     config.model.update(vocab_size=50304, d_model=d_model, num_layers=num_layers,
                         num_heads=num_heads, value_dim=width, ffn_dim=width,
                         tie_embeddings=True, max_seq_len=2048, dtype="bfloat16", remat=remat,
-                        remat_policy=remat_policy, chunk_size=128, scan_layers=True)
+                        remat_policy=remat_policy, chunk_size=128)
     return config

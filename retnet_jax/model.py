@@ -129,8 +129,10 @@ class ModelConfig:
       scan_layers: run the full-sequence forward as a `lax.scan` over the blocks (over
         repeats of the schedule's period for hybrids) instead of unrolling them, so XLA
         compiles one block, not num_layers: much faster compiles for deep models. The
-        parameter layout is unchanged (the scan reads stacked copies of the block weights);
-        generation (prefill, decode_step) stays unrolled.
+        parameter layout is unchanged: the scan reads stacked copies of the block weights,
+        made (and their gradients unstacked) on every call, which cost the 1.3B train step
+        12 % on an H100 (377.8 against 337.5 ms, BENCHMARKS.md "Training", session 19), so
+        the presets leave it off. Generation (prefill, decode_step) stays unrolled.
     """
 
     vocab_size: int = 259

@@ -64,6 +64,13 @@ def test_base_model_section_matches_model_config_defaults():
     assert base.model.vocab_size == data.VOCAB_SIZE
 
 
+@pytest.mark.parametrize("name", [n for n, (_, nominal) in PARAM_COUNTS.items() if nominal])
+def test_paper_presets_unroll_their_blocks(name):
+    # A scan re-stacks the weights every step: 12 % of the 1.3B's step on an H100
+    # (BENCHMARKS.md, "Training", session 19).
+    assert load(name).model.scan_layers is False
+
+
 def test_command_line_overrides_keep_types():
     config = ModelConfig.from_config(load(
         "hybrid_small", "--config.model.value_dim=384", "--config.model.num_layers=2",
