@@ -12,7 +12,8 @@ projections' outputs were not measured to fit.
 Batch-1 decoding runs its projections through the GEMV kernel (`decode_projections='pallas'`,
 XLA's dots with one warning off GPU): at 8K context 1.633 against 1.861 ms a token on an
 H100 (1.14x; gated 1.666 against 2.134), 1.470 against 1.738 on an H200 (BENCHMARKS.md,
-"Decoding", sessions 16 and 18). Only where timed: the 2.7B's width 4280 is no multiple of
+"Decoding", sessions 16 and 18); with `retention_kernel='pallas'` too, 1.567 ms on an H100
+(session 19). Only where timed: the 2.7B's width 4280 is no multiple of
 the kernel's 128 columns (its v and gate weights would be padded every step)."""
 
 import pathlib

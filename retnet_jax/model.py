@@ -109,8 +109,8 @@ class ModelConfig:
         full-sequence forward (cached prefill/decoding always use XLA with an explicit mask).
     Numerics and memory:
       dtype: compute dtype, 'float32' or 'bfloat16' (retention states are computed, and norms
-        and logits kept, in float32); param_dtype: parameter dtype; remat: rematerialise each block in the
-        full-sequence forward (training memory).
+        and logits kept, in float32); param_dtype: parameter dtype; remat: rematerialise
+        each block in the full-sequence forward (training memory).
       remat_policy: what a rematerialised block keeps for the backward pass
         (`REMAT_POLICIES`): 'full' keeps only its input and recomputes the rest; 'dots'
         keeps every matmul output, retention's batched products included; 'projections'
