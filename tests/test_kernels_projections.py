@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprs import lower_for_cuda
+from jaxprs import equations, lower_for_cuda
 from retnet_jax.kernels.projections import (default_block_k, default_block_n, default_splits,
                                              projections_pallas)
 
@@ -46,6 +46,42 @@ def test_projections_match_float64(rows, dtype, norm, splits):
         assert y.dtype == jnp.float32 and y.shape == want.shape
         err = np.abs(np.asarray(y, np.float64) - want).max() / np.abs(want).max()
         assert err <= TOLERANCE[dtype], err
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_tile_sums_match_float64(rows, dtype, norm, splits):
+    # The same products with each K step's tile added elementwise and its rows summed once:
+    # K = 256 in 32-row steps, 8 steps a program (1 split) or 2 (4 splits).
+    rng = np.random.default_rng(rows * 100 + splits)
+    k = 256
+    x = jnp.asarray(2 * rng.standard_normal((rows, k)), dtype)
+    weights = [jnp.asarray(rng.standard_normal((k, n)) * k**-0.5, jnp.float32)
+               for n in (128, 40)]
+    scale = jnp.asarray(1 + 0.2 * rng.standard_normal(k), jnp.float32) if norm else None
+    got = projections_pallas(x, weights, norm_scale=scale, norm_eps=EPS, block_n=64,
+                             block_k=32, splits=splits, tile_sums=True, interpret=True)
+    for y, want in zip(got, reference(x, weights, scale, dtype), strict=True):
+        assert y.dtype == jnp.float32 and y.shape == want.shape
+        err = np.abs(np.asarray(y, np.float64) - want).max() / np.abs(want).max()
+        assert err <= TOLERANCE[dtype], err
+
+
+def test_the_first_weight_tile_is_loaded_before_the_norm():
+    """Every program's first [block_k, block_n] weight load comes before the norm's sums of
+    squares, so its HBM latency overlaps them (the program order Triton keeps)."""
+    x = jax.ShapeDtypeStruct((1, 256), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((256, 64), jnp.bfloat16)
+    scale = jax.ShapeDtypeStruct((256,), jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(lambda x, w, s: projections_pallas(
+        x, [w], norm_scale=s, block_n=64, block_k=32, splits=2))(x, w, scale).jaxpr
+    (call,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "pallas_call"]
+    order = [eqn for eqn in equations(call.params["jaxpr"])
+             if eqn.primitive.name == "reduce_sum" or (
+                 eqn.primitive.name == "get" and eqn.outvars[0].aval.shape == (32, 64))]
+    assert order and order[0].primitive.name == "get", [e.primitive.name for e in order]
 
 
 def test_split_partials_are_added_elementwise():

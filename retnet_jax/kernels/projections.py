@@ -18,7 +18,11 @@ read only their own weight (`lax.switch`), so the weights need not be concatenat
 With `norm_scale`, x first goes through the blocks' RMSNorm (`layers.RMSNorm`: x / rms(x)
 rounded to x's dtype, times the scale in x's dtype), inside the kernel: each program
 computes its rows' 1 / rms from all of x (a few KB from L2) and scales x as it streams,
-so the norm costs no kernel of its own.
+so the norm costs no kernel of its own. Its first weight tile's load is issued before
+those sums (sm_90 SASS: the tile's eight 128-bit loads precede the sums' barrier), where
+it used to wait for them: on an H100, beyond their bytes' time at the copy bandwidth,
+the two GEMVs behind the norm took 3.8 µs each, out_proj and fc2 2.3 (BENCHMARKS.md,
+"Decoding", session 19; the change is not timed yet).
 
 The splits' partial sums come back float32 [splits, M, N] and are added by XLA
 (`projections_pallas` returns the sums) as a chain of elementwise adds, which XLA can fuse
@@ -91,31 +95,45 @@ def default_block_n(k: int, widths: Sequence[int], *, block_k: int) -> int:
     return 64 if wide > MAX_SPLITS and splits(64) < wide else 128
 
 
-def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, inv_rms, scale_ref,
-                    compute_dtype) -> list[Array]:
+def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, norm_eps: float | None,
+                    scale_ref, compute_dtype, tile_sums: bool) -> list[Array]:
     """For each of x's M rows, sum over this split's `rows` rows of K (from `start`, in
-    block_k steps) of x[m, k] * w[k, :]: a list of M float32 [BN]. With inv_rms (M float32
-    scalars) and scale_ref [K], x's rows are first RMS-normalised as `layers.RMSNorm` does.
-    Triton does not pipeline these loads (no dot); loading each tile a step ahead by hand
-    was no faster (BENCHMARKS.md, "Decoding", session 18), so each step loads, then sums."""
-    count = x_ref.shape[0]
+    block_k steps) of x[m, k] * w[k, :]: a list of M float32 [BN]. With norm_eps and
+    scale_ref [K], x's rows are first RMS-normalised as `layers.RMSNorm` does.
 
-    def accumulate(i, accs):
-        first = pl.multiple_of(i * block_k, block_k)
-        w = w_ref[pl.ds(first, block_k), :].astype(compute_dtype).astype(jnp.float32)
+    The first weight tile is loaded before the norm's 1 / rms, so its load is in flight
+    while the norm's sums run (every program starts with them). Triton does not pipeline
+    the later loads (no dot); loading each tile a step ahead by hand was no faster
+    (BENCHMARKS.md, "Decoding", session 18), so each step loads, then sums. tile_sums:
+    each step adds its [block_k, BN] products elementwise and rows are summed once at the
+    end, instead of every step summing its tile's rows (a sum across the program's threads,
+    with barriers, every step)."""
+    count = x_ref.shape[0]
+    first_tile = w_ref[pl.ds(0, block_k), :]
+    inv_rms = None if norm_eps is None else _inverse_rms(x_ref, eps=norm_eps)
+
+    def accumulate(first, w, accs):
+        w = w.astype(compute_dtype).astype(jnp.float32)
         ks = pl.ds(pl.multiple_of(start + first, block_k), block_k)
-        if scale_ref is not None:
+        if inv_rms is not None:
             scale = scale_ref[ks].astype(compute_dtype)
         out = []
         for m in range(count):
             x = x_ref[m, ks]
             if inv_rms is not None:
                 x = (x.astype(jnp.float32) * inv_rms[m]).astype(compute_dtype) * scale
-            out.append(accs[m] + jnp.sum(x.astype(jnp.float32)[:, None] * w, axis=0))
+            products = x.astype(jnp.float32)[:, None] * w
+            out.append(accs[m] + (products if tile_sums else jnp.sum(products, axis=0)))
         return tuple(out)
 
-    zero = (jnp.zeros((w_ref.shape[1],), jnp.float32),) * count
-    return jax.lax.fori_loop(0, rows // block_k, accumulate, zero)
+    def step(i, accs):
+        first = pl.multiple_of(i * block_k, block_k)
+        return accumulate(first, w_ref[pl.ds(first, block_k), :], accs)
+
+    width = w_ref.shape[1]
+    zero = (jnp.zeros((block_k, width) if tile_sums else (width,), jnp.float32),) * count
+    accs = jax.lax.fori_loop(1, rows // block_k, step, accumulate(0, first_tile, zero))
+    return [jnp.sum(acc, axis=0) for acc in accs] if tile_sums else list(accs)
 
 
 def _inverse_rms(x_ref, *, eps: float) -> list[Array]:
@@ -130,24 +148,23 @@ def _inverse_rms(x_ref, *, eps: float) -> list[Array]:
 
 
 def _projections_kernel(x_ref, *refs, block_k: int, group_starts: tuple[int, ...],
-                        norm: bool, eps: float):
-    """One (column group j, K split s) program.
+                        norm_eps: float | None, tile_sums: bool):
+    """One (column group j, K split s) program; norm_eps None: no norm.
 
-    Refs: x [M, K] (all of it); with norm, the scale [K]; one weight tile [K / splits, BN]
-    per weight, or [K / splits, N] for a weight narrower than BN (only the one column group j
-    belongs to is read); out: float32 [M, BN], the split's partial sums (a narrow weight's
-    group writes its first N columns only).
+    Refs: x [M, K] (all of it); with the norm, the scale [K]; one weight tile
+    [K / splits, BN] per weight, or [K / splits, N] for a weight narrower than BN (only the
+    one column group j belongs to is read); out: float32 [M, BN], the split's partial sums
+    (a narrow weight's group writes its first N columns only).
     """
     scale_ref = None
-    if norm:
+    if norm_eps is not None:
         scale_ref, *refs = refs
     *w_refs, o_ref = refs
     j, s = pl.program_id(0), pl.program_id(1)
     rows = w_refs[0].shape[0]
-    inv_rms = _inverse_rms(x_ref, eps=eps) if norm else None
     which = sum((j >= start).astype(jnp.int32) for start in group_starts[1:])
-    kw = dict(start=s * rows, rows=rows, block_k=block_k, inv_rms=inv_rms,
-              scale_ref=scale_ref, compute_dtype=x_ref.dtype)
+    kw = dict(start=s * rows, rows=rows, block_k=block_k, norm_eps=norm_eps,
+              scale_ref=scale_ref, compute_dtype=x_ref.dtype, tile_sums=tile_sums)
 
     def products(w_ref):
         columns = pl.ds(0, w_ref.shape[1])
@@ -181,7 +198,8 @@ def _check(x: Array, weights: Sequence[Array], norm_scale: Array | None) -> None
 def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array | None = None,
                        norm_eps: float = 1e-6, block_n: int | None = None,
                        block_k: int | None = None,
-                       splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                       splits: int | None = None, tile_sums: bool = False,
+                       num_warps: int = 4, num_stages: int = 3,
                        interpret: bool = False) -> list[Array]:
     """x @ w for each w of weights, in one kernel, optionally behind an RMSNorm of x.
 
@@ -198,6 +216,9 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
         `default_block_k`.
       splits: programs per column group, each summing K / splits rows (a divisor of
         K / block_k); None: `default_splits`.
+      tile_sums: add each K step's [block_k, block_n] products elementwise and sum the rows
+        once at the end (block_k x block_n float32 accumulators a row of x) instead of
+        summing the rows every step.
       num_warps, num_stages: Triton's, per program and for the K loop.
       interpret: run in Pallas interpret mode (any backend, e.g. CPU tests).
     Returns:
@@ -237,7 +258,7 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
         args.append(norm_scale)
     partial = pl.pallas_call(
         functools.partial(_projections_kernel, block_k=block_k, group_starts=starts,
-                          norm=norm, eps=float(norm_eps)),
+                          norm_eps=float(norm_eps) if norm else None, tile_sums=tile_sums),
         grid=(sum(groups), splits),
         in_specs=in_specs + [weight_spec(st, g, n if thin else block_n)
                              for st, g, n, thin in zip(starts, groups, widths, narrow)],
