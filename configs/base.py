@@ -88,7 +88,7 @@ def paper_scale_config(*, d_model: int, num_layers: int, num_heads: int, width: 
     Blocks are unrolled (`scan_layers` False): a scan re-stacks every block's weights (and
     unstacks their gradients) each step; on an H100 the 1.3B train step at T = 8192 took
     377.8 ms scanned against 337.5 unrolled, peaking at 43.7 against 37.4 GiB, for a first
-    step (compile) of 64 s instead of 23 (BENCHMARKS.md, "Training", session 19).
+    step (compile) of 50-64 s instead of 23 (BENCHMARKS.md, "Training", session 19).
     """
     config = get_base_config()
     config.model.update(vocab_size=50304, d_model=d_model, num_layers=num_layers,

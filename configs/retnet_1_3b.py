@@ -3,11 +3,11 @@ value = FFN width 3456.
 1,323,665,408 parameters; shared settings in base.paper_scale_config.
 
 Remat keeps the projections' outputs ('projections'): on one H200 at 16,384 tokens a step,
-T = 8192, its step takes 9 % less time than full remat's (340.2 against 375.1 ms, same run
-settings; 40 % of the bf16 datasheet's FLOP/s) and peaks at 43.7 GiB, below the 60 GiB
-that JAX's default 75 % leaves on an 80 GB GPU (not run on one; BENCHMARKS.md, training,
-session 15). The 2.7B and 6.7B keep 'full' remat: their
-projections' outputs were not measured to fit.
+T = 8192, blocks scanned, its step took 9 % less time than full remat's (340.2 against
+375.1 ms; BENCHMARKS.md, training, session 15). With the blocks unrolled (since session
+19) on one H100 80GB: 338.5 ms, 40.4 % of the bf16 datasheet's FLOP/s, peak 37.4 GiB,
+below the 60 GiB that JAX's default 75 % leaves (session 19). The 2.7B and 6.7B keep
+'full' remat: their projections' outputs were not measured to fit.
 
 Batch-1 decoding runs its projections through the GEMV kernel (`decode_projections='pallas'`,
 XLA's dots with one warning off GPU): at 8K context 1.633 against 1.861 ms a token on an

@@ -130,9 +130,9 @@ class ModelConfig:
         repeats of the schedule's period for hybrids) instead of unrolling them, so XLA
         compiles one block, not num_layers: much faster compiles for deep models. The
         parameter layout is unchanged: the scan reads stacked copies of the block weights,
-        made (and their gradients unstacked) on every call, which cost the 1.3B train step
-        12 % on an H100 (377.8 against 337.5 ms, BENCHMARKS.md "Training", session 19), so
-        the presets leave it off. Generation (prefill, decode_step) stays unrolled.
+        made (and their gradients unstacked) on every call, which made the 1.3B train step
+        12 % longer on an H100 (377.8 against 337.5 ms, BENCHMARKS.md "Training", session
+        19), so the presets leave it off. Generation (prefill, decode_step) stays unrolled.
     """
 
     vocab_size: int = 259

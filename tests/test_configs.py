@@ -66,8 +66,8 @@ def test_base_model_section_matches_model_config_defaults():
 
 @pytest.mark.parametrize("name", [n for n, (_, nominal) in PARAM_COUNTS.items() if nominal])
 def test_paper_presets_unroll_their_blocks(name):
-    # A scan re-stacks the weights every step: 12 % of the 1.3B's step on an H100
-    # (BENCHMARKS.md, "Training", session 19).
+    # A scan re-stacks the weights every step, which made the 1.3B's step 12 % longer on an
+    # H100 (BENCHMARKS.md, "Training", session 19).
     assert load(name).model.scan_layers is False
 
 

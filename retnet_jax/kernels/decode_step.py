@@ -26,9 +26,10 @@ strided sets of tiles, each multiplied by the matching half of the rotated q and
 q, k and v reach the kernel as one array, [B, H Dk | H Dk | zeros | H Dv] a row (`_pack`),
 each program reading its head's q and k and its value columns as blocks of it: inside a
 model XLA writes them in fewer fusions: at batch 1 with the GEMV projections two a block
-where three each re-added the GEMV's split partials, and at every batch two kernels a
-block fewer; on an H100 0.6-2.7 % less time a token at batches 1-64 (1.567 ms at batch 1
-with the GEMV projections; BENCHMARKS.md, "Decoding", session 19).
+where three each re-added the GEMV's split partials (one kernel a block fewer), with XLA's
+GEMMs two kernels a block fewer; on an H100 0.6-2.7 % less time a token at batches 1, 8
+and 64 (1.567 ms at batch 1 with the GEMV projections; BENCHMARKS.md, "Decoding",
+session 19).
 
 Elementwise work only (an outer product and a column sum per tile), so no dot-tile limits
 beyond Triton's power-of-two loads; Dk and Dv multiples of 16 as the other kernels.
