@@ -51,6 +51,7 @@ def model_defaults() -> ml_collections.ConfigDict:
         gate_bias=config_dict.placeholder(float),    # None: YOCO's bias-free gate
         chunk_size=64,
         retention_kernel="xla",  # or 'pallas' (fused GPU kernel, falls back to XLA)
+        decode_kernel=config_dict.placeholder(str),  # None: retention_kernel's; or its values
         decode_projections="xla",  # or 'pallas' (batch-1 decoding's GEMV kernel, GPU)
         # Attention.
         attention_impl=config_dict.placeholder(str),  # None: cuDNN on GPU for bf16, else XLA

@@ -9,12 +9,16 @@ T = 8192, blocks scanned, its step took 9 % less time than full remat's (340.2 a
 below the 60 GiB that JAX's default 75 % leaves (session 19). The 2.7B and 6.7B keep
 'full' remat: their projections' outputs were not measured to fit.
 
-Batch-1 decoding runs its projections through the GEMV kernel (`decode_projections='pallas'`,
-XLA's dots with one warning off GPU): at 8K context 1.633 against 1.861 ms a token on an
-H100 (1.14x; gated 1.666 against 2.134), 1.470 against 1.738 on an H200 (BENCHMARKS.md,
-"Decoding", sessions 16 and 18); with `retention_kernel='pallas'` too, 1.567 ms on an H100
-(session 19). Only where timed: the 2.7B's width 4280 is no multiple of
-the kernel's 128 columns (its v and gate weights would be padded every step)."""
+Decoding runs each token's retention through the Pallas step (`decode_kernel='pallas'`;
+training keeps XLA's chunkwise form, faster at these heads) and batch-1 decoding its
+projections through the GEMV kernel (`decode_projections='pallas'`; both XLA with one
+warning off GPU). At 8K context on an H100: 1.567 ms a token at batch 1 against 1.640 with
+XLA's step and 1.832 with XLA's step and GEMMs (session 19); the Pallas step 2.133 against
+2.203 ms at batch 8, 4.042 against 4.500 at 32, 6.623 against 7.341 at 64 (session 19);
+gated 1.639 against 1.666 and 2.134 at batch 1 (session 18); GEMV projections 1.470
+against 1.738 on an H200 (BENCHMARKS.md, "Decoding", sessions 16, 18, 19). Only where
+timed: the 2.7B's width 4280 is no multiple of the GEMV's 128 columns (its v and gate
+weights would be padded every step) nor its value heads (428) of the step's 16."""
 
 import pathlib
 import runpy
@@ -25,5 +29,5 @@ _base = runpy.run_path(str(pathlib.Path(__file__).with_name("base.py")))
 def get_config():
     config = _base["paper_scale_config"](d_model=2048, num_layers=24, num_heads=8,
                                          width=3456, remat=True, remat_policy="projections")
-    config.model.decode_projections = "pallas"
+    config.model.update(decode_kernel="pallas", decode_projections="pallas")
     return config

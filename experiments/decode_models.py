@@ -41,8 +41,8 @@ def decode_configs(base: ModelConfig, kernels: list[str], state_dtypes: list[str
     base = dataclasses.replace(base, dtype="bfloat16", param_dtype="bfloat16",
                                max_seq_len=max_seq_len)
     models = {retnet_name(kernel, state_dtype, impl):
-              dataclasses.replace(base, retention_kernel=kernel, state_dtype=state_dtype,
-                                  decode_projections=impl)
+              dataclasses.replace(base, retention_kernel=kernel, decode_kernel=None,
+                                  state_dtype=state_dtype, decode_projections=impl)
               for impl in projections for state_dtype in state_dtypes for kernel in kernels}
     if transformer:
         baseline = transformer_baseline(base, head_dim=128, multiple=128)
@@ -54,9 +54,10 @@ def decode_configs(base: ModelConfig, kernels: list[str], state_dtypes: list[str
 
 def same_weights(config: ModelConfig) -> str:
     """A key equal for configs that differ only in how decoding is computed (retention
-    kernel, state dtype, projections), i.e. whose models can share one set of weights."""
-    return repr(dataclasses.replace(config, retention_kernel="xla", state_dtype="float32",
-                                    decode_projections="xla"))
+    and decode kernels, state dtype, projections), i.e. whose models can share one set of
+    weights."""
+    return repr(dataclasses.replace(config, retention_kernel="xla", decode_kernel=None,
+                                    state_dtype="float32", decode_projections="xla"))
 
 
 def graphdef_of(config: ModelConfig):

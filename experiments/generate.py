@@ -3,10 +3,11 @@
   python experiments/generate.py --workdir=/tmp/retnet_small --prompt='def main(' \
       --max_new_tokens=300 --temperature=0.8 --top_p=0.95 --num_samples=3
 
-`--state_dtype` and `--retention_kernel` load the model with another decoding state dtype
-or retention kernel than it trained with (two of `train.INFERENCE_MODEL_FIELDS`): a bfloat16 state
-halves the state's memory and traffic (BENCHMARKS.md "Decoding"; its numerics:
-`state_precision.py`), 'pallas' runs each decoded token's state update in one kernel on GPUs.
+`--state_dtype`, `--decode_kernel` (and `--retention_kernel`, which the prompt's prefill
+uses too) load the model with another decoding state dtype or retention kernel than it
+trained with (`train.INFERENCE_MODEL_FIELDS`): a bfloat16 state halves the state's memory
+and traffic (BENCHMARKS.md "Decoding"; its numerics: `state_precision.py`), 'pallas' runs
+each decoded token's state update in one kernel on GPUs.
 """
 
 from absl import app, flags, logging
@@ -30,6 +31,9 @@ _STATE_DTYPE = flags.DEFINE_enum("state_dtype", None, list(DTYPES), "The decodin
                                  "dtype (default: the run's).")
 _RETENTION_KERNEL = flags.DEFINE_enum("retention_kernel", None, list(RETENTION_KERNELS),
                                       "Retention kernel (default: the run's).")
+_DECODE_KERNEL = flags.DEFINE_enum("decode_kernel", None, list(RETENTION_KERNELS),
+                                   "Retention kernel of each decoded token's step (default: "
+                                   "the run's decode_kernel, else its retention_kernel).")
 _DECODE_PROJECTIONS = flags.DEFINE_enum(
     "decode_projections", None, list(DECODE_PROJECTIONS), "Batch-1 decoding's projections: "
     "'pallas' reads each block's weights through the GEMV kernel (default: the run's).")
@@ -42,6 +46,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     overrides = {name: flag.value for name, flag in (("state_dtype", _STATE_DTYPE),
                                                       ("retention_kernel", _RETENTION_KERNEL),
+                                                      ("decode_kernel", _DECODE_KERNEL),
                                                       ("decode_projections", _DECODE_PROJECTIONS))
                  if flag.value is not None}
     model, _, step = train.load_model(_WORKDIR.value, step=_STEP.value, best=_BEST.value,

@@ -355,6 +355,7 @@ def _sharded_pallas(mesh: jax.sharding.AbstractMesh, kernel, q: Array, k: Array,
 
 def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
                   chunk_size: int, initial_state: Array | None, kernel: str = "xla",
+                  step_kernel: str | None = None,
                   rotate_at: Array | int | None = None) -> tuple[Array, Array | None]:
     """Dispatches to one form of `retention.py`; the only place the forms differ.
 
@@ -372,6 +373,9 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
         With a multi-device mesh in context (`jax.set_mesh`, or
         `jax.sharding.use_abstract_mesh` inside jit, as `train.Trainer` does), the Pallas
         kernels run per shard under `jax.shard_map` (`retention_kernel_specs`).
+      step_kernel: None, or one of RETENTION_KERNELS for single-token recurrent steps in
+        place of `kernel` (a model can decode with the Pallas step and train with XLA's
+        chunkwise form).
       rotate_at: None (q and k come rotated), or an int scalar or int [batch]: the absolute
         position of the first token; q and k are then rotated by `positions.rotate` at it
         first, inside the Pallas step for a single token on one device (no rotation
@@ -386,8 +390,11 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
         raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}")
     # Pallas: the chunkwise form, and the recurrent form one token at a time (decoding).
     pallas = None
-    if mode == "chunkwise" or (mode == "recurrent" and q.shape[1] == 1):
+    if mode == "chunkwise":
         pallas = _pallas_or_fallback(kernel, q, v, chunk_size)
+    elif mode == "recurrent" and q.shape[1] == 1:
+        pallas = _pallas_or_fallback(kernel if step_kernel is None else step_kernel, q, v,
+                                     chunk_size)
     mesh = sharding.mesh_in_context()
     if rotate_at is not None:
         rotate_at = jnp.asarray(rotate_at)
@@ -432,7 +439,8 @@ class RetentionBase(nnx.Module):
     bfloat16 at half the memory; the forms compute in float32 either way).
     decode_projections: how a decoding step (a cache and one token; the kernel at batch 1
     only) computes the input projections (with the block's norm) and out_proj, one of
-    DECODE_PROJECTIONS (`project`).
+    DECODE_PROJECTIONS (`project`). decode_kernel: None (the step follows `kernel`) or one of
+    RETENTION_KERNELS for a decoding step's retention (`run_retention`'s step_kernel).
     """
 
     out_gain = 1.0
@@ -440,11 +448,15 @@ class RetentionBase(nnx.Module):
     def __init__(self, d_model: int, *, num_heads: int, value_dim: int, use_swish_gate: bool,
                  use_head_norm: bool, norm_eps: float, chunk_size: int, dtype, param_dtype,
                  rngs: nnx.Rngs, kernel: str = "xla", state_dtype=jnp.float32,
-                 decode_projections: str = "xla"):
+                 decode_projections: str = "xla", decode_kernel: str | None = None):
         if kernel not in RETENTION_KERNELS:
             raise ValueError(f"kernel must be one of {RETENTION_KERNELS}, got {kernel!r}")
+        if decode_kernel is not None and decode_kernel not in RETENTION_KERNELS:
+            raise ValueError(f"decode_kernel must be None or one of {RETENTION_KERNELS}, "
+                             f"got {decode_kernel!r}")
         _check_decode_projections(decode_projections)
         self.kernel = kernel
+        self.decode_kernel = decode_kernel
         self.decode_projections = decode_projections
         self.state_dtype = state_dtype
         self.num_heads = num_heads
@@ -510,7 +522,7 @@ class RetentionBase(nnx.Module):
 
         o, state = run_retention(mode, q, k, v, log_decay, chunk_size=self.chunk_size,
                                  initial_state=None if cache is None else cache.state,
-                                 kernel=self.kernel,
+                                 kernel=self.kernel, step_kernel=self.decode_kernel,
                                  rotate_at=0 if position is None else position)
 
         o = o.astype(jnp.float32)
@@ -546,12 +558,13 @@ class MultiScaleRetention(RetentionBase):
                  use_head_norm: bool, norm_eps: float, chunk_size: int, decay_schedule: str,
                  decay_gamma: float, sqrt_row_scaling: bool, dtype, param_dtype,
                  rngs: nnx.Rngs, kernel: str = "xla", state_dtype=jnp.float32,
-                 decode_projections: str = "xla"):
+                 decode_projections: str = "xla", decode_kernel: str | None = None):
         super().__init__(d_model, num_heads=num_heads, value_dim=value_dim,
                          use_swish_gate=use_swish_gate, use_head_norm=use_head_norm,
                          norm_eps=norm_eps, chunk_size=chunk_size, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs, kernel=kernel,
-                         state_dtype=state_dtype, decode_projections=decode_projections)
+                         state_dtype=state_dtype, decode_projections=decode_projections,
+                         decode_kernel=decode_kernel)
         self.decay_schedule = decay_schedule
         self.decay_gamma = decay_gamma
         self.sqrt_row_scaling = sqrt_row_scaling
@@ -590,12 +603,14 @@ class GatedRetention(RetentionBase):
                  use_head_norm: bool, norm_eps: float, chunk_size: int,
                  gate_logit_normalizer: float, dtype, param_dtype, rngs: nnx.Rngs,
                  gate_bias: float | None = None, kernel: str = "xla",
-                 state_dtype=jnp.float32, decode_projections: str = "xla"):
+                 state_dtype=jnp.float32, decode_projections: str = "xla",
+                 decode_kernel: str | None = None):
         super().__init__(d_model, num_heads=num_heads, value_dim=value_dim,
                          use_swish_gate=use_swish_gate, use_head_norm=use_head_norm,
                          norm_eps=norm_eps, chunk_size=chunk_size, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs, kernel=kernel,
-                         state_dtype=state_dtype, decode_projections=decode_projections)
+                         state_dtype=state_dtype, decode_projections=decode_projections,
+                         decode_kernel=decode_kernel)
         self.gate_logit_normalizer = gate_logit_normalizer
         self.gt_proj = linear(d_model, num_heads, ("embed", None), init=xavier_uniform(2**-2.5),
                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)

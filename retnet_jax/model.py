@@ -95,8 +95,14 @@ class ModelConfig:
         under `shard_map` on a mesh; XLA elsewhere or for sizes they do not take; chunkwise
         forward ~2x and forward+backward 1.5-2.1x faster than 'xla' at head dims of 128,
         forward+backward 1.13-1.38x slower at the presets' 256 / 432; the decoding step
-        faster at batch 32-64 only: BENCHMARKS.md) or 'pallas_interpret' (interpreted, any backend;
-        tests). It changes no parameter: a model trained with one can decode with another.
+        0.4-10 % faster a token at batches 1-64 on an H100 at the 1.3B preset: BENCHMARKS.md)
+        or 'pallas_interpret' (interpreted, any backend; tests). It changes no parameter: a
+        model trained with one can decode with another.
+      decode_kernel: the decoding step's retention (one token against a cache): None
+        (default) follows retention_kernel; one of its values replaces it there only. The
+        1.3B presets train with 'xla' and decode with 'pallas' (1.567 against 1.640 ms a
+        token at batch 1 with the GEMV projections, 2.133 against 2.203 at batch 8, 6.623
+        against 7.341 at 64, on an H100: BENCHMARKS.md "Decoding", session 19).
       decode_projections: how batch-1 decoding steps compute the blocks' projections
         (`layers.project`): 'xla' (default), 'pallas' (`kernels.projections_pallas`, a GEMV
         kernel that reads each block's q|k|v|gate and FFN input weights in one pass, with
@@ -158,6 +164,7 @@ class ModelConfig:
     gate_bias: float | None = None
     chunk_size: int = 64
     retention_kernel: str = "xla"
+    decode_kernel: str | None = None
     decode_projections: str = "xla"
     attention_impl: str | None = None
     dtype: str = "float32"
@@ -223,6 +230,9 @@ class ModelConfig:
         if self.retention_kernel not in RETENTION_KERNELS:
             _fail("retention_kernel", f"must be one of {RETENTION_KERNELS}, "
                   f"got {self.retention_kernel!r}")
+        if self.decode_kernel is not None and self.decode_kernel not in RETENTION_KERNELS:
+            _fail("decode_kernel", f"must be None (retention_kernel's) or one of "
+                  f"{RETENTION_KERNELS}, got {self.decode_kernel!r}")
         if self.decode_projections not in DECODE_PROJECTIONS:
             _fail("decode_projections", f"must be one of {DECODE_PROJECTIONS}, "
                   f"got {self.decode_projections!r}")
@@ -349,7 +359,8 @@ def _make_mixer(kind: str, config: ModelConfig, rngs: nnx.Rngs):
     common.update(num_heads=config.num_heads, value_dim=config.resolved_value_dim,
                   use_swish_gate=config.use_swish_gate, use_head_norm=config.use_head_norm,
                   norm_eps=config.norm_eps, chunk_size=config.chunk_size,
-                  kernel=config.retention_kernel, state_dtype=DTYPES[config.state_dtype])
+                  kernel=config.retention_kernel, decode_kernel=config.decode_kernel,
+                  state_dtype=DTYPES[config.state_dtype])
     if kind == "retention":
         return MultiScaleRetention(config.d_model, decay_schedule=config.decay_schedule,
                                    decay_gamma=config.decay_gamma,

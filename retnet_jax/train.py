@@ -66,7 +66,7 @@ Batch = Mapping[str, jax.Array]
 # the same function of the same parameters is computed, not what was learned.
 INFERENCE_MODEL_FIELDS = frozenset(
     {"dtype", "remat", "remat_policy", "scan_layers", "chunk_size", "retention_kernel",
-     "max_seq_len", "attention_impl", "state_dtype", "decode_projections"})
+     "decode_kernel", "max_seq_len", "attention_impl", "state_dtype", "decode_projections"})
 # Model config fields that may change when resuming: those, and training choices that change
 # the function but not which parameters there are.
 RESUMABLE_MODEL_FIELDS = INFERENCE_MODEL_FIELDS | {"logit_soft_cap"}

@@ -3,6 +3,7 @@
 Every code path a GPU run can take is run here first: a crash on the GPU wastes device time.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -201,6 +202,24 @@ def test_bench_decode_times_each_retention_kernel(tmp_path, toy_config, kernels,
     checks = result["kernel_checks"]
     assert [c["model"] for c in checks] == ["retnet-pallas_interpret"]
     assert all(c["greedy_agreement"] == 1 and 0 <= c["state_rel_err"] < 2e-2 for c in checks)
+
+
+def test_decode_configs_time_each_retention_kernel_in_the_decoding_step(monkeypatch):
+    """bench_decode's --retention_kernels picks the decoding step even for a preset whose
+    decode_kernel says otherwise (the 1.3B presets' 'pallas'), and the models still share
+    one set of weights."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "experiments"))
+    import decode_models
+    from retnet_jax.model import ModelConfig
+    base = ModelConfig(vocab_size=259, d_model=32, num_layers=1, num_heads=2,
+                       decode_kernel="pallas")
+    models = decode_models.decode_configs(base, ["xla", "pallas"], ["float32"], 64,
+                                          transformer=False)
+    assert [(m.retention_kernel, m.decode_kernel) for m in models.values()] == [
+        ("xla", None), ("pallas", None)]
+    first = next(iter(models.values()))
+    assert len({decode_models.same_weights(m) for m in (
+        *models.values(), dataclasses.replace(first, decode_kernel="pallas"))}) == 1
 
 
 @pytest.mark.parametrize("kernel_batches", [None, "1,2"])

@@ -71,6 +71,14 @@ def test_paper_presets_unroll_their_blocks(name):
     assert load(name).model.scan_layers is False
 
 
+@pytest.mark.parametrize("name", ["retnet_1_3b", "gated_retnet_1_3b"])
+def test_1_3b_presets_train_with_xla_and_decode_with_the_pallas_step(name):
+    # BENCHMARKS.md: XLA's chunkwise form trains faster at these heads (session 6), the
+    # Pallas step decodes faster at batches 1-64 (session 19).
+    model = ModelConfig.from_config(load(name).model)
+    assert (model.retention_kernel, model.decode_kernel) == ("xla", "pallas")
+
+
 def test_command_line_overrides_keep_types():
     config = ModelConfig.from_config(load(
         "hybrid_small", "--config.model.value_dim=384", "--config.model.num_layers=2",

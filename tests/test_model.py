@@ -291,6 +291,7 @@ def test_bad_mode_and_cache_arguments_raise(tiny_model):
     (dict(num_attention_heads=3), "num_attention_heads"),
     (dict(activation="tanh"), "activation"),
     (dict(retention_kernel="triton"), "retention_kernel"),
+    (dict(decode_kernel="triton"), "decode_kernel"),
     (dict(decode_projections="cublas"), "decode_projections"),
     (dict(decay_schedule="linear"), "decay_schedule"),
     (dict(decay_gamma=1.5), "decay_gamma"),
@@ -440,6 +441,39 @@ def test_pallas_decode_step_gives_the_same_logits_and_states(monkeypatch):
     for a, b in zip(cache_fused.layers, cache_plain.layers, strict=True):
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             assert rel_err(x, y) <= RTOL
+
+
+@pytest.mark.parametrize("retention_kernel, decode_kernel, steps", [
+    ("xla", "pallas_interpret", 2),       # the 1.3B presets: XLA's chunkwise, Pallas's step
+    ("pallas_interpret", "xla", 0),
+    ("pallas_interpret", None, 2),        # None follows retention_kernel
+])
+def test_decode_kernel_replaces_retention_kernel_in_decoding_steps_only(
+        monkeypatch, retention_kernel, decode_kernel, steps):
+    """decode_kernel picks the single-token step's implementation; the full-sequence
+    forward and prefill keep retention_kernel's; logits match XLA's either way."""
+    from retnet_jax import kernels
+    calls = dict(step=0, chunkwise=0)
+    for name, fn in (("step", "retention_step_pallas"), ("chunkwise",
+                                                         "chunkwise_retention_pallas")):
+        original = getattr(kernels, fn)
+        monkeypatch.setattr(kernels, fn, lambda *a, _n=name, _f=original, **k: (
+            calls.__setitem__(_n, calls[_n] + 1) or _f(*a, **k)))
+    plain = make_model(small_config(SCHEDULES["hybrid"], d_model=64, value_dim=64,
+                                    chunk_size=16), 15)
+    mixed = with_config(plain, retention_kernel=retention_kernel, decode_kernel=decode_kernel)
+    cache = plain.init_cache(2, 16)
+    tokens = random_tokens(15, 2, 5)
+    with jax.default_matmul_precision("highest"):
+        assert rel_err(forward(mixed, tokens), forward(plain, tokens)) <= RTOL
+        _, cache = prefill(mixed, tokens, jnp.asarray([5, 3]), cache)
+        chunkwise = calls["chunkwise"]
+        assert chunkwise == (4 if retention_kernel != "xla" else 0)  # 2 blocks, 2 calls
+        step_tokens = random_tokens(16, 2, 1)[:, 0]
+        got, _ = decode_step(mixed, step_tokens, cache)
+        want, _ = decode_step(plain, step_tokens, cache)
+        assert rel_err(got, want) <= RTOL
+    assert calls == dict(step=steps, chunkwise=chunkwise)
 
 
 @pytest.mark.parametrize("batch, calls", [(1, 12), (2, 0)])

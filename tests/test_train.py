@@ -514,7 +514,8 @@ def test_entry_points_eval_generate_and_state_precision(runs, tmp_path):
                  "--retention_kernel=pallas_interpret"],
         "generate": ["experiments/generate.py", f"--workdir={whole}", "--prompt=class ",
                      "--max_new_tokens=5", "--num_samples=2", "--top_p=0.9",
-                     "--state_dtype=bfloat16", "--retention_kernel=pallas_interpret"],
+                     "--state_dtype=bfloat16", "--retention_kernel=xla",
+                     "--decode_kernel=pallas_interpret"],
         # One greedy sample (batch 1, where the projections kernel runs) with and without it.
         **{f"greedy_{impl}": ["experiments/generate.py", f"--workdir={whole}",
                               "--prompt=class ", "--max_new_tokens=8", "--temperature=0",
