@@ -256,8 +256,8 @@ def sqrt_row_scale(log_gamma: Array, absolute_positions: Array) -> Array:
 
 @functools.lru_cache(maxsize=None)
 def _warn_fallback(reason: str) -> None:
-    logging.getLogger(__name__).warning("retention_kernel='pallas' falls back to XLA: %s",
-                                        reason)
+    logging.getLogger(__name__).warning(
+        "retention_kernel='pallas' (or decode_kernel='pallas') falls back to XLA: %s", reason)
 
 
 def pallas_fallback_reason(key_dim: int, value_dim: int, chunk_size: int) -> str | None:
