@@ -2,8 +2,9 @@
 
 Both models have the preset's width and depth and (nearly) the same parameter count
 (`model.transformer_baseline`), bf16 weights and compute, one GPU. For each batch size and
-context length the cache is filled with random values at position = context, then a jitted
-`lax.scan` decodes `--new_tokens` greedy tokens; per-token latency is the median over
+context length the cache (its length rounded up to a multiple of 128 positions,
+`decode_models.cache_length`, and recorded as `cache_len`) is filled with random values at
+position = context, then a jitted `lax.scan` decodes `--new_tokens` greedy tokens; per-token latency is the median over
 `--repeats` runs divided by new_tokens. Also reported: the weight-read floor (weight bytes /
 measured copy bandwidth), decode-state bytes, and XLA's temporary bytes of the decode loop.
 The environment's XLA_FLAGS (e.g. `--xla_gpu_enable_command_buffer=`, which changes how the
@@ -48,8 +49,9 @@ from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from ceilings import copy_bandwidth  # noqa: E402
-from decode_models import (build, decode_configs, decode_loop, forced_decode,  # noqa: E402
-                           graphdef_of, random_cache, retnet_name, same_weights, tree_bytes)
+from decode_models import (build, cache_length, decode_configs, decode_loop,  # noqa: E402
+                           forced_decode, graphdef_of, random_cache, retnet_name,
+                           same_weights, tree_bytes)
 from hlo_text import hlo_launches  # noqa: E402
 from retnet_jax.generate import decode_compiler_options  # noqa: E402
 from retnet_jax import layers  # noqa: E402
@@ -139,7 +141,8 @@ def main(argv):
     new, repeats = _NEW.value, _REPEATS.value
     max_len_extra = new * (repeats + 2)
     models = decode_configs(base, _KERNELS.value, _STATE_DTYPES.value,
-                            max(contexts) + max_len_extra, tuple(_PROJECTIONS.value),
+                            cache_length(max(contexts) + max_len_extra),
+                            tuple(_PROJECTIONS.value),
                             transformer=_TRANSFORMER.value)
     device = jax.devices()[0]
     capacity = device.memory_stats().get("bytes_limit", 80e9) if device.platform == "gpu" else 16e9
@@ -229,11 +232,12 @@ def main(argv):
             option_sets = [first] + [o for o in extra_option_sets if o != first]
             for options in option_sets:
                 for name, m in built.items():
-                    max_len = context + max_len_extra
+                    max_len = cache_length(context + max_len_extra)
                     cache_shape = jax.eval_shape(
                         lambda: nnx.merge(*m["shape"]).init_cache(batch, max_len))
                     state_bytes = tree_bytes(cache_shape)
-                    row = dict(model=name, batch=batch, context=context, compiler_options=options,
+                    row = dict(model=name, batch=batch, context=context, cache_len=max_len,
+                               compiler_options=options,
                                ffn_dim=models[name].resolved_ffn_dim,
                                weight_gib=m["weight_bytes"] / 2**30,
                                state_gib=state_bytes / 2**30, floor_ms=m["floor_ms"])

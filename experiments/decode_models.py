@@ -12,7 +12,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retnet_jax.kernels.common import round_up
 from retnet_jax.model import ModelConfig, RetNetLM, transformer_baseline
+
+# KV caches hold a multiple of this many positions, as serving stacks size theirs. Until
+# session 19 bench_decode sized them to context + 224 (8,416 at 8K), profile_decode to
+# context + 256 (8,448, a multiple of 128), and the Transformer's bench_decode tokens took
+# 1.25-1.29x its profiled ones (BENCHMARKS.md, "Decoding", sessions 16 and 19): attention
+# dots over an unaligned cache are the suspected cause, not yet timed.
+CACHE_MULTIPLE = 128
+
+
+def cache_length(positions: int) -> int:
+    """A decoding cache's length holding `positions` tokens, rounded up to CACHE_MULTIPLE
+    (RetNet's state does not depend on it)."""
+    return round_up(positions, CACHE_MULTIPLE)
 
 
 def projections_suffix(projections: str) -> str:

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from ceilings import copy_bandwidth, median_seconds
-from decode_models import build, decode_configs, decode_loop, graphdef_of, random_cache
+from decode_models import (build, cache_length, decode_configs, decode_loop, graphdef_of,
+                           random_cache)
 from hlo_text import launches
 from retnet_jax.generate import decode_compiler_options
 from retnet_jax.layers import DECODE_PROJECTIONS, RETENTION_KERNELS
@@ -61,7 +62,7 @@ def profile_model(name: str, graphdef, params, batch: int, context: int, new: in
     platform = jax.devices()[0].platform
     options = decode_compiler_options(batch, platform)
     shape = (graphdef, jax.eval_shape(lambda p: p, params))
-    max_len = context + 8 * new
+    max_len = cache_length(context + 8 * new)
     cache = random_cache(shape, batch, max_len, context, seed=batch)
     tokens = jnp.full((batch,), 65, jnp.int32)
     compiled = decode_loop(graphdef, new).lower(params, cache, tokens).compile(
@@ -91,7 +92,8 @@ def main(argv):
     del argv
     base = ModelConfig.from_config(_CONFIG.value.model)
     new = _NEW.value
-    configs = decode_configs(base, _KERNELS.value, ["float32"], _CONTEXT.value + 8 * new,
+    configs = decode_configs(base, _KERNELS.value, ["float32"],
+                             cache_length(_CONTEXT.value + 8 * new),
                              tuple(_PROJECTIONS.value), transformer=_TRANSFORMER.value)
     device = jax.devices()[0]
     bandwidth = copy_bandwidth(_COPY_BYTES.value)

@@ -248,6 +248,8 @@ def test_bench_decode_times_the_gemv_projections_checked_against_xla(tmp_path, t
         assert result["projection_kernel_batches"] == [1, 2]
         assert not [r for r in rows if "skipped" in r]
     assert all(r["ms_per_token"] > 0 for r in rows if "skipped" not in r)
+    # 16 + 2 x (1 + 2) positions, the cache rounded up to a multiple of 128.
+    assert {r["cache_len"] for r in rows} == {128}
     checks = result["kernel_checks"]
     check_batches = [1] if kernel_batches is None else [1, 2]
     assert [(c["model"], c["reference"], c["batch"]) for c in checks] == [
