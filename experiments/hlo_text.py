@@ -1,5 +1,6 @@
-"""Reading a compiled XLA module's text: which instructions launch kernels, of what kind, and
-how many bytes each touches.
+"""Reading a compiled XLA module's text: which instructions launch kernels, of what kind, how
+many bytes each touches, and where in the Python program each came from (its metadata's
+op name and file:line), so profiles name the code behind a kernel.
 
 Imported by bench_decode.py, bench_train.py and profile_decode.py (they run with
 experiments/ on sys.path).
@@ -24,10 +25,12 @@ class Launch:
     """One kernel-launching instruction: its name, kind (`launch_kind`) and the bytes it
     moves: its operands plus its result, except where a fusion reads only slices of an
     operand (charged the slices) or writes a slice into an operand's buffer in place (a
-    scan over stacked layers: charged the slice, not the buffer; `_fusion_bytes`)."""
+    scan over stacked layers: charged the slice, not the buffer; `_fusion_bytes`), and
+    where in the program it came from (`source`)."""
     name: str
     kind: str
     bytes: int
+    source: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +86,52 @@ def launch_kind(op: str, line: str) -> str:
         target = re.search(r'custom_call_target="([^"]+)"', line)
         return f"custom-call:{target.group(1) if target else '?'}"
     return op
+
+
+def stack_frames(hlo_text: str) -> dict[str, str]:
+    """{stack frame id: 'file:line'} from a module's FileNames / FileLocations / StackFrames
+    tables (what newer XLA prints once at the top, instructions then naming a
+    `stack_frame_id`); the file's base name, the frame's own line."""
+    tables: dict[str, dict[str, str]] = {}
+    section = None
+    for line in hlo_text.splitlines():
+        if line.strip() in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = tables.setdefault(line.strip(), {})
+        elif not line.strip() or line.startswith(("%", "ENTRY", "HloModule")):
+            section = None
+        elif section is not None:
+            key, _, value = line.strip().partition(" ")
+            section[key] = value
+    files, locations = tables.get("FileNames", {}), tables.get("FileLocations", {})
+    frames = {}
+    for frame, text in tables.get("StackFrames", {}).items():
+        fields = dict(re.findall(r"(\w+)=(\d+)", text))
+        location = dict(re.findall(r"(\w+)=(\d+)",
+                                   locations.get(fields.get("file_location_id", ""), "")))
+        name = files.get(location.get("file_name_id", ""), "").strip('"').rsplit("/", 1)[-1]
+        if name and "line" in location:
+            frames[frame] = f"{name}:{location['line']}"
+    return frames
+
+
+def source_of(line: str, frames: dict[str, str] | None = None) -> str:
+    """Where an instruction came from, from its metadata: 'op_name @ file:line' (the JAX
+    op's name path without its outer 'jit(...)/'; the Python file's base name and line from
+    source_file / source_line, or from its stack_frame_id in `frames`), the parts it has,
+    or ''."""
+    metadata = re.search(r"metadata=\{([^}]*)\}", line)
+    if not metadata:
+        return ""
+    fields = dict(re.findall(r'(\w+)=("[^"]*"|\d+)', metadata.group(1)))
+    op_name = fields.get("op_name", "").strip('"')
+    op_name = op_name.split("/", 1)[1] if op_name.startswith("jit(") and "/" in op_name else (
+        op_name)
+    where = fields.get("source_file", "").strip('"').rsplit("/", 1)[-1]
+    if where and "source_line" in fields:
+        where += f":{fields['source_line']}"
+    elif not where:
+        where = (frames or {}).get(fields.get("stack_frame_id", ""), "")
+    return " @ ".join(part for part in (op_name, where) if part)
 
 
 def array_bytes(text: str) -> int:
@@ -210,6 +259,7 @@ def launches(hlo_text: str) -> list[Launch]:
             parts = _split(line)
             if parts:
                 results[line.split(" = ", 1)[0].split()[-1].lstrip("%")] = array_bytes(parts[0])
+    frames = stack_frames(hlo_text)
     found, seen, todo = [], set(), [entry]
     while todo:
         name = todo.pop()
@@ -230,7 +280,8 @@ def launches(hlo_text: str) -> list[Launch]:
                                            array_bytes(result))
                 else:
                     nbytes = array_bytes(result) + sum(operand_bytes)
-                found.append(Launch(instruction, launch_kind(op, line), nbytes))
+                found.append(Launch(instruction, launch_kind(op, line), nbytes,
+                                    source_of(line, frames)))
             if op in ("while", "call", "conditional"):
                 todo += re.findall(r"(?:body|to_apply|true_computation|false_computation)"
                                    r"=%?([\w.-]+)", line)

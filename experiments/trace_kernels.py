@@ -103,7 +103,8 @@ def summarize(kernels: list[Kernel], units: int, costs: dict, bandwidth: float,
         cost = costs.get(op) or by_key.get(_key(op))
         kind = cost.kind if cost else "other"
         nbytes = cost.bytes * count if cost else None
-        ops.append(dict(op=op, kind=kind, **row(ns, count, nbytes)))
+        ops.append(dict(op=op, kind=kind, **row(ns, count, nbytes),
+                        source=cost.source if cost else ""))
         kinds[kind][0] += ns
         kinds[kind][1] += count
         kinds[kind][2] += nbytes or 0
@@ -136,7 +137,7 @@ def trace_call(fn, *args, trace_dir: str) -> tuple[object, ProfileData]:
 
 def print_summary(summary: dict, unit: str = "token") -> None:
     """`summarize`'s result as two markdown tables: by kind, then the costliest
-    instructions."""
+    instructions with where each came from (`hlo_text.source_of`, up to 90 characters)."""
     print(f"span {summary[f'span_us_per_{unit}']:.1f} = kernels "
           f"{summary[f'busy_us_per_{unit}']:.1f} + idle {summary[f'idle_us_per_{unit}']:.1f} "
           f"us/{unit}, {summary[f'kernels_per_{unit}']:.0f} kernels/{unit}, mean gap "
@@ -144,10 +145,14 @@ def print_summary(summary: dict, unit: str = "token") -> None:
     columns = f"us/{unit} | launches/{unit} | us/launch | MB/{unit} | x copy bandwidth |"
     for title, rows, name in (("kind", summary["by_kind"], "kind"),
                               ("instruction | kind", summary["top_ops"], "op")):
-        print(f"| {title} | {columns}")
-        print("|---" * (title.count("|") + 1) + "|---:" * 5 + "|")
+        ops = name == "op"
+        print(f"| {title} | {columns}" + (" source |" if ops else ""))
+        print("|---" * (title.count("|") + 1) + "|---:" * 5 + "|" + ("---|" if ops else ""))
         for r in rows:
-            cells = [r[name]] + ([r["kind"]] if name == "op" else [])
+            cells = [r[name]] + ([r["kind"]] if ops else [])
+            source = r.get("source", "")
+            source = source if len(source) <= 90 else "..." + source[-87:]
             print(f"| {' | '.join(cells)} | {r[f'us_per_{unit}']:.1f} | "
                   f"{r[f'launches_per_{unit}']:.1f} | {r['us_per_launch']:.2f} | "
-                  f"{r.get(f'mb_per_{unit}', 0):.1f} | {r.get('bandwidth_fraction', 0):.2f} |")
+                  f"{r.get(f'mb_per_{unit}', 0):.1f} | {r.get('bandwidth_fraction', 0):.2f} |"
+                  + (f" {source} |" if ops else ""))

@@ -536,8 +536,8 @@ def test_profile_busy_time_counts_overlapping_kernels_once(monkeypatch):
 
     # Two tokens: a 10 ns GEMM overlapping a 4 ns fusion, gap 6 ns, then the GEMM alone.
     kernels_ = [Kernel("gemm", 0, 10), Kernel("fusion.1", 5, 4), Kernel("gemm", 16, 10)]
-    costs = {"gemm": Launch("gemm", "fusion:kCustom", 100), "fusion.1": Launch(
-        "fusion.1", "fusion:kLoop", 8)}
+    costs = {"gemm": Launch("gemm", "fusion:kCustom", 100, "dot_general @ layers.py:7"),
+             "fusion.1": Launch("fusion.1", "fusion:kLoop", 8)}
     s = summarize(kernels_, units=2, costs=costs, bandwidth=1e9, top=5)
     assert s["span_us_per_token"] == pytest.approx(13e-3)
     assert s["busy_us_per_token"] == pytest.approx(10e-3)
@@ -546,7 +546,8 @@ def test_profile_busy_time_counts_overlapping_kernels_once(monkeypatch):
     gemm = next(r for r in s["by_kind"] if r["kind"] == "fusion:kCustom")
     assert gemm["launches_per_token"] == 1 and gemm["mb_per_token"] == pytest.approx(1e-4)
     assert gemm["bandwidth_fraction"] == pytest.approx(200 / 20e-9 / 1e9)
-    assert [r["op"] for r in s["top_ops"]] == ["gemm", "fusion.1"]
+    assert [(r["op"], r["source"]) for r in s["top_ops"]] == [
+        ("gemm", "dot_general @ layers.py:7"), ("fusion.1", "")]
 
 
 def test_hlo_text_reads_launches_and_their_bytes(monkeypatch):
@@ -558,7 +559,7 @@ def test_hlo_text_reads_launches_and_their_bytes(monkeypatch):
 %body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
   %p = (s32[], f32[4,8]{1,0}) parameter(0)
   %x = f32[4,8]{1,0} get-tuple-element((s32[], f32[4,8]{1,0}) %p), index=1
-  %gemm.1 = f32[4,8]{1,0} fusion(f32[4,8]{1,0} %x, bf16[8,8]{1,0} %w), kind=kCustom, calls=%c, metadata={op_name="jit(f)/dot[0,1]"}
+  %gemm.1 = f32[4,8]{1,0} fusion(f32[4,8]{1,0} %x, bf16[8,8]{1,0} %w), kind=kCustom, calls=%c, metadata={op_name="jit(f)/jvp(g)/dot_general" source_file="/src/retnet_jax/layers.py" source_line=42}
   %i = s32[] get-tuple-element((s32[], f32[4,8]{1,0}) %p), index=0
   ROOT %t = (s32[], f32[4,8]{1,0}) tuple(s32[] %i, f32[4,8]{1,0} %gemm.1)
 }
@@ -575,11 +576,45 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
     assert set(found) == {"gemm.1", "c.2", "add.4"}
     assert found["add.4"].bytes == 4 * 128    # operands by name only (GPU text), /*index=*/
     assert found["gemm.1"].kind == "fusion:kCustom"
+    assert found["gemm.1"].source == "jvp(g)/dot_general @ layers.py:42"
+    assert found["c.2"].source == found["add.4"].source == ""          # no metadata
     assert found["gemm.1"].bytes == 128 + 128 + 128          # result, x, bf16 weight
     assert found["c.2"].kind == "custom-call:__gpu$xla.gpu.triton"
     assert hlo_launches(hlo) == {"fusion:kCustom": 1, "fusion:kLoop": 1,
                                  "custom-call:__gpu$xla.gpu.triton": 1}
     assert array_bytes("pred[3] s32[] f8e4m3fn[4] bf16[2,3]{1,0}") == 3 + 4 + 4 + 12
+
+
+def test_hlo_text_names_each_launch_source_from_its_stack_frame(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "experiments"))
+    from hlo_text import launches
+
+    hlo = """HloModule m
+
+FileNames
+1 "/src/retnet_jax/retention.py"
+2 "/src/retnet_jax/layers.py"
+
+FunctionNames
+1 "chunkwise"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=120 end_line=120 column=4 end_column=9}
+2 {file_name_id=2 function_name_id=1 line=33 end_line=33 column=4 end_column=9}
+
+StackFrames
+1 {file_location_id=2 parent_frame_id=1}
+2 {file_location_id=1 parent_frame_id=1}
+
+ENTRY %main (a: f32[4,8]) -> f32[4,8] {
+  %a = f32[4,8]{1,0} parameter(0), metadata={op_name="a"}
+  %gemm = f32[4,8]{1,0} fusion(%a, %a), kind=kCustom, calls=%c, metadata={op_name="jit(step)/jvp(block)/dot_general" stack_frame_id=2}
+  ROOT %add = f32[4,8]{1,0} fusion(%gemm), kind=kLoop, calls=%f, metadata={op_name="jit(step)/add" stack_frame_id=9}
+}
+"""
+    found = {launch.name: launch.source for launch in launches(hlo)}
+    # Frame 2 is retention.py's line 120; frame 9 is not in the table: the op name only.
+    assert found == {"gemm": "jvp(block)/dot_general @ retention.py:120", "add": "add"}
 
 
 def test_hlo_text_charges_sliced_reads_and_in_place_updates_their_slices(monkeypatch):
@@ -755,7 +790,9 @@ def test_bench_train_profiles_a_step_when_asked(tmp_path, toy_config):
     assert 0 < profile["busy_us_per_step"] <= profile["span_us_per_step"]
     assert len(profile["top_ops"]) == 3 and profile["copy_bandwidth"] > 0
     assert all(r["kind"] != "other" for r in profile["top_ops"])    # matched to the HLO
+    assert any(".py:" in r["source"] for r in profile["top_ops"])   # from its metadata
     assert "| instruction | kind | us/step |" in process.stdout
+    assert "x copy bandwidth | source |" in process.stdout
 
 
 def test_plot_benchmarks_draws_decode_and_training_figures(tmp_path):
