@@ -18,7 +18,7 @@ from retnet_jax.model import ModelConfig, RetNetLM, transformer_baseline
 # KV caches hold a multiple of this many positions, as serving stacks size theirs. Until
 # session 19 bench_decode sized them to context + 224 (8,416 at 8K), profile_decode to
 # context + 256 (8,448, a multiple of 128), and the Transformer's bench_decode tokens took
-# 1.25-1.29x its profiled ones (BENCHMARKS.md, "Decoding", sessions 16 and 19): attention
+# 1.26-1.29x its profiled ones (BENCHMARKS.md, "Decoding", sessions 16 and 19): attention
 # dots over an unaligned cache are the suspected cause, not yet timed.
 CACHE_MULTIPLE = 128
 

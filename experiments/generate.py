@@ -30,7 +30,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STATE_DTYPE = flags.DEFINE_enum("state_dtype", None, list(DTYPES), "The decoding state's "
                                  "dtype (default: the run's).")
 _RETENTION_KERNEL = flags.DEFINE_enum("retention_kernel", None, list(RETENTION_KERNELS),
-                                      "Retention kernel (default: the run's).")
+                                      "Retention kernel of the prompt's prefill, and of the "
+                                      "decoded tokens where the run sets no decode_kernel "
+                                      "(default: the run's).")
 _DECODE_KERNEL = flags.DEFINE_enum("decode_kernel", None, list(RETENTION_KERNELS),
                                    "Retention kernel of each decoded token's step (default: "
                                    "the run's decode_kernel, else its retention_kernel).")

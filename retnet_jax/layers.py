@@ -103,6 +103,16 @@ def _check_decode_projections(impl: str) -> str:
     return impl
 
 
+def _check_kernel(name: str, kernel: str | None, *, optional: bool = False) -> str | None:
+    """kernel, or a ValueError naming `name` unless it is one of RETENTION_KERNELS (or None,
+    when optional)."""
+    if kernel not in RETENTION_KERNELS and not (optional and kernel is None):
+        allowed = f"None or one of {RETENTION_KERNELS}" if optional else (
+            f"one of {RETENTION_KERNELS}")
+        raise ValueError(f"{name} must be {allowed}, got {kernel!r}")
+    return kernel
+
+
 def _projections_kernel_args(impl: str, x: Array, linears: Sequence[nnx.Linear]) -> dict | None:
     """kwargs for `kernels.projections_pallas` when `project` should use it, else None (XLA):
     impl 'pallas' (on a GPU, no multi-device mesh in context) or 'pallas_interpret', one
@@ -255,36 +265,46 @@ def sqrt_row_scale(log_gamma: Array, absolute_positions: Array) -> Array:
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_fallback(reason: str) -> None:
-    logging.getLogger(__name__).warning(
-        "retention_kernel='pallas' (or decode_kernel='pallas') falls back to XLA: %s", reason)
+def _warn_fallback(field: str, reason: str) -> None:
+    logging.getLogger(__name__).warning("%s='pallas' falls back to XLA: %s", field, reason)
 
 
-def pallas_fallback_reason(key_dim: int, value_dim: int, chunk_size: int) -> str | None:
-    """Why retention_kernel='pallas' runs XLA's chunkwise form for these head dims and chunk
-    size on this backend (sizes the kernels do not take, or no GPU), or None."""
+def _unsupported_reason(key_dim: int, value_dim: int, chunk_size: int | None) -> str | None:
+    """The kernels' own reason (`kernels.unsupported_reason` for the chunkwise form, or with
+    chunk_size None `kernels.step_unsupported_reason` for the decoding step), or None."""
     from retnet_jax import kernels   # only when asked for: it imports Pallas' Triton backend
-    reason = kernels.unsupported_reason(key_dim, value_dim, chunk_size)
+    if chunk_size is None:
+        return kernels.step_unsupported_reason(key_dim, value_dim)
+    return kernels.unsupported_reason(key_dim, value_dim, chunk_size)
+
+
+def pallas_fallback_reason(key_dim: int, value_dim: int, chunk_size: int | None
+                           ) -> str | None:
+    """Why the Pallas kernels run XLA's form instead for these head dims on this backend
+    (sizes the kernels do not take, or no GPU), or None: the chunkwise form's at chunk_size,
+    or with chunk_size None the single-token decoding step's."""
+    reason = _unsupported_reason(key_dim, value_dim, chunk_size)
     if reason is None and jax.default_backend() != "gpu":
         reason = f"backend {jax.default_backend()!r} is not a GPU"
     return reason
 
 
-def _pallas_or_fallback(kernel: str, q: Array, v: Array, chunk_size: int) -> dict | None:
-    """kwargs for `kernels.chunkwise_retention_pallas`, or None to use the XLA path."""
+def _pallas_or_fallback(kernel: str, field: str, q: Array, v: Array,
+                        chunk_size: int | None) -> dict | None:
+    """kwargs for `kernels.chunkwise_retention_pallas` (chunk_size given) or the decoding
+    step (chunk_size None), or None to use the XLA path; errors and warnings name `field`,
+    the config field that asked for the kernel."""
     if kernel == "xla":
         return None
     if kernel == "pallas_interpret":
-        from retnet_jax import kernels
-        reason = kernels.unsupported_reason(q.shape[-1], v.shape[-1], chunk_size)
+        reason = _unsupported_reason(q.shape[-1], v.shape[-1], chunk_size)
         if reason:
-            raise ValueError(f"retention_kernel='pallas_interpret': {reason}")
+            raise ValueError(f"{field}='pallas_interpret': {reason}")
         return {"interpret": True}
-    if kernel != "pallas":
-        raise ValueError(f"kernel must be one of {RETENTION_KERNELS}, got {kernel!r}")
+    _check_kernel(field, kernel)
     reason = pallas_fallback_reason(q.shape[-1], v.shape[-1], chunk_size)
     if reason:
-        _warn_fallback(reason)
+        _warn_fallback(field, reason)
         return None
     return {"interpret": False}
 
@@ -366,10 +386,12 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
       chunk_size: chunk length of the chunkwise form.
       initial_state: [batch, heads, key_dim, value_dim] (float32, or a bfloat16 cache's
         state) or None (zeros); the parallel form has no state and accepts only None.
-      kernel: one of RETENTION_KERNELS: the implementation of the chunkwise form and of
-        single-token recurrent steps (decoding; `kernels.retention_step_pallas`, forward
-        only); longer recurrent inputs always use XLA's scan. 'pallas' falls back to 'xla',
-        with one warning per reason, off GPU or for sizes the kernels do not take.
+      kernel: one of RETENTION_KERNELS: the implementation of the chunkwise form and, unless
+        step_kernel says otherwise, of single-token recurrent steps (decoding;
+        `kernels.retention_step_pallas`, forward only); longer recurrent inputs always use
+        XLA's scan. 'pallas' falls back to 'xla', with one warning per config field and
+        reason, off GPU or for sizes the kernels do not take (the step: head dims that are
+        not multiples of 16, whatever the chunk size).
         With a multi-device mesh in context (`jax.set_mesh`, or
         `jax.sharding.use_abstract_mesh` inside jit, as `train.Trainer` does), the Pallas
         kernels run per shard under `jax.shard_map` (`retention_kernel_specs`).
@@ -391,10 +413,11 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
     # Pallas: the chunkwise form, and the recurrent form one token at a time (decoding).
     pallas = None
     if mode == "chunkwise":
-        pallas = _pallas_or_fallback(kernel, q, v, chunk_size)
+        pallas = _pallas_or_fallback(kernel, "retention_kernel", q, v, chunk_size)
     elif mode == "recurrent" and q.shape[1] == 1:
-        pallas = _pallas_or_fallback(kernel if step_kernel is None else step_kernel, q, v,
-                                     chunk_size)
+        pallas = (_pallas_or_fallback(kernel, "retention_kernel", q, v, None)
+                  if step_kernel is None else
+                  _pallas_or_fallback(step_kernel, "decode_kernel", q, v, None))
     mesh = sharding.mesh_in_context()
     if rotate_at is not None:
         rotate_at = jnp.asarray(rotate_at)
@@ -449,14 +472,9 @@ class RetentionBase(nnx.Module):
                  use_head_norm: bool, norm_eps: float, chunk_size: int, dtype, param_dtype,
                  rngs: nnx.Rngs, kernel: str = "xla", state_dtype=jnp.float32,
                  decode_projections: str = "xla", decode_kernel: str | None = None):
-        if kernel not in RETENTION_KERNELS:
-            raise ValueError(f"kernel must be one of {RETENTION_KERNELS}, got {kernel!r}")
-        if decode_kernel is not None and decode_kernel not in RETENTION_KERNELS:
-            raise ValueError(f"decode_kernel must be None or one of {RETENTION_KERNELS}, "
-                             f"got {decode_kernel!r}")
+        self.kernel = _check_kernel("kernel", kernel)
+        self.decode_kernel = _check_kernel("decode_kernel", decode_kernel, optional=True)
         _check_decode_projections(decode_projections)
-        self.kernel = kernel
-        self.decode_kernel = decode_kernel
         self.decode_projections = decode_projections
         self.state_dtype = state_dtype
         self.num_heads = num_heads

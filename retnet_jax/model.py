@@ -89,7 +89,8 @@ class ModelConfig:
       gate_bias: c, None (YOCO's bias-free gate) or the initial value of a learned per-head
         bias: the initial memory of gated retention (see `layers.GatedRetention`).
       chunk_size: chunk length of the chunkwise form.
-      retention_kernel: chunkwise and decoding implementation, 'xla' (default), 'pallas'
+      retention_kernel: chunkwise and (unless decode_kernel is set) decoding
+        implementation, 'xla' (default), 'pallas'
         (the fused `kernels` for the chunk states, the output and the per-chunk gradients,
         and for each decoded token's state update and read-out, on GPU, per device shard
         under `shard_map` on a mesh; XLA elsewhere or for sizes they do not take; chunkwise

@@ -869,7 +869,7 @@ def inference_config(workdir: str, model_overrides: Mapping[str, Any] | None = N
                      ) -> ml_collections.ConfigDict:
     """A workdir's run config with `model_overrides` applied: model config fields from
     INFERENCE_MODEL_FIELDS to load the trained model with (e.g. {'state_dtype': 'bfloat16',
-    'retention_kernel': 'pallas'} for decoding, {'dtype': 'float32'} to evaluate a bf16 run
+    'decode_kernel': 'pallas'} for decoding, {'dtype': 'float32'} to evaluate a bf16 run
     in float32).
 
     Raises:

@@ -462,14 +462,16 @@ def test_decode_kernel_replaces_retention_kernel_in_decoding_steps_only(
     plain = make_model(small_config(SCHEDULES["hybrid"], d_model=64, value_dim=64,
                                     chunk_size=16), 15)
     mixed = with_config(plain, retention_kernel=retention_kernel, decode_kernel=decode_kernel)
-    cache = plain.init_cache(2, 16)
-    tokens = random_tokens(15, 2, 5)
+    # Shapes no other test traces (batch 3, 7 tokens, 24 slots): calls are counted as the
+    # jitted functions trace, which a cached trace of another test would skip.
+    cache = plain.init_cache(3, 24)
+    tokens = random_tokens(15, 3, 7)
     with jax.default_matmul_precision("highest"):
         assert rel_err(forward(mixed, tokens), forward(plain, tokens)) <= RTOL
-        _, cache = prefill(mixed, tokens, jnp.asarray([5, 3]), cache)
+        _, cache = prefill(mixed, tokens, jnp.asarray([7, 3, 5]), cache)
         chunkwise = calls["chunkwise"]
         assert chunkwise == (4 if retention_kernel != "xla" else 0)  # 2 blocks, 2 calls
-        step_tokens = random_tokens(16, 2, 1)[:, 0]
+        step_tokens = random_tokens(16, 3, 1)[:, 0]
         got, _ = decode_step(mixed, step_tokens, cache)
         want, _ = decode_step(plain, step_tokens, cache)
         assert rel_err(got, want) <= RTOL
@@ -560,11 +562,32 @@ def test_pallas_kernel_falls_back_to_xla(sizes, reason, caplog):
     with caplog.at_level("WARNING"):
         fallback = with_config(plain, retention_kernel="pallas")
         np.testing.assert_array_equal(forward(fallback, tokens), forward(plain, tokens))
-    assert (f"retention_kernel='pallas' (or decode_kernel='pallas') falls back to XLA: "
-            f"{reason}") in caplog.text
+    assert f"retention_kernel='pallas' falls back to XLA: {reason}" in caplog.text
     if not sizes:  # sizes the kernel cannot take: an error when it is asked for explicitly
         with pytest.raises(ValueError, match="retention_kernel='pallas_interpret': value head"):
             forward(with_config(plain, retention_kernel="pallas_interpret"), tokens)
+
+
+def test_decode_kernel_checks_head_dims_only_and_names_itself(caplog):
+    """The decoding step takes any chunk size (24 here: the chunkwise kernels refuse it);
+    head dims it cannot take, and the CPU fallback, are reported under decode_kernel."""
+    plain = make_model(small_config(SCHEDULES["retention"], d_model=64, value_dim=64,
+                                    chunk_size=24), 17)
+    cache = plain.init_cache(2, 8)
+    tokens = random_tokens(17, 2, 1)[:, 0]
+    with jax.default_matmul_precision("highest"):
+        got = decode_step(with_config(plain, decode_kernel="pallas_interpret"), tokens, cache)
+        assert rel_err(got[0], decode_step(plain, tokens, cache)[0]) <= RTOL
+    narrow = make_model(small_config(SCHEDULES["retention"]), 17)      # Dv 24 a head
+    with pytest.raises(ValueError, match="decode_kernel='pallas_interpret': value head dim"):
+        decode_step(with_config(narrow, decode_kernel="pallas_interpret"), tokens,
+                    narrow.init_cache(2, 8))
+    if jax.default_backend() != "gpu":
+        layers._warn_fallback.cache_clear()
+        with caplog.at_level("WARNING"):
+            decode_step(with_config(plain, decode_kernel="pallas"), tokens, cache)
+        assert "decode_kernel='pallas' falls back to XLA: backend 'cpu'" in caplog.text
+        assert "retention_kernel=" not in caplog.text
 
 
 def test_pallas_decode_projections_fall_back_to_xla_off_gpu(caplog):

@@ -432,6 +432,11 @@ def test_load_model_takes_inference_switches_and_refuses_the_rest(runs):
         train.load_model(whole, model_overrides={"dtype": jnp.bfloat16})   # a name, not a type
     with pytest.raises(ValueError, match=r"model_overrides\['chunk_size'\] = 'big'"):
         train.load_model(whole, model_overrides={"chunk_size": "big"})
+    # The run saved decode_kernel unset (None): an override reaches every retention block.
+    model, config, _ = train.load_model(whole, model_overrides={"decode_kernel": "pallas"})
+    assert config.model.decode_kernel == "pallas"
+    mixers = [block.mixer for block in model.blocks if hasattr(block.mixer, "decode_kernel")]
+    assert mixers and all(m.decode_kernel == "pallas" for m in mixers)
 
 
 def test_resume_with_a_different_model_fails_clearly(runs):

@@ -29,7 +29,8 @@ needed): the kernels index one chunk of the time axis directly, never a transpos
                                  one kernel, optionally behind the blocks' RMSNorm
                                  (`ModelConfig.decode_projections`; imported on its own).
 * `unsupported_reason`           why given head dims / chunk size cannot use the kernels
-                                 (then `run_retention` uses XLA).
+                                 (then `run_retention` uses XLA); `step_unsupported_reason`
+                                 the same for the decoding step (head dims only).
 
 Sizes: Dk and Dv multiples of 16 (Triton's smallest dot tile). A program works on at most
 128 columns of a head at a time (`common.MAX_BLOCK`: the tiles compiled and timed on an
@@ -45,8 +46,9 @@ timed in session 11); at Dk 256 / Dv 432 the forward takes about the XLA path's 
 (0.80 against 0.81 ms) but the forward+backward 1.38x (fixed decay, 2.88 against 2.09 ms)
 and 1.13x (gated).
 
-Models select them with `ModelConfig.retention_kernel` ('pallas': the chunkwise form and
-single-token decoding steps; see `layers.run_retention`,
+Models select them with `ModelConfig.retention_kernel` ('pallas': the chunkwise form and,
+unless `decode_kernel` says otherwise, single-token decoding steps; see
+`layers.run_retention`,
 which falls back to the XLA path off GPU or for unsupported sizes, and on a multi-device
 mesh runs them per device shard under `jax.shard_map`).
 
@@ -57,7 +59,7 @@ from retnet_jax.kernels.chunk_grads import chunk_grads
 from retnet_jax.kernels.chunk_output import (
     chunk_output, chunkwise_retention_pallas, unsupported_reason)
 from retnet_jax.kernels.chunk_states import chunk_states
-from retnet_jax.kernels.decode_step import retention_step_pallas
+from retnet_jax.kernels.decode_step import retention_step_pallas, step_unsupported_reason
 
 __all__ = ["chunk_grads", "chunk_output", "chunk_states", "chunkwise_retention_pallas",
-           "retention_step_pallas", "unsupported_reason"]
+           "retention_step_pallas", "step_unsupported_reason", "unsupported_reason"]

@@ -13,8 +13,10 @@ one kernel per block that reads and writes the state once (at batch 1 it makes a
 pass, over a small state). At the 1.3B preset's heads on an H200, the step alone
 (`experiments/bench_decode_step.py`, BENCHMARKS.md "Decoding", session 11) takes 0.83-0.87x
 XLA's time at batch 32 with 144-column groups and 4 warps, but 1.08-1.35x it at batch 8 and
-1.09-1.49x at batch 1, where the state is small. It is used only with
-`retention_kernel='pallas'`.
+1.09-1.49x at batch 1, where the state is small (a call alone: launch-bound). Inside the
+1.3B model on an H100 a token takes 0.4-10 % less time with it than with XLA's step at
+batches 1-64 (session 19). Models use it with `decode_kernel` 'pallas' (or
+`retention_kernel` 'pallas' and no decode_kernel).
 
 With `rotate_at`, q and k arrive unrotated and the kernel applies the xPos rotation
 (`positions.rotate`) itself: each program rotates its head's q and k at the sequence's
@@ -51,7 +53,7 @@ from retnet_jax.kernels.common import (MIN_DOT_DIM, check_block_arg, column_grou
 
 Array = jax.Array
 
-__all__ = ["retention_step_pallas", "default_block_v"]
+__all__ = ["retention_step_pallas", "default_block_v", "step_unsupported_reason"]
 
 # Per-program scalars (the decay, the position) are passed as [..., LANES] copies of one
 # value: Triton loads power-of-two vectors, and 16 lanes is the smallest width every kernel
@@ -59,6 +61,15 @@ __all__ = ["retention_step_pallas", "default_block_v"]
 LANES = MIN_DOT_DIM
 STEP_MIN_PROGRAMS = 128   # default grid size: about one program per SM of an H100/H200
 WIDEST_BLOCK_V = 256  # the default's widest groups (144 of the presets' 432 columns)
+
+
+def step_unsupported_reason(key_dim: int, value_dim: int) -> str | None:
+    """Why `retention_step_pallas` cannot take these head dims, or None: each must be a
+    multiple of 16 (any chunk size: the step has no chunks)."""
+    for what, dim in (("key head dim Dk", key_dim), ("value head dim Dv", value_dim)):
+        if dim % MIN_DOT_DIM:
+            return f"{what} = {dim} is not a multiple of {MIN_DOT_DIM}"
+    return None
 
 
 def default_block_v(batch: int, heads: int, value_dim: int, *,
@@ -187,10 +198,9 @@ def retention_step_pallas(q: Array, k: Array, v: Array, log_decay: Array, state:
     retention._check_step_inputs(q, k, v, log_decay, state)
     batch, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    for what, dim in (("key dim Dk (q.shape[2])", key_dim), ("value dim Dv (v.shape[2])",
-                                                                value_dim)):
-        if dim % MIN_DOT_DIM:
-            raise ValueError(f"the {what} = {dim} must be a multiple of {MIN_DOT_DIM}")
+    reason = step_unsupported_reason(key_dim, value_dim)
+    if reason:
+        raise ValueError(f"{reason} (q.shape[2], v.shape[2])")
     if block_v is None:
         block_v = default_block_v(batch, heads, value_dim)
     bv = column_group(value_dim, check_block_arg("block_v", block_v))
