@@ -4,8 +4,8 @@ Both models have the preset's width and depth and (nearly) the same parameter co
 (`model.transformer_baseline`), bf16 weights and compute, one GPU. For each batch size and
 context length the cache (its length rounded up to a multiple of 128 positions,
 `decode_models.cache_length`, and recorded as `cache_len`) is filled with random values at
-position = context, then a jitted `lax.scan` decodes `--new_tokens` greedy tokens; per-token latency is the median over
-`--repeats` runs divided by new_tokens. Also reported: the weight-read floor (weight bytes /
+position = context, then a jitted `lax.scan` decodes `--new_tokens` greedy tokens;
+per-token latency is the median over `--repeats` runs divided by new_tokens. Also reported: the weight-read floor (weight bytes /
 measured copy bandwidth), decode-state bytes, and XLA's temporary bytes of the decode loop.
 The environment's XLA_FLAGS (e.g. `--xla_gpu_enable_command_buffer=`, which changes how the
 decode loop's kernels are launched) are printed first and recorded in the JSON (`xla_flags`,
@@ -273,7 +273,8 @@ def check_against_xla(reference: dict, m: dict, name: str, context: int, tokens,
     new, batch = tokens.shape
     outputs = []
     for model in (reference, m):
-        cache = random_cache(model["shape"], batch, context + new, context, seed=1)
+        cache = random_cache(model["shape"], batch, cache_length(context + new), context,
+                             seed=1)
         choices, cache = forced_decode(model["shape"][0])(model["params"], cache, tokens)
         outputs.append((np.asarray(choices), [np.asarray(x, np.float64) for x in
                                               jax.tree.leaves(cache.layers)]))

@@ -34,8 +34,9 @@ process's first row; run one process per row to read a setting's), and `memory_l
 
 `--profile_top=N` then traces one more step per row with jax.profiler and records where it
 went (`trace_kernels.summarize`: kernel time against idle time, by kind of kernel, the N
-costliest instructions with their bytes against the copy bandwidth); it compiles the step
-once more to read its HLO.
+costliest instructions with their bytes against the copy bandwidth and the model line each
+came from; cuBLAS kernels inside CUDA graphs keep their library names); it compiles the
+step once more to read its HLO.
 """
 
 import dataclasses

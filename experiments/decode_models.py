@@ -25,7 +25,7 @@ CACHE_MULTIPLE = 128
 
 def cache_length(positions: int) -> int:
     """A decoding cache's length holding `positions` tokens, rounded up to CACHE_MULTIPLE
-    (RetNet's state does not depend on it)."""
+    (a pure-retention model's state does not depend on it)."""
     return round_up(positions, CACHE_MULTIPLE)
 
 

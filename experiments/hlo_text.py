@@ -88,10 +88,22 @@ def launch_kind(op: str, line: str) -> str:
     return op
 
 
+# Installed libraries' frames (jax, flax, numpy): `stack_frames` names the caller instead.
+_LIBRARY_PATH = re.compile(r"[/\\](site|dist)-packages[/\\]|[/\\]lib[/\\]python3")
+
+
+def _short_path(path: str) -> str:
+    """A file's last two path parts ('retnet_jax/layers.py')."""
+    return "/".join(path.replace("\\", "/").split("/")[-2:])
+
+
 def stack_frames(hlo_text: str) -> dict[str, str]:
-    """{stack frame id: 'file:line'} from a module's FileNames / FileLocations / StackFrames
-    tables (what newer XLA prints once at the top, instructions then naming a
-    `stack_frame_id`); the file's base name, the frame's own line."""
+    """{stack frame id: 'dir/file:line'} from a module's FileNames / FileLocations /
+    StackFrames tables (what newer XLA prints once at the top, instructions then naming a
+    `stack_frame_id`): the innermost frame outside installed libraries, so a matmul inside
+    flax's `nnx.Linear` is named by the model line that called it (the innermost frame if
+    all are library frames). A frame's printed parent_frame_id is its parent's id plus one
+    (0: none), as XLA writes the tables."""
     tables: dict[str, dict[str, str]] = {}
     section = None
     for line in hlo_text.splitlines():
@@ -103,14 +115,26 @@ def stack_frames(hlo_text: str) -> dict[str, str]:
             key, _, value = line.strip().partition(" ")
             section[key] = value
     files, locations = tables.get("FileNames", {}), tables.get("FileLocations", {})
-    frames = {}
-    for frame, text in tables.get("StackFrames", {}).items():
-        fields = dict(re.findall(r"(\w+)=(\d+)", text))
+    raw = {frame: dict(re.findall(r"(\w+)=(\d+)", text))
+           for frame, text in tables.get("StackFrames", {}).items()}
+
+    def place(frame: str) -> tuple[str, str] | None:       # (path, line) of one frame
         location = dict(re.findall(r"(\w+)=(\d+)",
-                                   locations.get(fields.get("file_location_id", ""), "")))
-        name = files.get(location.get("file_name_id", ""), "").strip('"').rsplit("/", 1)[-1]
-        if name and "line" in location:
-            frames[frame] = f"{name}:{location['line']}"
+                                   locations.get(raw[frame].get("file_location_id", ""), "")))
+        path = files.get(location.get("file_name_id", ""), "").strip('"')
+        return (path, location["line"]) if path and "line" in location else None
+
+    frames = {}
+    for frame in raw:
+        chain, current = [], frame
+        while current in raw and len(chain) < 64:
+            if (found := place(current)) is not None:
+                chain.append(found)
+            current = str(int(raw[current].get("parent_frame_id", "0")) - 1)
+        ours = [c for c in chain if not _LIBRARY_PATH.search(c[0])]
+        if chain:
+            path, line = (ours or chain)[0]
+            frames[frame] = f"{_short_path(path)}:{line}"
     return frames
 
 
@@ -119,14 +143,14 @@ def source_of(line: str, frames: dict[str, str] | None = None) -> str:
     op's name path without its outer 'jit(...)/'; the Python file's base name and line from
     source_file / source_line, or from its stack_frame_id in `frames`), the parts it has,
     or ''."""
-    metadata = re.search(r"metadata=\{([^}]*)\}", line)
+    metadata = re.search(r'metadata=\{((?:[^{}"]|"(?:[^"\\]|\\.)*")*)\}', line)
     if not metadata:
         return ""
-    fields = dict(re.findall(r'(\w+)=("[^"]*"|\d+)', metadata.group(1)))
+    fields = dict(re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\d+)', metadata.group(1)))
     op_name = fields.get("op_name", "").strip('"')
     op_name = op_name.split("/", 1)[1] if op_name.startswith("jit(") and "/" in op_name else (
         op_name)
-    where = fields.get("source_file", "").strip('"').rsplit("/", 1)[-1]
+    where = _short_path(fields.get("source_file", "").strip('"'))
     if where and "source_line" in fields:
         where += f":{fields['source_line']}"
     elif not where:

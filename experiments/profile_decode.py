@@ -5,8 +5,10 @@
 token, the time the GPU spent in kernels against the time between them (launch gaps and
 host round trips), then each kind of kernel (Triton GEMMs, loop and reduction fusions,
 Pallas kernels, library calls) and the costliest instructions, each with the bytes it
-moves (read off the compiled HLO: `hlo_text.Launch`) and the rate that makes against the
-copy bandwidth measured in the same run. The models,
+moves (read off the compiled HLO: `hlo_text.Launch`), the rate that makes against the
+copy bandwidth measured in the same run, and the model line it came from (`source`). The
+cache holds a multiple of 128 positions (`decode_models.cache_length`, as bench_decode's;
+`cache_len` in the JSON). The models,
 weights and caches are bench_decode's (`decode_models`); each loop compiles with
 `generate`'s options for its batch.
 
@@ -77,7 +79,7 @@ def profile_model(name: str, graphdef, params, batch: int, context: int, new: in
     wall = median_seconds(call, repeats=5)
     _, profile = trace_call(call, trace_dir=trace_dir)
     summary = summarize(device_kernels(profile), new, costs, bandwidth, _TOP.value)
-    return dict(model=name, batch=batch, context=context, new_tokens=new,
+    return dict(model=name, batch=batch, context=context, cache_len=max_len, new_tokens=new,
                 compiler_options=options, wall_ms_per_token=wall / new * 1e3,
                 hlo_launching_instructions=len(costs), **summary)
 

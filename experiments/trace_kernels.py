@@ -78,7 +78,7 @@ def summarize(kernels: list[Kernel], units: int, costs: dict, bandwidth: float,
     kernel matching none is of kind 'other' (library kernels, e.g. cuBLAS', have names of
     their own). XLA may run several instructions of one shape as one kernel (the out and
     FFN-out GEMMs of every block): they count as one row, with that shape's bytes per
-    launch."""
+    launch and the `source` (`hlo_text.source_of`) of the instruction it is named after."""
     if not kernels:
         raise ValueError("the trace holds no kernel events")
     kernels = sorted(kernels, key=lambda k: k.start_ns)

@@ -50,8 +50,9 @@ __all__ = [
 
 LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "mlp")
 FORWARD_MODES = ("parallel", "chunkwise", "recurrent")
-# Chunkwise implementations: XLA ops, the fused Pallas kernel (GPU; falls back to XLA where
-# it cannot run), or that kernel in Pallas interpret mode (any backend; for tests).
+# Retention implementations (the chunkwise form's and the decoding step's: retention_kernel,
+# decode_kernel): XLA ops, the fused Pallas kernels (GPU; fall back to XLA where they cannot
+# run), or those kernels in Pallas interpret mode (any backend; for tests).
 RETENTION_KERNELS = ("xla", "pallas", "pallas_interpret")
 # Decoding steps' projections (`project`): XLA's dots, the Pallas GEMV kernel (GPU; XLA
 # elsewhere or where it does not apply), or that kernel interpreted (any backend; tests).

@@ -89,11 +89,11 @@ class ModelConfig:
       gate_bias: c, None (YOCO's bias-free gate) or the initial value of a learned per-head
         bias: the initial memory of gated retention (see `layers.GatedRetention`).
       chunk_size: chunk length of the chunkwise form.
-      retention_kernel: chunkwise and (unless decode_kernel is set) decoding
-        implementation, 'xla' (default), 'pallas'
-        (the fused `kernels` for the chunk states, the output and the per-chunk gradients,
-        and for each decoded token's state update and read-out, on GPU, per device shard
-        under `shard_map` on a mesh; XLA elsewhere or for sizes they do not take; chunkwise
+      retention_kernel: chunkwise and (unless decode_kernel is set) decoding implementation,
+        'xla' (default), 'pallas' (the fused `kernels` for the chunk states, the output and
+        the per-chunk gradients, and for each decoded token's state update and read-out, on
+        GPU, per device shard under `shard_map` on a mesh; XLA elsewhere or for sizes they
+        do not take; chunkwise
         forward ~2x and forward+backward 1.5-2.1x faster than 'xla' at head dims of 128,
         forward+backward 1.13-1.38x slower at the presets' 256 / 432; the decoding step
         0.4-10 % faster a token at batches 1-64 on an H100 at the 1.3B preset: BENCHMARKS.md)

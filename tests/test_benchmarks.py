@@ -576,7 +576,7 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
     assert set(found) == {"gemm.1", "c.2", "add.4"}
     assert found["add.4"].bytes == 4 * 128    # operands by name only (GPU text), /*index=*/
     assert found["gemm.1"].kind == "fusion:kCustom"
-    assert found["gemm.1"].source == "jvp(g)/dot_general @ layers.py:42"
+    assert found["gemm.1"].source == "jvp(g)/dot_general @ retnet_jax/layers.py:42"
     assert found["c.2"].source == found["add.4"].source == ""          # no metadata
     assert found["gemm.1"].bytes == 128 + 128 + 128          # result, x, bf16 weight
     assert found["c.2"].kind == "custom-call:__gpu$xla.gpu.triton"
@@ -594,6 +594,7 @@ def test_hlo_text_names_each_launch_source_from_its_stack_frame(monkeypatch):
 FileNames
 1 "/src/retnet_jax/retention.py"
 2 "/src/retnet_jax/layers.py"
+3 "/venv/lib/python3.11/site-packages/flax/nnx/nn/linear.py"
 
 FunctionNames
 1 "chunkwise"
@@ -601,20 +602,26 @@ FunctionNames
 FileLocations
 1 {file_name_id=1 function_name_id=1 line=120 end_line=120 column=4 end_column=9}
 2 {file_name_id=2 function_name_id=1 line=33 end_line=33 column=4 end_column=9}
+3 {file_name_id=3 function_name_id=1 line=422 end_line=422 column=4 end_column=9}
 
 StackFrames
 1 {file_location_id=2 parent_frame_id=1}
-2 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=1 parent_frame_id=2}
+3 {file_location_id=3 parent_frame_id=2}
 
 ENTRY %main (a: f32[4,8]) -> f32[4,8] {
   %a = f32[4,8]{1,0} parameter(0), metadata={op_name="a"}
   %gemm = f32[4,8]{1,0} fusion(%a, %a), kind=kCustom, calls=%c, metadata={op_name="jit(step)/jvp(block)/dot_general" stack_frame_id=2}
-  ROOT %add = f32[4,8]{1,0} fusion(%gemm), kind=kLoop, calls=%f, metadata={op_name="jit(step)/add" stack_frame_id=9}
+  %proj = f32[4,8]{1,0} fusion(%gemm), kind=kCustom, calls=%c, metadata={op_name="jit(step)/dot_general" stack_frame_id=3}
+  ROOT %add = f32[4,8]{1,0} fusion(%proj), kind=kLoop, calls=%f, metadata={op_name="jit(step)/add" stack_frame_id=9}
 }
 """
     found = {launch.name: launch.source for launch in launches(hlo)}
-    # Frame 2 is retention.py's line 120; frame 9 is not in the table: the op name only.
-    assert found == {"gemm": "jvp(block)/dot_general @ retention.py:120", "add": "add"}
+    # Frame 2 is retention.py's line 120 (its parent, printed as 2, is frame 1: layers.py).
+    # Frame 3 is inside flax: named by its parent, frame 1, the library's caller. Frame 9
+    # is not in the table: the op name only.
+    assert found == {"gemm": "jvp(block)/dot_general @ retnet_jax/retention.py:120",
+                     "proj": "dot_general @ retnet_jax/layers.py:33", "add": "add"}
 
 
 def test_hlo_text_charges_sliced_reads_and_in_place_updates_their_slices(monkeypatch):

@@ -48,9 +48,8 @@ and 1.13x (gated).
 
 Models select them with `ModelConfig.retention_kernel` ('pallas': the chunkwise form and,
 unless `decode_kernel` says otherwise, single-token decoding steps; see
-`layers.run_retention`,
-which falls back to the XLA path off GPU or for unsupported sizes, and on a multi-device
-mesh runs them per device shard under `jax.shard_map`).
+`layers.run_retention`, which falls back to the XLA path off GPU or for unsupported sizes,
+and on a multi-device mesh runs them per device shard under `jax.shard_map`).
 
 Written for the Pallas Triton GPU backend; pass `interpret=True` to run anywhere (CPU tests).
 """

@@ -200,7 +200,7 @@ def retention_step_pallas(q: Array, k: Array, v: Array, log_decay: Array, state:
     value_dim = v.shape[-1]
     reason = step_unsupported_reason(key_dim, value_dim)
     if reason:
-        raise ValueError(f"{reason} (q.shape[2], v.shape[2])")
+        raise ValueError(f"{reason} ({'q' if reason.startswith('key') else 'v'}.shape[2])")
     if block_v is None:
         block_v = default_block_v(batch, heads, value_dim)
     bv = column_group(value_dim, check_block_arg("block_v", block_v))
