@@ -139,10 +139,10 @@ def stack_frames(hlo_text: str) -> dict[str, str]:
 
 
 def source_of(line: str, frames: dict[str, str] | None = None) -> str:
-    """Where an instruction came from, from its metadata: 'op_name @ file:line' (the JAX
-    op's name path without its outer 'jit(...)/'; the Python file's base name and line from
-    source_file / source_line, or from its stack_frame_id in `frames`), the parts it has,
-    or ''."""
+    """Where an instruction came from, from its metadata: 'op_name @ dir/file:line' (the
+    JAX op's name path without its outer 'jit(...)/'; the file's last two path parts and
+    line from source_file / source_line, or from its stack_frame_id in `frames`), the parts
+    it has, or ''."""
     metadata = re.search(r'metadata=\{((?:[^{}"]|"(?:[^"\\]|\\.)*")*)\}', line)
     if not metadata:
         return ""

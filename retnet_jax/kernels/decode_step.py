@@ -66,7 +66,8 @@ WIDEST_BLOCK_V = 256  # the default's widest groups (144 of the presets' 432 col
 def step_unsupported_reason(key_dim: int, value_dim: int) -> str | None:
     """Why `retention_step_pallas` cannot take these head dims, or None: each must be a
     multiple of 16 (any chunk size: the step has no chunks)."""
-    for what, dim in (("key head dim Dk", key_dim), ("value head dim Dv", value_dim)):
+    for what, dim in (("key head dim Dk (q.shape[2])", key_dim),
+                      ("value head dim Dv (v.shape[2])", value_dim)):
         if dim % MIN_DOT_DIM:
             return f"{what} = {dim} is not a multiple of {MIN_DOT_DIM}"
     return None
@@ -200,7 +201,7 @@ def retention_step_pallas(q: Array, k: Array, v: Array, log_decay: Array, state:
     value_dim = v.shape[-1]
     reason = step_unsupported_reason(key_dim, value_dim)
     if reason:
-        raise ValueError(f"{reason} ({'q' if reason.startswith('key') else 'v'}.shape[2])")
+        raise ValueError(reason)
     if block_v is None:
         block_v = default_block_v(batch, heads, value_dim)
     bv = column_group(value_dim, check_block_arg("block_v", block_v))
