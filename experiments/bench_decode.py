@@ -19,7 +19,9 @@ with XLA's kernels and with the fused Pallas step (`kernels.retention_step_palla
 side; `--decode_projections=xla,pallas` times both models with XLA's GEMMs and with the
 GEMV kernel for the blocks' projections (`kernels.projections_pallas`, at the batches of
 `layers.PROJECTION_KERNEL_BATCHES`, which `--projection_kernel_batches` replaces for the
-run, e.g. to time the kernel at batch 8 beside the Pallas retention step).
+run, e.g. to time the kernel at batch 8 beside the Pallas retention step). A row whose model
+asks for the Pallas step where the library falls back to XLA's (off GPU, or head dims the
+step does not take) records why (`pallas_fallback`) and prints '(XLA step)'.
 
   python experiments/bench_decode.py --config=configs/retnet_1_3b.py
   XLA_FLAGS=--xla_gpu_enable_command_buffer= python experiments/bench_decode.py ...
@@ -56,7 +58,8 @@ from hlo_text import hlo_launches  # noqa: E402
 from retnet_jax.generate import decode_compiler_options  # noqa: E402
 from retnet_jax import layers  # noqa: E402
 from retnet_jax.kernels.projections import MAX_ROWS  # noqa: E402
-from retnet_jax.layers import DECODE_PROJECTIONS, RETENTION_KERNELS  # noqa: E402
+from retnet_jax.layers import (DECODE_PROJECTIONS, RETENTION_KERNELS,  # noqa: E402
+                               pallas_fallback_reason)
 from retnet_jax.model import DTYPES, ModelConfig  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/retnet_1_3b.py", "Model preset.")
@@ -237,6 +240,7 @@ def main(argv):
                         lambda: nnx.merge(*m["shape"]).init_cache(batch, max_len))
                     state_bytes = tree_bytes(cache_shape)
                     row = dict(model=name, batch=batch, context=context, cache_len=max_len,
+                               pallas_fallback=step_fallback(models[name]),
                                compiler_options=options,
                                ffn_dim=models[name].resolved_ffn_dim,
                                weight_gib=m["weight_bytes"] / 2**30,
@@ -373,13 +377,25 @@ def time_decode(m: dict, name: str, batch: int, context: int, max_len: int, opti
                 floor_ratio=ms / m["floor_ms"])
 
 
+def step_fallback(model: ModelConfig) -> str | None:
+    """Why a model asking for the Pallas decoding step runs XLA's here (off GPU, or head
+    dims the step does not take: `layers.pallas_fallback_reason`, what the library asks
+    before it falls back), or None; such rows are printed '(XLA step)'."""
+    kernel = model.decode_kernel or model.retention_kernel
+    if kernel != "pallas" or model.mixers.count("attention") == len(model.mixers):
+        return None
+    return pallas_fallback_reason(model.d_model // model.num_heads,
+                                  model.resolved_value_dim // model.num_heads, None)
+
+
 def print_table(results: list[dict]) -> None:
     print("\n| model | batch | context | compiler options | ms/token | tokens/s | x floor | "
           "kernels/token | state GiB | weights+state+temp GiB |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         options = ", ".join(f"{k}={v}" for k, v in r["compiler_options"].items()) or "default"
-        head = f"| {r['model']} | {r['batch']} | {r['context']} | {options} |"
+        model = r["model"] + (" (XLA step)" if r.get("pallas_fallback") else "")
+        head = f"| {model} | {r['batch']} | {r['context']} | {options} |"
         if "skipped" in r or "error" in r:
             print(f"{head} {r.get('skipped') or r['error'][:60]} | | | | {r['state_gib']:.2f} | |")
         else:

@@ -185,6 +185,7 @@ def test_bench_decode_records_xla_flags(tmp_path, toy_config):
 @pytest.mark.parametrize("kernels, retnets", [
     ("xla,pallas_interpret", ("retnet", "retnet-pallas_interpret")),
     ("pallas_interpret", ("retnet-pallas_interpret",)),   # checked against XLA's, not timed
+    ("pallas", ("retnet-pallas",)),        # off GPU: XLA's step, and the rows say so
 ])
 def test_bench_decode_times_each_retention_kernel(tmp_path, toy_config, kernels, retnets):
     out = tmp_path / "decode.json"
@@ -198,9 +199,13 @@ def test_bench_decode_times_each_retention_kernel(tmp_path, toy_config, kernels,
     assert [(r["batch"], r["model"]) for r in rows] == [
         (b, m) for b in (1, 2) for m in retnets + ("transformer",)]
     assert all(r["ms_per_token"] > 0 and "error" not in r for r in rows)
+    fallback = "backend 'cpu' is not a GPU" if kernels == "pallas" else None
+    assert [r["pallas_fallback"] for r in rows] == [
+        fallback if r["model"] == "retnet-pallas" else None for r in rows]
+    assert ("retnet-pallas (XLA step) |" in process.stdout) == (kernels == "pallas")
     # Checked against XLA's step before timing (same weights, the same random cache).
     checks = result["kernel_checks"]
-    assert [c["model"] for c in checks] == ["retnet-pallas_interpret"]
+    assert [c["model"] for c in checks] == [retnets[-1]]
     assert all(c["greedy_agreement"] == 1 and 0 <= c["state_rel_err"] < 2e-2 for c in checks)
 
 
