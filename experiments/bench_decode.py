@@ -5,8 +5,9 @@ Both models have the preset's width and depth and (nearly) the same parameter co
 context length the cache (its length rounded up to a multiple of 128 positions,
 `decode_models.cache_length`, and recorded as `cache_len`) is filled with random values at
 position = context, then a jitted `lax.scan` decodes `--new_tokens` greedy tokens;
-per-token latency is the median over `--repeats` runs divided by new_tokens. Also reported: the weight-read floor (weight bytes /
-measured copy bandwidth), decode-state bytes, and XLA's temporary bytes of the decode loop.
+per-token latency is the median over `--repeats` runs divided by new_tokens. Also reported:
+the weight-read floor (weight bytes / measured copy bandwidth), decode-state bytes, and
+XLA's temporary bytes of the decode loop.
 The environment's XLA_FLAGS (e.g. `--xla_gpu_enable_command_buffer=`, which changes how the
 decode loop's kernels are launched) are printed first and recorded in the JSON (`xla_flags`,
 null when unset), so runs with and without them stay apart. The decode loop compiles with the
@@ -382,10 +383,9 @@ def step_fallback(model: ModelConfig) -> str | None:
     dims the step does not take: `layers.pallas_fallback_reason`, what the library asks
     before it falls back), or None; such rows are printed '(XLA step)'."""
     kernel = model.decode_kernel or model.retention_kernel
-    if kernel != "pallas" or model.mixers.count("attention") == len(model.mixers):
+    if kernel != "pallas" or all(mixer == "attention" for mixer in model.mixers):
         return None
-    return pallas_fallback_reason(model.d_model // model.num_heads,
-                                  model.resolved_value_dim // model.num_heads, None)
+    return pallas_fallback_reason(*model.retention_head_dims, None)
 
 
 def print_table(results: list[dict]) -> None:

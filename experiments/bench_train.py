@@ -162,8 +162,7 @@ def pallas_fallback(model: ModelConfig) -> str | None:
     (`layers.pallas_fallback_reason`, which the library asks before it falls back)."""
     if model.retention_kernel != "pallas":
         return None
-    return pallas_fallback_reason(model.d_model // model.num_heads,
-                                  model.resolved_value_dim // model.num_heads, model.chunk_size)
+    return pallas_fallback_reason(*model.retention_head_dims, model.chunk_size)
 
 
 def time_setting(name: str, model: ModelConfig, seq_len: int, devices: list,

@@ -272,6 +272,12 @@ class ModelConfig:
         return self.value_dim or 2 * self.d_model
 
     @property
+    def retention_head_dims(self) -> tuple[int, int]:
+        """(key, value) dims of one retention head: d_model and resolved_value_dim over
+        num_heads."""
+        return self.d_model // self.num_heads, self.resolved_value_dim // self.num_heads
+
+    @property
     def resolved_ffn_dim(self) -> int:
         return self.ffn_dim or 2 * self.d_model
 
