@@ -88,6 +88,7 @@ def test_unknown_grid_or_scale():
         ablation.run_grid("paper", "/nonexistent", variants=("gated",))
 
 
+@pytest.mark.slow
 def test_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
     out = str(tmp_path)
     run = lambda: ablation.run_grid("decay_lm", out, scale="tiny", progress=False,
@@ -132,6 +133,7 @@ def test_transformer_variant_is_parameter_matched(grid, scale):
         assert abs(counts[variant] - counts["retnet"]) / counts["retnet"] < 0.01, variant
 
 
+@pytest.mark.slow
 def test_mqar_grid_reports_accuracy_per_test_setting(tmp_path):
     out = str(tmp_path)
     rows = ablation.run_grid("decay_mqar", out, scale="tiny", progress=False,

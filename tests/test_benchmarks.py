@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on the CPU at toy sizes (their numbers are GPU work).
 
-Every code path a GPU run can take is run here first: a crash on the GPU wastes device time.
+Every code path a GPU run can take is run here first: a crash on the GPU wastes device time. The
+script runs over ~20 s on two CPU cores are marked slow (CI runs them after the default suite).
 """
 
 import dataclasses
@@ -39,6 +40,7 @@ def toy_config(tmp_path):
     return config
 
 
+@pytest.mark.slow
 def test_bench_train_weak_scaling_over_device_counts(tmp_path, toy_config):
     out = tmp_path / "train.json"
     process = run_script("bench_train.py", f"--config={toy_config}", "--seq_lens=32",
@@ -56,6 +58,7 @@ def test_bench_train_weak_scaling_over_device_counts(tmp_path, toy_config):
     assert "| scaling efficiency |" in process.stdout
 
 
+@pytest.mark.slow
 def test_bench_train_times_retnet_per_kernel_and_transformer_once(tmp_path, toy_config):
     out = tmp_path / "train.json"
     process = run_script("bench_train.py", f"--config={toy_config}", "--seq_lens=32",
@@ -75,6 +78,7 @@ def test_bench_train_times_retnet_per_kernel_and_transformer_once(tmp_path, toy_
     assert "| transformer | - | 32 |" in process.stdout
 
 
+@pytest.mark.slow
 def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
     config = tmp_path / "toy_dk8.py"      # key head dim 8, value head dim 16
     config.write_text(TOY_CONFIG.replace("num_heads=2", "num_heads=4"))
@@ -129,6 +133,7 @@ def test_bad_flags_are_refused_by_name(script, flag, message):
     assert message in process.stderr
 
 
+@pytest.mark.slow
 def test_bench_retention_value_dim_differs_and_warm_up(tmp_path):
     out = tmp_path / "retention.json"
     shapes = {"1x64x2x32x64": (32, 64), "1x32x2x8x16": (8, 16)}   # Pallas refuses Dk 8 now
@@ -183,8 +188,10 @@ def test_bench_decode_records_xla_flags(tmp_path, toy_config):
 
 
 @pytest.mark.parametrize("kernels, retnets", [
-    ("xla,pallas_interpret", ("retnet", "retnet-pallas_interpret")),
-    ("pallas_interpret", ("retnet-pallas_interpret",)),   # checked against XLA's, not timed
+    pytest.param("xla,pallas_interpret", ("retnet", "retnet-pallas_interpret"),
+                 marks=pytest.mark.slow),
+    pytest.param("pallas_interpret", ("retnet-pallas_interpret",),  # checked, not timed
+                 marks=pytest.mark.slow),
     ("pallas", ("retnet-pallas",)),        # off GPU: XLA's step, and the rows say so
 ])
 def test_bench_decode_times_each_retention_kernel(tmp_path, toy_config, kernels, retnets):
@@ -228,6 +235,7 @@ def test_decode_configs_time_each_retention_kernel_in_the_decoding_step(monkeypa
 
 
 @pytest.mark.parametrize("kernel_batches", [None, "1,2"])
+@pytest.mark.slow
 def test_bench_decode_times_the_gemv_projections_checked_against_xla(tmp_path, toy_config,
                                                                      kernel_batches):
     out = tmp_path / "decode.json"
@@ -278,6 +286,7 @@ def test_bench_decode_without_the_transformer_times_retnet_rows_only(tmp_path, t
         "retnet-pallas_interpret-projections"]
 
 
+@pytest.mark.slow
 def test_bench_decode_times_a_bfloat16_state_checked_against_its_own_dtype(tmp_path,
                                                                           toy_config):
     out = tmp_path / "decode.json"
@@ -316,6 +325,7 @@ def test_bench_retention_records_the_triton_cache_it_was_given(tmp_path):
     assert env["cached_autotune_results"] == 1
 
 
+@pytest.mark.slow
 def test_bench_decode_dumps_hlo_counts_launches_and_tries_compiler_options(tmp_path, toy_config):
     out, hlo = tmp_path / "decode.json", tmp_path / "hlo"
     process = run_script("bench_decode.py", f"--config={toy_config}", "--contexts=16",
@@ -352,6 +362,7 @@ def test_bench_decode_dumps_hlo_counts_launches_and_tries_compiler_options(tmp_p
         assert any(k.startswith("fusion:k") for k in kinds), kinds
 
 
+@pytest.mark.slow
 def test_bench_retention_times_each_pallas_tiling_side_by_side(tmp_path):
     out = tmp_path / "retention.json"
     process = run_script("bench_retention.py", "--smoke", "--shapes=1x64x2x16x64",
@@ -366,6 +377,7 @@ def test_bench_retention_times_each_pallas_tiling_side_by_side(tmp_path):
     assert {c["impl"] for c in results["checks"] if "rms_rel" in c} == {"ours_c16"} | names
 
 
+@pytest.mark.slow
 def test_bench_decode_step_checks_then_times_each_tile_setting(tmp_path):
     out = tmp_path / "step.json"
     process = run_script("bench_decode_step.py", "--heads=2", "--key_dim=16", "--value_dim=48",
@@ -430,6 +442,7 @@ def test_bench_decode_step_does_not_time_a_kernel_that_differs(monkeypatch, brok
         assert error_range[0] < rows[1]["state_rel_err"] < error_range[1]
 
 
+@pytest.mark.slow
 def test_bench_kernel_parts_times_every_part_per_setting(tmp_path):
     out = tmp_path / "parts.json"
     process = run_script("bench_kernel_parts.py", "--smoke", "--shapes=1x64x2x16x32",
@@ -724,6 +737,7 @@ ENTRY %main (a: f32[16,8], b: f32[16,8], c: f32[16,8], j: s32[]) -> f32[16,8] {
     assert found == {"f": 0 + whole + 2 * row + 4 + row + whole, "g": 3 * whole}
 
 
+@pytest.mark.slow
 def test_bench_gemv_checks_then_times_xla_and_each_pallas_tiling(tmp_path):
     out = tmp_path / "gemv.json"
     process = run_script("bench_gemv.py", "--shapes=192x64,192x32+64+32", "--layers=2",

@@ -173,9 +173,10 @@ def test_an_unknown_remat_policy_is_refused_by_name():
 
 @pytest.mark.parametrize("schedule, remat", [
     (SCHEDULES["retention"] * 2, False),
-    (SCHEDULES["gated"], True),
-    (("retention", "attention") * 3, False),                      # period 2, three repeats
-    (SCHEDULES["hybrid"], True),                                  # period 3 = all layers
+    pytest.param(SCHEDULES["gated"], True, marks=pytest.mark.slow),
+    pytest.param(("retention", "attention") * 3, False,          # period 2, three repeats
+                 marks=pytest.mark.slow),
+    pytest.param(SCHEDULES["hybrid"], True, marks=pytest.mark.slow),  # period 3: all layers
 ])
 def test_scan_layers_gives_the_same_logits_and_gradients(schedule, remat):
     plain = make_model(small_config(schedule, remat=remat), 8)

@@ -9,6 +9,7 @@ import pytest
 
 COLAB = pathlib.Path(__file__).resolve().parents[1] / "colab"
 NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
+SLOW_NOTEBOOKS = {"fixed_vs_gated", "generation"}   # 40-50 s each on 2 CPU cores: `-m slow`
 
 
 def _sources(notebook):
@@ -27,7 +28,9 @@ def test_notebook_matches_its_py_twin(path):
         f"{path.name} and its .py differ: run `jupytext --sync colab/{path.stem}.py`")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW_NOTEBOOKS else p
+    for p in NOTEBOOKS], ids=lambda p: p.stem)
 def test_notebook_runs_at_tiny_setting(path, tmp_path, monkeypatch):
     monkeypatch.setenv("RETNET_TINY", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")

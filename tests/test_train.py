@@ -487,6 +487,7 @@ def get_config():
 """
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     config_path = tmp_path / "config.py"
     config_path.write_text(SUBPROCESS_CONFIG.format(model=TINY_MODEL))
@@ -512,6 +513,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert checkpoint.Checkpointer(str(workdir), read_only=True).latest_step() == summary["step"]
 
 
+@pytest.mark.slow
 def test_entry_points_eval_generate_and_state_precision(runs, tmp_path):
     whole, _, summaries = runs
     commands = {
