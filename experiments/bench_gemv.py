@@ -15,9 +15,8 @@ program reading only its own weight. With `--norm_prologue` each product first a
 RMSNorm with a learned scale to x, as the blocks do before q|k|v|gate and the FFN: XLA in a
 fusion of its own (the model's `layers.RMSNorm`), the kernel inside the GEMV (each program
 reads all of x for its 1 / rms, then scales its rows as it streams them), so the kernel
-count per product shows what the prologue saves. `--block_k` and `--tile_sums` sweep the
-kernel's K loop: rows per step, and whether each step sums its tile's rows (across the
-program's threads) or adds the tile to a [block_k, block_n] accumulator summed once.
+count per product shows what the prologue saves. `--block_k` sweeps the kernel's K loop
+(rows per step).
 Each setting is checked against a float64 product before it is timed. Wall time per product
 (`us`) includes the launches between kernels; then `--traced_calls` more calls are traced
 and `kernel_us` is the median time the device ran kernels per product (the product's
@@ -60,10 +59,6 @@ _BLOCK_K = flags.DEFINE_list("block_k", ["64"], "Weight rows per loop step (powe
                              "the kernel's default is default_block_k, 64 at these K).")
 _NUM_WARPS = flags.DEFINE_list("num_warps", ["4"], "Triton warps per program.")
 _NUM_STAGES = flags.DEFINE_list("num_stages", ["3"], "Triton pipeline stages of the K loop.")
-_TILE_SUMS = flags.DEFINE_list("tile_sums", ["false"], "The kernel's tile_sums settings "
-                               "(false/true): tiles accumulated elementwise, rows summed once.")
-flags.register_validator("tile_sums", lambda v: bool(v) and set(v) <= {"false", "true"},
-                         message="--tile_sums takes false and/or true")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per setting (median reported).")
 _COPY_BYTES = flags.DEFINE_integer("copy_bytes", 1 << 30, "Bytes of the copy-bandwidth probe.")
 _TRACED_CALLS = flags.DEFINE_integer("traced_calls", 5, "Traced calls per setting (median "
@@ -154,10 +149,10 @@ def kernel_time(fn, x, weights) -> tuple[float, int]:
 
 def settings() -> list[dict]:
     return [dict(block_n=int(bn), block_k=int(bk), programs=int(p), num_warps=int(w),
-                 num_stages=int(s), tile_sums=ts == "true")
-            for bn, bk, p, w, s, ts in itertools.product(
+                 num_stages=int(s))
+            for bn, bk, p, w, s in itertools.product(
                 _BLOCK_N.value, _BLOCK_K.value, _PROGRAMS.value, _NUM_WARPS.value,
-                _NUM_STAGES.value, _TILE_SUMS.value)]
+                _NUM_STAGES.value)]
 
 
 def measure(k: int, ns: list[int], bandwidth: float, interpret: bool) -> list[dict]:
@@ -179,10 +174,9 @@ def measure(k: int, ns: list[int], bandwidth: float, interpret: bool) -> list[di
         if splits is None:
             continue
         kw = dict(block_n=s["block_n"], splits=splits, block_k=s["block_k"],
-                  num_warps=s["num_warps"], num_stages=s["num_stages"],
-                  tile_sums=s["tile_sums"])
+                  num_warps=s["num_warps"], num_stages=s["num_stages"])
         name = (f"pallas bn{s['block_n']} bk{s['block_k']} s{splits} w{s['num_warps']} "
-                f"st{s['num_stages']}" + " tiles" * s["tile_sums"])
+                f"st{s['num_stages']}")
         if any(name == p[0] for p in products):
             continue
         products.append((name, kw, functools.partial(pallas_product, interpret=interpret,

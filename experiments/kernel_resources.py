@@ -20,8 +20,8 @@ dev-only tool, not a dependency) and reads jax's Pallas lowering through a priva
 Decoding's kernels take their own sizes: `step` (`retention_step_pallas`, plain and with
 the rotation, at each `--step_batches` batch with `--step_heads` heads of each `--heads`
 size, the default tiles) and `gemv` (`projections.projections_pallas` at batch 1 for each
-`--gemv_shapes` KxN1+N2+... with the blocks' norm, each `--gemv_block_k`, with and without
-`tile_sums`); `--chunk_sizes` does not apply to them.
+`--gemv_shapes` KxN1+N2+... with the blocks' norm on the first, each `--gemv_block_k`);
+`--chunk_sizes` does not apply to them.
 """
 
 from __future__ import annotations
@@ -156,21 +156,19 @@ def step_calls(key_dim: int, value_dim: int, num_warps: int):
 
 def gemv_calls(num_warps: int):
     """(setting, fn, args) of the GEMV at batch 1 for each --gemv_shapes shape and
-    --gemv_block_k dividing its K, with and without tile_sums; the first shape behind the
-    norm, as the blocks' q|k|v|gate."""
+    --gemv_block_k dividing its K; the first shape behind the norm, as the blocks'
+    q|k|v|gate."""
     for index, shape in enumerate(_GEMV_SHAPES.value):
         k, widths = parse_weight_shape(shape, "gemv_shapes")
         x = jax.ShapeDtypeStruct((1, k), jnp.bfloat16)
         weights = [jax.ShapeDtypeStruct((k, n), jnp.bfloat16) for n in widths]
         scale = jax.ShapeDtypeStruct((k,), jnp.bfloat16) if index == 0 else None
-        for block_k, tile_sums in itertools.product(
-                (int(b) for b in _GEMV_BLOCK_K.value if k % int(b) == 0), (False, True)):
-            def fn(x, scale, *weights, block_k=block_k, tile_sums=tile_sums):
+        for block_k in (int(b) for b in _GEMV_BLOCK_K.value if k % int(b) == 0):
+            def fn(x, scale, *weights, block_k=block_k):
                 return projections.projections_pallas(
-                    x, list(weights), norm_scale=scale, block_k=block_k, tile_sums=tile_sums,
-                    num_warps=num_warps)
-            yield (f"{shape}{' norm' if scale is not None else ''} bk{block_k}"
-                   f"{' tiles' if tile_sums else ''}", fn, (x, scale, *weights))
+                    x, list(weights), norm_scale=scale, block_k=block_k, num_warps=num_warps)
+            yield (f"{shape}{' norm' if scale is not None else ''} bk{block_k}", fn,
+                   (x, scale, *weights))
 
 
 def main(argv):

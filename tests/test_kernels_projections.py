@@ -1,7 +1,6 @@
 """kernels.projections: decoding's GEMV kernel (interpreted on the CPU) against float64
 products, its argument checks, its grid, and its lowering for the Triton GPU backend."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -50,28 +49,6 @@ def test_projections_match_float64(rows, dtype, norm, splits):
         assert err <= TOLERANCE[dtype], err
 
 
-@pytest.mark.parametrize("rows", [1, 8])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("norm", [False, True])
-@pytest.mark.parametrize("splits", [1, 8])
-def test_tile_sums_match_float64(rows, dtype, norm, splits):
-    # The same products with each K step's tile added elementwise and its rows summed once:
-    # K = 256 in 32-row steps, 8 steps a program (1 split) or 1 (8 splits: the peeled step
-    # alone); weights of 128 columns, 40 (padded to 64) and 8 (read as it is).
-    rng = np.random.default_rng(rows * 100 + splits)
-    k = 256
-    x = jnp.asarray(2 * rng.standard_normal((rows, k)), dtype)
-    weights = [jnp.asarray(rng.standard_normal((k, n)) * k**-0.5, jnp.float32)
-               for n in (128, 40, 8)]
-    scale = jnp.asarray(1 + 0.2 * rng.standard_normal(k), jnp.float32) if norm else None
-    got = projections_pallas(x, weights, norm_scale=scale, norm_eps=EPS, block_n=64,
-                             block_k=32, splits=splits, tile_sums=True, interpret=True)
-    for y, want in zip(got, reference(x, weights, scale, dtype), strict=True):
-        assert y.dtype == jnp.float32 and y.shape == want.shape
-        err = np.abs(np.asarray(y, np.float64) - want).max() / np.abs(want).max()
-        assert err <= TOLERANCE[dtype], err
-
-
 def test_the_first_weight_tile_is_loaded_before_the_norm():
     """Every program's first [block_k, block_n] weight load comes before the norm's sums of
     squares, so its HBM latency overlaps them (the program order Triton keeps)."""
@@ -85,24 +62,6 @@ def test_the_first_weight_tile_is_loaded_before_the_norm():
              if eqn.primitive.name == "reduce_sum" or (
                  eqn.primitive.name == "get" and eqn.outvars[0].aval.shape == (32, 64))]
     assert order and order[0].primitive.name == "get", [e.primitive.name for e in order]
-
-
-@pytest.mark.parametrize("tile_sums", [False, True])
-def test_tile_sums_leave_the_row_sums_out_of_the_k_loop(tile_sums):
-    """With tile_sums the K loop carries [block_k, block_n] sums and no reduction (summed
-    across threads every step otherwise)."""
-    x = jax.ShapeDtypeStruct((1, 256), jnp.bfloat16)
-    w = jax.ShapeDtypeStruct((256, 64), jnp.bfloat16)
-    jaxpr = jax.make_jaxpr(lambda x, w: projections_pallas(
-        x, [w], block_n=64, block_k=32, splits=1, tile_sums=tile_sums))(x, w).jaxpr
-    (call,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "pallas_call"]
-    (loop,) = [eqn for eqn in equations(call.params["jaxpr"])
-               if eqn.primitive.name in ("while", "scan")]
-    carried = {tuple(v.aval.shape) for v in loop.outvars}
-    inside = {eqn.primitive.name for eqn in equations(
-        loop.params.get("body_jaxpr", loop.params.get("jaxpr")).jaxpr)}
-    assert ((32, 64) in carried) == tile_sums, carried
-    assert ("reduce_sum" in inside) != tile_sums, inside
 
 
 def test_split_partials_are_added_elementwise():
@@ -199,14 +158,12 @@ def test_projections_lower_for_the_triton_gpu_backend(rows):
     # fc2 (K = 3456).
     def struct(*shape):
         return jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    def normed(x, weights, scale, tile_sums=False):
-        return projections_pallas(x, weights, norm_scale=scale, norm_eps=EPS,
-                                  tile_sums=tile_sums)
+    def normed(x, weights, scale):
+        return projections_pallas(x, weights, norm_scale=scale, norm_eps=EPS)
     calls = [(normed, (struct(rows, 2048), [struct(2048, 2048), struct(2048, 2048),
                                             struct(2048, 3456), struct(2048, 3456),
                                             struct(2048, 8)],        # gated's decay gate
                        jax.ShapeDtypeStruct((2048,), jnp.float32))),
              (projections_pallas, (struct(rows, 3456), [struct(3456, 2048)]))]
-    calls.append((functools.partial(normed, tile_sums=True), calls[0][1]))
     for kernel, args in calls:
         assert "triton" in lower_for_cuda(kernel, *args).lower()

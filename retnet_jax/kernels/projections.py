@@ -20,9 +20,10 @@ rounded to x's dtype, times the scale in x's dtype), inside the kernel: each pro
 computes its rows' 1 / rms from all of x (a few KB from L2) and scales x as it streams,
 so the norm costs no kernel of its own. Its first weight tile's load is issued before
 those sums (sm_90 SASS: the tile's eight 128-bit loads precede the sums' barrier), where
-it used to wait for them: on an H100, beyond their bytes' time at the copy bandwidth,
-the two GEMVs behind the norm took 3.8 µs each, out_proj and fc2 2.3 (BENCHMARKS.md,
-"Decoding", session 19; the change is not timed yet).
+it used to wait for them (on an H100, beyond their bytes' time at the copy bandwidth, the
+two GEMVs behind the norm took 3.8 µs each, out_proj and fc2 2.3: BENCHMARKS.md,
+"Decoding", session 19). Timed in session 20, the change is no slower and not measurably
+faster (1.564 against 1.572 ms a token at the 1.3B preset, inside one tree's spread).
 
 The splits' partial sums come back float32 [splits, M, N] and are added by XLA
 (`projections_pallas` returns the sums) as a chain of elementwise adds, which XLA can fuse
@@ -96,7 +97,7 @@ def default_block_n(k: int, widths: Sequence[int], *, block_k: int) -> int:
 
 
 def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, norm_eps: float | None,
-                    scale_ref, compute_dtype, tile_sums: bool) -> list[Array]:
+                    scale_ref, compute_dtype) -> list[Array]:
     """For each of x's M rows, sum over this split's `rows` rows of K (from `start`, in
     block_k steps) of x[m, k] * w[k, :]: a list of M float32 [BN]. With norm_eps and
     scale_ref [K], x's rows are first RMS-normalised as `layers.RMSNorm` does.
@@ -104,10 +105,10 @@ def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, norm_eps: f
     The first weight tile is loaded before the norm's 1 / rms, so its load is in flight
     while the norm's sums run (every program starts with them). Triton does not pipeline
     the later loads (no dot); loading each tile a step ahead by hand was no faster
-    (BENCHMARKS.md, "Decoding", session 18), so each step loads, then sums. tile_sums:
-    each step adds its [block_k, BN] products elementwise and rows are summed once at the
-    end, instead of every step summing its tile's rows (a sum across the program's threads,
-    with barriers, every step)."""
+    (BENCHMARKS.md, "Decoding", session 18), so each step loads, then sums its tile's
+    rows. Adding each step's [block_k, BN] products elementwise and summing the rows once
+    at the end instead was no faster (0.6-1.7 µs slower behind the norm, out_proj's tile
+    within 1 %: session 20)."""
     count = x_ref.shape[0]
     first_tile = w_ref[pl.ds(0, block_k), :]
     inv_rms = None if norm_eps is None else _inverse_rms(x_ref, eps=norm_eps)
@@ -123,7 +124,7 @@ def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, norm_eps: f
             if inv_rms is not None:
                 x = (x.astype(jnp.float32) * inv_rms[m]).astype(compute_dtype) * scale
             products = x.astype(jnp.float32)[:, None] * w
-            out.append(accs[m] + (products if tile_sums else jnp.sum(products, axis=0)))
+            out.append(accs[m] + jnp.sum(products, axis=0))
         return tuple(out)
 
     def step(i, accs):
@@ -131,9 +132,8 @@ def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, norm_eps: f
         return accumulate(first, w_ref[pl.ds(first, block_k), :], accs)
 
     width = w_ref.shape[1]
-    zero = (jnp.zeros((block_k, width) if tile_sums else (width,), jnp.float32),) * count
-    accs = jax.lax.fori_loop(1, rows // block_k, step, accumulate(0, first_tile, zero))
-    return [jnp.sum(acc, axis=0) for acc in accs] if tile_sums else list(accs)
+    zero = (jnp.zeros((width,), jnp.float32),) * count
+    return list(jax.lax.fori_loop(1, rows // block_k, step, accumulate(0, first_tile, zero)))
 
 
 def _inverse_rms(x_ref, *, eps: float) -> list[Array]:
@@ -148,7 +148,7 @@ def _inverse_rms(x_ref, *, eps: float) -> list[Array]:
 
 
 def _projections_kernel(x_ref, *refs, block_k: int, group_starts: tuple[int, ...],
-                        norm_eps: float | None, tile_sums: bool):
+                        norm_eps: float | None):
     """One (column group j, K split s) program; norm_eps None: no norm.
 
     Refs: x [M, K] (all of it); with the norm, the scale [K]; one weight tile
@@ -164,7 +164,7 @@ def _projections_kernel(x_ref, *refs, block_k: int, group_starts: tuple[int, ...
     rows = w_refs[0].shape[0]
     which = sum((j >= start).astype(jnp.int32) for start in group_starts[1:])
     kw = dict(start=s * rows, rows=rows, block_k=block_k, norm_eps=norm_eps,
-              scale_ref=scale_ref, compute_dtype=x_ref.dtype, tile_sums=tile_sums)
+              scale_ref=scale_ref, compute_dtype=x_ref.dtype)
 
     def products(w_ref):
         columns = pl.ds(0, w_ref.shape[1])
@@ -198,7 +198,7 @@ def _check(x: Array, weights: Sequence[Array], norm_scale: Array | None) -> None
 def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array | None = None,
                        norm_eps: float = 1e-6, block_n: int | None = None,
                        block_k: int | None = None,
-                       splits: int | None = None, tile_sums: bool = False,
+                       splits: int | None = None,
                        num_warps: int = 4, num_stages: int = 3,
                        interpret: bool = False) -> list[Array]:
     """x @ w for each w of weights, in one kernel, optionally behind an RMSNorm of x.
@@ -216,11 +216,6 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
         `default_block_k`.
       splits: programs per column group, each summing K / splits rows (a divisor of
         K / block_k); None: `default_splits`.
-      tile_sums: add each K step's [block_k, block_n] products elementwise and sum the rows
-        once at the end (block_k x block_n float32 accumulators a row of x) instead of
-        summing the rows every step. For batch 1: at M = 8 rows its accumulators spill
-        (sm_90, K 2048, 64 rows a step, 4 warps: 255 registers and 1,556 bytes of spills,
-        against 189 registers without it).
       num_warps, num_stages: Triton's, per program and for the K loop.
       interpret: run in Pallas interpret mode (any backend, e.g. CPU tests).
     Returns:
@@ -260,7 +255,7 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
         args.append(norm_scale)
     partial = pl.pallas_call(
         functools.partial(_projections_kernel, block_k=block_k, group_starts=starts,
-                          norm_eps=float(norm_eps) if norm else None, tile_sums=tile_sums),
+                          norm_eps=float(norm_eps) if norm else None),
         grid=(sum(groups), splits),
         in_specs=in_specs + [weight_spec(st, g, n if thin else block_n)
                              for st, g, n, thin in zip(starts, groups, widths, narrow)],
