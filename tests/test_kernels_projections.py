@@ -1,7 +1,6 @@
 """kernels.projections: decoding's GEMV kernel (interpreted on the CPU) against float64
 products, its argument checks, its grid, and its lowering for the Triton GPU backend."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
