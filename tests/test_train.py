@@ -487,6 +487,25 @@ def get_config():
 """
 
 
+def test_sigterm_in_process_saves_its_step_and_stops(tmp_path, monkeypatch):
+    """The loop's SIGTERM path in this process (the entry point's run below is slow): the
+    handler's flag, the agreed stop at the next log step, the save, an incomplete summary."""
+    write = train.MetricsWriter.write
+
+    def write_then_signal(self, step, values):
+        write(self, step, values)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train.MetricsWriter, "write", write_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    workdir = str(tmp_path / "run")
+    summary = train.train_and_evaluate(tiny_config(), workdir)
+    assert not summary["completed"] and summary["step"] == 2
+    assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == 2
+    assert signal.getsignal(signal.SIGTERM) == before       # the handler was put back
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     config_path = tmp_path / "config.py"
