@@ -499,8 +499,10 @@ def test_sigterm_in_process_saves_its_step_and_stops(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train.MetricsWriter, "write", write_then_signal)
     before = signal.getsignal(signal.SIGTERM)
+    config = tiny_config()
+    config.checkpoint.save_every = 4            # step 2's checkpoint can only be the stop's
     workdir = str(tmp_path / "run")
-    summary = train.train_and_evaluate(tiny_config(), workdir)
+    summary = train.train_and_evaluate(config, workdir)
     assert not summary["completed"] and summary["step"] == 2
     assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == 2
     assert signal.getsignal(signal.SIGTERM) == before       # the handler was put back
