@@ -13,8 +13,10 @@ Every token mixer (`MultiScaleRetention`, `GatedRetention`, `Attention`) has one
 * valid: bool [batch, time]; False marks right-padding that must not touch the cache.
 * input_norm: the block's pre-norm (`RMSNorm`) to apply to x first, or None. Every mixer
   (and `GatedFFN`) applies it inside its projections' kernel when a batch-1 decoding step
-  runs them through `kernels.projections_pallas` (`project`, `DECODE_PROJECTIONS`), so the
-  norm costs no kernel of its own; otherwise as a separate step before XLA's dots.
+  runs them through the GEMV kernel (`kernels.projections`; `project`,
+  `DECODE_PROJECTIONS`), so the norm costs no kernel of its own; otherwise as a separate
+  step before XLA's dots. Where the Pallas step runs too, a retention block's step reads
+  q, k and v from the GEMV's split partials (`RetentionBase._step_from_splits`).
 
 Parameters carry logical axis names (`LOGICAL_AXIS_NAMES`, or None for small axes) as
 `out_sharding` metadata (flax 0.12's name for the deprecated `sharding_names`) with
@@ -143,9 +145,9 @@ def project(x: Array, linears: Sequence[nnx.Linear], *, norm: RMSNorm | None = N
     """Each bias-free Linear of `linears` applied to norm(x) (x if norm is None).
 
     With impl 'pallas' or 'pallas_interpret' and a single-token x of a batch in
-    PROJECTION_KERNEL_BATCHES (a decoding step), all of them are one
-    `kernels.projections_pallas` call that applies the norm too; otherwise XLA's dots after
-    the norm (see `DECODE_PROJECTIONS`).
+    PROJECTION_KERNEL_BATCHES (a decoding step), all of them are one call of the GEMV
+    kernel (`kernels.projections.projection_splits`, its split partials added by XLA) that
+    applies the norm too; otherwise XLA's dots after the norm (see `DECODE_PROJECTIONS`).
 
     Args:
       x: [batch, time, d_in] in the compute dtype.
@@ -160,12 +162,19 @@ def project(x: Array, linears: Sequence[nnx.Linear], *, norm: RMSNorm | None = N
         if norm is not None:
             x = norm(x)
         return [lin(x) for lin in linears]
+    return [sums.total()[:, None].astype(x.dtype)
+            for sums in _project_splits(x, linears, norm, kernel_args)]
+
+
+def _project_splits(x: Array, linears: Sequence[nnx.Linear], norm: RMSNorm | None,
+                    kernel_args: dict) -> list:
+    """`kernels.projections.projection_splits` of x [batch, 1, d_in] behind norm: each
+    linear's `SplitSums` [batch, d_out_i]."""
     from retnet_jax.kernels import projections
-    outputs = projections.projections_pallas(
+    return projections.projection_splits(
         x[:, 0], [lin.kernel[...] for lin in linears],
         norm_scale=None if norm is None else norm.scale[...],
         norm_eps=0.0 if norm is None else norm.eps, **kernel_args)
-    return [y[:, None].astype(x.dtype) for y in outputs]
 
 
 # --------------------------------------------------------------------------- norms and FFN
@@ -526,23 +535,29 @@ class RetentionBase(nnx.Module):
         batch, time, _ = x.shape
         impl = self.decode_projections if cache is not None else "xla"
         linears = self.input_projections()
-        projected = dict(zip(linears, project(x, list(linears.values()), norm=input_norm,
-                                              impl=impl)))
-        q = _split_heads(projected["q"], self.num_heads)
-        k = _split_heads(projected["k"], self.num_heads) * jnp.asarray(self.key_dim**-0.5,
-                                                                      x.dtype)
-        v = _split_heads(projected["v"], self.num_heads)
-        log_decay = self.log_decay(projected)
-        if valid is not None:
-            # Padded steps leave the state untouched: nothing added (k = 0), no decay (0).
-            k = jnp.where(valid[..., None, None], k, jnp.zeros_like(k))
-            per_token = jnp.broadcast_to(log_decay, (batch, time, self.num_heads))
-            log_decay = jnp.where(valid[..., None], per_token, 0.0)
+        stepped = None
+        if cache is not None and valid is None and mode == "recurrent":
+            stepped = self._step_from_splits(x, cache, position, input_norm, linears, impl)
+        if stepped is not None:
+            o, state, projected = stepped
+        else:
+            projected = dict(zip(linears, project(x, list(linears.values()), norm=input_norm,
+                                                  impl=impl)))
+            q = _split_heads(projected["q"], self.num_heads)
+            k = _split_heads(projected["k"], self.num_heads) * jnp.asarray(
+                self.key_dim**-0.5, x.dtype)
+            v = _split_heads(projected["v"], self.num_heads)
+            log_decay = self.log_decay(projected)
+            if valid is not None:
+                # Padded steps leave the state untouched: nothing added (k = 0), no decay (0).
+                k = jnp.where(valid[..., None, None], k, jnp.zeros_like(k))
+                per_token = jnp.broadcast_to(log_decay, (batch, time, self.num_heads))
+                log_decay = jnp.where(valid[..., None], per_token, 0.0)
 
-        o, state = run_retention(mode, q, k, v, log_decay, chunk_size=self.chunk_size,
-                                 initial_state=None if cache is None else cache.state,
-                                 kernel=self.kernel, step_kernel=self.decode_kernel,
-                                 rotate_at=0 if position is None else position)
+            o, state = run_retention(mode, q, k, v, log_decay, chunk_size=self.chunk_size,
+                                     initial_state=None if cache is None else cache.state,
+                                     kernel=self.kernel, step_kernel=self.decode_kernel,
+                                     rotate_at=0 if position is None else position)
 
         o = o.astype(jnp.float32)
         scale = self.row_scale(_absolute_positions(position, time))
@@ -557,6 +572,52 @@ class RetentionBase(nnx.Module):
         if cache is None:
             return y, None
         return y, RetentionCache(state.astype(self.state_dtype))
+
+
+    def _step_from_splits(self, x: Array, cache: RetentionCache, position: Array | None,
+                          input_norm: RMSNorm | None, linears: dict[str, nnx.Linear],
+                          impl: str) -> tuple[Array, Array, dict[str, Array]] | None:
+        """A decoding step's projections and retention on two kernels with nothing of
+        XLA's between them, or None where they do not both apply (then `__call__` runs
+        `project` and `run_retention`): the GEMV kernel's q|k|v|gate(|gt) projections
+        (with the block's norm) left as K-split partials
+        (`kernels.projections.projection_splits`), read by the Pallas step
+        (`kernels.retention_step_from_splits`: their sums, k's scaling, the rotation).
+
+        Needs one token of a batch in PROJECTION_KERNEL_BATCHES on one device, the GEMV
+        projections and the step's kernel both on (both interpreted or neither), and a
+        partials layout the step reads (`kernels.splits_layout_reason`; the 1.3B presets'
+        at batch 1). Returns (o [batch, 1, heads, value_head_dim], the new state, the other
+        projections by name ([batch, 1, d_out] in x's dtype: the gate, a gated block's gt))."""
+        from retnet_jax import kernels
+        kernel_args = _projections_kernel_args(impl, x, list(linears.values()))
+        if kernel_args is None or sharding.mesh_in_context() is not None:
+            return None
+        batch = x.shape[0]
+        q_like = jax.ShapeDtypeStruct((batch, 1, self.num_heads, self.key_dim), x.dtype)
+        v_like = jax.ShapeDtypeStruct((batch, 1, self.num_heads, self.value_head_dim),
+                                      x.dtype)
+        step = (_pallas_or_fallback(self.kernel, "retention_kernel", q_like, v_like, None)
+                if self.decode_kernel is None else
+                _pallas_or_fallback(self.decode_kernel, "decode_kernel", q_like, v_like, None))
+        if step is None or step["interpret"] != kernel_args["interpret"]:
+            return None
+        sums = dict(zip(linears, _project_splits(x, list(linears.values()), input_norm,
+                                                 kernel_args)))
+        reason = kernels.splits_layout_reason(sums["q"], sums["k"], sums["v"],
+                                              heads=self.num_heads)
+        if reason is not None:
+            return None       # `__call__` projects again; under jit this call is dropped
+        others = {name: s.total()[:, None].astype(x.dtype) for name, s in sums.items()
+                  if name not in ("q", "k", "v")}
+        log_decay = self.log_decay(others)
+        o, state = kernels.retention_step_from_splits(
+            sums["q"], sums["k"], sums["v"],
+            log_decay if log_decay.ndim == 1 else log_decay[:, 0], cache.state,
+            dtype=x.dtype, key_scale=self.key_dim**-0.5,
+            rotate_at=jnp.zeros((), jnp.int32) if position is None else position,
+            interpret=step["interpret"])
+        return o[:, None], state, others
 
 
 class MultiScaleRetention(RetentionBase):

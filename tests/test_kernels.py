@@ -525,7 +525,7 @@ def test_retention_step_pallas_reads_q_k_and_v_from_one_array():
     calls = [eqn for eqn in equations(jaxpr.jaxpr) if eqn.primitive.name == "pallas_call"]
     assert len(calls) == 1
     first, second, third = calls[0].invars[:3]
-    assert first is second is third and first.aval.shape == (1, 2 * 8 * 256 + 8 * 432)
+    assert first is second is third and first.aval.shape == (1, 1, 2 * 8 * 256 + 8 * 432)
 
 
 def test_retention_step_pallas_keeps_a_weakly_typed_v_exact():
@@ -771,3 +771,71 @@ def test_the_gpu_ablation_model_gets_the_kernels():
     key_dim, value_dim = (model["d_model"] // model["num_heads"],
                           model["value_dim"] // model["num_heads"])
     assert kernels.unsupported_reason(key_dim, value_dim, model["chunk_size"]) is None
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("rotate_at", [None, np.array([3, 70_001])])
+def test_retention_step_from_splits_adds_the_splits_itself(dtype, rotate_at):
+    """q, k and v read from 3 K-splits' partials of one [q | k | pad | v | gate] array: the
+    same step as retention_step_pallas on the splits' sums rounded to dtype (k scaled by
+    key_scale after its rounding), and as float64 numpy."""
+    from retnet_jax.kernels import retention_step_from_splits
+    from retnet_jax.kernels.projections import SplitSums
+    batch, heads, key_dim, value_dim = 2, 2, 48, 80
+    rng = np.random.default_rng(21)
+    q_at, k_at, v_at = 0, heads * key_dim, 2 * heads * key_dim + 32   # v after 32 pad columns
+    width = v_at + heads * value_dim + 64
+    partials = jnp.asarray(rng.standard_normal((3, batch, width)), jnp.float32)
+    q, k, v = (SplitSums(partials, at, heads * dim) for at, dim in
+               ((q_at, key_dim), (k_at, key_dim), (v_at, value_dim)))
+    _, _, _, log_decay, state = step_inputs(12, batch, heads, key_dim, value_dim, True, dtype)
+    o, new_state = retention_step_from_splits(q, k, v, log_decay, state, dtype=dtype,
+                                              key_scale=key_dim**-0.5, rotate_at=rotate_at,
+                                              interpret=True)
+    assert o.dtype == dtype and o.shape == (batch, heads, value_dim)
+    sums = [s.total().astype(dtype) for s in (q, k, v)]
+    sums[1] = sums[1] * jnp.asarray(key_dim**-0.5, dtype)
+    sq, sk, sv = (x.reshape(batch, heads, -1) for x in sums)
+    want_o, want_state = retention_step_pallas(sq, sk, sv, log_decay, state,
+                                               rotate_at=rotate_at, interpret=True)
+    assert rel_err(new_state, want_state) <= 1e-6
+    assert rel_err(o, want_o) <= 1e-6
+    at = 0 if rotate_at is None else rotate_at
+    q64, k64 = (rotated_float64(x, at) for x in (sq, sk))
+    v64, state64 = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (sv, state))
+    decay = np.exp(np.asarray(log_decay, np.float64))[..., None, None]
+    ref_state = decay * state64 + k64[..., :, None] * v64[..., None, :]
+    assert rel_err(new_state, ref_state) <= TOLERANCE[dtype]
+    assert rel_err(o, np.einsum("bhd,bhde->bhe", q64, ref_state)) <= TOLERANCE[dtype]
+
+
+def test_splits_layout_reason_names_what_the_step_cannot_read():
+    from retnet_jax.kernels import splits_layout_reason
+    from retnet_jax.kernels.projections import SplitSums
+    partials = jnp.zeros((2, 1, 1024), jnp.float32)
+    q, k = SplitSums(partials, 0, 128), SplitSums(partials, 128, 128)
+    assert splits_layout_reason(q, k, SplitSums(partials, 256, 256), heads=2) is None
+    misplaced = SplitSums(partials, 264, 256)
+    assert "v starts at column 264" in splits_layout_reason(q, k, misplaced, heads=2)
+    other = SplitSums(jnp.zeros((2, 1, 1024), jnp.float32), 256, 256)
+    assert "one partials array" in splits_layout_reason(q, k, other, heads=2)
+    assert "multiple of 16" in splits_layout_reason(q, k, SplitSums(partials, 256, 200),
+                                                     heads=2)
+
+
+def test_retention_step_from_splits_lowers_for_the_triton_gpu_backend():
+    """The 1.3B preset's batch-1 step from q|k|v|gate's 8 split partials (q at column 0, k
+    at 2048, v at 4096; heads Dk 256, Dv 432), rotating q and k."""
+    from retnet_jax.kernels import retention_step_from_splits
+    from retnet_jax.kernels.projections import SplitSums
+
+    def step(partials, log_decay, state, position):
+        q, k, v = (SplitSums(partials, at, width)
+                   for at, width in ((0, 2048), (2048, 2048), (4096, 3456)))
+        return retention_step_from_splits(q, k, v, log_decay, state, dtype=jnp.bfloat16,
+                                          key_scale=256**-0.5, rotate_at=position)
+    args = (jax.ShapeDtypeStruct((8, 1, 11008), jnp.float32),
+            jax.ShapeDtypeStruct((8,), jnp.float32),
+            jax.ShapeDtypeStruct((1, 8, 256, 432), jnp.float32),
+            jax.ShapeDtypeStruct((1,), jnp.int32))
+    assert "triton" in lower_for_cuda(step, *args).lower()

@@ -8,7 +8,7 @@ import pytest
 
 from jaxprs import equations, lower_for_cuda
 from retnet_jax.kernels.projections import (default_block_k, default_block_n, default_splits,
-                                             projections_pallas)
+                                             projection_splits, projections_pallas)
 
 EPS = 1e-6
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -166,3 +166,19 @@ def test_projections_lower_for_the_triton_gpu_backend(rows):
              (projections_pallas, (struct(rows, 3456), [struct(3456, 2048)]))]
     for kernel, args in calls:
         assert "triton" in lower_for_cuda(kernel, *args).lower()
+
+
+def test_split_sums_hold_each_weights_columns():
+    """projection_splits' SplitSums share one partials array; each names its weight's
+    columns, and their totals are projections_pallas' results."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((1, 128)), jnp.float32)
+    weights = [jnp.asarray(rng.standard_normal((128, n)), jnp.float32) for n in (64, 40, 8)]
+    sums = projection_splits(x, weights, block_n=64, block_k=32, splits=2, interpret=True)
+    assert [(s.start, s.width, s.splits) for s in sums] == [(0, 64, 2), (64, 40, 2),
+                                                              (128, 8, 2)]
+    assert sums[0].partials is sums[2].partials
+    for s, y in zip(sums, projections_pallas(x, weights, block_n=64, block_k=32, splits=2,
+                                             interpret=True), strict=True):
+        np.testing.assert_array_equal(s.total(), y)
+

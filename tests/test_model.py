@@ -495,12 +495,12 @@ def test_decode_kernel_replaces_retention_kernel_in_decoding_steps_only(
 @pytest.mark.parametrize("batch, calls", [(1, 12), (2, 0)])
 def test_pallas_decode_projections_give_the_same_logits_and_states(monkeypatch, batch, calls):
     """decode_projections='pallas_interpret': every block's projections (the norms inside)
-    through kernels.projections_pallas against XLA's, for retention, gated retention and
+    through kernels.projection_splits against XLA's, for retention, gated retention and
     attention, after a prefill; a batch of 2 (not in PROJECTION_KERNEL_BATCHES) uses XLA."""
     from retnet_jax.kernels import projections
     traced = []
-    kernel = projections.projections_pallas
-    monkeypatch.setattr(projections, "projections_pallas",
+    kernel = projections.projection_splits
+    monkeypatch.setattr(projections, "projection_splits",
                         lambda *a, **k: traced.append(1) or kernel(*a, **k))
     plain = make_model(small_config(SCHEDULES["hybrid"], d_model=64, value_dim=64), 13)
     fused = with_config(plain, decode_projections="pallas_interpret")
@@ -517,6 +517,53 @@ def test_pallas_decode_projections_give_the_same_logits_and_states(monkeypatch, 
     assert len(traced) == calls            # per block: the mixer's two, the FFN's two
     for x, y in zip(jax.tree.leaves(cache_fused), jax.tree.leaves(cache_plain), strict=True):
         assert rel_err(x, y) <= RTOL
+
+
+@pytest.mark.parametrize("schedule", ["retention", "gated", "hybrid"])
+def test_decoding_steps_read_q_k_and_v_from_split_partials(monkeypatch, schedule):
+    """With the GEMV projections and the Pallas step both on, a retention block's decoding
+    step feeds the projections' K-split partials straight to the step
+    (`kernels.retention_step_from_splits`): logits and states as XLA's decode (float32),
+    and in bfloat16 the very same logits and states as the two kernels with XLA adding
+    the partials between them (the path the blocks took before)."""
+    from retnet_jax import kernels
+    steps = []
+    step = kernels.retention_step_from_splits
+    monkeypatch.setattr(kernels, "retention_step_from_splits",
+                        lambda *a, **k: steps.append(1) or step(*a, **k))
+    kernels_on = dict(decode_projections="pallas_interpret", decode_kernel="pallas_interpret")
+    plain = make_model(small_config(SCHEDULES[schedule], d_model=64, value_dim=64), 23)
+    narrow = make_model(small_config(SCHEDULES[schedule], d_model=64, value_dim=64,
+                                     dtype="bfloat16", **kernels_on), 23)
+    prompt, lengths = random_tokens(23, 1, 5), jnp.asarray([5])
+    _, wide_cache = prefill(plain, prompt, lengths, plain.init_cache(1, 16))
+    _, narrow_cache = prefill(narrow, prompt, lengths, narrow.init_cache(1, 16))
+
+    def run(model, cache, step_fn=decode_step):
+        logits = []
+        for t in range(3):
+            with jax.default_matmul_precision("highest"):
+                step_logits, cache = step_fn(model, random_tokens(24 + t, 1, 1)[:, 0], cache)
+            logits.append(step_logits)
+        return logits, cache
+
+    runs = {"xla": run(plain, wide_cache),
+            "split": run(with_config(plain, **kernels_on), wide_cache),
+            "bf16 split": run(narrow, narrow_cache)}
+    assert len(steps) == 2 * 2          # the two retention blocks of each traced model
+    monkeypatch.setattr(layers.RetentionBase, "_step_from_splits", lambda *a, **k: None)
+    logits, caches = run(narrow, narrow_cache, nnx.jit(lambda model, tokens, cache:
+                                                       model.decode_step(tokens, cache)))
+    assert len(steps) == 2 * 2          # the partials added by XLA this time
+    for t in range(3):
+        assert rel_err(runs["split"][0][t], runs["xla"][0][t]) <= RTOL, t
+        np.testing.assert_array_equal(runs["bf16 split"][0][t], logits[t])
+    for x, y in zip(jax.tree.leaves(runs["split"][1]), jax.tree.leaves(runs["xla"][1]),
+                    strict=True):
+        assert rel_err(x, y) <= RTOL
+    for x, y in zip(jax.tree.leaves(runs["bf16 split"][1]), jax.tree.leaves(caches),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize("kernel", ["xla", "pallas_interpret"])

@@ -24,10 +24,13 @@ needed): the kernels index one chunk of the time axis directly, never a transpos
                                  bfloat16, `ModelConfig.state_dtype`; as XLA's fused step
                                  does at batch 8-32; faster than it only at batch 32-64,
                                  BENCHMARKS.md), optionally rotating q and k (xPos) first,
-                                 as the models' decoding steps do.
+                                 as the models' decoding steps do;
+                                 `retention_step_from_splits` the same reading q, k and v
+                                 from a GEMV's K-split partials (adding them itself).
 * `projections.projections_pallas`  decoding's GEMV: x [M <= 8, K] times several weights in
                                  one kernel, optionally behind the blocks' RMSNorm
-                                 (`ModelConfig.decode_projections`; imported on its own).
+                                 (`ModelConfig.decode_projections`); `projection_splits`
+                                 leaves its K splits' partials (`SplitSums`) to the reader.
 * `unsupported_reason`           why given head dims / chunk size cannot use the kernels
                                  (then `run_retention` uses XLA); `step_unsupported_reason`
                                  the same for the decoding step (head dims only).
@@ -58,7 +61,9 @@ from retnet_jax.kernels.chunk_grads import chunk_grads
 from retnet_jax.kernels.chunk_output import (
     chunk_output, chunkwise_retention_pallas, unsupported_reason)
 from retnet_jax.kernels.chunk_states import chunk_states
-from retnet_jax.kernels.decode_step import retention_step_pallas, step_unsupported_reason
+from retnet_jax.kernels.decode_step import (retention_step_from_splits, retention_step_pallas,
+                                            splits_layout_reason, step_unsupported_reason)
 
 __all__ = ["chunk_grads", "chunk_output", "chunk_states", "chunkwise_retention_pallas",
-           "retention_step_pallas", "step_unsupported_reason", "unsupported_reason"]
+           "retention_step_from_splits", "retention_step_pallas", "splits_layout_reason",
+           "step_unsupported_reason", "unsupported_reason"]

@@ -31,7 +31,10 @@ model XLA writes them in fewer fusions: at batch 1 with the GEMV projections two
 where three each re-added the GEMV's split partials (one kernel a block fewer), with XLA's
 GEMMs two kernels a block fewer; on an H100 0.6-2.7 % less time a token at batches 1, 8
 and 64 (1.567 ms at batch 1 with the GEMV projections; BENCHMARKS.md, "Decoding",
-session 19).
+session 19). `retention_step_from_splits` goes one step further for the models' batch-1
+decoding with the GEMV projections: the kernel reads q, k and v straight from the
+projection kernel's K-split partials (one block of each split's row, summed in split
+order, rounded, k scaled), so no fusion of XLA's adds them between the two kernels.
 
 Elementwise work only (an outer product and a column sum per tile), so no dot-tile limits
 beyond Triton's power-of-two loads; Dk and Dv multiples of 16 as the other kernels.
@@ -50,10 +53,12 @@ from jax.experimental.pallas import triton as plgpu
 from retnet_jax import positions, retention
 from retnet_jax.kernels.common import (MIN_DOT_DIM, check_block_arg, column_group, pieces,
                                        round_up)
+from retnet_jax.kernels.projections import SplitSums
 
 Array = jax.Array
 
-__all__ = ["retention_step_pallas", "default_block_v", "step_unsupported_reason"]
+__all__ = ["retention_step_pallas", "retention_step_from_splits", "default_block_v",
+           "step_unsupported_reason", "splits_layout_reason"]
 
 # Per-program scalars (the decay, the position) are passed as [..., LANES] copies of one
 # value: Triton loads power-of-two vectors, and 16 lanes is the smallest width every kernel
@@ -98,15 +103,31 @@ def _key_rows(key_dim: int, rotate: bool) -> list[list[pl.Slice]]:
             for half in pieces(key_dim // 2)]
 
 
-def _load_keys(ref, groups: list[list[pl.Slice]],
-               rotation: list[tuple[Array, Array]] | None, dtype) -> list[Array]:
-    """ref's pieces (one per slice of `groups`) as float32 vectors; with rotation (cos and
-    sin of the angles, float32 vectors, one pair per group) each (even, odd) pair rotated as
+def _load(refs: list, columns: pl.Slice, dtype, scale: float | None = None) -> Array:
+    """The columns of refs (one [C] block per split) summed over the splits in split order
+    (as `SplitSums.total`), rounded to dtype, then (scale given) multiplied by scale and
+    rounded again, as float32: q, k or v as the block computes them (k scaled by
+    key_dim^-0.5 in the compute dtype). One 1-D ref per split, as Triton's lowering takes
+    strided slices (the rotation's even and odd rows) of 1-D blocks only."""
+    total = functools.reduce(jnp.add, [ref[columns].astype(jnp.float32) for ref in refs])
+    total = total.astype(dtype).astype(jnp.float32)
+    if scale is not None:
+        total = (total * jnp.asarray(scale, dtype).astype(jnp.float32)).astype(dtype)
+        total = total.astype(jnp.float32)
+    return total
+
+
+def _load_keys(refs: list, groups: list[list[pl.Slice]],
+               rotation: list[tuple[Array, Array]] | None, dtype,
+               scale: float | None = None) -> list[Array]:
+    """q's or k's pieces (one per slice of `groups`, `_load`ed from the splits' refs:
+    summed, rounded to dtype, scaled) as float32 vectors; with rotation (cos and sin of the
+    angles, float32 vectors, one pair per group) each (even, odd) pair rotated as
     `positions.rotate` does: (x_e cos - x_o sin, x_o cos + x_e sin), rounded to dtype (the
-    caller's q or k dtype; the packed ref may be wider)."""
+    caller's q or k dtype; a packed array's refs may be wider)."""
     loaded = []
     for i, group in enumerate(groups):
-        xs = [ref[rows].astype(jnp.float32) for rows in group]
+        xs = [_load(refs, rows, dtype, scale) for rows in group]
         if rotation is not None:
             even, odd = xs
             cos, sin = rotation[i]
@@ -116,31 +137,36 @@ def _load_keys(ref, groups: list[list[pl.Slice]],
     return loaded
 
 
-def _decode_step_kernel(q_ref, k_ref, v_ref, decay_ref, *refs, rotate: bool, dtypes):
-    """One (batch, head, value group) program; dtypes: q's and k's (what rotated values
-    round to).
+def _decode_step_kernel(*refs, splits: int, rotate: bool, dtypes, key_scale: float | None):
+    """One (batch, head, value group) program; dtypes: q's, k's and v's (what their sums
+    and rotated values round to); key_scale: None, or what k is multiplied by first.
 
-    Refs: q, k [Dk]; v [BV] (blocks of the packed q|k|v rows); decay float32 [LANES]
+    Refs: `splits` each of q [Dk], of k [Dk] and of v [BV] (blocks of the q|k|v rows of
+    each split, summed: one for the packed array, the K splits for a projection's
+    partials); decay float32 [LANES]
     (copies of exp(log_decay)); with rotate, the position int32 [LANES] (copies) and theta
     float32 [Dk / 2] (one frequency per pair of features); state [Dk, BV]. Outputs: o [BV]
     (v's dtype); new_state [Dk, BV] (state's dtype). Computed in float32.
     """
+    q_refs, k_refs, v_refs = (refs[i * splits:(i + 1) * splits] for i in range(3))
+    decay_ref, *refs = refs[3 * splits:]
     if rotate:
         position_ref, theta_ref, state_ref, o_ref, new_state_ref = refs
     else:
         state_ref, o_ref, new_state_ref = refs
-    groups = _key_rows(q_ref.shape[0], rotate)
+    key_dim = q_refs[0].shape[0]
+    groups = _key_rows(key_dim, rotate)
     rotation = None
     if rotate:
         position = jnp.max(position_ref[...]).astype(jnp.float32)   # all lanes hold it
-        angles = [position * theta_ref[half] for half in pieces(q_ref.shape[0] // 2)]
+        angles = [position * theta_ref[half] for half in pieces(key_dim // 2)]
         rotation = [(jnp.cos(angle), jnp.sin(angle)) for angle in angles]
     rows = [piece for group in groups for piece in group]
-    qs = _load_keys(q_ref, groups, rotation, dtypes[0])
-    ks = _load_keys(k_ref, groups, rotation, dtypes[1])
+    qs = _load_keys(q_refs, groups, rotation, dtypes[0])
+    ks = _load_keys(k_refs, groups, rotation, dtypes[1], key_scale)
     decay = jnp.max(decay_ref[...])                          # all lanes hold the same value
-    for vc in pieces(v_ref.shape[0]):
-        v = v_ref[vc].astype(jnp.float32)
+    for vc in pieces(v_refs[0].shape[0]):
+        v = _load(v_refs, vc, dtypes[2])
         o = jnp.zeros(v.shape, jnp.float32)
         for kc, q, k in zip(rows, qs, ks, strict=True):
             tile = (decay * state_ref[kc, vc].astype(jnp.float32)
@@ -168,6 +194,80 @@ def _pack(q: Array, k: Array, v: Array, columns: int) -> tuple[Array, int]:
     parts = [q.reshape(batch, -1), k.reshape(batch, -1),
              jnp.zeros((batch, v_at - 2 * heads * key_dim), dtype), v.reshape(batch, -1)]
     return jnp.concatenate([x.astype(dtype) for x in parts], axis=1), v_at
+
+
+def _check_rotate_at(rotate_at, batch: int) -> Array:
+    """rotate_at as an int array, or a ValueError unless it is an int scalar or int [batch]."""
+    rotate_at = jnp.asarray(rotate_at)
+    if not jnp.issubdtype(rotate_at.dtype, jnp.integer) or rotate_at.shape not in ((), (batch,)):
+        raise ValueError(f"rotate_at must be an int scalar or int [batch={batch}], got "
+                         f"{rotate_at.dtype} {rotate_at.shape}")
+    return rotate_at
+
+
+def _step_call(rows: Array, starts: tuple[int, int, int], log_decay: Array, state: Array, *,
+               dtypes: tuple, key_scale: float | None, rotate_at: Array | None, bv: int,
+               num_warps: int, interpret: bool) -> tuple[Array, Array]:
+    """The step kernel over rows [S, B, C] (S arrays of q|k|v columns the kernel adds), q,
+    k and v starting at `starts` (multiples of Dk, Dk and bv); state [B, H, Dk, Dv]."""
+    batch, heads, key_dim, value_dim = state.shape
+    q_at, k_at, v_at = starts
+    decay = jnp.exp(log_decay.astype(jnp.float32))
+    shared = decay.ndim == 1
+    decay = _lanes(decay, 1 if shared else batch, heads)
+    splits = rows.shape[0]
+    groups = value_dim // bv
+
+    def split_specs(width: int, first: int, grouped: bool) -> list[pl.BlockSpec]:
+        # per split s, row b's block of `width` columns: head h's (first + h), or with
+        # grouped its value group j's (first + h * groups + j)
+        return [pl.BlockSpec((None, None, width), lambda b, h, j, s=s: (
+                    s, b, first + (h * groups + j if grouped else h)))
+                for s in range(splits)]
+
+    in_specs = (split_specs(key_dim, q_at // key_dim, False)
+                + split_specs(key_dim, k_at // key_dim, False)
+                + split_specs(bv, v_at // bv, True)
+                + [pl.BlockSpec((None, None, LANES), lambda b, h, j: (0 if shared else b, h, 0))])
+    args = [rows] * (3 * splits) + [decay]
+    rotate = rotate_at is not None
+    if rotate:
+        theta = jnp.asarray(positions.rotation_frequencies(key_dim)[::2], jnp.float32)
+        in_specs += [pl.BlockSpec((None, LANES), lambda b, h, j: (b, 0)),
+                     pl.BlockSpec((key_dim // 2,), lambda b, h, j: (0,))]
+        args += [_lanes(jnp.broadcast_to(rotate_at.astype(jnp.int32), (batch,)), batch, None),
+                 theta]
+    in_specs.append(pl.BlockSpec((None, None, key_dim, bv), lambda b, h, j: (b, h, 0, j)))
+    args.append(state)
+
+    return pl.pallas_call(
+        functools.partial(_decode_step_kernel, splits=splits, rotate=rotate, dtypes=dtypes,
+                          key_scale=key_scale),
+        grid=(batch, heads, groups),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, None, bv), lambda b, h, j: (b, h, j)),
+            pl.BlockSpec((None, None, key_dim, bv), lambda b, h, j: (b, h, 0, j)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, value_dim), dtypes[2]),
+                   jax.ShapeDtypeStruct(state.shape, state.dtype)],
+        input_output_aliases={len(args) - 1: 1},   # the new state overwrites the old one
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="retention_decode_step",
+    )(*args)
+
+
+def _value_columns(batch: int, heads: int, key_dim: int, value_dim: int,
+                   block_v: int | None) -> int:
+    """A program's value columns (`column_group` of block_v, default `default_block_v`),
+    after checking the head dims (ValueError naming the one that does not fit)."""
+    reason = step_unsupported_reason(key_dim, value_dim)
+    if reason:
+        raise ValueError(reason)
+    if block_v is None:
+        block_v = default_block_v(batch, heads, value_dim)
+    return column_group(value_dim, check_block_arg("block_v", block_v))
 
 
 def retention_step_pallas(q: Array, k: Array, v: Array, log_decay: Array, state: Array, *,
@@ -198,53 +298,76 @@ def retention_step_pallas(q: Array, k: Array, v: Array, log_decay: Array, state:
     """
     retention._check_step_inputs(q, k, v, log_decay, state)
     batch, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
+    bv = _value_columns(batch, heads, key_dim, v.shape[-1], block_v)
+    packed, v_at = _pack(q, k, v, bv)
+    return _step_call(packed[None], (0, heads * key_dim, v_at), log_decay, state,
+                      dtypes=(q.dtype, k.dtype, v.dtype), key_scale=None,
+                      rotate_at=None if rotate_at is None else _check_rotate_at(rotate_at,
+                                                                                  batch),
+                      bv=bv, num_warps=num_warps, interpret=interpret)
+
+
+def splits_layout_reason(q: SplitSums, k: SplitSums, v: SplitSums, *, heads: int,
+                         block_v: int | None = None) -> str | None:
+    """Why `retention_step_from_splits` cannot read q, k and v from these split sums as
+    they lie (then add them and use `retention_step_pallas`), or None: one partials array
+    [S, B, C] for all three, q's and k's columns starting at multiples of Dk and v's at a
+    multiple of the programs' value columns, head dims the step takes."""
+    if not (q.partials is k.partials is v.partials):
+        return "q, k and v are not columns of one partials array"
+    batch = q.partials.shape[1]
+    if q.width != k.width or q.width % heads or v.width % heads:
+        return (f"q ({q.width}), k ({k.width}) and v ({v.width}) columns do not split into "
+                f"{heads} heads")
+    key_dim, value_dim = q.width // heads, v.width // heads
     reason = step_unsupported_reason(key_dim, value_dim)
     if reason:
-        raise ValueError(reason)
-    if block_v is None:
-        block_v = default_block_v(batch, heads, value_dim)
-    bv = column_group(value_dim, check_block_arg("block_v", block_v))
-    decay = jnp.exp(log_decay.astype(jnp.float32))
-    shared = decay.ndim == 1
-    decay = _lanes(decay, 1 if shared else batch, heads)
+        return reason
+    bv = _value_columns(batch, heads, key_dim, value_dim, block_v)
+    for name, sums, multiple in (("q", q, key_dim), ("k", k, key_dim), ("v", v, bv)):
+        if sums.start % multiple:
+            return (f"{name} starts at column {sums.start}, not a multiple of {multiple} "
+                    f"(its blocks' width)")
+    return None
 
-    packed, v_at = _pack(q, k, v, bv)
-    groups = value_dim // bv
-    in_specs = [
-        pl.BlockSpec((None, key_dim), lambda b, h, j: (b, h)),
-        pl.BlockSpec((None, key_dim), lambda b, h, j: (b, heads + h)),
-        pl.BlockSpec((None, bv), lambda b, h, j: (b, v_at // bv + h * groups + j)),
-        pl.BlockSpec((None, None, LANES), lambda b, h, j: (0 if shared else b, h, 0)),
-    ]
-    args = [packed, packed, packed, decay]
-    rotate = rotate_at is not None
-    if rotate:
-        rotate_at = jnp.asarray(rotate_at)
-        if not jnp.issubdtype(rotate_at.dtype, jnp.integer) or rotate_at.shape not in (
-                (), (batch,)):
-            raise ValueError(f"rotate_at must be an int scalar or int [batch={batch}], got "
-                             f"{rotate_at.dtype} {rotate_at.shape}")
-        theta = jnp.asarray(positions.rotation_frequencies(key_dim)[::2], jnp.float32)
-        in_specs += [pl.BlockSpec((None, LANES), lambda b, h, j: (b, 0)),
-                     pl.BlockSpec((key_dim // 2,), lambda b, h, j: (0,))]
-        args += [_lanes(jnp.broadcast_to(rotate_at.astype(jnp.int32), (batch,)), batch, None),
-                 theta]
-    in_specs.append(pl.BlockSpec((None, None, key_dim, bv), lambda b, h, j: (b, h, 0, j)))
-    args.append(state)
 
-    return pl.pallas_call(
-        functools.partial(_decode_step_kernel, rotate=rotate, dtypes=(q.dtype, k.dtype)),
-        grid=(batch, heads, groups),
-        in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, None, bv), lambda b, h, j: (b, h, j)),
-            pl.BlockSpec((None, None, key_dim, bv), lambda b, h, j: (b, h, 0, j)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, value_dim), v.dtype),
-                   jax.ShapeDtypeStruct(state.shape, state.dtype)],
-        input_output_aliases={len(args) - 1: 1},   # the new state overwrites the old one
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name="retention_decode_step",
-    )(*args)
+def retention_step_from_splits(q: SplitSums, k: SplitSums, v: SplitSums, log_decay: Array,
+                               state: Array, *, dtype, key_scale: float | None = None,
+                               rotate_at: Array | int | None = None,
+                               block_v: int | None = None, num_warps: int = 4,
+                               interpret: bool = False) -> tuple[Array, Array]:
+    """`retention_step_pallas` reading q, k and v straight from a projection's K-split
+    partials (`kernels.projections.projection_splits`): each program adds its head's
+    columns over the splits, so no kernel of XLA's adds them first.
+
+    q = sum(q's splits), k = sum(k's splits) * key_scale and v = sum(v's splits), each
+    rounded to `dtype` as the block's projections and scaling round (`layers.project`);
+    then the step as `retention_step_pallas` computes it (rotation included).
+
+    Args:
+      q, k: SplitSums of H Dk columns; v: of H Dv columns; all over one float32
+        [S, B, C] partials array, laid out as `splits_layout_reason` requires.
+      log_decay, state, rotate_at, block_v, num_warps, interpret: as
+        `retention_step_pallas`' (state's heads and dims give H, Dk and Dv).
+      dtype: the compute dtype q, k, v round to (o's dtype).
+      key_scale: None, or the factor k is multiplied by (in dtype) after its sum.
+    Returns:
+      (o [B, H, Dv] in dtype, new state [B, H, Dk, Dv] in state's dtype).
+    Raises:
+      ValueError naming what does not fit.
+    """
+    batch, heads, key_dim, value_dim = state.shape
+    reason = splits_layout_reason(q, k, v, heads=heads, block_v=block_v)
+    if reason:
+        raise ValueError(f"retention_step_from_splits: {reason}")
+
+    def struct(dim):
+        return jax.ShapeDtypeStruct((q.partials.shape[1], heads, dim), dtype)
+    retention._check_step_inputs(struct(key_dim), struct(key_dim), struct(v.width // heads),
+                                 log_decay, state)
+    bv = _value_columns(batch, heads, key_dim, value_dim, block_v)
+    return _step_call(q.partials, (q.start, k.start, v.start), log_decay, state,
+                      dtypes=(dtype,) * 3, key_scale=key_scale,
+                      rotate_at=None if rotate_at is None else _check_rotate_at(rotate_at,
+                                                                                  batch),
+                      bv=bv, num_warps=num_warps, interpret=interpret)

@@ -25,13 +25,17 @@ two GEMVs behind the norm took 3.8 µs each, out_proj and fc2 2.3: BENCHMARKS.md
 "Decoding", session 19). Timed in session 20, the change is no slower and not measurably
 faster (1.564 against 1.572 ms a token at the 1.3B preset, inside one tree's spread).
 
-The splits' partial sums come back float32 [splits, M, N] and are added by XLA
-(`projections_pallas` returns the sums) as a chain of elementwise adds, which XLA can fuse
-with an elementwise reader (at the 1.3B preset a reduction over the split axis was a kernel
-of its own for out_proj and fc2, ~1.4 µs each, and the residual adds after them others,
-session 16; since session 17 each sum and its residual add are one loop fusion, session
-18). Sums read by another kernel (the retention step's q, k, v) still need a fusion of
-their own, one per reader.
+The splits' partial sums come back float32 [splits, M, C] over all the weights' (padded)
+columns (`projection_splits`: one `SplitSums` per weight). `projections_pallas` returns
+them added by XLA as a chain of elementwise adds, which XLA can fuse with an elementwise
+reader (at the 1.3B preset a reduction over the split axis was a kernel of its own for
+out_proj and fc2, ~1.4 µs each, and the residual adds after them others, session 16; since
+session 17 each sum and its residual add are one loop fusion, session 18). The retention
+step reads q, k and v from the partials itself (`kernels.retention_step_from_splits`), so
+no fusion of XLA's adds them between the two kernels. Building out_proj's and fc2's
+inputs from the partials inside this kernel was slower (each column group re-reads its
+rows' partials from L2: out_proj 17.3 µs against 7.1, fc2 12.5: BENCHMARKS.md, "Decoding",
+session 21).
 Weights are read in their stored dtype and rounded to x's dtype before the product, as
 `nnx.Linear` does.
 
@@ -41,6 +45,7 @@ Forward only (decoding); written for the Pallas Triton backend (GPU) and run wit
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -55,8 +60,8 @@ from retnet_jax.kernels.common import check_block_arg, is_power_of_two, pieces, 
 
 Array = jax.Array
 
-__all__ = ["MAX_ROWS", "projections_pallas", "default_block_k", "default_block_n",
-           "default_splits"]
+__all__ = ["MAX_ROWS", "SplitSums", "projections_pallas", "projection_splits",
+           "default_block_k", "default_block_n", "default_splits"]
 
 MAX_ROWS = 8          # rows of x (decoded sequences) a call takes: powers of two up to this
 MIN_PROGRAMS = 512    # default grid size: ~4 programs per SM of an H100/H200 keep loads in flight
@@ -94,6 +99,29 @@ def default_block_n(k: int, widths: Sequence[int], *, block_k: int) -> int:
 
     wide = splits(128)
     return 64 if wide > MAX_SPLITS and splits(64) < wide else 128
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSums:
+    """One weight's product left as its K splits' partial sums (`projection_splits`):
+    `partials` float32 [splits, M, C] holds the call's C columns (all its weights), this
+    weight's are [start, start + width). `total()` adds the splits; a kernel reading the
+    product may add them itself (`kernels.retention_step_from_splits`)."""
+    partials: Array
+    start: int
+    width: int
+
+    @property
+    def splits(self) -> int:
+        return self.partials.shape[0]
+
+    def total(self) -> Array:
+        """float32 [M, width]: the splits added one by one, in split order: elementwise adds,
+        not a reduction over the split axis, so XLA can fuse them with an elementwise reader
+        (session 16's profile had out_proj's and fc2's reductions as kernels of their own, 48
+        a token at the 1.3B preset, beside 47 residual adds)."""
+        columns = self.partials[:, :, self.start:self.start + self.width]
+        return functools.reduce(jnp.add, [columns[s] for s in range(self.splits)])
 
 
 def _split_products(x_ref, w_ref, *, start, rows: int, block_k: int, norm_eps: float | None,
@@ -195,20 +223,27 @@ def _check(x: Array, weights: Sequence[Array], norm_scale: Array | None) -> None
         raise ValueError(f"norm_scale must be [K={k}], got shape {norm_scale.shape}")
 
 
-def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array | None = None,
-                       norm_eps: float = 1e-6, block_n: int | None = None,
-                       block_k: int | None = None,
-                       splits: int | None = None,
-                       num_warps: int = 4, num_stages: int = 3,
-                       interpret: bool = False) -> list[Array]:
-    """x @ w for each w of weights, in one kernel, optionally behind an RMSNorm of x.
+def projections_pallas(x: Array, weights: Sequence[Array], **kwargs) -> list[Array]:
+    """x @ w for each w of weights, in one kernel (`projection_splits`, same arguments), the
+    K splits' partials added by XLA (`SplitSums.total`): float32 [M, N_i] each."""
+    return [sums.total() for sums in projection_splits(x, weights, **kwargs)]
+
+
+def projection_splits(x: Array, weights: Sequence[Array], *, norm_scale: Array | None = None,
+                      norm_eps: float = 1e-6, block_n: int | None = None,
+                      block_k: int | None = None,
+                      splits: int | None = None,
+                      num_warps: int = 4, num_stages: int = 3,
+                      interpret: bool = False) -> list[SplitSums]:
+    """x @ w for each w of weights, in one kernel, optionally behind an RMSNorm of x, left
+    as K-split partial sums.
 
     Args:
       x: [M, K], M a power of two <= MAX_ROWS, the compute dtype (the products round x and
         the weights to it and sum in float32).
       weights: [K, N_i] arrays of any float dtype. N_i below block_n and a power of two (a
         gated block's decay gate: N = heads) is read as it is; another N_i that is not a
-        multiple of block_n gets zero columns (a copy every call) dropped from the result.
+        multiple of block_n gets zero columns (a copy every call) outside its SplitSums.
       norm_scale: None, or [K]: x becomes `layers.RMSNorm`'s output with this scale first.
       norm_eps: the norm's eps.
       block_n: output columns per program (a power of two); None: `default_block_n`.
@@ -219,7 +254,8 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
       num_warps, num_stages: Triton's, per program and for the K loop.
       interpret: run in Pallas interpret mode (any backend, e.g. CPU tests).
     Returns:
-      float32 [M, N_i] for each weight.
+      one `SplitSums` [M, N_i] per weight, all over one float32 [splits, M, C] array (C:
+      the weights' columns, each padded to a multiple of block_n unless read as it is).
     Raises:
       ValueError naming the argument whose shape, dtype or size does not fit.
     """
@@ -264,10 +300,5 @@ def projections_pallas(x: Array, weights: Sequence[Array], *, norm_scale: Array 
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="decode_projections",
     )(*args, *weights)
-    # The splits' partials added one by one, not reduced over the split axis: elementwise
-    # adds can fuse with an elementwise reader (the residual add) into one loop fusion;
-    # session 16's profile had out_proj's and fc2's reductions as kernels of their own (48
-    # a token at the 1.3B preset) beside 47 residual adds.
-    total = functools.reduce(jnp.add, [partial[s] for s in range(splits)])
     bounds = np.cumsum([0] + padded)
-    return [total[:, a:a + n] for a, n in zip(bounds[:-1], widths)]
+    return [SplitSums(partial, int(a), n) for a, n in zip(bounds[:-1], widths)]
