@@ -117,7 +117,8 @@ def _check_kernel(name: str, kernel: str | None, *, optional: bool = False) -> s
 
 
 def _projections_kernel_args(impl: str, x: Array, linears: Sequence[nnx.Linear]) -> dict | None:
-    """kwargs for `kernels.projections_pallas` when `project` should use it, else None (XLA):
+    """kwargs for the GEMV kernel (`kernels.projections.projection_splits`) when `project`
+    (or `RetentionBase._step_from_splits`) should use it, else None (XLA):
     impl 'pallas' (on a GPU, no multi-device mesh in context) or 'pallas_interpret', one
     token (time 1) of a batch in PROJECTION_KERNEL_BATCHES, bias-free linears computing in
     x's dtype at default precision (what the kernel computes; anything else is XLA's)."""

@@ -839,3 +839,17 @@ def test_retention_step_from_splits_lowers_for_the_triton_gpu_backend():
             jax.ShapeDtypeStruct((1, 8, 256, 432), jnp.float32),
             jax.ShapeDtypeStruct((1,), jnp.int32))
     assert "triton" in lower_for_cuda(step, *args).lower()
+
+
+def test_retention_step_from_splits_checks_widths_against_the_state():
+    """q's columns must be the state's heads x Dk (a q of 2 x 48 columns beside a Dk = 32
+    state would read the wrong columns)."""
+    from retnet_jax.kernels import retention_step_from_splits
+    from retnet_jax.kernels.projections import SplitSums
+    partials = jnp.zeros((2, 1, 512), jnp.float32)
+    q, k, v = SplitSums(partials, 0, 96), SplitSums(partials, 96, 96), SplitSums(partials,
+                                                                                 192, 64)
+    state = jnp.zeros((1, 2, 32, 32), jnp.float32)
+    with pytest.raises(ValueError, match="q has 96 columns, the state's 2 heads x 32 need 64"):
+        retention_step_from_splits(q, k, v, jnp.zeros(2), state, dtype=jnp.float32,
+                                   interpret=True)

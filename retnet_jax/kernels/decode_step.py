@@ -25,16 +25,15 @@ outside is the positions' broadcast to the kernel's lanes). The rotation pairs
 features (2i, 2i + 1), so the kernel then walks the state's even and odd rows as two
 strided sets of tiles, each multiplied by the matching half of the rotated q and k.
 
-q, k and v reach the kernel as one array, [B, H Dk | H Dk | zeros | H Dv] a row (`_pack`),
-each program reading its head's q and k and its value columns as blocks of it: inside a
-model XLA writes them in fewer fusions: at batch 1 with the GEMV projections two a block
-where three each re-added the GEMV's split partials (one kernel a block fewer), with XLA's
-GEMMs two kernels a block fewer; on an H100 0.6-2.7 % less time a token at batches 1, 8
-and 64 (1.567 ms at batch 1 with the GEMV projections; BENCHMARKS.md, "Decoding",
-session 19). `retention_step_from_splits` goes one step further for the models' batch-1
-decoding with the GEMV projections: the kernel reads q, k and v straight from the
-projection kernel's K-split partials (one block of each split's row, summed in split
-order, rounded, k scaled), so no fusion of XLA's adds them between the two kernels.
+`retention_step_pallas`'s q, k and v reach the kernel as one array, [B, H Dk | H Dk |
+zeros | H Dv] a row (`_pack`), each program reading its head's q and k and its value
+columns as blocks of it: inside a model XLA writes them in fewer fusions (with XLA's GEMMs
+two kernels a block fewer; on an H100 0.6-2.7 % less time a token at batches 1, 8 and 64:
+BENCHMARKS.md, "Decoding", session 19). The models' batch-1 decoding with the GEMV
+projections uses `retention_step_from_splits` instead (since session 21): the kernel reads
+q, k and v straight from the projection kernel's K-split partials (one block of each
+split's row, summed in split order, rounded, k scaled), so no fusion of XLA's adds them
+between the two kernels.
 
 Elementwise work only (an outer product and a column sum per tile), so no dot-tile limits
 beyond Triton's power-of-two loads; Dk and Dv multiples of 16 as the other kernels.
@@ -357,6 +356,10 @@ def retention_step_from_splits(q: SplitSums, k: SplitSums, v: SplitSums, log_dec
       ValueError naming what does not fit.
     """
     batch, heads, key_dim, value_dim = state.shape
+    for name, sums, dim in (("q", q, key_dim), ("k", k, key_dim), ("v", v, value_dim)):
+        if sums.width != heads * dim:
+            raise ValueError(f"retention_step_from_splits: {name} has {sums.width} columns, "
+                             f"the state's {heads} heads x {dim} need {heads * dim}")
     reason = splits_layout_reason(q, k, v, heads=heads, block_v=block_v)
     if reason:
         raise ValueError(f"retention_step_from_splits: {reason}")

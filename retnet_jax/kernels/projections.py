@@ -8,10 +8,10 @@ at 0.69-0.81 of the copy bandwidth; a model at batch 8 decodes 2.6x slower with 
 with XLA's GEMMs, not profiled, the 8 rows summed one by one on the CUDA cores being the
 likely cause: BENCHMARKS.md, "Decoding", session 18).
 
-`projections_pallas` streams the weights as a GEMV does: one program per (group of
-`block_n` output columns, split of K), each summing x[m, k] * W[k, cols] over its rows in
-float32 on the CUDA cores (no tensor-core tile to fill at M = 1), the M rows sharing
-every weight tile it loads. Several weights that read the same x (a block's q, k, v and
+The kernel (`projection_splits`; `projections_pallas` adds its partials) streams the
+weights as a GEMV does: one program per (group of `block_n` output columns, split of K),
+each summing x[m, k] * W[k, cols] over its rows in float32 on the CUDA cores (no
+tensor-core tile to fill at M = 1), the M rows sharing every weight tile it loads. Several weights that read the same x (a block's q, k, v and
 gate; the FFN's fc1 and gate) are one call and one kernel: each column group's programs
 read only their own weight (`lax.switch`), so the weights need not be concatenated.
 
