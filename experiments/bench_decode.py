@@ -20,7 +20,8 @@ with XLA's kernels and with the fused Pallas step (`kernels.retention_step_palla
 side; `--decode_projections=xla,pallas` times both models with XLA's GEMMs and with the
 GEMV kernel for the blocks' projections (`kernels.projections_pallas`, at the batches of
 `layers.PROJECTION_KERNEL_BATCHES`, which `--projection_kernel_batches` replaces for the
-run, e.g. to time the kernel at batch 8 beside the Pallas retention step). A row whose model
+run, e.g. to time the kernel at batch 8 beside the Pallas retention step; `--gemv_tiles`
+sets the kernel's tiles for every call, e.g. one K split). A row whose model
 asks for the Pallas step where the library falls back to XLA's (off GPU, or head dims the
 step does not take) records why (`pallas_fallback`) and prints '(XLA step)'.
 
@@ -30,6 +31,7 @@ step does not take) records why (`pallas_fallback`) and prints '(XLA step)'.
   python experiments/bench_decode.py --contexts=8192 --retention_kernels=xla,pallas
   python experiments/bench_decode.py --contexts=8192 --batches=1 --decode_projections=xla,pallas
   python experiments/bench_decode.py --contexts=8192 --batches=1,8 --retention_kernels=pallas --decode_projections=xla,pallas --projection_kernel_batches=1,8
+  python experiments/bench_decode.py --contexts=8192 --batches=1 --retention_kernels=pallas --decode_projections=pallas --notransformer --gemv_tiles=16,128,1
 """
 
 import dataclasses
@@ -53,8 +55,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from ceilings import copy_bandwidth  # noqa: E402
 from decode_models import (build, cache_length, decode_configs, decode_loop,  # noqa: E402
-                           forced_decode, graphdef_of, random_cache, retnet_name,
-                           same_weights, tree_bytes)
+                           forced_decode, graphdef_of, override_gemv_tiles, random_cache,
+                           retnet_name, same_weights, tree_bytes)
 from hlo_text import hlo_launches  # noqa: E402
 from retnet_jax.generate import decode_compiler_options  # noqa: E402
 from retnet_jax import layers  # noqa: E402
@@ -127,6 +129,16 @@ flags.register_validator(
     lambda v: v is None or (bool(v) and all(b.isdigit() and 0 < int(b) <= MAX_ROWS
                                             and int(b) & (int(b) - 1) == 0 for b in v)),
     message=f"--projection_kernel_batches must be powers of two <= {MAX_ROWS}")
+_GEMV_TILES = flags.DEFINE_list(
+    "gemv_tiles", None, "block_n,block_k,splits for every call of the GEMV kernel in this run "
+    "(decode_projections='pallas'), each a whole number or 'default' (the kernel's choice, "
+    "kernels.projections.default_block_n / default_block_k / default_splits); e.g. "
+    "16,128,1 for one K split. Recorded in the JSON; default: the kernel's choices.")
+flags.register_validator(
+    "gemv_tiles",
+    lambda v: v is None or (len(v) == 3 and all(t == "default" or (t.isdigit() and int(t) > 0)
+                                                for t in v)),
+    message="--gemv_tiles takes block_n,block_k,splits, each a positive number or 'default'")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled decode loop's optimized "
                                "HLO here (<model>_batch<B>_context<T>[_<option>-<value>].txt), "
                                "e.g. to see how XLA lowers batch 1's matmuls against batch 8's.")
@@ -139,6 +151,8 @@ def main(argv):
     print(f"XLA_FLAGS={xla_flags!r}", flush=True)
     if _PROJECTION_BATCHES.value is not None:
         layers.PROJECTION_KERNEL_BATCHES = tuple(int(b) for b in _PROJECTION_BATCHES.value)
+    if _GEMV_TILES.value is not None:
+        override_gemv_tiles(*(None if t == "default" else int(t) for t in _GEMV_TILES.value))
     base = ModelConfig.from_config(_CONFIG.value.model)
     contexts = [int(c) for c in _CONTEXTS.value]
     batches = [int(b) for b in _BATCHES.value]
@@ -305,6 +319,7 @@ def write_json(device, xla_flags: str | None, bandwidth: float, results: list[di
             json.dump(dict(device=device.device_kind, jax=jax.__version__,
                            xla_flags=xla_flags, copy_bandwidth=bandwidth,
                            projection_kernel_batches=list(layers.PROJECTION_KERNEL_BATCHES),
+                           gemv_tiles=_GEMV_TILES.value,
                            kernel_checks=kernel_checks, results=results),
                       f, indent=2)
 

@@ -139,3 +139,16 @@ def forced_decode(graphdef):
 
 def tree_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def override_gemv_tiles(block_n: int | None, block_k: int | None, splits: int | None) -> None:
+    """For this process, the GEMV kernel's tile choices (`kernels.projections`' default_*,
+    which every model call leaves to it) become these, where not None: a way to time the
+    model with other tiles than the kernel's defaults (e.g. one K split)."""
+    from retnet_jax.kernels import projections
+    if block_n is not None:
+        projections.default_block_n = lambda k, widths, *, block_k: block_n
+    if block_k is not None:
+        projections.default_block_k = lambda k: block_k
+    if splits is not None:
+        projections.default_splits = lambda k, columns, *, block_n, block_k, **_: splits

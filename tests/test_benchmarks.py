@@ -123,6 +123,7 @@ def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
     ("bench_decode_step.py", "--block_v=auto,wide", "--block_v takes 'auto' and/or whole numbers"),
     ("bench_decode.py", "--projection_kernel_batches=1,3",
      "--projection_kernel_batches must be powers of two <= 8"),
+    ("bench_decode.py", "--gemv_tiles=16,128", "--gemv_tiles takes block_n,block_k,splits"),
     ("profile_decode.py", "--retention_kernels=xla,triton",
      "--retention_kernels must be names from"),
     ("profile_decode.py", "--batches=1,0", "--batches must be positive integers"),
@@ -216,6 +217,25 @@ def test_bench_decode_times_each_retention_kernel(tmp_path, toy_config, kernels,
     assert all(c["greedy_agreement"] == 1 and 0 <= c["state_rel_err"] < 2e-2 for c in checks)
 
 
+def test_override_gemv_tiles_sets_the_kernels_choices(monkeypatch):
+    """bench_decode's --gemv_tiles: every GEMV call that leaves its tiles to the kernel
+    (as the models' do) gets the given block_n and splits; 'default' (None) keeps the
+    kernel's block_k."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "experiments"))
+    import decode_models
+    import jax.numpy as jnp
+    from retnet_jax.kernels import projections
+    for name in ("default_block_n", "default_block_k", "default_splits"):
+        monkeypatch.setattr(projections, name, getattr(projections, name))
+    x, w = jnp.ones((1, 256)), jnp.ones((256, 64))
+    (before,) = projections.projection_splits(x, [w], interpret=True)
+    decode_models.override_gemv_tiles(16, None, 1)
+    (after,) = projections.projection_splits(x, [w], interpret=True)
+    assert before.partials.shape[0] > 1 and after.partials.shape == (1, 1, 64)
+    assert projections.default_block_n(256, [64], block_k=64) == 16
+    assert projections.default_block_k(256) == 64
+
+
 def test_decode_configs_time_each_retention_kernel_in_the_decoding_step(monkeypatch):
     """bench_decode's --retention_kernels picks the decoding step even for a preset whose
     decode_kernel says otherwise (the 1.3B presets' 'pallas'), and the models still share
@@ -234,18 +254,22 @@ def test_decode_configs_time_each_retention_kernel_in_the_decoding_step(monkeypa
         *models.values(), dataclasses.replace(first, decode_kernel="pallas"))}) == 1
 
 
-@pytest.mark.parametrize("kernel_batches", [None, "1,2"])
+@pytest.mark.parametrize("kernel_batches, tiles", [(None, None), ("1,2", "16,default,1")])
 @pytest.mark.slow
 def test_bench_decode_times_the_gemv_projections_checked_against_xla(tmp_path, toy_config,
-                                                                     kernel_batches):
+                                                                     kernel_batches, tiles):
+    """The GEMV rows are checked against XLA's and timed, at the library's batches or the
+    run's own, with the kernel's tiles or one K split of 16 columns (--gemv_tiles)."""
     out = tmp_path / "decode.json"
     process = run_script("bench_decode.py", f"--config={toy_config}", "--contexts=16",
                          "--batches=1,2", "--new_tokens=2", "--repeats=1",
                          "--copy_bytes=1048576", "--decode_projections=pallas_interpret,xla",
                          f"--out={out}", *([f"--projection_kernel_batches={kernel_batches}"]
-                                           if kernel_batches else []))
+                                           if kernel_batches else []),
+                         *([f"--gemv_tiles={tiles}"] if tiles else []))
     assert process.returncode == 0, process.stderr
     result = json.loads(out.read_text())
+    assert result["gemv_tiles"] == (tiles.split(",") if tiles else None)
     fused = ["retnet-pallas_interpret-projections", "transformer-pallas_interpret-projections"]
     rows = result["results"]
     assert [(r["batch"], r["model"]) for r in rows] == [
