@@ -19,7 +19,8 @@ dev-only tool, not a dependency) and reads jax's Pallas lowering through a priva
 
 Decoding's kernels take their own sizes: `step` (`retention_step_pallas`, plain and with
 the rotation, at each `--step_batches` batch with `--step_heads` heads of each `--heads`
-size, the default tiles) and `gemv` (`projections.projections_pallas` at batch 1 for each
+size, the default tiles; and `retention_step_from_splits` reading 8 splits' partials
+where their layout allows, as batch 1 runs it) and `gemv` (`projections.projections_pallas` at batch 1 for each
 `--gemv_shapes` KxN1+N2+... with the blocks' norm on the first, each `--gemv_block_k`);
 `--chunk_sizes` does not apply to them.
 """
@@ -54,6 +55,7 @@ _GRADS_BLOCKS = flags.DEFINE_list("grads_blocks", ["auto"], "chunk_grads layouts
                                   "(default_blocks), 'fused' or KxV.")
 _STEP_BATCHES = flags.DEFINE_list("step_batches", ["1", "8", "32"], "step: batch sizes.")
 _STEP_HEADS = flags.DEFINE_integer("step_heads", 8, "step: heads (the 1.3B preset's 8).")
+_STEP_SPLITS = 8      # the 1.3B q|k|v|gate GEMV's K splits, which the step then adds
 _GEMV_SHAPES = flags.DEFINE_list("gemv_shapes", ["2048x2048+2048+3456+3456", "3456x2048"],
                                  "gemv: KxN1+N2+... weight shapes (the 1.3B block's q|k|v|gate "
                                  "and out_proj / fc2); the first K's input is normalised.")
@@ -149,9 +151,26 @@ def step_calls(key_dim: int, value_dim: int, num_warps: int):
                 jax.ShapeDtypeStruct((heads,), jnp.float32),
                 jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32))
         plain = functools.partial(kernels.retention_step_pallas, num_warps=num_warps)
+        position = jax.ShapeDtypeStruct((batch,), jnp.int32)
         yield f"batch {batch}", plain, args
         yield (f"batch {batch} rotate", lambda *a, plain=plain: plain(*a[:5], rotate_at=a[5]),
-               args + (jax.ShapeDtypeStruct((batch,), jnp.int32),))
+               args + (position,))
+        # As a batch-1 decoding model runs it: q, k, v from the q|k|v|gate GEMV's 8 splits.
+        starts = (0, heads * key_dim, 2 * heads * key_dim)
+        widths = (heads * key_dim, heads * key_dim, heads * value_dim)
+        partials = jax.ShapeDtypeStruct((_STEP_SPLITS, batch, 2 * heads * (key_dim + value_dim)),
+                                        jnp.float32)
+
+        def from_splits(partials, log_decay, state, position):
+            q, k, v = (projections.SplitSums(partials, at, width)
+                       for at, width in zip(starts, widths))
+            return kernels.retention_step_from_splits(
+                q, k, v, log_decay, state, dtype=jnp.bfloat16, key_scale=key_dim**-0.5,
+                rotate_at=position, num_warps=num_warps)
+        sums = [projections.SplitSums(partials, at, width) for at, width in zip(starts, widths)]
+        if kernels.splits_layout_reason(*sums, heads=heads) is None:
+            yield (f"batch {batch} rotate from {_STEP_SPLITS} splits", from_splits,
+                   (partials, args[3], args[4], position))
 
 
 def gemv_calls(num_warps: int):

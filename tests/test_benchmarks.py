@@ -526,8 +526,8 @@ def test_kernel_resources_compiles_offline_or_says_what_it_needs(tmp_path):
 
 
 def test_kernel_resources_compiles_the_decoding_kernels(tmp_path):
-    """step: plain and rotating, per batch; gemv: each block_k dividing K, the first shape
-    behind the norm. Skipped without the triton package (CI)."""
+    """step: plain, rotating and reading 8 splits' partials, per batch; gemv: each block_k
+    dividing K, the first shape behind the norm. Skipped without the triton package (CI)."""
     pytest.importorskip("triton")
     out = tmp_path / "resources.json"
     process = run_script("kernel_resources.py", "--kernels=step,gemv", "--heads=16x32",
@@ -538,7 +538,9 @@ def test_kernel_resources_compiles_the_decoding_kernels(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["kernel"], r["setting"]) for r in rows] == [
         ("retention_decode_step", "batch 1"), ("retention_decode_step", "batch 1 rotate"),
+        ("retention_decode_step", "batch 1 rotate from 8 splits"),
         ("retention_decode_step", "batch 2"), ("retention_decode_step", "batch 2 rotate"),
+        ("retention_decode_step", "batch 2 rotate from 8 splits"),
         ("decode_projections", "64x32+16 norm bk32"),
         ("decode_projections", "64x32+16 norm bk64"),
         ("decode_projections", "96x32 bk32")]
