@@ -384,6 +384,15 @@ def _sharded_pallas(mesh: jax.sharding.AbstractMesh, kernel, q: Array, k: Array,
                          check_vma=False)(*args)
 
 
+def _step_pallas_args(kernel: str, step_kernel: str | None, q, v) -> dict | None:
+    """`_pallas_or_fallback` for a single-token step: step_kernel's ('decode_kernel'), or
+    with step_kernel None kernel's ('retention_kernel'); q, v (or shape structs) [B, 1, H,
+    D]."""
+    if step_kernel is None:
+        return _pallas_or_fallback(kernel, "retention_kernel", q, v, None)
+    return _pallas_or_fallback(step_kernel, "decode_kernel", q, v, None)
+
+
 def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
                   chunk_size: int, initial_state: Array | None, kernel: str = "xla",
                   step_kernel: str | None = None,
@@ -426,9 +435,7 @@ def run_retention(mode: str, q: Array, k: Array, v: Array, log_decay: Array, *,
     if mode == "chunkwise":
         pallas = _pallas_or_fallback(kernel, "retention_kernel", q, v, chunk_size)
     elif mode == "recurrent" and q.shape[1] == 1:
-        pallas = (_pallas_or_fallback(kernel, "retention_kernel", q, v, None)
-                  if step_kernel is None else
-                  _pallas_or_fallback(step_kernel, "decode_kernel", q, v, None))
+        pallas = _step_pallas_args(kernel, step_kernel, q, v)
     mesh = sharding.mesh_in_context()
     if rotate_at is not None:
         rotate_at = jnp.asarray(rotate_at)
@@ -574,7 +581,6 @@ class RetentionBase(nnx.Module):
             return y, None
         return y, RetentionCache(state.astype(self.state_dtype))
 
-
     def _step_from_splits(self, x: Array, cache: RetentionCache, position: Array | None,
                           input_norm: RMSNorm | None, linears: dict[str, nnx.Linear],
                           impl: str) -> tuple[Array, Array, dict[str, Array]] | None:
@@ -598,9 +604,7 @@ class RetentionBase(nnx.Module):
         q_like = jax.ShapeDtypeStruct((batch, 1, self.num_heads, self.key_dim), x.dtype)
         v_like = jax.ShapeDtypeStruct((batch, 1, self.num_heads, self.value_head_dim),
                                       x.dtype)
-        step = (_pallas_or_fallback(self.kernel, "retention_kernel", q_like, v_like, None)
-                if self.decode_kernel is None else
-                _pallas_or_fallback(self.decode_kernel, "decode_kernel", q_like, v_like, None))
+        step = _step_pallas_args(self.kernel, self.decode_kernel, q_like, v_like)
         if step is None or step["interpret"] != kernel_args["interpret"]:
             return None
         sums = dict(zip(linears, _project_splits(x, list(linears.values()), input_norm,

@@ -312,22 +312,28 @@ def splits_layout_reason(q: SplitSums, k: SplitSums, v: SplitSums, *, heads: int
     they lie (then add them and use `retention_step_pallas`), or None: one partials array
     [S, B, C] for all three, q's and k's columns starting at multiples of Dk and v's at a
     multiple of the programs' value columns, head dims the step takes."""
+    return _splits_layout(q, k, v, heads, block_v)[0]
+
+
+def _splits_layout(q: SplitSums, k: SplitSums, v: SplitSums, heads: int,
+                   block_v: int | None) -> tuple[str | None, int | None]:
+    """(`splits_layout_reason`'s reason, the programs' value columns where it is None)."""
     if not (q.partials is k.partials is v.partials):
-        return "q, k and v are not columns of one partials array"
+        return "q, k and v are not columns of one partials array", None
     batch = q.partials.shape[1]
     if q.width != k.width or q.width % heads or v.width % heads:
         return (f"q ({q.width}), k ({k.width}) and v ({v.width}) columns do not split into "
-                f"{heads} heads")
+                f"{heads} heads"), None
     key_dim, value_dim = q.width // heads, v.width // heads
     reason = step_unsupported_reason(key_dim, value_dim)
     if reason:
-        return reason
+        return reason, None
     bv = _value_columns(batch, heads, key_dim, value_dim, block_v)
     for name, sums, multiple in (("q", q, key_dim), ("k", k, key_dim), ("v", v, bv)):
         if sums.start % multiple:
             return (f"{name} starts at column {sums.start}, not a multiple of {multiple} "
-                    f"(its blocks' width)")
-    return None
+                    f"(its blocks' width)"), None
+    return None, bv
 
 
 def retention_step_from_splits(q: SplitSums, k: SplitSums, v: SplitSums, log_decay: Array,
@@ -360,7 +366,7 @@ def retention_step_from_splits(q: SplitSums, k: SplitSums, v: SplitSums, log_dec
         if sums.width != heads * dim:
             raise ValueError(f"retention_step_from_splits: {name} has {sums.width} columns, "
                              f"the state's {heads} heads x {dim} need {heads * dim}")
-    reason = splits_layout_reason(q, k, v, heads=heads, block_v=block_v)
+    reason, bv = _splits_layout(q, k, v, heads, block_v)
     if reason:
         raise ValueError(f"retention_step_from_splits: {reason}")
 
@@ -368,7 +374,6 @@ def retention_step_from_splits(q: SplitSums, k: SplitSums, v: SplitSums, log_dec
         return jax.ShapeDtypeStruct((q.partials.shape[1], heads, dim), dtype)
     retention._check_step_inputs(struct(key_dim), struct(key_dim), struct(v.width // heads),
                                  log_decay, state)
-    bv = _value_columns(batch, heads, key_dim, value_dim, block_v)
     return _step_call(q.partials, (q.start, k.start, v.start), log_decay, state,
                       dtypes=(dtype,) * 3, key_scale=key_scale,
                       rotate_at=None if rotate_at is None else _check_rotate_at(rotate_at,
