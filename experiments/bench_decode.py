@@ -21,7 +21,8 @@ side; `--decode_projections=xla,pallas` times both models with XLA's GEMMs and w
 GEMV kernel for the blocks' projections (`kernels.projections_pallas`, at the batches of
 `layers.PROJECTION_KERNEL_BATCHES`, which `--projection_kernel_batches` replaces for the
 run, e.g. to time the kernel at batch 8 beside the Pallas retention step; `--gemv_tiles`
-sets the kernel's tiles for every call, e.g. one K split). A row whose model
+sets the kernel's tiles for every call, e.g. one K split; `--step_block_v` the Pallas step's
+value columns per program). A row whose model
 asks for the Pallas step where the library falls back to XLA's (off GPU, or head dims the
 step does not take) records why (`pallas_fallback`) and prints '(XLA step)'.
 
@@ -32,6 +33,7 @@ step does not take) records why (`pallas_fallback`) and prints '(XLA step)'.
   python experiments/bench_decode.py --contexts=8192 --batches=1 --decode_projections=xla,pallas
   python experiments/bench_decode.py --contexts=8192 --batches=1,8 --retention_kernels=pallas --decode_projections=xla,pallas --projection_kernel_batches=1,8
   python experiments/bench_decode.py --contexts=8192 --batches=1 --retention_kernels=pallas --decode_projections=pallas --notransformer --gemv_tiles=16,128,1
+  python experiments/bench_decode.py --contexts=8192 --batches=1 --retention_kernels=pallas --decode_projections=pallas --notransformer --step_block_v=64
 """
 
 import dataclasses
@@ -55,7 +57,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from ceilings import copy_bandwidth  # noqa: E402
 from decode_models import (build, cache_length, decode_configs, decode_loop,  # noqa: E402
-                           forced_decode, graphdef_of, override_gemv_tiles, random_cache,
+                           forced_decode, graphdef_of, override_gemv_tiles,
+                           override_step_block_v, random_cache,
                            retnet_name, same_weights, tree_bytes)
 from hlo_text import hlo_launches  # noqa: E402
 from retnet_jax.generate import decode_compiler_options  # noqa: E402
@@ -139,6 +142,13 @@ flags.register_validator(
     lambda v: v is None or (len(v) == 3 and all(t == "default" or (t.isdigit() and int(t) > 0)
                                                 for t in v)),
     message="--gemv_tiles takes block_n,block_k,splits, each a positive number or 'default'")
+_STEP_BLOCK_V = flags.DEFINE_integer(
+    "step_block_v", None, "The Pallas decode step's most value columns per program for every "
+    "call in this run (a power of two >= 16, `decode_models.override_step_block_v`); "
+    "recorded in the JSON; default: kernels.decode_step.default_block_v's choice.")
+flags.register_validator(
+    "step_block_v", lambda v: v is None or (v >= 16 and v & (v - 1) == 0),
+    message="--step_block_v must be a power of two >= 16")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled decode loop's optimized "
                                "HLO here (<model>_batch<B>_context<T>[_<option>-<value>].txt), "
                                "e.g. to see how XLA lowers batch 1's matmuls against batch 8's.")
@@ -153,6 +163,8 @@ def main(argv):
         layers.PROJECTION_KERNEL_BATCHES = tuple(int(b) for b in _PROJECTION_BATCHES.value)
     if _GEMV_TILES.value is not None:
         override_gemv_tiles(*(None if t == "default" else int(t) for t in _GEMV_TILES.value))
+    if _STEP_BLOCK_V.value is not None:
+        override_step_block_v(_STEP_BLOCK_V.value)
     base = ModelConfig.from_config(_CONFIG.value.model)
     contexts = [int(c) for c in _CONTEXTS.value]
     batches = [int(b) for b in _BATCHES.value]
@@ -319,7 +331,7 @@ def write_json(device, xla_flags: str | None, bandwidth: float, results: list[di
             json.dump(dict(device=device.device_kind, jax=jax.__version__,
                            xla_flags=xla_flags, copy_bandwidth=bandwidth,
                            projection_kernel_batches=list(layers.PROJECTION_KERNEL_BATCHES),
-                           gemv_tiles=_GEMV_TILES.value,
+                           gemv_tiles=_GEMV_TILES.value, step_block_v=_STEP_BLOCK_V.value,
                            kernel_checks=kernel_checks, results=results),
                       f, indent=2)
 

@@ -152,3 +152,15 @@ def override_gemv_tiles(block_n: int | None, block_k: int | None, splits: int | 
         projections.default_block_k = lambda k: block_k
     if splits is not None:
         projections.default_splits = lambda k, columns, *, block_n, block_k, **_: splits
+
+
+def override_step_block_v(block_v: int) -> None:
+    """For this process, the Pallas decode step's most value columns per program
+    (`kernels.decode_step.default_block_v`, which every model call leaves to it) become
+    block_v (a power of two >= 16; each program takes the widest multiple of 16 dividing Dv
+    up to it): a way to time the model's step at other widths, e.g. batch 1's 16 columns
+    (216 programs at the 1.3B heads, each re-reading its head's q and k partials) against
+    48 (72 programs)."""
+    from retnet_jax.kernels import common, decode_step
+    common.check_block_arg("block_v", block_v)
+    decode_step.default_block_v = lambda batch, heads, value_dim, **_: block_v

@@ -124,6 +124,7 @@ def test_bench_train_records_a_failing_setting_and_times_the_rest(tmp_path):
     ("bench_decode.py", "--projection_kernel_batches=1,3",
      "--projection_kernel_batches must be powers of two <= 8"),
     ("bench_decode.py", "--gemv_tiles=16,128", "--gemv_tiles takes block_n,block_k,splits"),
+    ("bench_decode.py", "--step_block_v=48", "--step_block_v must be a power of two >= 16"),
     ("profile_decode.py", "--retention_kernels=xla,triton",
      "--retention_kernels must be names from"),
     ("profile_decode.py", "--batches=1,0", "--batches must be positive integers"),
@@ -234,6 +235,33 @@ def test_override_gemv_tiles_sets_the_kernels_choices(monkeypatch):
     assert before.partials.shape[0] > 1 and after.partials.shape == (1, 1, 64)
     assert projections.default_block_n(256, [64], block_k=64) == 16
     assert projections.default_block_k(256) == 64
+
+
+def test_override_step_block_v_sets_the_steps_value_columns(monkeypatch):
+    """bench_decode's --step_block_v: the Pallas step's default value columns become the
+    given width (48 of Dv 48 in one group at 64, where the default takes 16), and the
+    step's results do not change with it; a width that is no power of two is refused."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "experiments"))
+    import decode_models
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from retnet_jax.kernels import decode_step
+    monkeypatch.setattr(decode_step, "default_block_v", decode_step.default_block_v)
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, k = (jax.random.normal(key, (1, 2, 32)) for key in keys[:2])
+    v = jax.random.normal(keys[2], (1, 2, 48))
+    state = jax.random.normal(keys[3], (1, 2, 32, 48))
+    log_decay = jnp.log(jnp.array([0.9, 0.99]))
+    before = kernels.retention_step_pallas(q, k, v, log_decay, state, interpret=True)
+    assert decode_step.default_block_v(1, 2, 48) == 16
+    decode_models.override_step_block_v(64)
+    assert decode_step.default_block_v(1, 2, 48) == 64
+    after = kernels.retention_step_pallas(q, k, v, log_decay, state, interpret=True)
+    for x, y in zip(before, after, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="block_v must be a power of two"):
+        decode_models.override_step_block_v(48)
 
 
 def test_decode_configs_time_each_retention_kernel_in_the_decoding_step(monkeypatch):
