@@ -573,10 +573,13 @@ class RetentionBase(nnx.Module):
             o = o * scale[..., None]
         if self.use_head_norm:
             o = rms_normalize(o, self.norm_eps)
-        o = o.reshape(batch, time, -1).astype(self.dtype)
+        o = o.astype(self.dtype)
         if self.use_swish_gate:
-            o = jax.nn.silu(projected["g"]) * o
-        y = project(o, [self.out_proj], impl=impl)[0]
+            # gated per head, before the heads are joined: one shape from the norm to the
+            # product, so XLA may fuse them (decoding ran them as two kernels a block:
+            # BENCHMARKS.md, "Decoding", session 22)
+            o = jax.nn.silu(_split_heads(projected["g"], self.num_heads)) * o
+        y = project(o.reshape(batch, time, -1), [self.out_proj], impl=impl)[0]
         if cache is None:
             return y, None
         return y, RetentionCache(state.astype(self.state_dtype))
