@@ -147,7 +147,7 @@ _STEP_BLOCK_V = flags.DEFINE_integer(
     "call in this run (a power of two >= 16, `decode_models.override_step_block_v`); "
     "recorded in the JSON; default: kernels.decode_step.default_block_v's choice. At batch 1 "
     "with the GEMV projections a width whose value columns do not divide v's first column in "
-    "the q|k|v|gate partials (kernels.splits_layout_reason; at the 1.3B heads any but 16) "
+    "the q|k|v|gate partials (kernels.splits_layout_reason; at the 1.3B heads any above 32) "
     "makes XLA add q, k and v first: the row's kernels/token shows it (277 against 253).")
 flags.register_validator(
     "step_block_v", lambda v: v is None or (v >= 16 and v & (v - 1) == 0),

@@ -158,9 +158,12 @@ def override_step_block_v(block_v: int) -> None:
     """For this process, the Pallas decode step's most value columns per program
     (`kernels.decode_step.default_block_v`, which every model call leaves to it) become
     block_v (a power of two >= 16; each program takes the widest multiple of 16 dividing Dv
-    up to it): a way to time the model's step at other widths, e.g. batch 1's 16 columns
-    (216 programs at the 1.3B heads, each re-reading its head's q and k partials) against
-    48 (72 programs)."""
+    up to it): a way to time the model's step at other widths. At batch 1 with the GEMV
+    projections a width whose columns do not divide v's first column in the q|k|v|gate
+    partials (at the 1.3B heads any above 32: v starts at column 4096, 48 columns do not
+    divide it) makes the model add q, k and v in XLA and run the packed step
+    (`kernels.splits_layout_reason`)."""
     from retnet_jax.kernels import common, decode_step
-    common.check_block_arg("block_v", block_v)
+    if common.check_block_arg("block_v", block_v) < common.MIN_DOT_DIM:
+        raise ValueError(f"block_v must be at least {common.MIN_DOT_DIM}, got {block_v}")
     decode_step.default_block_v = lambda batch, heads, value_dim, **_: block_v

@@ -240,7 +240,8 @@ def test_override_gemv_tiles_sets_the_kernels_choices(monkeypatch):
 def test_override_step_block_v_sets_the_steps_value_columns(monkeypatch):
     """bench_decode's --step_block_v: the Pallas step's default value columns become the
     given width (48 of Dv 48 in one group at 64, where the default takes 16), and the
-    step's results do not change with it; a width that is no power of two is refused."""
+    step's results do not change with it; a width that is no power of two, or below 16,
+    is refused."""
     monkeypatch.syspath_prepend(os.path.join(REPO, "experiments"))
     import decode_models
     import jax
@@ -257,11 +258,14 @@ def test_override_step_block_v_sets_the_steps_value_columns(monkeypatch):
     assert decode_step.default_block_v(1, 2, 48) == 16
     decode_models.override_step_block_v(64)
     assert decode_step.default_block_v(1, 2, 48) == 64
+    assert decode_step._value_columns(1, 2, 32, 48, None) == 48   # what the step's grid uses
     after = kernels.retention_step_pallas(q, k, v, log_decay, state, interpret=True)
     for x, y in zip(before, after, strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="block_v must be a power of two"):
         decode_models.override_step_block_v(48)
+    with pytest.raises(ValueError, match="block_v must be at least 16"):
+        decode_models.override_step_block_v(8)
 
 
 def test_decode_configs_time_each_retention_kernel_in_the_decoding_step(monkeypatch):
