@@ -161,14 +161,15 @@ def step_calls(key_dim: int, value_dim: int, num_warps: int):
         partials = jax.ShapeDtypeStruct((_STEP_SPLITS, batch, 2 * heads * (key_dim + value_dim)),
                                         jnp.float32)
 
+        def split_sums(partials):
+            return [projections.SplitSums(partials, at, width)
+                    for at, width in zip(starts, widths)]
+
         def from_splits(partials, log_decay, state, position):
-            q, k, v = (projections.SplitSums(partials, at, width)
-                       for at, width in zip(starts, widths))
             return kernels.retention_step_from_splits(
-                q, k, v, log_decay, state, dtype=jnp.bfloat16, key_scale=key_dim**-0.5,
-                rotate_at=position, num_warps=num_warps)
-        sums = [projections.SplitSums(partials, at, width) for at, width in zip(starts, widths)]
-        if kernels.splits_layout_reason(*sums, heads=heads) is None:
+                *split_sums(partials), log_decay, state, dtype=jnp.bfloat16,
+                key_scale=key_dim**-0.5, rotate_at=position, num_warps=num_warps)
+        if kernels.splits_layout_reason(*split_sums(partials), heads=heads) is None:
             yield (f"batch {batch} rotate from {_STEP_SPLITS} splits", from_splits,
                    (partials, args[3], args[4], position))
 

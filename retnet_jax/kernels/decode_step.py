@@ -372,7 +372,7 @@ def retention_step_from_splits(q: SplitSums, k: SplitSums, v: SplitSums, log_dec
 
     def struct(dim):
         return jax.ShapeDtypeStruct((q.partials.shape[1], heads, dim), dtype)
-    retention._check_step_inputs(struct(key_dim), struct(key_dim), struct(v.width // heads),
+    retention._check_step_inputs(struct(key_dim), struct(key_dim), struct(value_dim),
                                  log_decay, state)
     return _step_call(q.partials, (q.start, k.start, v.start), log_decay, state,
                       dtypes=(dtype,) * 3, key_scale=key_scale,
