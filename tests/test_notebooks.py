@@ -9,7 +9,8 @@ import pytest
 
 COLAB = pathlib.Path(__file__).resolve().parents[1] / "colab"
 NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
-SLOW_NOTEBOOKS = {"fixed_vs_gated", "generation"}   # 40-50 s each on 2 CPU cores: `-m slow`
+SLOW_NOTEBOOKS = {"fixed_vs_gated", "generation", "three_forms"}   # 20-50 s each on 2 CPU
+                                                                   # cores: `-m slow`
 
 
 def _sources(notebook):

@@ -99,6 +99,7 @@ def test_constrain_is_a_no_op_without_a_mesh_in_context():
     assert sharding.constrain(x, ("batch", None, None)) is x
 
 
+@pytest.mark.slow   # ~20 s each on 2 CPU cores
 @pytest.mark.parametrize("mesh_config", [MeshConfig(data=1, fsdp=8, tensor=1),
                                          MeshConfig(data=2, fsdp=2, tensor=2)])
 def test_train_step_keeps_activations_batch_sharded(mesh_config):
