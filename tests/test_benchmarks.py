@@ -859,6 +859,60 @@ def test_bench_gemv_refuses_a_malformed_shape_by_name():
     assert "--shapes: '192x64+' is not KxN or KxN1+N2+..." in process.stderr
 
 
+def test_bench_grid_barrier_checks_then_times_both_forms(tmp_path):
+    out = tmp_path / "barrier.json"
+    process = run_script("bench_grid_barrier.py", "--rounds=3", "--tile_rows=0,64",
+                         "--repeats=1", "--copy_bytes=1048576", f"--out={out}")
+    assert process.returncode == 0, process.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["form"], r["tile_rows"]) for r in rows] == [
+        ("chain", 0), ("persistent", 0), ("chain", 64), ("persistent", 64)]
+    for r in rows:   # one program on the CPU, so one weight tile of 64 x 128 bf16 a round
+        assert "error" not in r and r["rel_err"] <= 1e-5 and r["us_per_round"] > 0, r
+        assert r["mb_per_round"] == pytest.approx(r["tile_rows"] * 128 * 2 / 1e6), r
+
+
+def test_bench_grid_barrier_rounds_read_the_neighbours_values():
+    # Each round reads another program's value from the round before: the chain at four
+    # interpreted programs must match float64 (a wrong neighbour or round order would not:
+    # x and the weights are random), and so must the persistent kernel at one; at four it
+    # must lower for Triton (the barrier's loop of atomics included).
+    code = """
+import functools, jax, numpy as np, bench_grid_barrier as b
+x, w = b.inputs(4, 64, rounds=3)
+want = b.reference(x, w, 3)
+got = np.stack(b.chain(x, w, rounds=3, interpret=True))
+print("chain", float(np.abs(got - want).max() / np.abs(want).max()))
+print("unrolled", float(np.abs(want - b.reference(x[::-1], w, 3)).max()))
+x1, w1 = b.inputs(1, 64, rounds=3)
+got = np.stack(b.persistent(x1, w1, rounds=3, interpret=True))
+want = b.reference(x1, w1, 3)
+print("persistent", float(np.abs(got - want).max() / np.abs(want).max()))
+try:
+    jax.jit(functools.partial(b.persistent, rounds=3)).trace(x, w).lower(
+        lowering_platforms=("cuda",))
+    print("lowering done")
+except RuntimeError as e:
+    print("lowering skipped" if "No supported GPU" in str(e) else f"lowering failed {e}")
+"""
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=os.path.join(REPO, "experiments"), timeout=300)
+    assert process.returncode == 0, process.stderr
+    found = dict(line.split(" ", 1) for line in process.stdout.splitlines())
+    assert float(found["chain"]) <= 1e-5 and float(found["persistent"]) <= 1e-5, found
+    assert float(found["unrolled"]) > 1e-2, found     # the programs' order matters
+    assert found["lowering"] in ("done", "skipped"), found
+
+
+def test_bench_grid_barrier_refuses_flags_it_cannot_run_by_name():
+    process = run_script("bench_grid_barrier.py", "--programs=2", "--copy_bytes=1048576")
+    assert process.returncode != 0
+    assert "--programs must be 1 when Pallas is interpreted" in process.stderr
+    process = run_script("bench_grid_barrier.py", "--tile_rows=0,96", "--copy_bytes=1048576")
+    assert process.returncode != 0
+    assert "--tile_rows must be multiples of 64, got [0, 96]" in process.stderr
+
+
 def test_bench_train_profiles_a_step_when_asked(tmp_path, toy_config):
     out = tmp_path / "train.json"
     process = run_script("bench_train.py", f"--config={toy_config}", "--seq_lens=32",
