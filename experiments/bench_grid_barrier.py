@@ -9,24 +9,36 @@ with the same work, before anyone writes that kernel:
 * `chain`: `--rounds` pallas_calls in one jit, as a decode step runs them (one CUDA
   graph, XLA's programmatic dependent launch between them), each of `--programs` programs;
 * `persistent`: one pallas_call of `--programs` programs looping over the rounds, with a
-  grid barrier after each: an atomic counter (acquire-release, GPU scope) that every
-  program adds 1 to and then polls until all have arrived.
+  grid barrier between rounds: an atomic counter (acquire-release, GPU scope) that every
+  program adds 1 to and then polls until all have arrived. With `--ahead` N, each program
+  first loads its next round's first N weight row blocks (they depend on no other
+  program), so those loads are in flight while it waits: what a kernel boundary cannot do.
 
 Every round, program p sums the columns of its [`--tile_rows`, 128] bf16 tile of that
 round's weights (in 64-row steps, as the decode GEMV does; 0 rows: no weights) and writes
 out[r, p] = 0.5 * out[r - 1, (p + 1) % P] + those sums, float32 [128] (out[-1] is x). The
 neighbour's value is written by another program in the round before, so a barrier that
-lets a program through early gives a wrong answer: both forms are checked against float64
-first, then timed (median wall time of a call, divided by the rounds).
+lets a program through early gives a wrong answer: the persistent kernel's output starts
+as NaN, and each form (its own random inputs) is checked against float64 before and after
+it is timed, the persistent kernel's counter too (it must end at (rounds - 1) x programs
+arrivals). As a control, the persistent kernel without its barrier runs once and must fail
+that check (with more than one program). Time a round = the median wall time of a call
+(five back to back, one sync) over the rounds; the persistent kernel's waiting programs
+poll the counter with atomic adds of 0, which contend on one address, so its barrier is
+timed as this simple one costs, not as the cheapest could.
 
 The persistent form needs all its programs resident at once: at most one per SM here.
 Pallas' interpret mode (the CPU) runs programs one by one, so there it runs with one.
 
-  python3 experiments/bench_grid_barrier.py --tile_rows=0,64,512 --out=$OUT/grid_barrier.json
+  python3 experiments/bench_grid_barrier.py --tile_rows=0,64,512 --ahead=0,1,2 \
+      --out=$OUT/grid_barrier.json
 """
 
+import datetime
 import functools
 import json
+import os
+from collections.abc import Sequence
 
 from absl import app, flags
 import jax
@@ -36,12 +48,15 @@ from ceilings import copy_bandwidth, median_seconds
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-_ROUNDS = flags.DEFINE_integer("rounds", 96, "Rounds (kernels of the chain, barriers of the "
-                               "persistent kernel) a call.")
+_ROUNDS = flags.DEFINE_integer("rounds", 96, "Rounds (kernels of the chain, barriers + 1 of "
+                               "the persistent kernel) a call.")
 _PROGRAMS = flags.DEFINE_integer("programs", 0, "Programs of each form; 0: the GPU's SM "
                                  "count (1 when Pallas is interpreted).")
 _TILE_ROWS = flags.DEFINE_list("tile_rows", ["0", "64", "512"], "Weight rows a program "
                                "streams each round (multiples of 64; 0: no weights).")
+_AHEAD = flags.DEFINE_list("ahead", ["0", "1", "2"], "Row blocks of each round's weight "
+                           "tile the persistent kernel loads before its barrier (one row per "
+                           "value; those above a tile's row blocks are skipped).")
 _NUM_WARPS = flags.DEFINE_integer("num_warps", 4, "Triton warps per program.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per setting (median reported).")
 _COPY_BYTES = flags.DEFINE_integer("copy_bytes", 1 << 30, "Bytes of the copy-bandwidth probe.")
@@ -50,35 +65,46 @@ _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
 WIDTH = 128         # float32 columns a program writes each round
 BLOCK_ROWS = 64     # weight rows a loop step loads
 TOLERANCE = 1e-5    # float32 sums of bf16 weights against float64
+CALLS = 5           # back-to-back calls a timing (host dispatch out of the per-call time)
 
 
-def column_sums(w_ref, at: tuple) -> jax.Array:
-    """float32 [WIDTH]: the rows of w_ref[*at] ([rows, WIDTH]) summed, BLOCK_ROWS at a time
-    (one indexer a load: Triton's lowering takes no view of a view)."""
-    def step(i, acc):
-        rows = pl.ds(pl.multiple_of(i * BLOCK_ROWS, BLOCK_ROWS), BLOCK_ROWS)
-        return acc + jnp.sum(w_ref[(*at, rows, slice(None))].astype(jnp.float32), axis=0)
-    return jax.lax.fori_loop(0, w_ref.shape[-2] // BLOCK_ROWS, step,
-                             jnp.zeros((WIDTH,), jnp.float32))
+def load_tile(w_ref, at: tuple, i) -> jax.Array:
+    """bf16 [BLOCK_ROWS, WIDTH]: the i-th row block of w_ref[*at] ([rows, WIDTH]), in one
+    indexer (Triton's lowering takes no view of a view); i a Python or traced int."""
+    start = i * BLOCK_ROWS
+    rows = pl.ds(start if isinstance(i, int) else pl.multiple_of(start, BLOCK_ROWS), BLOCK_ROWS)
+    return w_ref[(*at, rows, slice(None))]
 
 
-def next_value(prev_ref, prev_at: tuple, w_ref, w_at: tuple, p, programs: int) -> jax.Array:
-    """0.5 * prev_ref[*prev_at][(p + 1) % programs] (+ the column sums of w_ref[*w_at], if
-    w_ref is not None)."""
+def column_sums(w_ref, at: tuple, loaded: Sequence[jax.Array] = ()) -> jax.Array:
+    """float32 [WIDTH]: the rows of w_ref[*at] (bf16 [rows, WIDTH]) summed a row block at a
+    time; its first row blocks may come `loaded` already."""
+    def add(acc, tile):
+        return acc + jnp.sum(tile.astype(jnp.float32), axis=0)
+    acc = functools.reduce(add, loaded, jnp.zeros((WIDTH,), jnp.float32))
+    return jax.lax.fori_loop(len(loaded), w_ref.shape[-2] // BLOCK_ROWS,
+                             lambda i, acc: add(acc, load_tile(w_ref, at, i)), acc)
+
+
+def next_value(prev_ref, prev_at: tuple, w_ref, w_at: tuple, p, programs: int,
+               loaded: Sequence[jax.Array] = ()) -> jax.Array:
+    """float32 [WIDTH]: 0.5 * prev_ref[*prev_at][(p + 1) % programs] (float32 [P, WIDTH])
+    + the column sums of w_ref[*w_at] (bf16 [rows, WIDTH]; none if w_ref is None), its
+    first row blocks `loaded`."""
     value = 0.5 * prev_ref[(*prev_at, (p + 1) % programs, slice(None))]
-    return value if w_ref is None else value + column_sums(w_ref, w_at)
+    return value if w_ref is None else value + column_sums(w_ref, w_at, loaded)
 
 
 def chain_round_kernel(prev_ref, *refs):
-    """One round of the chain, program p: prev [P, WIDTH] (all of it), w [rows, WIDTH]
-    (this program's tile; absent without weights), out [WIDTH]."""
+    """One round of the chain, program p: prev float32 [P, WIDTH] (all of it), w bf16
+    [rows, WIDTH] (this program's tile; absent without weights), out float32 [WIDTH]."""
     w_ref, out_ref = refs if len(refs) == 2 else (None, refs[0])
     out_ref[...] = next_value(prev_ref, (), w_ref, (), pl.program_id(0), pl.num_programs(0))
 
 
 def chain(x, weights, *, rounds: int, interpret: bool = False, num_warps: int = 4) -> list:
-    """One pallas_call a round: x [P, WIDTH] float32, weights [rounds, P, rows, WIDTH] or
-    None; returns the rounds' [P, WIDTH]."""
+    """One pallas_call a round: x float32 [P, WIDTH], weights bf16 [rounds, P, rows, WIDTH]
+    or None; returns the rounds' float32 [P, WIDTH], a list."""
     programs = x.shape[0]
     outs, prev = [], x
     for r in range(rounds):
@@ -116,45 +142,59 @@ def grid_barrier(counter_ref, arrived: jax.Array, *, on_gpu: bool) -> None:
         plgpu.debug_barrier()
 
 
-def persistent_kernel(x_ref, *refs, rounds: int, on_gpu: bool):
-    """All rounds in one program p: x [P, WIDTH], w [R, P, rows, WIDTH] (all of it; absent
-    without weights), the counter [1] (aliased to the output counter), out [R, P, WIDTH]."""
-    if len(refs) == 4:
-        w_ref, _, out_ref, counter_ref = refs
+def persistent_kernel(x_ref, *refs, rounds: int, ahead: int, barrier: bool, on_gpu: bool):
+    """All rounds in one program p: x float32 [P, WIDTH], w bf16 [R, P, rows, WIDTH] (all
+    of it; absent without weights), the output's and the counter's initial values (aliased
+    to them), out float32 [R, P, WIDTH], the counter int32 [1]. Each round's first `ahead`
+    weight row blocks are loaded before its barrier: they depend on no other program, so
+    their loads are in flight while it waits. barrier=False leaves the barrier out (the
+    check's control)."""
+    if len(refs) == 5:
+        w_ref, _, _, out_ref, counter_ref = refs
     else:
-        w_ref, (_, out_ref, counter_ref) = None, refs
+        w_ref, (_, _, out_ref, counter_ref) = None, refs
     p, programs = pl.program_id(0), pl.num_programs(0)
     out_ref[0, p, :] = next_value(x_ref, (), w_ref, (0, p), p, programs)
 
     def step(r, carry):
-        grid_barrier(counter_ref, r * programs, on_gpu=on_gpu)
-        out_ref[r, p, :] = next_value(out_ref, (r - 1,), w_ref, (r, p), p, programs)
+        loaded = [load_tile(w_ref, (r, p), i) for i in range(ahead)]
+        if barrier:
+            grid_barrier(counter_ref, r * programs, on_gpu=on_gpu)
+        out_ref[r, p, :] = next_value(out_ref, (r - 1,), w_ref, (r, p), p, programs, loaded)
         return carry
     jax.lax.fori_loop(1, rounds, step, 0)
 
 
-def persistent(x, weights, *, rounds: int, interpret: bool = False,
-               num_warps: int = 4) -> list:
-    """The same rounds as `chain`, in one pallas_call with a grid barrier between rounds."""
+def persistent(x, weights, *, rounds: int, ahead: int = 0, barrier: bool = True,
+               interpret: bool = False, num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
+    """The same rounds as `chain` in one pallas_call, a grid barrier between rounds, each
+    round's first `ahead` weight row blocks loaded before it (`persistent_kernel`): x
+    float32 [P, WIDTH], weights bf16 [rounds, P, rows, WIDTH] or None. Returns the rounds,
+    float32 [rounds, P, WIDTH] (NaN where no program wrote), and the barrier's arrivals,
+    int32 [1] ((rounds - 1) x P with the barrier)."""
     programs = x.shape[0]
+    if ahead and (weights is None or ahead > weights.shape[2] // BLOCK_ROWS):
+        raise ValueError(f"ahead = {ahead} row blocks, but the weight tiles hold "
+                         f"{0 if weights is None else weights.shape[2] // BLOCK_ROWS}")
+    out_shape = (rounds, programs, WIDTH)
+    whole_out, whole_counter = (pl.BlockSpec(out_shape, lambda p: (0, 0, 0)),
+                                pl.BlockSpec((1,), lambda p: (0,)))
     in_specs = [pl.BlockSpec(x.shape, lambda p: (0, 0))]
     args = [x]
     if weights is not None:
         in_specs.append(pl.BlockSpec(weights.shape, lambda p: (0, 0, 0, 0)))
         args.append(weights)
-    in_specs.append(pl.BlockSpec((1,), lambda p: (0,)))
-    args.append(jnp.zeros((1,), jnp.int32))
-    out, _ = pl.pallas_call(
-        functools.partial(persistent_kernel, rounds=rounds, on_gpu=not interpret), grid=(programs,),
-        in_specs=in_specs,
-        out_specs=[pl.BlockSpec((rounds, programs, WIDTH), lambda p: (0, 0, 0)),
-                   pl.BlockSpec((1,), lambda p: (0,))],
-        out_shape=[jax.ShapeDtypeStruct((rounds, programs, WIDTH), jnp.float32),
+    in_specs += [whole_out, whole_counter]
+    args += [jnp.full(out_shape, jnp.nan, jnp.float32), jnp.zeros((1,), jnp.int32)]
+    return pl.pallas_call(
+        functools.partial(persistent_kernel, rounds=rounds, ahead=ahead, barrier=barrier,
+                          on_gpu=not interpret),
+        grid=(programs,), in_specs=in_specs, out_specs=[whole_out, whole_counter],
+        out_shape=[jax.ShapeDtypeStruct(out_shape, jnp.float32),
                    jax.ShapeDtypeStruct((1,), jnp.int32)],
-        input_output_aliases={len(args) - 1: 1},
+        input_output_aliases={len(args) - 2: 0, len(args) - 1: 1},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps),
         interpret=interpret, name="persistent_rounds")(*args)
-    return [out[r] for r in range(rounds)]
 
 
 def reference(x, weights, rounds: int) -> np.ndarray:
@@ -170,7 +210,7 @@ def reference(x, weights, rounds: int) -> np.ndarray:
 
 
 def inputs(programs: int, rows: int, rounds: int, seed: int = 0):
-    """Random x [P, WIDTH] float32 and weights [rounds, P, rows, WIDTH] bf16 (None for 0
+    """Random x float32 [P, WIDTH] and weights bf16 [rounds, P, rows, WIDTH] (None for 0
     rows)."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((programs, WIDTH), np.float32))
@@ -180,43 +220,85 @@ def inputs(programs: int, rows: int, rounds: int, seed: int = 0):
     return x, jnp.asarray(rng.standard_normal(shape, np.float32) * rows**-0.5, jnp.bfloat16)
 
 
-def check_flags(programs: int, interpret: bool, sm_count: int | None) -> list[int]:
-    """The tile rows; raises ValueError naming the flag whose value cannot run."""
-    rows = [int(r) for r in _TILE_ROWS.value]
-    if any(r < 0 or r % BLOCK_ROWS for r in rows):
-        raise ValueError(f"--tile_rows must be multiples of {BLOCK_ROWS}, got {rows}")
+def int_list(flag) -> list[int]:
+    """A list flag's values as ints; ValueError naming the flag otherwise."""
+    try:
+        return [int(v) for v in flag.value]
+    except ValueError:
+        raise ValueError(f"--{flag.name} must be integers, got {flag.value}") from None
+
+
+def check_flags(programs: int, interpret: bool, sm_count: int | None) -> tuple[list, list]:
+    """(tile rows, row blocks ahead); raises ValueError naming the flag whose value cannot
+    run."""
+    tile_rows, ahead = int_list(_TILE_ROWS), int_list(_AHEAD)
+    if any(r < 0 or r % BLOCK_ROWS for r in tile_rows):
+        raise ValueError(f"--tile_rows must be multiples of {BLOCK_ROWS}, got {tile_rows}")
+    if any(a < 0 for a in ahead):
+        raise ValueError(f"--ahead must be row blocks >= 0, got {ahead}")
     if _ROUNDS.value < 2:
         raise ValueError(f"--rounds must be at least 2, got {_ROUNDS.value}")
+    if _REPEATS.value < 1:
+        raise ValueError(f"--repeats must be at least 1, got {_REPEATS.value}")
     if interpret and programs != 1:
         raise ValueError(f"--programs must be 1 when Pallas is interpreted (it runs programs "
                          f"one by one, so a barrier would wait forever), got {programs}")
     if sm_count is not None and not 1 <= programs <= sm_count:
         raise ValueError(f"--programs must be 1..{sm_count} (one per SM keeps every program "
                          f"of the persistent kernel resident), got {programs}")
-    return rows
+    return tile_rows, sorted(set(ahead))
 
 
-def measure(programs: int, rows: int, bandwidth: float, interpret: bool) -> list[dict]:
-    """Both forms at one tile size: checked against float64, then timed."""
+def errors(fn, x, weights, want: np.ndarray, arrivals: int | None) -> tuple[float, str | None]:
+    """fn(x, weights)'s largest error against want relative to want's largest entry, and
+    what is wrong (None: nothing): an error over TOLERANCE (NaN included) or, for the
+    persistent kernel (arrivals given), a counter that is not `arrivals`."""
+    result = fn(x, weights)
+    rounds, counter = (np.stack(result), None) if arrivals is None else result
+    rel_err = float(np.abs(np.asarray(rounds, np.float64) - want).max() / np.abs(want).max())
+    if not rel_err <= TOLERANCE:
+        return rel_err, "differs from the float64 rounds"
+    if arrivals is not None and int(counter[0]) != arrivals:
+        return rel_err, f"the barrier counted {int(counter[0])} arrivals, not {arrivals}"
+    return rel_err, None
+
+
+def measure(programs: int, rows: int, ahead_blocks: list[int], bandwidth: float,
+            interpret: bool) -> list[dict]:
+    """At one tile size: the chain, the persistent kernel at each of ahead_blocks that fits
+    the tile, each checked against float64 (its own random inputs), timed, checked again;
+    then the control (more than one program only): the persistent kernel without its
+    barrier, checked, and not timed."""
     rounds = _ROUNDS.value
-    x, weights = inputs(programs, rows, rounds)
-    want = reference(x, weights, rounds)
-    weight_bytes = 0 if weights is None else weights.size * 2 / rounds
+    arrivals = (rounds - 1) * programs
+    forms = [("chain", 0, chain, None)] + [
+        ("persistent", ahead, functools.partial(persistent, ahead=ahead), arrivals)
+        for ahead in ahead_blocks if ahead <= rows // BLOCK_ROWS]
+    if programs > 1:
+        forms.append(("control: no barrier", 0, functools.partial(persistent, barrier=False),
+                      0))
     results = []
-    for name, form in (("chain", chain), ("persistent", persistent)):
+    for seed, (name, ahead, form, expected) in enumerate(forms):
+        x, weights = inputs(programs, rows, rounds, seed=seed)
+        want = reference(x, weights, rounds)
+        weight_bytes = 0 if weights is None else weights.size * 2 / rounds
         fn = jax.jit(functools.partial(form, rounds=rounds, interpret=interpret,
                                        num_warps=_NUM_WARPS.value))
-        got = np.stack([np.asarray(y, np.float64) for y in fn(x, weights)])
-        row = dict(form=name, programs=programs, tile_rows=rows, rounds=rounds,
-                   mb_per_round=weight_bytes / 1e6,
-                   rel_err=float(np.abs(got - want).max() / np.abs(want).max()))
-        if not row["rel_err"] <= TOLERANCE:
-            row["error"] = "differs from the float64 rounds: not timed"
+        rel_err, wrong = errors(fn, x, weights, want, expected)
+        row = dict(form=name, ahead=ahead, programs=programs, tile_rows=rows, rounds=rounds,
+                   mb_per_round=weight_bytes / 1e6, rel_err=rel_err)
+        if name.startswith("control"):
+            row["control_caught"] = wrong is not None
+        elif wrong:
+            row["error"] = f"{wrong}: not timed"
         else:
-            seconds = median_seconds(fn, x, weights, repeats=_REPEATS.value)
+            seconds = median_seconds(fn, x, weights, repeats=_REPEATS.value, calls=CALLS)
             row["us_per_round"] = seconds / rounds * 1e6
             if weight_bytes:
                 row["bandwidth_fraction"] = weight_bytes / (seconds / rounds) / bandwidth
+            row["rel_err_after"], wrong = errors(fn, x, weights, want, expected)
+            if wrong:
+                row["error"] = f"after timing, {wrong}"
         print(json.dumps(row), flush=True)
         results.append(row)
     return results
@@ -230,28 +312,36 @@ def main(argv):
     sm_count = None if interpret else device.core_count
     programs = _PROGRAMS.value or (1 if interpret else sm_count)
     try:
-        tile_rows = check_flags(programs, interpret, sm_count)
+        tile_rows, ahead_blocks = check_flags(programs, interpret, sm_count)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
+    xla_flags = os.environ.get("XLA_FLAGS")
     bandwidth = copy_bandwidth(_COPY_BYTES.value)
-    print(f"device {device.device_kind}, jax {jax.__version__}, copy bandwidth "
-          f"{bandwidth / 1e12:.2f} TB/s, {programs} programs, Pallas "
+    print(f"device {device.device_kind}, jax {jax.__version__}, XLA_FLAGS={xla_flags!r}, "
+          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, {programs} programs, Pallas "
           f"{'interpreted' if interpret else 'on GPU'}")
-    rows = []
-    for tile in tile_rows:
-        rows += measure(programs, tile, bandwidth, interpret)
+    results = []
+    for rows in tile_rows:
+        results += measure(programs, rows, ahead_blocks, bandwidth, interpret)
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump(dict(device=device.device_kind, jax=jax.__version__,
-                           copy_bandwidth=bandwidth, interpret=interpret, results=rows),
-                      f, indent=2)
-    print("| form | programs | tile rows | MB a round | us a round | x copy bandwidth | rel err |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+                           date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                           xla_flags=xla_flags, copy_bandwidth=bandwidth,
+                           interpret=interpret, results=results), f, indent=2)
+    print("| form | blocks ahead | programs | tile rows | MB a round | us a round | "
+          "x copy bandwidth | rel err |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     nan = float("nan")
-    for r in rows:
-        print(f"| {r['form']} | {r['programs']} | {r['tile_rows']} | {r['mb_per_round']:.2f} | "
-              f"{r.get('us_per_round', nan):.2f} | {r.get('bandwidth_fraction', nan):.2f} | "
-              f"{r['rel_err']:.1e} |" + (f" {r['error']}" if "error" in r else ""))
+    for r in results:
+        note = r.get("error", "")
+        if "control_caught" in r:
+            note = ("caught (the check sees a missing barrier)" if r["control_caught"] else
+                    "NOT caught: the check cannot see a missing barrier here")
+        print(f"| {r['form']} | {r['ahead']} | {r['programs']} | {r['tile_rows']} | "
+              f"{r['mb_per_round']:.2f} | {r.get('us_per_round', nan):.2f} | "
+              f"{r.get('bandwidth_fraction', nan):.2f} | {r['rel_err']:.1e} |"
+              + (f" {note}" if note else ""))
 
 
 if __name__ == "__main__":

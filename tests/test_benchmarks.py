@@ -861,35 +861,43 @@ def test_bench_gemv_refuses_a_malformed_shape_by_name():
 
 def test_bench_grid_barrier_checks_then_times_both_forms(tmp_path):
     out = tmp_path / "barrier.json"
-    process = run_script("bench_grid_barrier.py", "--rounds=3", "--tile_rows=0,64",
-                         "--repeats=1", "--copy_bytes=1048576", f"--out={out}")
+    process = run_script("bench_grid_barrier.py", "--rounds=3", "--tile_rows=0,128",
+                         "--ahead=0,2,3", "--repeats=1", "--copy_bytes=1048576", f"--out={out}")
     assert process.returncode == 0, process.stderr
     rows = json.loads(out.read_text())["results"]
-    assert [(r["form"], r["tile_rows"]) for r in rows] == [
-        ("chain", 0), ("persistent", 0), ("chain", 64), ("persistent", 64)]
-    for r in rows:   # one program on the CPU, so one weight tile of 64 x 128 bf16 a round
-        assert "error" not in r and r["rel_err"] <= 1e-5 and r["us_per_round"] > 0, r
+    # Without weights nothing can be loaded ahead; a 128-row tile holds 2 row blocks, not 3.
+    # One program (the CPU), so no control row: without a barrier one program is still right.
+    assert [(r["form"], r["tile_rows"], r["ahead"]) for r in rows] == [
+        ("chain", 0, 0), ("persistent", 0, 0),
+        ("chain", 128, 0), ("persistent", 128, 0), ("persistent", 128, 2)]
+    for r in rows:   # one weight tile of 128 x 128 bf16 a round
+        assert "error" not in r and r["us_per_round"] > 0, r
+        assert r["rel_err"] <= 1e-5 and r["rel_err_after"] <= 1e-5, r
         assert r["mb_per_round"] == pytest.approx(r["tile_rows"] * 128 * 2 / 1e6), r
 
 
 def test_bench_grid_barrier_rounds_read_the_neighbours_values():
     # Each round reads another program's value from the round before: the chain at four
-    # interpreted programs must match float64 (a wrong neighbour or round order would not:
-    # x and the weights are random), and so must the persistent kernel at one; at four it
-    # must lower for Triton (the barrier's loop of atomics included).
+    # interpreted programs must match float64 (in reversed program order it would not: x and
+    # the weights are random). The persistent kernel at one program must match too, with a
+    # row block of each round loaded before its barrier, and its counter must show one
+    # arrival a barrier (none without the barrier); at four programs it must lower for
+    # Triton (the barrier's loop of atomics included).
     code = """
 import functools, jax, numpy as np, bench_grid_barrier as b
 x, w = b.inputs(4, 64, rounds=3)
 want = b.reference(x, w, 3)
 got = np.stack(b.chain(x, w, rounds=3, interpret=True))
 print("chain", float(np.abs(got - want).max() / np.abs(want).max()))
-print("unrolled", float(np.abs(want - b.reference(x[::-1], w, 3)).max()))
-x1, w1 = b.inputs(1, 64, rounds=3)
-got = np.stack(b.persistent(x1, w1, rounds=3, interpret=True))
+print("reversed", float(np.abs(want - b.reference(x[::-1], w, 3)).max()))
+x1, w1 = b.inputs(1, 128, rounds=3)
 want = b.reference(x1, w1, 3)
-print("persistent", float(np.abs(got - want).max() / np.abs(want).max()))
+for barrier in (True, False):
+    got, counter = b.persistent(x1, w1, rounds=3, ahead=1, barrier=barrier, interpret=True)
+    print(f"persistent{int(barrier)}", float(np.abs(np.asarray(got) - want).max()
+                                            / np.abs(want).max()), int(counter[0]))
 try:
-    jax.jit(functools.partial(b.persistent, rounds=3)).trace(x, w).lower(
+    jax.jit(functools.partial(b.persistent, rounds=3, ahead=1)).trace(x, w).lower(
         lowering_platforms=("cuda",))
     print("lowering done")
 except RuntimeError as e:
@@ -899,8 +907,11 @@ except RuntimeError as e:
                              cwd=os.path.join(REPO, "experiments"), timeout=300)
     assert process.returncode == 0, process.stderr
     found = dict(line.split(" ", 1) for line in process.stdout.splitlines())
-    assert float(found["chain"]) <= 1e-5 and float(found["persistent"]) <= 1e-5, found
-    assert float(found["unrolled"]) > 1e-2, found     # the programs' order matters
+    assert float(found["chain"]) <= 1e-5, found
+    assert float(found["reversed"]) > 1e-2, found     # the programs' order matters
+    for barrier, arrivals in (("1", 2), ("0", 0)):    # two barriers of one program
+        err, counter = found[f"persistent{barrier}"].split()
+        assert float(err) <= 1e-5 and int(counter) == arrivals, found
     assert found["lowering"] in ("done", "skipped"), found
 
 
@@ -911,6 +922,12 @@ def test_bench_grid_barrier_refuses_flags_it_cannot_run_by_name():
     process = run_script("bench_grid_barrier.py", "--tile_rows=0,96", "--copy_bytes=1048576")
     assert process.returncode != 0
     assert "--tile_rows must be multiples of 64, got [0, 96]" in process.stderr
+    process = run_script("bench_grid_barrier.py", "--ahead=-1", "--copy_bytes=1048576")
+    assert process.returncode != 0
+    assert "--ahead must be row blocks >= 0, got [-1]" in process.stderr
+    process = run_script("bench_grid_barrier.py", "--tile_rows=64,x", "--copy_bytes=1048576")
+    assert process.returncode != 0
+    assert "--tile_rows must be integers, got ['64', 'x']" in process.stderr
 
 
 def test_bench_train_profiles_a_step_when_asked(tmp_path, toy_config):
