@@ -915,19 +915,16 @@ except RuntimeError as e:
     assert found["lowering"] in ("done", "skipped"), found
 
 
-def test_bench_grid_barrier_refuses_flags_it_cannot_run_by_name():
-    process = run_script("bench_grid_barrier.py", "--programs=2", "--copy_bytes=1048576")
+@pytest.mark.parametrize("flag, message", [
+    ("--programs=2", "--programs must be 1 when Pallas is interpreted"),
+    ("--tile_rows=0,96", "--tile_rows must be multiples of 64, got [0, 96]"),
+    ("--ahead=-1", "--ahead must be row blocks >= 0, got [-1]"),
+    ("--tile_rows=64,x", "--tile_rows must be integers, got ['64', 'x']"),
+])
+def test_bench_grid_barrier_refuses_flags_it_cannot_run_by_name(flag, message):
+    process = run_script("bench_grid_barrier.py", flag, "--copy_bytes=1048576")
     assert process.returncode != 0
-    assert "--programs must be 1 when Pallas is interpreted" in process.stderr
-    process = run_script("bench_grid_barrier.py", "--tile_rows=0,96", "--copy_bytes=1048576")
-    assert process.returncode != 0
-    assert "--tile_rows must be multiples of 64, got [0, 96]" in process.stderr
-    process = run_script("bench_grid_barrier.py", "--ahead=-1", "--copy_bytes=1048576")
-    assert process.returncode != 0
-    assert "--ahead must be row blocks >= 0, got [-1]" in process.stderr
-    process = run_script("bench_grid_barrier.py", "--tile_rows=64,x", "--copy_bytes=1048576")
-    assert process.returncode != 0
-    assert "--tile_rows must be integers, got ['64', 'x']" in process.stderr
+    assert message in process.stderr
 
 
 def test_bench_train_profiles_a_step_when_asked(tmp_path, toy_config):
