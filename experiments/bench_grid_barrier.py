@@ -31,7 +31,7 @@ The persistent form needs all its programs resident at once: at most one per SM 
 Pallas' interpret mode (the CPU) runs programs one by one, so there it runs with one.
 
   python3 experiments/bench_grid_barrier.py --tile_rows=0,64,512 --ahead=0,1,2 \
-      --out=$OUT/grid_barrier.json
+      --num_warps=4,8 --out=$OUT/grid_barrier.json
 """
 
 import datetime
@@ -57,7 +57,9 @@ _TILE_ROWS = flags.DEFINE_list("tile_rows", ["0", "64", "512"], "Weight rows a p
 _AHEAD = flags.DEFINE_list("ahead", ["0", "1", "2"], "Row blocks of each round's weight "
                            "tile the persistent kernel loads before its barrier (one row per "
                            "value; those above a tile's row blocks are skipped).")
-_NUM_WARPS = flags.DEFINE_integer("num_warps", 4, "Triton warps per program.")
+_NUM_WARPS = flags.DEFINE_list("num_warps", ["4", "8"], "Triton warps per program (each "
+                               "form at each; one program per SM keeps few loads in flight "
+                               "at 4).")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per setting (median reported).")
 _COPY_BYTES = flags.DEFINE_integer("copy_bytes", 1 << 30, "Bytes of the copy-bandwidth probe.")
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
@@ -228,10 +230,13 @@ def int_list(flag) -> list[int]:
         raise ValueError(f"--{flag.name} must be integers, got {flag.value}") from None
 
 
-def check_flags(programs: int, interpret: bool, sm_count: int | None) -> tuple[list, list]:
-    """(tile rows, row blocks ahead); raises ValueError naming the flag whose value cannot
-    run."""
-    tile_rows, ahead = int_list(_TILE_ROWS), int_list(_AHEAD)
+def check_flags(programs: int, interpret: bool,
+                sm_count: int | None) -> tuple[list, list, list]:
+    """(tile rows, row blocks ahead, warps); raises ValueError naming the flag whose value
+    cannot run."""
+    tile_rows, ahead, warps = int_list(_TILE_ROWS), int_list(_AHEAD), int_list(_NUM_WARPS)
+    if not warps or any(w < 1 or w & (w - 1) for w in warps):
+        raise ValueError(f"--num_warps must be powers of two, got {warps}")
     if any(r < 0 or r % BLOCK_ROWS for r in tile_rows):
         raise ValueError(f"--tile_rows must be multiples of {BLOCK_ROWS}, got {tile_rows}")
     if any(a < 0 for a in ahead):
@@ -246,7 +251,7 @@ def check_flags(programs: int, interpret: bool, sm_count: int | None) -> tuple[l
     if sm_count is not None and not 1 <= programs <= sm_count:
         raise ValueError(f"--programs must be 1..{sm_count} (one per SM keeps every program "
                          f"of the persistent kernel resident), got {programs}")
-    return tile_rows, sorted(set(ahead))
+    return tile_rows, sorted(set(ahead)), sorted(set(warps))
 
 
 def errors(fn, x, weights, want: np.ndarray, arrivals: int | None) -> tuple[float, str | None]:
@@ -263,44 +268,46 @@ def errors(fn, x, weights, want: np.ndarray, arrivals: int | None) -> tuple[floa
     return rel_err, None
 
 
-def measure(programs: int, rows: int, ahead_blocks: list[int], bandwidth: float,
-            interpret: bool) -> list[dict]:
-    """At one tile size: the chain, the persistent kernel at each of ahead_blocks that fits
-    the tile, each checked against float64 (its own random inputs), timed, checked again;
-    then the control (more than one program only): the persistent kernel without its
-    barrier, checked, and not timed."""
+def measure(programs: int, rows: int, ahead_blocks: list[int], warps: list[int],
+            bandwidth: float, interpret: bool) -> list[dict]:
+    """At one tile size, at each of warps: the chain, the persistent kernel at each of
+    ahead_blocks that fits the tile, each checked against float64 (each form its own
+    random inputs), timed, checked again; then the control (more than one program only,
+    at the first warps): the persistent kernel without its barrier, checked, not timed."""
     rounds = _ROUNDS.value
     arrivals = (rounds - 1) * programs
-    forms = [("chain", 0, chain, None)] + [
-        ("persistent", ahead, functools.partial(persistent, ahead=ahead), arrivals)
+    forms = [("chain", 0, chain, None, warps)] + [
+        ("persistent", ahead, functools.partial(persistent, ahead=ahead), arrivals, warps)
         for ahead in ahead_blocks if ahead <= rows // BLOCK_ROWS]
     if programs > 1:
         forms.append(("control: no barrier", 0, functools.partial(persistent, barrier=False),
-                      0))
+                      0, warps[:1]))
     results = []
-    for seed, (name, ahead, form, expected) in enumerate(forms):
+    for seed, (name, ahead, form, expected, form_warps) in enumerate(forms):
         x, weights = inputs(programs, rows, rounds, seed=seed)
         want = reference(x, weights, rounds)
         weight_bytes = 0 if weights is None else weights.size * 2 / rounds
-        fn = jax.jit(functools.partial(form, rounds=rounds, interpret=interpret,
-                                       num_warps=_NUM_WARPS.value))
-        rel_err, wrong = errors(fn, x, weights, want, expected)
-        row = dict(form=name, ahead=ahead, programs=programs, tile_rows=rows, rounds=rounds,
-                   mb_per_round=weight_bytes / 1e6, rel_err=rel_err)
-        if name.startswith("control"):
-            row["control_caught"] = wrong is not None
-        elif wrong:
-            row["error"] = f"{wrong}: not timed"
-        else:
-            seconds = median_seconds(fn, x, weights, repeats=_REPEATS.value, calls=CALLS)
-            row["us_per_round"] = seconds / rounds * 1e6
-            if weight_bytes:
-                row["bandwidth_fraction"] = weight_bytes / (seconds / rounds) / bandwidth
-            row["rel_err_after"], wrong = errors(fn, x, weights, want, expected)
-            if wrong:
-                row["error"] = f"after timing, {wrong}"
-        print(json.dumps(row), flush=True)
-        results.append(row)
+        for num_warps in form_warps:
+            fn = jax.jit(functools.partial(form, rounds=rounds, interpret=interpret,
+                                           num_warps=num_warps))
+            rel_err, wrong = errors(fn, x, weights, want, expected)
+            row = dict(form=name, ahead=ahead, num_warps=num_warps, programs=programs,
+                       tile_rows=rows, rounds=rounds, mb_per_round=weight_bytes / 1e6,
+                       rel_err=rel_err)
+            if name.startswith("control"):
+                row["control_caught"] = wrong is not None
+            elif wrong:
+                row["error"] = f"{wrong}: not timed"
+            else:
+                seconds = median_seconds(fn, x, weights, repeats=_REPEATS.value, calls=CALLS)
+                row["us_per_round"] = seconds / rounds * 1e6
+                if weight_bytes:
+                    row["bandwidth_fraction"] = weight_bytes / (seconds / rounds) / bandwidth
+                row["rel_err_after"], wrong = errors(fn, x, weights, want, expected)
+                if wrong:
+                    row["error"] = f"after timing, {wrong}"
+            print(json.dumps(row), flush=True)
+            results.append(row)
     return results
 
 
@@ -312,7 +319,7 @@ def main(argv):
     sm_count = None if interpret else device.core_count
     programs = _PROGRAMS.value or (1 if interpret else sm_count)
     try:
-        tile_rows, ahead_blocks = check_flags(programs, interpret, sm_count)
+        tile_rows, ahead_blocks, warps = check_flags(programs, interpret, sm_count)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     xla_flags = os.environ.get("XLA_FLAGS")
@@ -322,23 +329,24 @@ def main(argv):
           f"{'interpreted' if interpret else 'on GPU'}")
     results = []
     for rows in tile_rows:
-        results += measure(programs, rows, ahead_blocks, bandwidth, interpret)
+        results += measure(programs, rows, ahead_blocks, warps, bandwidth, interpret)
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump(dict(device=device.device_kind, jax=jax.__version__,
                            date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                            xla_flags=xla_flags, copy_bandwidth=bandwidth,
                            interpret=interpret, results=results), f, indent=2)
-    print("| form | blocks ahead | programs | tile rows | MB a round | us a round | "
+    print("| form | blocks ahead | warps | programs | tile rows | MB a round | us a round | "
           "x copy bandwidth | rel err |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     nan = float("nan")
     for r in results:
         note = r.get("error", "")
         if "control_caught" in r:
             note = ("caught (the check sees a missing barrier)" if r["control_caught"] else
                     "NOT caught: the check cannot see a missing barrier here")
-        print(f"| {r['form']} | {r['ahead']} | {r['programs']} | {r['tile_rows']} | "
+        print(f"| {r['form']} | {r['ahead']} | {r['num_warps']} | {r['programs']} | "
+              f"{r['tile_rows']} | "
               f"{r['mb_per_round']:.2f} | {r.get('us_per_round', nan):.2f} | "
               f"{r.get('bandwidth_fraction', nan):.2f} | {r['rel_err']:.1e} |"
               + (f" {note}" if note else ""))

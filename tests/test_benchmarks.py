@@ -862,7 +862,8 @@ def test_bench_gemv_refuses_a_malformed_shape_by_name():
 def test_bench_grid_barrier_checks_then_times_both_forms(tmp_path):
     out = tmp_path / "barrier.json"
     process = run_script("bench_grid_barrier.py", "--rounds=3", "--tile_rows=0,128",
-                         "--ahead=0,2,3", "--repeats=1", "--copy_bytes=1048576", f"--out={out}")
+                         "--ahead=0,2,3", "--num_warps=4", "--repeats=1",
+                         "--copy_bytes=1048576", f"--out={out}")
     assert process.returncode == 0, process.stderr
     rows = json.loads(out.read_text())["results"]
     # Without weights nothing can be loaded ahead; a 128-row tile holds 2 row blocks, not 3.
@@ -871,7 +872,7 @@ def test_bench_grid_barrier_checks_then_times_both_forms(tmp_path):
         ("chain", 0, 0), ("persistent", 0, 0),
         ("chain", 128, 0), ("persistent", 128, 0), ("persistent", 128, 2)]
     for r in rows:   # one weight tile of 128 x 128 bf16 a round
-        assert "error" not in r and r["us_per_round"] > 0, r
+        assert "error" not in r and r["us_per_round"] > 0 and r["num_warps"] == 4, r
         assert r["rel_err"] <= 1e-5 and r["rel_err_after"] <= 1e-5, r
         assert r["mb_per_round"] == pytest.approx(r["tile_rows"] * 128 * 2 / 1e6), r
 
@@ -920,6 +921,7 @@ except RuntimeError as e:
     ("--tile_rows=0,96", "--tile_rows must be multiples of 64, got [0, 96]"),
     ("--ahead=-1", "--ahead must be row blocks >= 0, got [-1]"),
     ("--tile_rows=64,x", "--tile_rows must be integers, got ['64', 'x']"),
+    ("--num_warps=4,6", "--num_warps must be powers of two, got [4, 6]"),
 ])
 def test_bench_grid_barrier_refuses_flags_it_cannot_run_by_name(flag, message):
     process = run_script("bench_grid_barrier.py", flag, "--copy_bytes=1048576")
