@@ -27,11 +27,17 @@ that check (with more than one program). Time a round = the median wall time of 
 poll the counter with atomic adds of 0, which contend on one address, so its barrier is
 timed as this simple one costs, not as the cheapest could.
 
-The persistent form needs all its programs resident at once: at most one per SM here.
-Pallas' interpret mode (the CPU) runs programs one by one, so there it runs with one.
+The persistent form needs all its programs resident at once: one per SM by default, up
+to PROGRAMS_PER_SM with `--programs` (more programs, smaller tiles: more loads in flight;
+at one per SM a 512-row round is 8 loads in a row, each waiting on HBM's latency). A
+program that is never resident would make the barrier wait forever, so a barrier gives up
+after MAX_POLLS polls and the check reports the wrong answer. Pallas' interpret mode (the
+CPU) runs programs one by one, so there it runs with one.
 
   python3 experiments/bench_grid_barrier.py --tile_rows=0,64,512 --ahead=0,1,2 \
       --num_warps=4,8 --out=$OUT/grid_barrier.json
+  python3 experiments/bench_grid_barrier.py --programs=528 --tile_rows=128 --ahead=0,2 \
+      --num_warps=4 --out=$OUT/grid_barrier_528.json     # 4 a SM of an H100, same bytes
 """
 
 import datetime
@@ -68,6 +74,8 @@ WIDTH = 128         # float32 columns a program writes each round
 BLOCK_ROWS = 64     # weight rows a loop step loads
 TOLERANCE = 1e-5    # float32 sums of bf16 weights against float64
 CALLS = 5           # back-to-back calls a timing (host dispatch out of the per-call time)
+MAX_POLLS = 1 << 16  # a barrier's polls before it gives up (~0.1 s; a wait takes µs)
+PROGRAMS_PER_SM = 4  # the most --programs a SM (4 warps each fit 4 a SM here)
 
 
 def load_tile(w_ref, at: tuple, i) -> jax.Array:
@@ -126,9 +134,11 @@ def chain(x, weights, *, rounds: int, interpret: bool = False, num_warps: int = 
     return outs
 
 
-def grid_barrier(counter_ref, arrived: jax.Array, *, on_gpu: bool) -> None:
+def grid_barrier(counter_ref, arrived: jax.Array, *, on_gpu: bool) -> jax.Array:
     """Waits until `arrived` programs have called this (the counter, int32 [1], starts at
-    0 each call and is never reset). On the GPU, CTA barriers order every thread's stores
+    0 each call and is never reset), or until it has polled MAX_POLLS times: a program that
+    is never resident then gives a wrong answer, which the check reports, not a hang.
+    Returns the polls, int32 []. On the GPU, CTA barriers order every thread's stores
     before the arrival, and every later load after the wait (the interpreter has none, and
     runs one thread). The atomics' index and value are a traced 0: the interpreter's loops
     take no constants, and its atomics no Python int."""
@@ -137,11 +147,13 @@ def grid_barrier(counter_ref, arrived: jax.Array, *, on_gpu: bool) -> None:
         plgpu.debug_barrier()
     plgpu.atomic_add(counter_ref, zero, zero + 1)
 
-    def poll(seen):
-        return plgpu.atomic_add(counter_ref, seen - seen, seen - seen)
-    jax.lax.while_loop(lambda seen: seen < arrived, poll, poll(zero))
+    def poll(polls):
+        return plgpu.atomic_add(counter_ref, zero, zero), polls + 1
+    _, polls = jax.lax.while_loop(lambda c: (c[0] < arrived) & (c[1] < MAX_POLLS),
+                                  lambda c: poll(c[1]), poll(zero))
     if on_gpu:
         plgpu.debug_barrier()
+    return polls
 
 
 def persistent_kernel(x_ref, *refs, rounds: int, ahead: int, barrier: bool, on_gpu: bool):
@@ -248,9 +260,10 @@ def check_flags(programs: int, interpret: bool,
     if interpret and programs != 1:
         raise ValueError(f"--programs must be 1 when Pallas is interpreted (it runs programs "
                          f"one by one, so a barrier would wait forever), got {programs}")
-    if sm_count is not None and not 1 <= programs <= sm_count:
-        raise ValueError(f"--programs must be 1..{sm_count} (one per SM keeps every program "
-                         f"of the persistent kernel resident), got {programs}")
+    if sm_count is not None and not 1 <= programs <= PROGRAMS_PER_SM * sm_count:
+        raise ValueError(f"--programs must be 1..{PROGRAMS_PER_SM * sm_count} (at most "
+                         f"{PROGRAMS_PER_SM} a SM, so that every program of the persistent "
+                         f"kernel can be resident), got {programs}")
     return tile_rows, sorted(set(ahead)), sorted(set(warps))
 
 

@@ -916,6 +916,48 @@ except RuntimeError as e:
     assert found["lowering"] in ("done", "skipped"), found
 
 
+def test_bench_grid_barrier_gives_up_on_programs_that_never_arrive():
+    # A barrier waiting for 5 arrivals in a grid of one program polls MAX_POLLS times and
+    # returns (a program that is never resident gives a wrong answer, not a hang); its own
+    # arrival is the counter's only one. With the barrier's wait unbounded this times out.
+    # (The polls are written out: the interpreter drops a loop whose results go unused.)
+    code = """
+import jax, jax.numpy as jnp, bench_grid_barrier as b
+from jax.experimental import pallas as pl
+b.MAX_POLLS = 64
+def kernel(counter_in, out_ref, counter_ref):
+    polls = b.grid_barrier(counter_ref, pl.program_id(0) + 5, on_gpu=False)
+    out_ref[...] = jnp.full((8,), polls, jnp.float32)
+out, counter = pl.pallas_call(kernel, grid=(1,), interpret=True,
+                              in_specs=[pl.BlockSpec((1,), lambda p: (0,))],
+    out_shape=[jax.ShapeDtypeStruct((8,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)],
+    input_output_aliases={0: 1})(jnp.zeros((1,), jnp.int32))
+print(float(out.sum()), int(counter[0]))
+"""
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=os.path.join(REPO, "experiments"), timeout=60)
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.split() == ["512.0", "1"], process.stdout   # 8 x 64 polls
+
+
+def test_bench_grid_barrier_allows_a_few_programs_a_sm_and_no_more():
+    code = """
+import bench_grid_barrier as b
+b.flags.FLAGS(["bench_grid_barrier"])
+print(b.check_flags(528, False, 132)[2])
+try:
+    b.check_flags(529, False, 132)
+except ValueError as e:
+    print(e)
+"""
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=os.path.join(REPO, "experiments"), timeout=120)
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.splitlines() == [
+        "[4, 8]", "--programs must be 1..528 (at most 4 a SM, so that every program of the "
+        "persistent kernel can be resident), got 529"], process.stdout
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--programs=2", "--programs must be 1 when Pallas is interpreted"),
     ("--tile_rows=0,96", "--tile_rows must be multiples of 64, got [0, 96]"),
