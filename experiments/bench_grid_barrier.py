@@ -21,7 +21,7 @@ neighbour's value is written by another program in the round before, so a barrie
 lets a program through early gives a wrong answer: the persistent kernel's output starts
 as NaN, and each form (its own random inputs) is checked against float64 before and after
 it is timed, the persistent kernel's counter too (it must end at (rounds - 1) x programs
-arrivals). As a control, the persistent kernel without its barrier runs once and must fail
+arrivals and no wait given up). As a control, the persistent kernel without its barrier runs once and must fail
 that check (with more than one program). Time a round = the median wall time of a call
 (five back to back, one sync) over the rounds; the persistent kernel's waiting programs
 poll the counter with atomic adds of 0, which contend on one address, so its barrier is
@@ -30,8 +30,8 @@ timed as this simple one costs, not as the cheapest could.
 The persistent form needs all its programs resident at once: one per SM by default, up
 to PROGRAMS_PER_SM with `--programs` (more programs, smaller tiles: more loads in flight;
 at one per SM a 512-row round is 8 loads in a row, each waiting on HBM's latency). A
-program that is never resident would make the barrier wait forever, so a barrier gives up
-after MAX_POLLS polls and the check reports the wrong answer. Pallas' interpret mode (the
+program that is never resident would make the barrier wait forever, so a wait gives up
+after MAX_POLLS polls and counts itself, and the check reports it. Pallas' interpret mode (the
 CPU) runs programs one by one, so there it runs with one.
 
   python3 experiments/bench_grid_barrier.py --tile_rows=0,64,512 --ahead=0,1,2 \
@@ -134,14 +134,15 @@ def chain(x, weights, *, rounds: int, interpret: bool = False, num_warps: int = 
     return outs
 
 
-def grid_barrier(counter_ref, arrived: jax.Array, *, on_gpu: bool) -> jax.Array:
-    """Waits until `arrived` programs have called this (the counter, int32 [1], starts at
-    0 each call and is never reset), or until it has polled MAX_POLLS times: a program that
-    is never resident then gives a wrong answer, which the check reports, not a hang.
-    Returns the polls, int32 []. On the GPU, CTA barriers order every thread's stores
-    before the arrival, and every later load after the wait (the interpreter has none, and
-    runs one thread). The atomics' index and value are a traced 0: the interpreter's loops
-    take no constants, and its atomics no Python int."""
+def grid_barrier(counter_ref, arrived: jax.Array, *, on_gpu: bool) -> None:
+    """Waits until `arrived` programs have called this: counter_ref int32 [2] holds the
+    arrivals and the give-ups, both 0 at each call's start and never reset. A program
+    gives up after MAX_POLLS polls and adds 1 to the give-ups, so one that is never
+    resident gives a reported failure, not a hang (and the interpreter, which drops a loop
+    whose results go unused, keeps this one). On the GPU, CTA barriers order every
+    thread's stores before the arrival, and every later load after the wait (the
+    interpreter has none, and runs one thread). The atomics' indices and values are traced:
+    the interpreter's loops take no constants, and its atomics no Python int."""
     zero = arrived - arrived
     if on_gpu:
         plgpu.debug_barrier()
@@ -149,17 +150,17 @@ def grid_barrier(counter_ref, arrived: jax.Array, *, on_gpu: bool) -> jax.Array:
 
     def poll(polls):
         return plgpu.atomic_add(counter_ref, zero, zero), polls + 1
-    _, polls = jax.lax.while_loop(lambda c: (c[0] < arrived) & (c[1] < MAX_POLLS),
-                                  lambda c: poll(c[1]), poll(zero))
+    seen, _ = jax.lax.while_loop(lambda c: (c[0] < arrived) & (c[1] < MAX_POLLS),
+                                 lambda c: poll(c[1]), poll(zero))
+    plgpu.atomic_add(counter_ref, zero + 1, (seen < arrived).astype(jnp.int32))
     if on_gpu:
         plgpu.debug_barrier()
-    return polls
 
 
 def persistent_kernel(x_ref, *refs, rounds: int, ahead: int, barrier: bool, on_gpu: bool):
     """All rounds in one program p: x float32 [P, WIDTH], w bf16 [R, P, rows, WIDTH] (all
     of it; absent without weights), the output's and the counter's initial values (aliased
-    to them), out float32 [R, P, WIDTH], the counter int32 [1]. Each round's first `ahead`
+    to them), out float32 [R, P, WIDTH], the counter int32 [2]. Each round's first `ahead`
     weight row blocks are loaded before its barrier: they depend on no other program, so
     their loads are in flight while it waits. barrier=False leaves the barrier out (the
     check's control)."""
@@ -184,28 +185,28 @@ def persistent(x, weights, *, rounds: int, ahead: int = 0, barrier: bool = True,
     """The same rounds as `chain` in one pallas_call, a grid barrier between rounds, each
     round's first `ahead` weight row blocks loaded before it (`persistent_kernel`): x
     float32 [P, WIDTH], weights bf16 [rounds, P, rows, WIDTH] or None. Returns the rounds,
-    float32 [rounds, P, WIDTH] (NaN where no program wrote), and the barrier's arrivals,
-    int32 [1] ((rounds - 1) x P with the barrier)."""
+    float32 [rounds, P, WIDTH] (NaN where no program wrote), and the barrier's arrivals
+    and give-ups, int32 [2] ((rounds - 1) x P and 0 with a barrier that held)."""
     programs = x.shape[0]
     if ahead and (weights is None or ahead > weights.shape[2] // BLOCK_ROWS):
         raise ValueError(f"ahead = {ahead} row blocks, but the weight tiles hold "
                          f"{0 if weights is None else weights.shape[2] // BLOCK_ROWS}")
     out_shape = (rounds, programs, WIDTH)
     whole_out, whole_counter = (pl.BlockSpec(out_shape, lambda p: (0, 0, 0)),
-                                pl.BlockSpec((1,), lambda p: (0,)))
+                                pl.BlockSpec((2,), lambda p: (0,)))
     in_specs = [pl.BlockSpec(x.shape, lambda p: (0, 0))]
     args = [x]
     if weights is not None:
         in_specs.append(pl.BlockSpec(weights.shape, lambda p: (0, 0, 0, 0)))
         args.append(weights)
     in_specs += [whole_out, whole_counter]
-    args += [jnp.full(out_shape, jnp.nan, jnp.float32), jnp.zeros((1,), jnp.int32)]
+    args += [jnp.full(out_shape, jnp.nan, jnp.float32), jnp.zeros((2,), jnp.int32)]
     return pl.pallas_call(
         functools.partial(persistent_kernel, rounds=rounds, ahead=ahead, barrier=barrier,
                           on_gpu=not interpret),
         grid=(programs,), in_specs=in_specs, out_specs=[whole_out, whole_counter],
         out_shape=[jax.ShapeDtypeStruct(out_shape, jnp.float32),
-                   jax.ShapeDtypeStruct((1,), jnp.int32)],
+                   jax.ShapeDtypeStruct((2,), jnp.int32)],
         input_output_aliases={len(args) - 2: 0, len(args) - 1: 1},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps),
         interpret=interpret, name="persistent_rounds")(*args)
@@ -270,7 +271,8 @@ def check_flags(programs: int, interpret: bool,
 def errors(fn, x, weights, want: np.ndarray, arrivals: int | None) -> tuple[float, str | None]:
     """fn(x, weights)'s largest error against want relative to want's largest entry, and
     what is wrong (None: nothing): an error over TOLERANCE (NaN included) or, for the
-    persistent kernel (arrivals given), a counter that is not `arrivals`."""
+    persistent kernel (arrivals given), a counter that is not `arrivals` or a barrier
+    wait that gave up."""
     result = fn(x, weights)
     rounds, counter = (np.stack(result), None) if arrivals is None else result
     rel_err = float(np.abs(np.asarray(rounds, np.float64) - want).max() / np.abs(want).max())
@@ -278,6 +280,8 @@ def errors(fn, x, weights, want: np.ndarray, arrivals: int | None) -> tuple[floa
         return rel_err, "differs from the float64 rounds"
     if arrivals is not None and int(counter[0]) != arrivals:
         return rel_err, f"the barrier counted {int(counter[0])} arrivals, not {arrivals}"
+    if arrivals is not None and int(counter[1]):
+        return rel_err, f"{int(counter[1])} barrier waits gave up after {MAX_POLLS} polls"
     return rel_err, None
 
 
