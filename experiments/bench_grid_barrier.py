@@ -66,6 +66,9 @@ _AHEAD = flags.DEFINE_list("ahead", ["0", "1", "2"], "Row blocks of each round's
 _NUM_WARPS = flags.DEFINE_list("num_warps", ["4", "8"], "Triton warps per program (each "
                                "form at each; one program per SM keeps few loads in flight "
                                "at 4).")
+_POLL = flags.DEFINE_enum("poll", "atomic", ["atomic", "load"], "How a barrier's wait reads "
+                          "the arrivals: an atomic add of 0 (all programs contend on one "
+                          "address) or a volatile load, then one atomic to acquire.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per setting (median reported).")
 _COPY_BYTES = flags.DEFINE_integer("copy_bytes", 1 << 30, "Bytes of the copy-bandwidth probe.")
 _OUT = flags.DEFINE_string("out", None, "Write all results as JSON here.")
@@ -134,36 +137,44 @@ def chain(x, weights, *, rounds: int, interpret: bool = False, num_warps: int = 
     return outs
 
 
-def grid_barrier(counter_ref, arrived: jax.Array, *, on_gpu: bool) -> None:
+def grid_barrier(counter_ref, arrived: jax.Array, *, on_gpu: bool, poll: str) -> None:
     """Waits until `arrived` programs have called this: counter_ref int32 [2] holds the
     arrivals and the give-ups, both 0 at each call's start and never reset. A program
     gives up after MAX_POLLS polls and adds 1 to the give-ups, so one that is never
     resident gives a reported failure, not a hang (and the interpreter, which drops a loop
     whose results go unused, keeps this one). On the GPU, CTA barriers order every
     thread's stores before the arrival, and every later load after the wait (the
-    interpreter has none, and runs one thread). The atomics' indices and values are traced:
-    the interpreter's loops take no constants, and its atomics no Python int."""
+    interpreter has none, and runs one thread). `poll` is how the wait reads the arrivals:
+    "atomic", an acquire-release atomic add of 0 each time (all programs' polls contend on
+    one address), or "load", a volatile load each time and one such atomic after (the
+    acquire that orders the later loads). The atomics' indices and values are traced: the
+    interpreter's loops take no constants, and its atomics no Python int."""
     zero = arrived - arrived
     if on_gpu:
         plgpu.debug_barrier()
     plgpu.atomic_add(counter_ref, zero, zero + 1)
 
-    def poll(polls):
+    def read(polls):
+        if poll == "load":
+            return plgpu.load(counter_ref.at[pl.ds(zero, 1)], volatile=True)[0], polls + 1
         return plgpu.atomic_add(counter_ref, zero, zero), polls + 1
     seen, _ = jax.lax.while_loop(lambda c: (c[0] < arrived) & (c[1] < MAX_POLLS),
-                                 lambda c: poll(c[1]), poll(zero))
+                                 lambda c: read(c[1]), read(zero))
+    if poll == "load":   # the loop's result is used below: unused, the loop is dropped
+        plgpu.atomic_add(counter_ref, zero, zero)
     plgpu.atomic_add(counter_ref, zero + 1, (seen < arrived).astype(jnp.int32))
     if on_gpu:
         plgpu.debug_barrier()
 
 
-def persistent_kernel(x_ref, *refs, rounds: int, ahead: int, barrier: bool, on_gpu: bool):
+def persistent_kernel(x_ref, *refs, rounds: int, ahead: int, barrier: str | None,
+                      on_gpu: bool):
     """All rounds in one program p: x float32 [P, WIDTH], w bf16 [R, P, rows, WIDTH] (all
     of it; absent without weights), the output's and the counter's initial values (aliased
     to them), out float32 [R, P, WIDTH], the counter int32 [2]. Each round's first `ahead`
     weight row blocks are loaded before its barrier: they depend on no other program, so
-    their loads are in flight while it waits. barrier=False leaves the barrier out (the
-    check's control)."""
+    their loads are in flight while it waits. `barrier` is the barrier's poll
+    (`grid_barrier`); None leaves the barrier out (the check's control)."""
     if len(refs) == 5:
         w_ref, _, _, out_ref, counter_ref = refs
     else:
@@ -174,13 +185,13 @@ def persistent_kernel(x_ref, *refs, rounds: int, ahead: int, barrier: bool, on_g
     def step(r, carry):
         loaded = [load_tile(w_ref, (r, p), i) for i in range(ahead)]
         if barrier:
-            grid_barrier(counter_ref, r * programs, on_gpu=on_gpu)
+            grid_barrier(counter_ref, r * programs, on_gpu=on_gpu, poll=barrier)
         out_ref[r, p, :] = next_value(out_ref, (r - 1,), w_ref, (r, p), p, programs, loaded)
         return carry
     jax.lax.fori_loop(1, rounds, step, 0)
 
 
-def persistent(x, weights, *, rounds: int, ahead: int = 0, barrier: bool = True,
+def persistent(x, weights, *, rounds: int, ahead: int = 0, barrier: str | None = "atomic",
                interpret: bool = False, num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
     """The same rounds as `chain` in one pallas_call, a grid barrier between rounds, each
     round's first `ahead` weight row blocks loaded before it (`persistent_kernel`): x
@@ -294,10 +305,11 @@ def measure(programs: int, rows: int, ahead_blocks: list[int], warps: list[int],
     rounds = _ROUNDS.value
     arrivals = (rounds - 1) * programs
     forms = [("chain", 0, chain, None, warps)] + [
-        ("persistent", ahead, functools.partial(persistent, ahead=ahead), arrivals, warps)
+        ("persistent", ahead, functools.partial(persistent, ahead=ahead, barrier=_POLL.value),
+         arrivals, warps)
         for ahead in ahead_blocks if ahead <= rows // BLOCK_ROWS]
     if programs > 1:
-        forms.append(("control: no barrier", 0, functools.partial(persistent, barrier=False),
+        forms.append(("control: no barrier", 0, functools.partial(persistent, barrier=None),
                       0, warps[:1]))
     results = []
     for seed, (name, ahead, form, expected, form_warps) in enumerate(forms):
@@ -309,6 +321,7 @@ def measure(programs: int, rows: int, ahead_blocks: list[int], warps: list[int],
                                            num_warps=num_warps))
             rel_err, wrong = errors(fn, x, weights, want, expected)
             row = dict(form=name, ahead=ahead, num_warps=num_warps, programs=programs,
+                       poll=_POLL.value,
                        tile_rows=rows, rounds=rounds, mb_per_round=weight_bytes / 1e6,
                        rel_err=rel_err)
             if name.startswith("control"):

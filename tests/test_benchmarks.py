@@ -882,8 +882,8 @@ def test_bench_grid_barrier_rounds_read_the_neighbours_values():
     # interpreted programs must match float64 (in reversed program order it would not: x and
     # the weights are random). The persistent kernel at one program must match too, with a
     # row block of each round loaded before its barrier, and its counter must show one
-    # arrival a barrier (none without the barrier); at four programs it must lower for
-    # Triton (the barrier's loop of atomics included).
+    # arrival a barrier and no give-up (nothing without the barrier), for each way of
+    # polling; at four programs it must lower for Triton (the barrier's loops included).
     code = """
 import functools, jax, numpy as np, bench_grid_barrier as b
 x, w = b.inputs(4, 64, rounds=3)
@@ -893,13 +893,14 @@ print("chain", float(np.abs(got - want).max() / np.abs(want).max()))
 print("reversed", float(np.abs(want - b.reference(x[::-1], w, 3)).max()))
 x1, w1 = b.inputs(1, 128, rounds=3)
 want = b.reference(x1, w1, 3)
-for barrier in (True, False):
+for barrier in ("atomic", "load", None):
     got, counter = b.persistent(x1, w1, rounds=3, ahead=1, barrier=barrier, interpret=True)
-    print(f"persistent{int(barrier)}", float(np.abs(np.asarray(got) - want).max()
-                                            / np.abs(want).max()), int(counter[0]))
+    print(f"persistent_{barrier}", float(np.abs(np.asarray(got) - want).max()
+                                         / np.abs(want).max()), *np.asarray(counter))
 try:
-    jax.jit(functools.partial(b.persistent, rounds=3, ahead=1)).trace(x, w).lower(
-        lowering_platforms=("cuda",))
+    for barrier in ("atomic", "load"):
+        jax.jit(functools.partial(b.persistent, rounds=3, ahead=1, barrier=barrier)).trace(
+            x, w).lower(lowering_platforms=("cuda",))
     print("lowering done")
 except RuntimeError as e:
     print("lowering skipped" if "No supported GPU" in str(e) else f"lowering failed {e}")
@@ -910,13 +911,14 @@ except RuntimeError as e:
     found = dict(line.split(" ", 1) for line in process.stdout.splitlines())
     assert float(found["chain"]) <= 1e-5, found
     assert float(found["reversed"]) > 1e-2, found     # the programs' order matters
-    for barrier, arrivals in (("1", 2), ("0", 0)):    # two barriers of one program
-        err, counter = found[f"persistent{barrier}"].split()
-        assert float(err) <= 1e-5 and int(counter) == arrivals, found
+    for barrier, arrivals in (("atomic", 2), ("load", 2), ("None", 0)):   # two barriers
+        err, arrived, gave_up = found[f"persistent_{barrier}"].split()
+        assert float(err) <= 1e-5 and (int(arrived), int(gave_up)) == (arrivals, 0), found
     assert found["lowering"] in ("done", "skipped"), found
 
 
-def test_bench_grid_barrier_gives_up_on_programs_that_never_arrive():
+@pytest.mark.parametrize("poll", ["atomic", "load"])
+def test_bench_grid_barrier_gives_up_on_programs_that_never_arrive(poll):
     # A barrier waiting for 5 arrivals in a grid of one program polls MAX_POLLS times,
     # counts one give-up and returns (a program that is never resident gives a reported
     # failure, not a hang); its own arrival is the counter's only one, and the check that
@@ -927,7 +929,7 @@ import jax, jax.numpy as jnp, numpy as np, bench_grid_barrier as b
 from jax.experimental import pallas as pl
 b.MAX_POLLS = 64
 def kernel(counter_in, out_ref, counter_ref):
-    b.grid_barrier(counter_ref, pl.program_id(0) + 5, on_gpu=False)
+    b.grid_barrier(counter_ref, pl.program_id(0) + 5, on_gpu=False, poll="%s")
     out_ref[...] = jnp.ones((8,), jnp.float32)
 def barrier_of_five(x, weights):
     return pl.pallas_call(kernel, grid=(1,), interpret=True,
@@ -938,7 +940,7 @@ def barrier_of_five(x, weights):
 out, counter = barrier_of_five(None, None)
 print(float(out.sum()), *np.asarray(counter))
 print(b.errors(barrier_of_five, None, None, np.ones(8), arrivals=1)[1])
-"""
+""" % poll
     process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              cwd=os.path.join(REPO, "experiments"), timeout=60)
     assert process.returncode == 0, process.stderr
