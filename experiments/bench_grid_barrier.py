@@ -21,11 +21,12 @@ neighbour's value is written by another program in the round before, so a barrie
 lets a program through early gives a wrong answer: the persistent kernel's output starts
 as NaN, and each form (its own random inputs) is checked against float64 before and after
 it is timed, the persistent kernel's counter too (it must end at (rounds - 1) x programs
-arrivals and no wait given up). As a control, the persistent kernel without its barrier runs once and must fail
-that check (with more than one program). Time a round = the median wall time of a call
-(five back to back, one sync) over the rounds; the persistent kernel's waiting programs
-poll the counter with atomic adds of 0, which contend on one address, so its barrier is
-timed as this simple one costs, not as the cheapest could.
+arrivals and no wait given up). As a control, the persistent kernel without its barrier
+runs once and must fail that check (with more than one program). Time a round = the
+median wall time of a call (five back to back, one sync) over the rounds. The persistent
+kernel's waiting programs poll the counter with atomic adds of 0, which contend on one
+address (`--poll=atomic`), or with volatile loads and one acquiring atomic after
+(`--poll=load`).
 
 The persistent form needs all its programs resident at once: one per SM by default, up
 to PROGRAMS_PER_SM with `--programs` (more programs, smaller tiles: more loads in flight;

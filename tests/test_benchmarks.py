@@ -880,26 +880,39 @@ def test_bench_grid_barrier_checks_then_times_both_forms(tmp_path):
 def test_bench_grid_barrier_rounds_read_the_neighbours_values():
     # Each round reads another program's value from the round before: the chain at four
     # interpreted programs must match float64 (in reversed program order it would not: x and
-    # the weights are random). The persistent kernel at one program must match too, with a
-    # row block of each round loaded before its barrier, and its counter must show one
-    # arrival a barrier and no give-up (nothing without the barrier), for each way of
-    # polling; at four programs it must lower for Triton (the barrier's loops included).
+    # the weights are random), and the control (no barrier) at four programs must fail the
+    # check. The persistent kernel at one program must match, with a row block of each
+    # round loaded before its barrier, and its counter must show one arrival a barrier and
+    # no give-up (nothing without the barrier), for each way of polling. At four programs
+    # it must lower for Triton, and its IR must poll as asked: "atomic" with atomic adds
+    # (arrival, first poll, loop, give-up: 4), "load" with volatile loads and one acquiring
+    # atomic after the loop (3).
     code = """
 import functools, jax, numpy as np, bench_grid_barrier as b
+from jax._src.pallas.triton import lowering
 x, w = b.inputs(4, 64, rounds=3)
 want = b.reference(x, w, 3)
 got = np.stack(b.chain(x, w, rounds=3, interpret=True))
 print("chain", float(np.abs(got - want).max() / np.abs(want).max()))
 print("reversed", float(np.abs(want - b.reference(x[::-1], w, 3)).max()))
+control = functools.partial(b.persistent, rounds=3, barrier=None, interpret=True)
+print("control", b.errors(control, x, w, want, 0)[1])
 x1, w1 = b.inputs(1, 128, rounds=3)
 want = b.reference(x1, w1, 3)
 for barrier in ("atomic", "load", None):
     got, counter = b.persistent(x1, w1, rounds=3, ahead=1, barrier=barrier, interpret=True)
     print(f"persistent_{barrier}", float(np.abs(np.asarray(got) - want).max()
                                          / np.abs(want).max()), *np.asarray(counter))
+lower = lowering.lower_jaxpr_to_triton_module
+def capture(*args, **kwargs):
+    module = lower(*args, **kwargs)
+    text = module.module.operation.get_asm(enable_debug_info=False)
+    print("ir_" + poll, text.count("tt.atomic_rmw"), text.count("isVolatile = true"))
+    return module
+lowering.lower_jaxpr_to_triton_module = capture
 try:
-    for barrier in ("atomic", "load"):
-        jax.jit(functools.partial(b.persistent, rounds=3, ahead=1, barrier=barrier)).trace(
+    for poll in ("atomic", "load"):
+        jax.jit(functools.partial(b.persistent, rounds=3, ahead=1, barrier=poll)).trace(
             x, w).lower(lowering_platforms=("cuda",))
     print("lowering done")
 except RuntimeError as e:
@@ -911,10 +924,13 @@ except RuntimeError as e:
     found = dict(line.split(" ", 1) for line in process.stdout.splitlines())
     assert float(found["chain"]) <= 1e-5, found
     assert float(found["reversed"]) > 1e-2, found     # the programs' order matters
+    assert found["control"] == "differs from the float64 rounds", found
     for barrier, arrivals in (("atomic", 2), ("load", 2), ("None", 0)):   # two barriers
         err, arrived, gave_up = found[f"persistent_{barrier}"].split()
         assert float(err) <= 1e-5 and (int(arrived), int(gave_up)) == (arrivals, 0), found
     assert found["lowering"] in ("done", "skipped"), found
+    if found["lowering"] == "done":   # atomic adds, volatile loads
+        assert found["ir_atomic"] == "4 0" and found["ir_load"] == "3 2", found
 
 
 @pytest.mark.parametrize("poll", ["atomic", "load"])
