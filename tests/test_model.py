@@ -519,7 +519,10 @@ def test_pallas_decode_projections_give_the_same_logits_and_states(monkeypatch, 
         assert rel_err(x, y) <= RTOL
 
 
-@pytest.mark.parametrize("schedule", ["retention", "gated", "hybrid"])
+# The hybrid schedule holds both retention mixers, so the single-mixer runs are slow extras.
+@pytest.mark.parametrize("schedule", [pytest.param("retention", marks=pytest.mark.slow),
+                                      pytest.param("gated", marks=pytest.mark.slow),
+                                      "hybrid"])
 def test_decoding_steps_read_q_k_and_v_from_split_partials(monkeypatch, schedule):
     """With the GEMV projections and the Pallas step both on, a retention block's decoding
     step feeds the projections' K-split partials straight to the step
