@@ -28,6 +28,13 @@ kernel's waiting programs poll the counter with atomic adds of 0, which contend 
 address (`--poll=atomic`), or with volatile loads and one acquiring atomic after
 (`--poll=load`).
 
+`--phases` adds one more setting whose rounds cycle through uneven tiles, a decode block's
+phases (at 528 programs, 320/64/128/192/128 rows are 43.3/8.7/17.3/26.0/17.3 MB: the 1.3B's
+q/k/v/gate 45.1 MB, its float32 retention state read and written 7.1, out_proj 14.2, the
+gated FFN's 28.3 and 14.2), each phase with its own barrier or kernel, so a block's time is
+measured, not added up from even rounds. Rows past a round's tile are NaN: reading them
+fails the check.
+
 The persistent form needs all its programs resident at once: one per SM by default, up
 to PROGRAMS_PER_SM with `--programs` (more programs, smaller tiles: more loads in flight;
 at one per SM a 512-row round is 8 loads in a row, each waiting on HBM's latency). A
@@ -39,6 +46,8 @@ CPU) runs programs one by one, so there it runs with one.
       --num_warps=4,8 --out=$OUT/grid_barrier.json
   python3 experiments/bench_grid_barrier.py --programs=528 --tile_rows=128 --ahead=0,2 \
       --num_warps=4 --out=$OUT/grid_barrier_528.json     # 4 a SM of an H100, same bytes
+  python3 experiments/bench_grid_barrier.py --programs=528 --tile_rows= --rounds=40 \
+      --phases=320,64,128,192,128 --ahead=0,1 --num_warps=4 --out=$OUT/gb_block.json
 """
 
 import datetime
@@ -61,6 +70,9 @@ _PROGRAMS = flags.DEFINE_integer("programs", 0, "Programs of each form; 0: the G
                                  "count (1 when Pallas is interpreted).")
 _TILE_ROWS = flags.DEFINE_list("tile_rows", ["0", "64", "512"], "Weight rows a program "
                                "streams each round (multiples of 64; 0: no weights).")
+_PHASES = flags.DEFINE_list("phases", [], "One more setting: weight rows a program streams "
+                             "in each round, the rounds cycling through them (multiples of "
+                             "64, none 0), e.g. a decode block's phases.")
 _AHEAD = flags.DEFINE_list("ahead", ["0", "1", "2"], "Row blocks of each round's weight "
                            "tile the persistent kernel loads before its barrier (one row per "
                            "value; those above a tile's row blocks are skipped).")
@@ -90,23 +102,38 @@ def load_tile(w_ref, at: tuple, i) -> jax.Array:
     return w_ref[(*at, rows, slice(None))]
 
 
-def column_sums(w_ref, at: tuple, loaded: Sequence[jax.Array] = ()) -> jax.Array:
-    """float32 [WIDTH]: the rows of w_ref[*at] (bf16 [rows, WIDTH]) summed a row block at a
-    time; its first row blocks may come `loaded` already."""
+def column_sums(w_ref, at: tuple, blocks, loaded: Sequence[jax.Array] = ()) -> jax.Array:
+    """float32 [WIDTH]: the first `blocks` row blocks of w_ref[*at] (bf16 [rows, WIDTH];
+    `blocks` a Python or traced int) summed a row block at a time; its first row blocks
+    may come `loaded` already."""
     def add(acc, tile):
         return acc + jnp.sum(tile.astype(jnp.float32), axis=0)
     acc = functools.reduce(add, loaded, jnp.zeros((WIDTH,), jnp.float32))
-    return jax.lax.fori_loop(len(loaded), w_ref.shape[-2] // BLOCK_ROWS,
+    return jax.lax.fori_loop(len(loaded), blocks,
                              lambda i, acc: add(acc, load_tile(w_ref, at, i)), acc)
 
 
-def next_value(prev_ref, prev_at: tuple, w_ref, w_at: tuple, p, programs: int,
+def next_value(prev_ref, prev_at: tuple, w_ref, w_at: tuple, p, programs: int, blocks=None,
                loaded: Sequence[jax.Array] = ()) -> jax.Array:
     """float32 [WIDTH]: 0.5 * prev_ref[*prev_at][(p + 1) % programs] (float32 [P, WIDTH])
-    + the column sums of w_ref[*w_at] (bf16 [rows, WIDTH]; none if w_ref is None), its
-    first row blocks `loaded`."""
+    + the column sums of the first `blocks` row blocks of w_ref[*w_at] (bf16 [rows,
+    WIDTH]; all of them if None; none if w_ref is None), its first row blocks `loaded`."""
     value = 0.5 * prev_ref[(*prev_at, (p + 1) % programs, slice(None))]
-    return value if w_ref is None else value + column_sums(w_ref, w_at, loaded)
+    if w_ref is None:
+        return value
+    blocks = w_ref.shape[-2] // BLOCK_ROWS if blocks is None else blocks
+    return value + column_sums(w_ref, w_at, blocks, loaded)
+
+
+def round_blocks(cycle: Sequence[int], r):
+    """Row blocks of round r's tile (rounds cycle through `cycle`, rows each): a Python int
+    for a Python r, else traced (a sum over the phases: a kernel closes over no arrays)."""
+    blocks = [rows // BLOCK_ROWS for rows in cycle]
+    if isinstance(r, int):
+        return blocks[r % len(blocks)]
+    phase = jax.lax.rem(r, len(blocks))   # r >= 0 (jnp's floor mod does not lower here)
+    return functools.reduce(lambda acc, i: acc + (phase == i).astype(jnp.int32) * blocks[i],
+                            range(len(blocks)), phase - phase)
 
 
 def chain_round_kernel(prev_ref, *refs):
@@ -116,16 +143,19 @@ def chain_round_kernel(prev_ref, *refs):
     out_ref[...] = next_value(prev_ref, (), w_ref, (), pl.program_id(0), pl.num_programs(0))
 
 
-def chain(x, weights, *, rounds: int, interpret: bool = False, num_warps: int = 4) -> list:
+def chain(x, weights, *, rounds: int, cycle: Sequence[int] | None = None,
+          interpret: bool = False, num_warps: int = 4) -> list:
     """One pallas_call a round: x float32 [P, WIDTH], weights bf16 [rounds, P, rows, WIDTH]
-    or None; returns the rounds' float32 [P, WIDTH], a list."""
+    or None, round r reading the first cycle[r % len(cycle)] rows of its tile (all of them
+    if cycle is None); returns the rounds' float32 [P, WIDTH], a list."""
     programs = x.shape[0]
     outs, prev = [], x
     for r in range(rounds):
         in_specs = [pl.BlockSpec(x.shape, lambda p: (0, 0))]
         args = [prev]
         if weights is not None:
-            in_specs.append(pl.BlockSpec((None, None) + weights.shape[2:],
+            rows = weights.shape[2] if cycle is None else cycle[r % len(cycle)]
+            in_specs.append(pl.BlockSpec((None, None, rows, WIDTH),
                                          lambda p, r=r: (r, p, 0, 0)))
             args.append(weights)
         prev = pl.pallas_call(
@@ -168,41 +198,47 @@ def grid_barrier(counter_ref, arrived: jax.Array, *, on_gpu: bool, poll: str) ->
         plgpu.debug_barrier()
 
 
-def persistent_kernel(x_ref, *refs, rounds: int, ahead: int, barrier: str | None,
-                      on_gpu: bool):
+def persistent_kernel(x_ref, *refs, rounds: int, cycle: Sequence[int], ahead: int,
+                      barrier: str | None, on_gpu: bool):
     """All rounds in one program p: x float32 [P, WIDTH], w bf16 [R, P, rows, WIDTH] (all
-    of it; absent without weights), the output's and the counter's initial values (aliased
-    to them), out float32 [R, P, WIDTH], the counter int32 [2]. Each round's first `ahead`
-    weight row blocks are loaded before its barrier: they depend on no other program, so
-    their loads are in flight while it waits. `barrier` is the barrier's poll
-    (`grid_barrier`); None leaves the barrier out (the check's control)."""
+    of it; absent without weights; round r reads the first cycle[r % len(cycle)] rows of
+    its tile), the output's and the counter's initial values (aliased to them), out float32
+    [R, P, WIDTH], the counter int32 [2]. Each round's first `ahead` weight row blocks are
+    loaded before its barrier: they depend on no other program, so their loads are in
+    flight while it waits. `barrier` is the barrier's poll (`grid_barrier`); None leaves
+    the barrier out (the check's control)."""
     if len(refs) == 5:
         w_ref, _, _, out_ref, counter_ref = refs
     else:
         w_ref, (_, _, out_ref, counter_ref) = None, refs
     p, programs = pl.program_id(0), pl.num_programs(0)
-    out_ref[0, p, :] = next_value(x_ref, (), w_ref, (0, p), p, programs)
+    out_ref[0, p, :] = next_value(x_ref, (), w_ref, (0, p), p, programs,
+                                  round_blocks(cycle, 0))
 
     def step(r, carry):
         loaded = [load_tile(w_ref, (r, p), i) for i in range(ahead)]
         if barrier:
             grid_barrier(counter_ref, r * programs, on_gpu=on_gpu, poll=barrier)
-        out_ref[r, p, :] = next_value(out_ref, (r - 1,), w_ref, (r, p), p, programs, loaded)
+        out_ref[r, p, :] = next_value(out_ref, (r - 1,), w_ref, (r, p), p, programs,
+                                      round_blocks(cycle, r), loaded)
         return carry
     jax.lax.fori_loop(1, rounds, step, 0)
 
 
-def persistent(x, weights, *, rounds: int, ahead: int = 0, barrier: str | None = "atomic",
-               interpret: bool = False, num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
+def persistent(x, weights, *, rounds: int, cycle: Sequence[int] | None = None,
+               ahead: int = 0, barrier: str | None = "atomic", interpret: bool = False,
+               num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
     """The same rounds as `chain` in one pallas_call, a grid barrier between rounds, each
     round's first `ahead` weight row blocks loaded before it (`persistent_kernel`): x
-    float32 [P, WIDTH], weights bf16 [rounds, P, rows, WIDTH] or None. Returns the rounds,
-    float32 [rounds, P, WIDTH] (NaN where no program wrote), and the barrier's arrivals
-    and give-ups, int32 [2] ((rounds - 1) x P and 0 with a barrier that held)."""
+    float32 [P, WIDTH], weights bf16 [rounds, P, rows, WIDTH] or None, round r reading the
+    first cycle[r % len(cycle)] rows of its tile (all if None). Returns the rounds, float32
+    [rounds, P, WIDTH] (NaN where no program wrote), and the barrier's arrivals and
+    give-ups, int32 [2] ((rounds - 1) x P and 0 with a barrier that held)."""
     programs = x.shape[0]
-    if ahead and (weights is None or ahead > weights.shape[2] // BLOCK_ROWS):
-        raise ValueError(f"ahead = {ahead} row blocks, but the weight tiles hold "
-                         f"{0 if weights is None else weights.shape[2] // BLOCK_ROWS}")
+    cycle = (weights.shape[2] if weights is not None else 0,) if cycle is None else cycle
+    if ahead and (weights is None or ahead > min(cycle) // BLOCK_ROWS):
+        raise ValueError(f"ahead = {ahead} row blocks, but the smallest weight tile holds "
+                         f"{0 if weights is None else min(cycle) // BLOCK_ROWS}")
     out_shape = (rounds, programs, WIDTH)
     whole_out, whole_counter = (pl.BlockSpec(out_shape, lambda p: (0, 0, 0)),
                                 pl.BlockSpec((2,), lambda p: (0,)))
@@ -214,8 +250,8 @@ def persistent(x, weights, *, rounds: int, ahead: int = 0, barrier: str | None =
     in_specs += [whole_out, whole_counter]
     args += [jnp.full(out_shape, jnp.nan, jnp.float32), jnp.zeros((2,), jnp.int32)]
     return pl.pallas_call(
-        functools.partial(persistent_kernel, rounds=rounds, ahead=ahead, barrier=barrier,
-                          on_gpu=not interpret),
+        functools.partial(persistent_kernel, rounds=rounds, cycle=tuple(cycle), ahead=ahead,
+                          barrier=barrier, on_gpu=not interpret),
         grid=(programs,), in_specs=in_specs, out_specs=[whole_out, whole_counter],
         out_shape=[jax.ShapeDtypeStruct(out_shape, jnp.float32),
                    jax.ShapeDtypeStruct((2,), jnp.int32)],
@@ -225,10 +261,11 @@ def persistent(x, weights, *, rounds: int, ahead: int = 0, barrier: str | None =
 
 
 def reference(x, weights, rounds: int) -> np.ndarray:
-    """float64 [R, P, WIDTH]: the rounds computed in NumPy."""
+    """float64 [R, P, WIDTH]: the rounds computed in NumPy (the NaN rows past a round's
+    tile left out)."""
     prev = np.asarray(x, np.float64)
     sums = (None if weights is None
-            else np.asarray(weights.astype(jnp.float32), np.float64).sum(axis=2))
+            else np.nansum(np.asarray(weights.astype(jnp.float32), np.float64), axis=2))
     outs = []
     for r in range(rounds):
         prev = 0.5 * np.roll(prev, -1, axis=0) + (0 if sums is None else sums[r])
@@ -236,15 +273,20 @@ def reference(x, weights, rounds: int) -> np.ndarray:
     return np.stack(outs)
 
 
-def inputs(programs: int, rows: int, rounds: int, seed: int = 0):
-    """Random x float32 [P, WIDTH] and weights bf16 [rounds, P, rows, WIDTH] (None for 0
-    rows)."""
+def inputs(programs: int, rows: int | Sequence[int], rounds: int, seed: int = 0):
+    """Random x float32 [P, WIDTH] and weights bf16 [rounds, P, max rows, WIDTH] (None for
+    0 rows). With rows a cycle of tiles, round r's rows from cycle[r % len(cycle)] on are
+    NaN: a kernel that reads them fails the check."""
+    cycle = (rows,) if isinstance(rows, int) else tuple(rows)
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((programs, WIDTH), np.float32))
-    if not rows:
+    if not max(cycle):
         return x, None
-    shape = (rounds, programs, rows, WIDTH)
-    return x, jnp.asarray(rng.standard_normal(shape, np.float32) * rows**-0.5, jnp.bfloat16)
+    shape = (rounds, programs, max(cycle), WIDTH)
+    w = rng.standard_normal(shape, np.float32) * max(cycle)**-0.5
+    for r in range(rounds):
+        w[r, :, cycle[r % len(cycle)]:] = np.nan
+    return x, jnp.asarray(w, jnp.bfloat16)
 
 
 def int_list(flag) -> list[int]:
@@ -256,10 +298,16 @@ def int_list(flag) -> list[int]:
 
 
 def check_flags(programs: int, interpret: bool,
-                sm_count: int | None) -> tuple[list, list, list]:
-    """(tile rows, row blocks ahead, warps); raises ValueError naming the flag whose value
-    cannot run."""
+                sm_count: int | None) -> tuple[list, list, list, tuple]:
+    """(tile rows, row blocks ahead, warps, phases' rows); raises ValueError naming the flag
+    whose value cannot run."""
     tile_rows, ahead, warps = int_list(_TILE_ROWS), int_list(_AHEAD), int_list(_NUM_WARPS)
+    phases = tuple(int_list(_PHASES))
+    if any(r <= 0 or r % BLOCK_ROWS for r in phases):
+        raise ValueError(f"--phases must be multiples of {BLOCK_ROWS} above 0, got "
+                         f"{list(phases)}")
+    if not tile_rows and not phases:
+        raise ValueError("--tile_rows and --phases are both empty: nothing to time")
     if not warps or any(w < 1 or w & (w - 1) for w in warps):
         raise ValueError(f"--num_warps must be powers of two, got {warps}")
     if any(r < 0 or r % BLOCK_ROWS for r in tile_rows):
@@ -277,7 +325,7 @@ def check_flags(programs: int, interpret: bool,
         raise ValueError(f"--programs must be 1..{PROGRAMS_PER_SM * sm_count} (at most "
                          f"{PROGRAMS_PER_SM} a SM, so that every program of the persistent "
                          f"kernel can be resident), got {programs}")
-    return tile_rows, sorted(set(ahead)), sorted(set(warps))
+    return tile_rows, sorted(set(ahead)), sorted(set(warps)), phases
 
 
 def errors(fn, x, weights, want: np.ndarray, arrivals: int | None) -> tuple[float, str | None]:
@@ -297,34 +345,37 @@ def errors(fn, x, weights, want: np.ndarray, arrivals: int | None) -> tuple[floa
     return rel_err, None
 
 
-def measure(programs: int, rows: int, ahead_blocks: list[int], warps: list[int],
+def measure(programs: int, rows: int | tuple, ahead_blocks: list[int], warps: list[int],
             bandwidth: float, interpret: bool) -> list[dict]:
-    """At one tile size, at each of warps: the chain, the persistent kernel at each of
-    ahead_blocks that fits the tile, each checked against float64 (each form its own
-    random inputs), timed, checked again; then the control (more than one program only,
-    at the first warps): the persistent kernel without its barrier, checked, not timed."""
+    """At one tile size (rows an int) or cycle of tiles (a tuple: `--phases`), at each of
+    warps: the chain, the persistent kernel at each of ahead_blocks that fits the smallest
+    tile, each checked against float64 (each form its own random inputs), timed, checked
+    again; then the control (more than one program only, at the first warps): the
+    persistent kernel without its barrier, checked, not timed."""
     rounds = _ROUNDS.value
     arrivals = (rounds - 1) * programs
+    cycle = (rows,) if isinstance(rows, int) else rows
     forms = [("chain", 0, chain, None, warps)] + [
         ("persistent", ahead, functools.partial(persistent, ahead=ahead, barrier=_POLL.value),
          arrivals, warps)
-        for ahead in ahead_blocks if ahead <= rows // BLOCK_ROWS]
+        for ahead in ahead_blocks if ahead <= min(cycle) // BLOCK_ROWS]
     if programs > 1:
         forms.append(("control: no barrier", 0, functools.partial(persistent, barrier=None),
                       0, warps[:1]))
+    weight_bytes = sum(cycle[r % len(cycle)] for r in range(rounds)) * programs * WIDTH * 2
+    weight_bytes /= rounds     # a round's, on average
     results = []
     for seed, (name, ahead, form, expected, form_warps) in enumerate(forms):
-        x, weights = inputs(programs, rows, rounds, seed=seed)
+        x, weights = inputs(programs, cycle, rounds, seed=seed)
         want = reference(x, weights, rounds)
-        weight_bytes = 0 if weights is None else weights.size * 2 / rounds
         for num_warps in form_warps:
-            fn = jax.jit(functools.partial(form, rounds=rounds, interpret=interpret,
-                                           num_warps=num_warps))
+            fn = jax.jit(functools.partial(form, rounds=rounds, cycle=cycle,
+                                           interpret=interpret, num_warps=num_warps))
             rel_err, wrong = errors(fn, x, weights, want, expected)
             row = dict(form=name, ahead=ahead, num_warps=num_warps, programs=programs,
                        poll=_POLL.value,
-                       tile_rows=rows, rounds=rounds, mb_per_round=weight_bytes / 1e6,
-                       rel_err=rel_err)
+                       tile_rows=rows if isinstance(rows, int) else list(rows),
+                       rounds=rounds, mb_per_round=weight_bytes / 1e6, rel_err=rel_err)
             if name.startswith("control"):
                 row["control_caught"] = wrong is not None
             elif wrong:
@@ -332,6 +383,8 @@ def measure(programs: int, rows: int, ahead_blocks: list[int], warps: list[int],
             else:
                 seconds = median_seconds(fn, x, weights, repeats=_REPEATS.value, calls=CALLS)
                 row["us_per_round"] = seconds / rounds * 1e6
+                if len(cycle) > 1:   # a cycle's time: e.g. a decode block's
+                    row["us_per_cycle"] = row["us_per_round"] * len(cycle)
                 if weight_bytes:
                     row["bandwidth_fraction"] = weight_bytes / (seconds / rounds) / bandwidth
                 row["rel_err_after"], wrong = errors(fn, x, weights, want, expected)
@@ -350,7 +403,7 @@ def main(argv):
     sm_count = None if interpret else device.core_count
     programs = _PROGRAMS.value or (1 if interpret else sm_count)
     try:
-        tile_rows, ahead_blocks, warps = check_flags(programs, interpret, sm_count)
+        tile_rows, ahead_blocks, warps, phases = check_flags(programs, interpret, sm_count)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     xla_flags = os.environ.get("XLA_FLAGS")
@@ -359,7 +412,7 @@ def main(argv):
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, {programs} programs, Pallas "
           f"{'interpreted' if interpret else 'on GPU'}")
     results = []
-    for rows in tile_rows:
+    for rows in tile_rows + ([phases] if phases else []):
         results += measure(programs, rows, ahead_blocks, warps, bandwidth, interpret)
     if _OUT.value:
         with open(_OUT.value, "w") as f:
@@ -376,8 +429,12 @@ def main(argv):
         if "control_caught" in r:
             note = ("caught (the check sees a missing barrier)" if r["control_caught"] else
                     "NOT caught: the check cannot see a missing barrier here")
+        tiles = r["tile_rows"]
+        tiles = "/".join(map(str, tiles)) if isinstance(tiles, list) else tiles
+        if "us_per_cycle" in r:
+            note = f"{r['us_per_cycle']:.2f} us a cycle of tiles {note}".rstrip()
         print(f"| {r['form']} | {r['ahead']} | {r['num_warps']} | {r['programs']} | "
-              f"{r['tile_rows']} | "
+              f"{tiles} | "
               f"{r['mb_per_round']:.2f} | {r.get('us_per_round', nan):.2f} | "
               f"{r.get('bandwidth_fraction', nan):.2f} | {r['rel_err']:.1e} |"
               + (f" {note}" if note else ""))
