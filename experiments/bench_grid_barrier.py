@@ -75,7 +75,7 @@ _PHASES = flags.DEFINE_list("phases", [], "One more setting: weight rows a progr
                              "64, none 0), e.g. a decode block's phases.")
 _AHEAD = flags.DEFINE_list("ahead", ["0", "1", "2"], "Row blocks of each round's weight "
                            "tile the persistent kernel loads before its barrier (one row per "
-                           "value; those above a tile's row blocks are skipped).")
+                           "value; those above the smallest tile's row blocks are skipped).")
 _NUM_WARPS = flags.DEFINE_list("num_warps", ["4", "8"], "Triton warps per program (each "
                                "form at each; one program per SM keeps few loads in flight "
                                "at 4).")
@@ -125,15 +125,16 @@ def next_value(prev_ref, prev_at: tuple, w_ref, w_at: tuple, p, programs: int, b
     return value + column_sums(w_ref, w_at, blocks, loaded)
 
 
-def round_blocks(cycle: Sequence[int], r):
-    """Row blocks of round r's tile (rounds cycle through `cycle`, rows each): a Python int
-    for a Python r, else traced (a sum over the phases: a kernel closes over no arrays)."""
-    blocks = [rows // BLOCK_ROWS for rows in cycle]
-    if isinstance(r, int):
-        return blocks[r % len(blocks)]
-    phase = jax.lax.rem(r, len(blocks))   # r >= 0 (jnp's floor mod does not lower here)
-    return functools.reduce(lambda acc, i: acc + (phase == i).astype(jnp.int32) * blocks[i],
-                            range(len(blocks)), phase - phase)
+def check_cycle(cycle: Sequence[int], rounds: int, weights) -> None:
+    """Raises ValueError unless `rounds` is a multiple of len(cycle) and each of cycle's
+    tiles is whole row blocks within weights' [rounds, P, rows, WIDTH] tiles (0 rows
+    without weights)."""
+    rows = 0 if weights is None else weights.shape[2]
+    if rounds % len(cycle):
+        raise ValueError(f"{rounds} rounds are no whole number of {len(cycle)}-tile cycles")
+    if any(r < 0 or r % BLOCK_ROWS or r > rows for r in cycle):
+        raise ValueError(f"tiles of {list(cycle)} rows: each must be a multiple of "
+                         f"{BLOCK_ROWS} up to the weights' {rows} rows")
 
 
 def chain_round_kernel(prev_ref, *refs):
@@ -149,6 +150,8 @@ def chain(x, weights, *, rounds: int, cycle: Sequence[int] | None = None,
     or None, round r reading the first cycle[r % len(cycle)] rows of its tile (all of them
     if cycle is None); returns the rounds' float32 [P, WIDTH], a list."""
     programs = x.shape[0]
+    if cycle is not None:
+        check_cycle(cycle, rounds, weights)
     outs, prev = [], x
     for r in range(rounds):
         in_specs = [pl.BlockSpec(x.shape, lambda p: (0, 0))]
@@ -203,26 +206,34 @@ def persistent_kernel(x_ref, *refs, rounds: int, cycle: Sequence[int], ahead: in
     """All rounds in one program p: x float32 [P, WIDTH], w bf16 [R, P, rows, WIDTH] (all
     of it; absent without weights; round r reads the first cycle[r % len(cycle)] rows of
     its tile), the output's and the counter's initial values (aliased to them), out float32
-    [R, P, WIDTH], the counter int32 [2]. Each round's first `ahead` weight row blocks are
-    loaded before its barrier: they depend on no other program, so their loads are in
-    flight while it waits. `barrier` is the barrier's poll (`grid_barrier`); None leaves
-    the barrier out (the check's control)."""
+    [R, P, WIDTH], the counter int32 [2]; R a multiple of len(cycle). Each round's first
+    `ahead` weight row blocks are loaded before its barrier: they depend on no other
+    program, so their loads are in flight while it waits. `barrier` is the barrier's poll
+    (`grid_barrier`); None leaves the barrier out (the check's control). The first cycle
+    is unrolled, then a loop over the cycles runs each phase unrolled, so every row-block
+    loop has a fixed trip count, as in the chain's kernels."""
     if len(refs) == 5:
         w_ref, _, _, out_ref, counter_ref = refs
     else:
         w_ref, (_, _, out_ref, counter_ref) = None, refs
     p, programs = pl.program_id(0), pl.num_programs(0)
-    out_ref[0, p, :] = next_value(x_ref, (), w_ref, (0, p), p, programs,
-                                  round_blocks(cycle, 0))
+    blocks = [rows // BLOCK_ROWS for rows in cycle]
+    out_ref[0, p, :] = next_value(x_ref, (), w_ref, (0, p), p, programs, blocks[0])
 
-    def step(r, carry):
+    def run_round(r, phase: int):
         loaded = [load_tile(w_ref, (r, p), i) for i in range(ahead)]
         if barrier:
             grid_barrier(counter_ref, r * programs, on_gpu=on_gpu, poll=barrier)
         out_ref[r, p, :] = next_value(out_ref, (r - 1,), w_ref, (r, p), p, programs,
-                                      round_blocks(cycle, r), loaded)
+                                      blocks[phase], loaded)
+
+    def run_cycle(c, carry):
+        for phase in range(len(cycle)):
+            run_round(c * len(cycle) + phase, phase)
         return carry
-    jax.lax.fori_loop(1, rounds, step, 0)
+    for phase in range(1, len(cycle)):   # r traced: the interpreter's atomics take no int
+        run_round(p - p + phase, phase)
+    jax.lax.fori_loop(1, rounds // len(cycle), run_cycle, 0)
 
 
 def persistent(x, weights, *, rounds: int, cycle: Sequence[int] | None = None,
@@ -236,6 +247,7 @@ def persistent(x, weights, *, rounds: int, cycle: Sequence[int] | None = None,
     give-ups, int32 [2] ((rounds - 1) x P and 0 with a barrier that held)."""
     programs = x.shape[0]
     cycle = (weights.shape[2] if weights is not None else 0,) if cycle is None else cycle
+    check_cycle(cycle, rounds, weights)
     if ahead and (weights is None or ahead > min(cycle) // BLOCK_ROWS):
         raise ValueError(f"ahead = {ahead} row blocks, but the smallest weight tile holds "
                          f"{0 if weights is None else min(cycle) // BLOCK_ROWS}")
@@ -308,6 +320,9 @@ def check_flags(programs: int, interpret: bool,
                          f"{list(phases)}")
     if not tile_rows and not phases:
         raise ValueError("--tile_rows and --phases are both empty: nothing to time")
+    if phases and _ROUNDS.value % len(phases):
+        raise ValueError(f"--rounds must be a multiple of the {len(phases)} --phases, got "
+                         f"{_ROUNDS.value}")
     if not warps or any(w < 1 or w & (w - 1) for w in warps):
         raise ValueError(f"--num_warps must be powers of two, got {warps}")
     if any(r < 0 or r % BLOCK_ROWS for r in tile_rows):
