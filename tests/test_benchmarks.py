@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -877,6 +878,16 @@ def test_bench_grid_barrier_checks_then_times_both_forms(tmp_path):
         assert r["mb_per_round"] == pytest.approx(r["tile_rows"] * 128 * 2 / 1e6), r
 
 
+def lowers_for_cuda(code: str) -> str:
+    """Script lines that run `code` (lowering to Triton for `cuda`) and print "lowering
+    done", or "lowering skipped" where this jaxlib cannot lower for a GPU."""
+    return ("try:\n" + textwrap.indent(code.strip("\n"), "    ") + "\n"
+            '    print("lowering done")\n'
+            "except RuntimeError as e:\n"
+            '    print("lowering skipped" if "No supported GPU" in str(e) '
+            'else f"lowering failed {e}")\n')
+
+
 def test_bench_grid_barrier_rounds_read_the_neighbours_values():
     # Each round reads another program's value from the round before: the chain at four
     # interpreted programs must match float64 (in reversed program order it would not: x and
@@ -910,14 +921,11 @@ def capture(*args, **kwargs):
     print("ir_" + poll, text.count("tt.atomic_rmw"), text.count("isVolatile = true"))
     return module
 lowering.lower_jaxpr_to_triton_module = capture
-try:
-    for poll in ("atomic", "load"):
-        jax.jit(functools.partial(b.persistent, rounds=3, ahead=1, barrier=poll)).trace(
-            x, w).lower(lowering_platforms=("cuda",))
-    print("lowering done")
-except RuntimeError as e:
-    print("lowering skipped" if "No supported GPU" in str(e) else f"lowering failed {e}")
-"""
+""" + lowers_for_cuda("""
+for poll in ("atomic", "load"):
+    jax.jit(functools.partial(b.persistent, rounds=3, ahead=1, barrier=poll)).trace(
+        x, w).lower(lowering_platforms=("cuda",))
+""")
     process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              cwd=os.path.join(REPO, "experiments"), timeout=300)
     assert process.returncode == 0, process.stderr
@@ -954,13 +962,10 @@ except ValueError as e:
     print(e)
 shapes = (jax.ShapeDtypeStruct((528, 128), jnp.float32),
           jax.ShapeDtypeStruct((6, 528, 320, 128), jnp.bfloat16))
-try:
-    jax.jit(functools.partial(b.persistent, rounds=6, cycle=(320, 64, 128), ahead=1)).trace(
-        *shapes).lower(lowering_platforms=("cuda",))
-    print("lowering done")
-except RuntimeError as e:
-    print("lowering skipped" if "No supported GPU" in str(e) else f"lowering failed {e}")
-"""
+""" + lowers_for_cuda("""
+jax.jit(functools.partial(b.persistent, rounds=6, cycle=(320, 64, 128), ahead=1)).trace(
+    *shapes).lower(lowering_platforms=("cuda",))
+""")
     process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              cwd=os.path.join(REPO, "experiments"), timeout=300)
     assert process.returncode == 0, process.stderr
