@@ -103,9 +103,8 @@ def load_tile(w_ref, at: tuple, i) -> jax.Array:
 
 
 def column_sums(w_ref, at: tuple, blocks, loaded: Sequence[jax.Array] = ()) -> jax.Array:
-    """float32 [WIDTH]: the first `blocks` row blocks of w_ref[*at] (bf16 [rows, WIDTH];
-    `blocks` a Python or traced int) summed a row block at a time; its first row blocks
-    may come `loaded` already."""
+    """float32 [WIDTH]: the first `blocks` (an int) row blocks of w_ref[*at] (bf16 [rows,
+    WIDTH]) summed a row block at a time; its first row blocks may come `loaded` already."""
     def add(acc, tile):
         return acc + jnp.sum(tile.astype(jnp.float32), axis=0)
     acc = functools.reduce(add, loaded, jnp.zeros((WIDTH,), jnp.float32))
