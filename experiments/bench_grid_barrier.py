@@ -124,16 +124,18 @@ def next_value(prev_ref, prev_at: tuple, w_ref, w_at: tuple, p, programs: int, b
     return value + column_sums(w_ref, w_at, blocks, loaded)
 
 
-def check_cycle(cycle: Sequence[int], rounds: int, weights) -> None:
-    """Raises ValueError unless `rounds` is a multiple of len(cycle) and each of cycle's
-    tiles is whole row blocks within weights' [rounds, P, rows, WIDTH] tiles (0 rows
-    without weights)."""
+def checked_cycle(cycle: Sequence[int] | None, rounds: int, weights) -> tuple[int, ...]:
+    """The rows each round reads, cycling: `cycle`, or None for weights' whole [rounds, P,
+    rows, WIDTH] tiles (0 rows without weights). Raises ValueError unless `rounds` is a
+    multiple of its length and each tile is whole row blocks within weights' tiles."""
     rows = 0 if weights is None else weights.shape[2]
+    cycle = (rows,) if cycle is None else tuple(cycle)
     if rounds % len(cycle):
         raise ValueError(f"{rounds} rounds are no whole number of {len(cycle)}-tile cycles")
     if any(r < 0 or r % BLOCK_ROWS or r > rows for r in cycle):
         raise ValueError(f"tiles of {list(cycle)} rows: each must be a multiple of "
                          f"{BLOCK_ROWS} up to the weights' {rows} rows")
+    return cycle
 
 
 def chain_round_kernel(prev_ref, *refs):
@@ -149,15 +151,13 @@ def chain(x, weights, *, rounds: int, cycle: Sequence[int] | None = None,
     or None, round r reading the first cycle[r % len(cycle)] rows of its tile (all of them
     if cycle is None); returns the rounds' float32 [P, WIDTH], a list."""
     programs = x.shape[0]
-    if cycle is not None:
-        check_cycle(cycle, rounds, weights)
+    cycle = checked_cycle(cycle, rounds, weights)
     outs, prev = [], x
     for r in range(rounds):
         in_specs = [pl.BlockSpec(x.shape, lambda p: (0, 0))]
         args = [prev]
         if weights is not None:
-            rows = weights.shape[2] if cycle is None else cycle[r % len(cycle)]
-            in_specs.append(pl.BlockSpec((None, None, rows, WIDTH),
+            in_specs.append(pl.BlockSpec((None, None, cycle[r % len(cycle)], WIDTH),
                                          lambda p, r=r: (r, p, 0, 0)))
             args.append(weights)
         prev = pl.pallas_call(
@@ -245,8 +245,7 @@ def persistent(x, weights, *, rounds: int, cycle: Sequence[int] | None = None,
     [rounds, P, WIDTH] (NaN where no program wrote), and the barrier's arrivals and
     give-ups, int32 [2] ((rounds - 1) x P and 0 with a barrier that held)."""
     programs = x.shape[0]
-    cycle = (weights.shape[2] if weights is not None else 0,) if cycle is None else cycle
-    check_cycle(cycle, rounds, weights)
+    cycle = checked_cycle(cycle, rounds, weights)
     if ahead and (weights is None or ahead > min(cycle) // BLOCK_ROWS):
         raise ValueError(f"ahead = {ahead} row blocks, but the smallest weight tile holds "
                          f"{0 if weights is None else min(cycle) // BLOCK_ROWS}")
@@ -261,7 +260,7 @@ def persistent(x, weights, *, rounds: int, cycle: Sequence[int] | None = None,
     in_specs += [whole_out, whole_counter]
     args += [jnp.full(out_shape, jnp.nan, jnp.float32), jnp.zeros((2,), jnp.int32)]
     return pl.pallas_call(
-        functools.partial(persistent_kernel, rounds=rounds, cycle=tuple(cycle), ahead=ahead,
+        functools.partial(persistent_kernel, rounds=rounds, cycle=cycle, ahead=ahead,
                           barrier=barrier, on_gpu=not interpret),
         grid=(programs,), in_specs=in_specs, out_specs=[whole_out, whole_counter],
         out_shape=[jax.ShapeDtypeStruct(out_shape, jnp.float32),
